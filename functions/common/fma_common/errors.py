@@ -1,0 +1,129 @@
+"""Typed errors and the OpenAI error envelope.
+
+Every failure a client can see is one of these classes. Services raise them;
+the HTTP edge (``fma_common.http.register_error_handlers``) renders them into
+``{"error": {"message", "type", "code", "param"}}`` with the class's status.
+Nothing here imports Flask, so plain-Python service code can raise them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """Base class: an error with an HTTP status and an OpenAI error type/code."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        return error_envelope(self.message, self.type, self.code, self.param)
+
+
+class InvalidRequest(ApiError):
+    """The client sent something we cannot serve; fix the request and retry."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ModelNotFound(ApiError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class Conflict(ApiError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class QueueFull(ApiError):
+    """Too many requests are already waiting; retry after ``retry_after`` seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = max(1, int(retry_after))
+        self.headers.setdefault("Retry-After", str(self.retry_after))
+
+
+class WorkerNotReady(ApiError):
+    """The model cannot serve right now (loading, failed, or still starting)."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "worker_not_ready"
+
+
+class WorkerSleeping(WorkerNotReady):
+    code = "worker_sleeping"
+
+
+class WorkerFailed(WorkerNotReady):
+    code = "worker_failed"
+
+
+class UpstreamTimeout(ApiError):
+    status = 504
+    type = "service_unavailable_error"
+    code = "upstream_timeout"
+
+
+class UpstreamError(ApiError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class InternalError(ApiError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+def error_envelope(message: str, type_: str, code: str | None = None,
+                   param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}

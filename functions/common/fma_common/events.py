@@ -1,0 +1,106 @@
+"""CloudEvents: the event types of the contract and reply framing.
+
+Uses the CloudEvents SDK 2.x (``cloudevents.core``). A reply answers in the
+mode (binary or structured) the event arrived in, carries a new ``id`` and the
+extension ``requestid`` = the incoming event's ``id`` (design.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event, to_structured_event
+from cloudevents.core.v1.event import CloudEvent
+
+from .errors import InvalidRequest
+
+COMPLETION_REQUESTED = "ai.llm-d.fma.completion.requested"
+COMPLETION_SUCCEEDED = "ai.llm-d.fma.completion.succeeded"
+COMPLETION_FAILED = "ai.llm-d.fma.completion.failed"
+WORKER_WARM_REQUESTED = "ai.llm-d.fma.worker.warm.requested"
+WORKER_READY = "ai.llm-d.fma.worker.ready"
+WORKER_RELEASE_REQUESTED = "ai.llm-d.fma.worker.release.requested"
+WORKER_RELEASED = "ai.llm-d.fma.worker.released"
+WORKER_STARTED = "ai.llm-d.fma.worker.started"
+WORKER_FAILED = "ai.llm-d.fma.worker.failed"
+WORKER_SLEEPING = "ai.llm-d.fma.worker.sleeping"
+
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+
+
+@dataclass(frozen=True)
+class IncomingEvent:
+    event: CloudEvent
+    structured: bool
+
+    @property
+    def type(self) -> str:
+        return self.event.get_type()
+
+    @property
+    def id(self) -> str:
+        return self.event.get_id()
+
+    @property
+    def subject(self) -> str | None:
+        return self.event.get_subject()
+
+    def data_object(self) -> dict[str, Any]:
+        """The event data as a JSON object, or :class:`InvalidRequest`."""
+        data = self.event.get_data()
+        if isinstance(data, (bytes, bytearray)):
+            try:
+                data = json.loads(data)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InvalidRequest(f"event data is not JSON: {exc}") from None
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequest(f"event data is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("event data must be a JSON object")
+        return data
+
+
+def is_cloudevent(headers: Mapping[str, str]) -> bool:
+    lower = {k.lower(): v for k, v in headers.items()}
+    return "ce-specversion" in lower or lower.get("content-type", "").startswith(STRUCTURED_CONTENT_TYPE)
+
+
+def parse_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
+    """Decode a binary or structured event; anything malformed is a 400."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    structured = lower.get("content-type", "").startswith(STRUCTURED_CONTENT_TYPE)
+    if not structured and "ce-specversion" not in lower:
+        raise InvalidRequest("not a CloudEvent: send ce-* headers (binary mode) or "
+                             "Content-Type: application/cloudevents+json (structured mode)")
+    try:
+        event = from_http_event(HTTPMessage(dict(headers), body))
+    except Exception as exc:  # the SDK raises several unrelated types for bad input
+        raise InvalidRequest(f"malformed CloudEvent: {exc}".splitlines()[0][:500]) from None
+    return IncomingEvent(event, structured)
+
+
+def make_event(type_: str, source: str, data: Any, *, subject: str | None = None,
+               requestid: str | None = None) -> CloudEvent:
+    attrs: dict[str, Any] = {"type": type_, "source": source, "datacontenttype": "application/json"}
+    if subject:
+        attrs["subject"] = subject
+    if requestid:
+        attrs["requestid"] = requestid
+    return CloudEvent(attrs, data)
+
+
+def encode_event(event: CloudEvent, structured: bool) -> tuple[bytes, dict[str, str]]:
+    msg = to_structured_event(event) if structured else to_binary_event(event)
+    return msg.body, dict(msg.headers)
+
+
+def reply_to(incoming: IncomingEvent, type_: str, source: str, data: Any,
+             subject: str | None = None) -> tuple[bytes, dict[str, str]]:
+    event = make_event(type_, source, data, subject=subject or incoming.subject, requestid=incoming.id)
+    return encode_event(event, incoming.structured)

@@ -1,0 +1,1 @@
+"""fma_requester: takes requests for any configured model and actuates workers."""

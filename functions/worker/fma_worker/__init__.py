@@ -1,0 +1,1 @@
+"""fma_worker: an OpenAI-compatible inference server for one model."""

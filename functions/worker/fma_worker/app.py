@@ -1,0 +1,150 @@
+"""The worker's HTTP edge: a Flask application factory.
+
+gunicorn serves ``fma_worker.app:create_app()`` with the ``gthread`` worker
+class and one process (see ``gunicorn_conf.py``). Routes only parse, call the
+:class:`CompletionService` or the :class:`Engine`, and render; all errors are
+rendered by ``register_error_handlers``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from fma_common import events
+from fma_common.errors import ApiError, InvalidRequest
+from fma_common.http import (
+    SSE_HEADERS,
+    install_access_log,
+    json_response,
+    parse_body,
+    parse_model,
+    register_error_handlers,
+)
+from fma_common.logs import setup_logging
+from fma_common.settings import describe
+
+from . import protocol as p
+from .admission import Admission
+from .engine import Engine
+from .metrics import WorkerMetrics
+from .serving import CompletionService, SSEStream
+from .settings import WorkerSettings
+
+log = logging.getLogger("fma.worker")
+
+
+def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None = None,
+               metrics: WorkerMetrics | None = None, start_loading: bool = True) -> Flask:
+    """Build the worker app. With ``start_loading`` the model starts loading
+    on a background thread now; ``/ready`` turns 200 when it is done."""
+    settings = settings or WorkerSettings.from_env()
+    setup_logging(settings.log_level)
+    log.info("worker settings: %s", describe(settings))
+    metrics = metrics or WorkerMetrics(settings.model)
+    engine = engine or Engine(settings, metrics)
+    admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s)
+    service = CompletionService(settings, engine, admission, metrics)
+
+    app = Flask("fma_worker")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["fma"] = {"engine": engine, "service": service, "metrics": metrics, "settings": settings}
+    register_error_handlers(app)
+    install_access_log(app, "fma.worker.access")
+
+    def render(result: BaseModel | SSEStream) -> Response:
+        if isinstance(result, SSEStream):
+            resp = Response(result, mimetype="text/event-stream", headers=SSE_HEADERS)
+            resp.call_on_close(result.close)
+            return resp
+        return json_response(result.model_dump(mode="json"))
+
+    @app.after_request
+    def _count(resp: Response) -> Response:
+        if request.path in (p.PATH_COMPLETIONS, p.PATH_CHAT, p.PATH_CLOUDEVENTS):
+            metrics.requests.labels(settings.model, request.path, str(resp.status_code)).inc()
+        return resp
+
+    @app.get(p.PATH_HEALTH)
+    def health() -> Response:
+        return json_response({"status": "ok", "state": engine.state})
+
+    @app.get(p.PATH_READY)
+    def ready() -> Response:
+        if engine.is_ready:
+            return Response("OK\n", mimetype="text/plain")
+        body: dict[str, Any] = {"status": engine.state}
+        if engine.error:
+            body["error"] = engine.error
+        return json_response(body, 503)
+
+    @app.get(p.PATH_METRICS)
+    def metrics_text() -> Response:
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.get(p.PATH_MODELS)
+    def models() -> Response:
+        return json_response(service.models().model_dump(mode="json"))
+
+    @app.post(p.PATH_COMPLETIONS)
+    def completions() -> Response:
+        return render(service.complete(parse_body(p.CompletionRequest)))
+
+    @app.post(p.PATH_CHAT)
+    def chat() -> Response:
+        return render(service.chat(parse_body(p.ChatCompletionRequest)))
+
+    @app.post(p.PATH_SLEEP)
+    def sleep() -> Response:
+        query = parse_model(p.SleepQuery, _query_ints(request.args))
+        seconds = engine.sleep(query.level)
+        return json_response({"is_sleeping": True, "level": query.level, "seconds": round(seconds, 4)})
+
+    @app.post(p.PATH_WAKE)
+    def wake_up() -> Response:
+        seconds = engine.wake()
+        return json_response({"is_sleeping": False, "seconds": round(seconds, 4)})
+
+    @app.get(p.PATH_IS_SLEEPING)
+    def is_sleeping() -> Response:
+        return json_response({"is_sleeping": engine.is_sleeping})
+
+    @app.post(p.PATH_CLOUDEVENTS)
+    def cloudevent() -> Response:
+        incoming = events.parse_event(dict(request.headers), request.get_data())
+        if incoming.type != events.COMPLETION_REQUESTED:
+            raise InvalidRequest(f"unsupported event type {incoming.type!r}; the worker accepts "
+                                 f"{events.COMPLETION_REQUESTED}")
+        source = f"/fma/worker/{settings.model}"
+        try:
+            data = incoming.data_object()
+            data.setdefault("model", incoming.subject or settings.model)
+            data["stream"] = False  # a reply event carries one whole response
+            result = service.complete(parse_model(p.CompletionRequest, data))
+            if isinstance(result, SSEStream):  # cannot happen: stream forced off above
+                raise InvalidRequest("streaming is not available over CloudEvents")
+            body, headers = events.reply_to(incoming, events.COMPLETION_SUCCEEDED, source,
+                                            result.model_dump(mode="json"))
+        except ApiError as err:
+            if err.status in (429, 503):
+                raise  # transient: no event, the broker retries
+            body, headers = events.reply_to(incoming, events.COMPLETION_FAILED, source, err.envelope())
+        return Response(body, 200, headers=headers)
+
+    if start_loading:
+        engine.start()
+    return app
+
+
+def _query_ints(args: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        try:
+            out[key] = int(value)
+        except ValueError:
+            out[key] = value
+    return out

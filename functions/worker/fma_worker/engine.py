@@ -1,0 +1,474 @@
+"""The engine: one loaded model, its tokenizer, generation, sleep and wake.
+
+Concurrency model
+-----------------
+* The engine is the single owner of the torch model. Its state
+  (``loading`` -> ``ready`` <-> ``sleeping``, or ``failed``) and the count of
+  generations in flight are guarded by one condition variable, ``_cond``.
+* Loading runs on a background thread started by :meth:`start`, so the HTTP
+  server answers ``/health`` (and ``/ready`` with 503) while weights load.
+* A generation calls :meth:`begin_use` (refused unless ``ready``), runs, and
+  calls :meth:`end_use`. Several generations may run at once on different
+  gunicorn threads: forward passes in inference mode share read-only weights
+  and each has its own KV cache. How many is decided by the admission slots.
+* :meth:`sleep` and :meth:`wake` are the only writers of the weights. Sleep
+  first flips the state so no new generation starts, then waits (bounded) for
+  in-flight ones to end before it touches the weights, so a generation never
+  sees its weights move.
+
+torch and transformers are imported on the loading thread, never at module
+import, so building the Flask app stays cheap and tests can inject a fake.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fma_common.errors import Conflict, InvalidRequest, WorkerFailed, WorkerNotReady, WorkerSleeping
+
+from .metrics import WorkerMetrics
+from .model_store import ensure_embedded_converted, parse_source
+from .protocol import SamplingParams
+from .settings import WorkerSettings
+from .text import StopTextTracker
+
+log = logging.getLogger("fma.worker.engine")
+
+STATES = ("loading", "ready", "sleeping", "failed")
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """What one generation step produced for one choice."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    seconds: float
+    weight_bytes: int
+    phases: dict[str, float]
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.weight_bytes / max(self.phases.get("weights", self.seconds), 1e-9)
+
+
+def resolve_device(requested: str, torch: Any) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"FMA_DEVICE={requested} but CUDA is not available in this process")
+    return requested
+
+
+def resolve_dtype_name(requested: str, device: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+class Engine:
+    def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._state = "loading"
+        self._error: str | None = None
+        self._in_flight = 0
+        self._sleep_level = 0
+        self._actuation = threading.Lock()  # serializes sleep and wake: the only weight writers
+        self._thread: threading.Thread | None = None
+        self._torch: Any = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._folder: str | Path | None = None
+        self.device = "cpu"
+        self.dtype_name = "float32"
+        self.context_length = 0
+        self.vocab_size = 0
+        self._eos_ids: set[int] = set()
+        self._cache_kw = "past_key_values"
+        self._forward_extra: dict[str, Any] = {}
+        self.last_load: LoadReport | None = None
+        self.created = int(time.time())
+        metrics.set_state(self._state, STATES)
+
+    # ---- state ------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def is_ready(self) -> bool:
+        return self._state == "ready"
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._state == "sleeping"
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self.metrics.set_state(state, STATES)
+        self._cond.notify_all()
+
+    def wait_until_settled(self, timeout: float) -> str:
+        """Block until loading ends (ready or failed); returns the state."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._state == "loading":
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._state
+
+    # ---- loading ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Load in the background; ``/ready`` turns 200 when this finishes."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._load_guarded, name="fma-model-loader", daemon=True)
+        self._thread.start()
+
+    def _load_guarded(self) -> None:
+        try:
+            self.load()
+        except Exception as exc:  # the worker stays up to report why it is not ready
+            log.exception("model %s failed to load", self.settings.model)
+            with self._cond:
+                self._error = f"{type(exc).__name__}: {exc}"
+                self._set_state("failed")
+
+    def load(self) -> LoadReport:
+        s = self.settings
+        phases: dict[str, float] = {}
+        t0 = time.monotonic()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import torch
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        torch.set_num_threads(s.torch_threads)
+        self._torch = torch
+        phases["import"] = time.monotonic() - t0
+
+        self.device = resolve_device(s.device, torch)
+        self.dtype_name = resolve_dtype_name(s.dtype, self.device)
+        source = parse_source(s.source)
+        t = time.monotonic()
+        if source.kind == "embedded":
+            self._folder = ensure_embedded_converted(source.ref, self.dtype_name, s.cache_dir)
+        elif source.kind == "path":
+            folder = Path(source.ref)
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
+            self._folder = folder
+        else:
+            self._folder = source.ref
+        phases["prepare"] = time.monotonic() - t
+
+        t = time.monotonic()
+        self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(self._folder))
+        phases["tokenizer"] = time.monotonic() - t
+
+        weight_bytes = self._load_weights()
+        phases["weights"] = self._last_weights_s
+
+        t = time.monotonic()
+        self._warm_up()
+        phases["warmup"] = time.monotonic() - t
+
+        cfg = self._model.config
+        model_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        self.context_length = min(model_ctx, s.context_length) if s.context_length else model_ctx
+        self.vocab_size = int(getattr(cfg, "vocab_size", 0) or len(self._tokenizer))
+        self._eos_ids = _eos_ids(self._model, self._tokenizer)
+
+        report = LoadReport(time.monotonic() - t0, weight_bytes, phases)
+        self.last_load = report
+        for phase, secs in phases.items():
+            self.metrics.load.labels(s.model, phase).observe(secs)
+        self.metrics.load.labels(s.model, "total").observe(report.seconds)
+        self.metrics.load_throughput.labels(s.model).set(report.bytes_per_second)
+        log.info("loaded %s from %s on %s/%s in %.2f s (%s); weights %.1f MB at %.1f MB/s",
+                 s.model, self._folder, self.device, self.dtype_name, report.seconds,
+                 ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()),
+                 weight_bytes / 1e6, report.bytes_per_second / 1e6)
+        with self._cond:
+            self._set_state("ready")
+        return report
+
+    def _load_weights(self) -> int:
+        """(Re)load the weights from the prepared folder onto the device."""
+        from transformers import AutoModelForCausalLM
+
+        torch = self._torch
+        t = time.monotonic()
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype_name)}
+        if self.device.startswith("cuda"):
+            kwargs["device_map"] = self.device  # straight to the GPU, no host copy
+        model = AutoModelForCausalLM.from_pretrained(str(self._folder), **kwargs)
+        model.eval()
+        # transformers renamed the KV-cache argument (and output) from
+        # past_key_values to cache in 5.2x; use whichever this version has.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # Only the last position's logits are needed; skips a [prompt x vocab] matmul.
+        self._forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._model = model
+        self._last_weights_s = time.monotonic() - t
+        return _param_bytes(model)
+
+    def _warm_up(self) -> None:
+        # One tiny forward pass so the first real request does not pay for
+        # kernel selection and allocator growth.
+        torch = self._torch
+        with torch.inference_mode():
+            ids = torch.tensor([[self._tokenizer.eos_token_id or 0]], device=self.device)
+            self._model(input_ids=ids, use_cache=False)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    # ---- sleep / wake -----------------------------------------------------
+
+    def sleep(self, level: int) -> float:
+        with self._actuation:
+            return self._sleep(level)
+
+    def wake(self) -> float:
+        with self._actuation:
+            return self._wake()
+
+    def _sleep(self, level: int) -> float:
+        """Put the weights to sleep; returns the seconds it took.
+
+        Level 1 moves the weights to host memory (pinned, for a fast copy back);
+        on a CPU device they already are in host memory, so only the state
+        changes. Level 2 drops the weights; wake reloads them from the prepared
+        folder (the converted cache for embedded models).
+        """
+        started = time.monotonic()
+        with self._cond:
+            if self._state == "sleeping":
+                return 0.0
+            if self._state != "ready":
+                raise WorkerNotReady(f"cannot sleep while the model is {self._state}")
+            self._set_state("sleeping")  # no new generation starts from here on
+            deadline = started + self.settings.sleep_drain_timeout_s
+            while self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._set_state("ready")
+                    raise Conflict(f"{self._in_flight} generation(s) still running after "
+                                   f"{self.settings.sleep_drain_timeout_s:.0f} s; sleep cancelled")
+                self._cond.wait(remaining)
+            self._sleep_level = level
+        torch = self._torch
+        if level == 1:
+            if self.device.startswith("cuda"):
+                self._model.to("cpu")
+                for p in self._model.parameters():
+                    p.data = p.data.pin_memory()
+                torch.cuda.empty_cache()
+        else:
+            self._model = None
+            gc.collect()
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        secs = time.monotonic() - started
+        self.metrics.sleep.labels(self.settings.model, str(level)).observe(secs)
+        log.info("model %s asleep at level %d in %.3f s", self.settings.model, level, secs)
+        return secs
+
+    def _wake(self) -> float:
+        started = time.monotonic()
+        with self._cond:
+            if self._state != "sleeping":
+                return 0.0
+            level = self._sleep_level
+        torch = self._torch
+        try:
+            if level == 1:
+                if self.device.startswith("cuda"):
+                    self._model.to(self.device, non_blocking=True)
+                    torch.cuda.synchronize()
+            else:
+                self._load_weights()
+            self._warm_up()
+        except Exception as exc:
+            log.exception("wake failed for %s", self.settings.model)
+            with self._cond:
+                self._error = f"wake failed: {type(exc).__name__}: {exc}"
+                self._set_state("failed")
+            raise WorkerFailed(self._error) from exc
+        secs = time.monotonic() - started
+        with self._cond:
+            self._sleep_level = 0
+            self._set_state("ready")
+        self.metrics.wake.labels(self.settings.model, str(level)).observe(secs)
+        log.info("model %s awake from level %d in %.3f s", self.settings.model, level, secs)
+        return secs
+
+    # ---- use --------------------------------------------------------------
+
+    def check_serving(self) -> None:
+        """Raise the error a client should see if the model cannot serve now."""
+        state = self._state
+        if state == "ready":
+            return
+        if state == "sleeping":
+            raise WorkerSleeping(f"model {self.settings.model} is sleeping; POST /wake_up first")
+        if state == "failed":
+            raise WorkerFailed(f"model {self.settings.model} failed to load: {self._error}")
+        raise WorkerNotReady(f"model {self.settings.model} is still loading; retry shortly",
+                             headers={"Retry-After": "2"})
+
+    def begin_use(self) -> None:
+        with self._cond:
+            self.check_serving()
+            self._in_flight += 1
+            self.metrics.in_flight.labels(self.settings.model).set(self._in_flight)
+
+    def end_use(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self.metrics.in_flight.labels(self.settings.model).set(self._in_flight)
+            self._cond.notify_all()
+
+    # ---- tokens -----------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise InvalidRequest(f"model {self.settings.model} has no chat template; use /v1/completions")
+        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                 param="prompt")
+
+    # ---- generation -------------------------------------------------------
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[list[ChoiceDelta]]:
+        """Yield, per decoding step, the new text of every unfinished choice.
+
+        The caller holds :meth:`begin_use`. Closing the iterator (client gone)
+        stops the loop before the next forward pass.
+        """
+        torch = self._torch
+        model = self._model
+        n = params.n
+        device = self.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        trackers = [StopTextTracker(params.stop) for _ in range(n)]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        finished: list[str | None] = [None] * n
+        penalize = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        counts = torch.zeros((n, self.vocab_size), device=device) if penalize else None
+        bias = None
+        if params.logit_bias:
+            bias = torch.zeros(self.vocab_size, device=device)
+            for tok, value in params.logit_bias.items():
+                bias[tok] = value
+        past = None
+        next_input = torch.tensor([prompt_ids] * n, device=device)
+        with torch.inference_mode():
+            for _ in range(params.max_tokens):
+                out = model(input_ids=next_input, use_cache=True, **self._forward_extra, **{self._cache_kw: past})
+                past = getattr(out, self._cache_kw)
+                logits = out.logits[:, -1, : self.vocab_size].float()
+                chosen = _sample(torch, logits, params, gen, counts, bias)
+                picked = chosen.tolist()
+                step: list[ChoiceDelta] = []
+                for i in range(n):
+                    if finished[i] is not None:
+                        continue
+                    tok = picked[i]
+                    tokens[i].append(tok)
+                    if tok in self._eos_ids:
+                        delta = trackers[i].push(self.decode(tokens[i][:-1]), final=True)
+                        finished[i] = "stop"
+                    else:
+                        last = len(tokens[i]) >= params.max_tokens
+                        delta = trackers[i].push(self.decode(tokens[i]), final=last)
+                        if trackers[i].stopped:
+                            finished[i] = "stop"
+                        elif last:
+                            finished[i] = "length"
+                    step.append(ChoiceDelta(i, delta, finished[i], len(tokens[i])))
+                yield step
+                if all(f is not None for f in finished):
+                    return
+                if counts is not None:
+                    counts.scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=counts.dtype))
+                next_input = chosen[:, None]
+
+
+def _sample(torch: Any, logits: Any, params: SamplingParams, gen: Any, counts: Any, bias: Any) -> Any:
+    if bias is not None:
+        logits = logits + bias
+    if counts is not None:
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest set whose mass reaches top_p (always at least one token)
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _param_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

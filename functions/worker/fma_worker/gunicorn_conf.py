@@ -1,0 +1,37 @@
+"""gunicorn configuration of the worker (``gunicorn -c python:fma_worker.gunicorn_conf``).
+
+Concurrency model: **one process, gthread**. The model is loaded once, in
+that process, on a background thread (so boot is instant and ``/health``
+answers while weights load). Request threads share the model; the engine's
+admission slots decide how many generate at once, and the thread pool is sized
+larger than slots + queue so ``/health``, ``/ready`` and ``/metrics`` always
+find a free thread even while long generations stream. torch releases the GIL
+inside its kernels, so probes stay responsive during a forward pass.
+
+Why not gevent: a forward pass is one long C call that would block the whole
+event loop, probes included. Why not several processes: each would hold its
+own copy of the weights and the sleep API would only reach one of them.
+
+SIGTERM: gunicorn stops accepting, lets in-flight requests (streams included)
+finish for up to ``graceful_timeout``, then exits. ``timeout`` is the
+heartbeat limit of the worker's main loop, which keeps running while a model
+loads on its thread; it is still set well above the longest model load seen.
+"""
+
+from fma_worker.settings import WorkerSettings
+
+_settings = WorkerSettings.from_env()
+
+bind = [f"{_settings.host}:{_settings.port}"]
+worker_class = "gthread"
+workers = 1
+threads = _settings.worker_threads
+timeout = 300
+graceful_timeout = int(_settings.graceful_timeout_s)
+keepalive = 75  # longer than typical proxy idle timeouts, so pooled connections are reused
+accesslog = None  # the app logs one line per request itself, without bodies
+errorlog = "-"
+loglevel = _settings.log_level
+proc_name = f"fma-worker:{_settings.model}"
+# Streaming responses must not be held back by a buffering proxy in front.
+forwarded_allow_ips = "127.0.0.1"
