@@ -58,7 +58,10 @@ class SSEStream:
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
-        return self._chunks
+        try:
+            yield from self._chunks
+        finally:
+            self.close()  # exhausted: free the slot now, not when the server gets round to it
 
     def close(self) -> None:
         if self._closed:
@@ -307,16 +310,19 @@ class CompletionService:
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                     self.metrics.ttft.labels(self.settings.model).observe(first_token_at - started)
-                out = []
+                content, finished = [], []
                 for d in step:
                     counts[d.index] = d.completion_tokens
                     if d.text:
-                        out.append(ChatChunkChoice(index=d.index, delta=ChatDelta(content=d.text)))
+                        content.append(ChatChunkChoice(index=d.index, delta=ChatDelta(content=d.text)))
                     if d.finish_reason:
-                        out.append(ChatChunkChoice(index=d.index, delta=ChatDelta(),
-                                                   finish_reason=d.finish_reason))  # type: ignore[arg-type]
-                if out:
-                    yield chunk(out)
+                        finished.append(ChatChunkChoice(index=d.index, delta=ChatDelta(),
+                                                        finish_reason=d.finish_reason))  # type: ignore[arg-type]
+                # Like OpenAI: text chunks first, then a chunk with an empty delta and the finish_reason.
+                if content:
+                    yield chunk(content)
+                if finished:
+                    yield chunk(finished)
             if req.include_usage:
                 total = sum(counts)
                 yield chunk([], Usage(prompt_tokens=len(prompt_ids), completion_tokens=total,

@@ -112,7 +112,7 @@ class WorkerSettings:
             torch_threads=env_int(env, "FMA_TORCH_THREADS", max(1, cores // max_concurrency), minimum=1),
             sleep_drain_timeout_s=env_duration(env, "FMA_SLEEP_DRAIN_TIMEOUT", 30.0),
             log_prompts=env_bool(env, "FMA_LOG_PROMPTS", False),
-            log_level=env_choice(env, "FMA_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            log_level=env_choice(env, "FMA_LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")),
             port=env_int(env, "PORT", 8000, minimum=1, maximum=65535),
             host=env_str(env, "FMA_HOST", "0.0.0.0"),
             worker_threads=env_int(env, "FMA_WORKER_THREADS", max_concurrency + max_queue + 8, minimum=2),

@@ -1,0 +1,237 @@
+"""Worker app tests: Flask test client, real loading code, a tiny random model.
+
+The tiny model's prose is gibberish, but it runs the real engine: tokenizer,
+KV-cache decoding, sampling, stop handling, limits, sleep and wake.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import sse_events
+from fma_worker.app import create_app
+from fma_worker.settings import WorkerSettings
+
+MODEL = "tiny"
+
+
+def make_app(model_dir: Path, **env: str):
+    settings = WorkerSettings.from_env({
+        "FMA_MODEL": MODEL, "FMA_MODEL_SOURCE": f"path:{model_dir}", "FMA_LOG_LEVEL": "warning",
+        "FMA_MAX_TOKENS": "64", **env})
+    app = create_app(settings)
+    engine = app.extensions["fma"]["engine"]
+    assert engine.wait_until_settled(60) == "ready", engine.error
+    return app
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir: Path):
+    return make_app(tiny_model_dir, FMA_MAX_BODY_BYTES="4096")
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+def complete(client, **body):
+    return client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello there", **body})
+
+
+def assert_envelope(resp, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    err = resp.get_json()["error"]
+    assert set(err) == {"message", "type", "code", "param"}
+    assert err["message"]
+    if code:
+        assert err["code"] == code
+    if param:
+        assert err["param"] == param
+    return err
+
+
+def test_health_ready_and_models_answer(client):
+    assert client.get("/health").status_code == 200
+    assert client.get("/ready").data == b"OK\n"
+    models = client.get("/v1/models").get_json()
+    assert models["object"] == "list" and models["data"][0]["id"] == MODEL
+    assert models["data"][0]["max_model_len"] == 256
+
+
+def test_greedy_completion_reports_usage_and_length(client):
+    body = complete(client, max_tokens=8, temperature=0).get_json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 8
+    assert body["usage"]["prompt_tokens"] == 2
+    assert body["usage"]["total_tokens"] == 10
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+
+
+def test_eos_ends_a_choice_with_stop(client):
+    # A huge bias on <|im_end|> (id 2) makes the first token EOS.
+    body = complete(client, max_tokens=8, temperature=0, logit_bias={"2": 100}).get_json()
+    assert body["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
+    assert body["usage"]["completion_tokens"] == 1
+
+
+def test_stop_sequence_cuts_the_text_before_it_streaming_and_not(client):
+    full = complete(client, max_tokens=24, temperature=0).get_json()["choices"][0]["text"]
+    stop = full[8:12]
+    assert stop.strip(), f"pick a visible stop from {full!r}"
+    expected = full[:full.index(stop)]
+    cut = complete(client, max_tokens=24, temperature=0, stop=[stop]).get_json()["choices"][0]
+    assert cut == {"index": 0, "text": expected, "logprobs": None, "finish_reason": "stop"}
+    raw = complete(client, max_tokens=24, temperature=0, stop=stop, stream=True).get_data(as_text=True)
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    streamed = "".join(e["choices"][0]["text"] for e in events[:-1])
+    assert streamed == expected
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_same_seed_gives_same_text_and_other_seed_differs(client):
+    a = complete(client, max_tokens=16, temperature=1.0, seed=7).get_json()["choices"][0]["text"]
+    b = complete(client, max_tokens=16, temperature=1.0, seed=7).get_json()["choices"][0]["text"]
+    c = complete(client, max_tokens=16, temperature=1.0, seed=8).get_json()["choices"][0]["text"]
+    assert a == b
+    assert a != c
+
+
+def test_n_and_prompt_list_number_choices_per_prompt(client):
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": ["one", "two"], "n": 2,
+                                                "max_tokens": 3, "seed": 1}).get_json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["usage"]["prompt_tokens"] == 2 * 1
+    assert body["usage"]["completion_tokens"] == 4 * 3
+
+
+def test_echo_prepends_the_prompt(client):
+    text = complete(client, max_tokens=2, temperature=0, echo=True).get_json()["choices"][0]["text"]
+    assert text.startswith("Hello there")
+
+
+def test_token_id_prompt_is_accepted_and_bad_ids_are_refused(client):
+    assert complete(client, prompt=[19556, 654], max_tokens=2).status_code == 200
+    assert_envelope(complete(client, prompt=[999999], max_tokens=2), 400, param="prompt")
+
+
+def test_streaming_completion_with_usage_chunk(client):
+    resp = complete(client, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True})
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    events = sse_events(resp.get_data(as_text=True))
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 5
+
+
+def test_chat_stream_starts_with_role_and_ends_with_finish_reason(client):
+    resp = client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True})
+    events = sse_events(resp.get_data(as_text=True))
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["object"] == "chat.completion.chunk"
+
+
+def test_chat_non_stream_shape(client):
+    body = client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}],
+        "max_completion_tokens": 3, "temperature": 0}).get_json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] == 3
+
+
+# ---- bad input: every case is a 4xx envelope ---------------------------------
+
+def test_invalid_json_is_400(client):
+    resp = client.post("/v1/completions", data=b"{not json", content_type="application/json")
+    assert "not valid JSON" in assert_envelope(resp, 400)["message"]
+
+
+def test_empty_body_is_400(client):
+    assert_envelope(client.post("/v1/completions", data=b""), 400)
+
+
+def test_wrong_type_is_400_naming_the_field(client):
+    assert_envelope(complete(client, max_tokens="ten"), 400, param="max_tokens")
+
+
+def test_unknown_model_is_404_model_not_found(client):
+    err = assert_envelope(client.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404,
+                          code="model_not_found")
+    assert MODEL in err["message"]
+
+
+def test_max_tokens_over_limit_is_400(client):
+    assert "limit of 64" in assert_envelope(complete(client, max_tokens=65), 400, param="max_tokens")["message"]
+
+
+def test_prompt_longer_than_context_is_400(client):
+    err = assert_envelope(complete(client, prompt="word " * 300, max_tokens=1), 400,
+                          code="context_length_exceeded")
+    assert "256" in err["message"]
+
+
+def test_body_over_the_size_limit_is_413(client):
+    assert_envelope(complete(client, prompt="x" * 10_000), 413, code="payload_too_large")
+
+
+def test_unsupported_parameter_is_400(client):
+    assert_envelope(complete(client, logprobs=3), 400, code="unsupported_parameter", param="logprobs")
+
+
+def test_unknown_route_and_wrong_method_use_the_envelope(client):
+    assert_envelope(client.get("/v1/nothing"), 404)
+    assert_envelope(client.get("/v1/completions"), 405)
+
+
+# ---- sleep and wake -----------------------------------------------------------
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_refuses_inference_and_wake_restores_identical_output(tiny_model_dir: Path, level: int):
+    app = make_app(tiny_model_dir)
+    c = app.test_client()
+    before = complete(c, max_tokens=10, temperature=0).get_json()["choices"][0]["text"]
+    resp = c.post(f"/sleep?level={level}")
+    assert resp.get_json()["is_sleeping"] is True
+    assert c.get("/is_sleeping").get_json() == {"is_sleeping": True}
+    assert c.get("/ready").status_code == 503
+    assert_envelope(complete(c, max_tokens=2), 503, code="worker_sleeping")
+    assert c.post("/wake_up").get_json()["is_sleeping"] is False
+    assert c.get("/ready").status_code == 200
+    after = complete(c, max_tokens=10, temperature=0).get_json()["choices"][0]["text"]
+    assert after == before
+    metrics = c.get("/metrics").get_data(as_text=True)
+    assert f'fma_worker_sleep_seconds_count{{level="{level}",model="tiny"}} 1.0' in metrics
+    assert f'fma_worker_wake_seconds_count{{level="{level}",model="tiny"}} 1.0' in metrics
+
+
+def test_bad_sleep_level_is_400(client):
+    assert_envelope(client.post("/sleep?level=3"), 400, param="level")
+
+
+def test_metrics_expose_requests_tokens_ttft_and_load(client):
+    complete(client, max_tokens=2)
+    text = client.get("/metrics").get_data(as_text=True)
+    for series in ("fma_worker_requests_total", "fma_worker_prompt_tokens_total",
+                   "fma_worker_completion_tokens_total", "fma_worker_time_to_first_token_seconds_bucket",
+                   "fma_worker_load_seconds_bucket", "fma_worker_load_bytes_per_second",
+                   'fma_worker_state{model="tiny",state="ready"} 1.0'):
+        assert series in text
+
+
+def test_model_that_fails_to_load_reports_why_on_ready(tmp_path: Path):
+    settings = WorkerSettings.from_env({"FMA_MODEL": "broken", "FMA_MODEL_SOURCE": f"path:{tmp_path}",
+                                        "FMA_LOG_LEVEL": "critical"})
+    app = create_app(settings)
+    assert app.extensions["fma"]["engine"].wait_until_settled(30) == "failed"
+    c = app.test_client()
+    body = c.get("/ready")
+    assert body.status_code == 503 and "config.json" in body.get_json()["error"]
+    assert_envelope(c.post("/v1/completions", json={"model": "broken", "prompt": "x"}), 503, code="worker_failed")
