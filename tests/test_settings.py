@@ -1,0 +1,58 @@
+"""Typed settings: defaults, validation at start-up, and the README in step."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import REPO
+from fma_common.settings import SettingsError, describe, parse_duration
+from fma_worker.settings import WORKER_ENV, WorkerSettings
+
+
+def test_defaults_serve_the_embedded_model():
+    s = WorkerSettings.from_env({})
+    assert s.model == "smollm2-135m-instruct"
+    assert s.source == "embedded:smollm2-135m-instruct"
+    assert s.port == 8000 and s.device == "auto"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FMA_MAX_TOKENS": "lots"}, "FMA_MAX_TOKENS"),
+    ({"FMA_MAX_TOKENS": "0"}, ">= 1"),
+    ({"FMA_DEVICE": "tpu"}, "FMA_DEVICE"),
+    ({"FMA_DTYPE": "int3"}, "FMA_DTYPE"),
+    ({"FMA_MODEL": "mystery"}, "FMA_MODEL_SOURCE"),
+    ({"FMA_MODEL_SOURCE": "nowhere"}, "FMA_MODEL_SOURCE"),
+    ({"FMA_QUEUE_TIMEOUT": "soon"}, "FMA_QUEUE_TIMEOUT"),
+    ({"FMA_LOG_PROMPTS": "maybe"}, "FMA_LOG_PROMPTS"),
+])
+def test_bad_values_stop_start_up_naming_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message):
+        WorkerSettings.from_env(env)
+
+
+def test_durations():
+    assert parse_duration("300s") == 300
+    assert parse_duration("5m") == 300
+    assert parse_duration("250ms") == 0.25
+    assert parse_duration("2") == 2
+
+
+def test_describe_masks_secrets_but_not_token_counts():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class S:
+        max_tokens: int = 5
+        api_key: str = "sk-123"
+
+    assert describe(S()) == {"max_tokens": 5, "api_key": "***"}
+
+
+def test_readme_lists_every_worker_setting():
+    readme = (REPO / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, flags=re.M))
+    missing = set(WORKER_ENV) - listed
+    assert not missing, f"README is missing worker settings: {sorted(missing)}"
