@@ -5,26 +5,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
+
+from fma_common.procs import (
+    WORKER_APP,
+    WORKER_CONFIG,
+    free_port,
+    start_gunicorn,
+    stop_process_group,
+    wait_ready,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -77,21 +75,6 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if client.get(f"{url}/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout} s:\n{log_path.read_text()[-4000:]}")
-
-
 @contextmanager
 def gunicorn_worker(tmp_path: Path, env: Mapping[str, str], *, ready_timeout: float = 120.0,
                     wait: bool = True) -> Iterator[Server]:
@@ -99,28 +82,14 @@ def gunicorn_worker(tmp_path: Path, env: Mapping[str, str], *, ready_timeout: fl
     port = free_port()
     full_env = {**os.environ, **env, "PORT": str(port), "FMA_HOST": "127.0.0.1"}
     log_path = tmp_path / f"worker-{port}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "python:fma_worker.gunicorn_conf",
-             "fma_worker.app:create_app()"],
-            env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    proc = start_gunicorn(WORKER_CONFIG, WORKER_APP, full_env, log_path, cwd=REPO)
     server = Server(proc, port, log_path)
     try:
         if wait:
             wait_ready(server.url, proc, ready_timeout, log_path)
         yield server
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        stop_process_group(proc)
 
 
 def sse_events(raw: str) -> list[object]:

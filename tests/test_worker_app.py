@@ -235,3 +235,36 @@ def test_model_that_fails_to_load_reports_why_on_ready(tmp_path: Path):
     body = c.get("/ready")
     assert body.status_code == 503 and "config.json" in body.get_json()["error"]
     assert_envelope(c.post("/v1/completions", json={"model": "broken", "prompt": "x"}), 503, code="worker_failed")
+
+
+# ---- CloudEvents ----------------------------------------------------------------
+
+def test_cloudevent_binary_completion_gets_a_binary_reply(client):
+    resp = client.post("/", json={"prompt": "Hello", "max_tokens": 3}, headers={
+        "ce-specversion": "1.0", "ce-type": "ai.llm-d.fma.completion.requested", "ce-source": "/test",
+        "ce-id": "evt-1", "ce-subject": MODEL})
+    assert resp.status_code == 200
+    assert resp.headers["ce-type"] == "ai.llm-d.fma.completion.succeeded"
+    assert resp.headers["ce-requestid"] == "evt-1"
+    assert resp.headers["ce-id"] != "evt-1"
+    assert resp.get_json()["usage"]["completion_tokens"] == 3
+
+
+def test_cloudevent_structured_bad_data_gets_a_failed_reply(client):
+    event = {"specversion": "1.0", "type": "ai.llm-d.fma.completion.requested", "source": "/test", "id": "evt-2",
+             "subject": MODEL, "datacontenttype": "application/json", "data": {"prompt": "x", "max_tokens": -1}}
+    resp = client.post("/", json=event, content_type="application/cloudevents+json")
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"].startswith("application/cloudevents+json")
+    reply = resp.get_json()
+    assert reply["type"] == "ai.llm-d.fma.completion.failed"
+    assert reply["requestid"] == "evt-2"
+    assert reply["data"]["error"]["param"] == "max_tokens"
+
+
+def test_cloudevent_of_unknown_type_or_malformed_is_400(client):
+    resp = client.post("/", json={}, headers={"ce-specversion": "1.0", "ce-type": "com.example.other",
+                                              "ce-source": "/t", "ce-id": "1"})
+    assert_envelope(resp, 400)
+    assert_envelope(client.post("/", data=b"{oops", content_type="application/cloudevents+json"), 400)
+    assert_envelope(client.post("/", json={"no": "headers"}), 400)

@@ -1,0 +1,87 @@
+"""Starting and stopping gunicorn servers as child processes.
+
+Used by the local actuator (one worker process per model), the benchmarks and
+the tests, so all three start servers the same way: the checked-in gunicorn
+config, a new session (so a whole process group can be signalled), output to
+a log file, and readiness learned from ``GET /ready``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+WORKER_CONFIG = "fma_worker.gunicorn_conf"
+WORKER_APP = "fma_worker.app:create_app()"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_gunicorn(config_module: str, app: str, env: Mapping[str, str], log_path: Path,
+                   cwd: Path | None = None) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", f"python:{config_module}", app],
+            env=dict(env), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, start_new_session=True)
+
+
+def log_tail(log_path: Path, limit: int = 4000) -> str:
+    try:
+        data = log_path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode(errors="replace")
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path | None = None,
+               interval: float = 0.05) -> float:
+    """Poll ``/ready`` until 200; returns the seconds waited.
+
+    Raises ``RuntimeError`` (with the log tail) if the process exits first and
+    ``TimeoutError`` at the deadline.
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    with httpx.Client(timeout=2.0) as client:
+        while True:
+            if proc.poll() is not None:
+                tail = log_tail(log_path) if log_path else ""
+                raise RuntimeError(f"server exited with code {proc.returncode} before it was ready\n{tail}")
+            try:
+                if client.get(f"{url}/ready").status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() >= deadline:
+                tail = log_tail(log_path) if log_path else ""
+                raise TimeoutError(f"{url} not ready after {timeout:.0f} s\n{tail}")
+            time.sleep(interval)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
+    """SIGTERM the process (gunicorn drains), then SIGKILL its group at the deadline."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(5)
+    return proc.returncode
