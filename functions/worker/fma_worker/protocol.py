@@ -46,6 +46,10 @@ class Limits:
     max_n: int
     context_length: int
     default_completion_tokens: int = 16  # OpenAI's documented default for /v1/completions
+    # Used when a request leaves them out: the model's own recommendation
+    # (generation_config.json, as vLLM does) unless the deployment overrides it.
+    default_temperature: float = 1.0
+    default_top_p: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,8 @@ class _SamplingFields(BaseModel):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -138,8 +142,8 @@ class _SamplingFields(BaseModel):
             bias[token] = value
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            temperature=limits.default_temperature if self.temperature is None else self.temperature,
+            top_p=limits.default_top_p if self.top_p is None else self.top_p,
             n=self.n,
             seed=self.seed,
             stop=self.stop_tuple(),

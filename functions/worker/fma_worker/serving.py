@@ -94,7 +94,9 @@ class CompletionService:
 
     def limits(self) -> Limits:
         return Limits(max_tokens=self.settings.max_tokens, max_n=self.settings.max_n,
-                      context_length=self.engine.context_length)
+                      context_length=self.engine.context_length,
+                      default_temperature=self.engine.default_temperature,
+                      default_top_p=self.engine.default_top_p)
 
     def check_model(self, name: str) -> None:
         if name != self.settings.model:

@@ -16,6 +16,7 @@ from fma_common.settings import (
     env_bool,
     env_choice,
     env_duration,
+    env_float,
     env_int,
     env_str,
 )
@@ -32,6 +33,8 @@ WORKER_ENV: dict[str, tuple[str, str]] = {
     "FMA_CACHE_DIR": ("$XDG_CACHE_HOME/fma or ~/.cache/fma", "where converted models are kept"),
     "FMA_MAX_TOKENS": ("2048", "largest `max_tokens` a request may ask for"),
     "FMA_MAX_N": ("8", "largest `n` (choices per prompt)"),
+    "FMA_DEFAULT_TEMPERATURE": ("the model's", "temperature for requests without one (else generation_config, else 1)"),
+    "FMA_DEFAULT_TOP_P": ("the model's", "top_p for requests without one (else generation_config, else 1)"),
     "FMA_MAX_PROMPTS": ("16", "largest number of prompts in one `/v1/completions` request"),
     "FMA_CONTEXT_LENGTH": ("the model's", "override the context window (tokens); never above the model's"),
     "FMA_MAX_BODY_BYTES": ("1048576", "largest request body; larger gets 413"),
@@ -50,6 +53,15 @@ WORKER_ENV: dict[str, tuple[str, str]] = {
 }
 
 
+def _optional_float(env: Mapping[str, str], name: str, low: float, high: float) -> float | None:
+    if not env.get(name):
+        return None
+    value = env_float(env, name, 0.0, minimum=low)
+    if value > high:
+        raise SettingsError(f"{name}: must be <= {high}, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     model: str
@@ -59,6 +71,8 @@ class WorkerSettings:
     cache_dir: Path
     max_tokens: int
     max_n: int
+    default_temperature: float | None
+    default_top_p: float | None
     max_prompts: int
     context_length: int | None
     max_body_bytes: int
@@ -103,6 +117,8 @@ class WorkerSettings:
             cache_dir=default_cache_dir(dict(env)),
             max_tokens=env_int(env, "FMA_MAX_TOKENS", 2048, minimum=1),
             max_n=env_int(env, "FMA_MAX_N", 8, minimum=1, maximum=128),
+            default_temperature=_optional_float(env, "FMA_DEFAULT_TEMPERATURE", 0.0, 2.0),
+            default_top_p=_optional_float(env, "FMA_DEFAULT_TOP_P", 0.01, 1.0),
             max_prompts=env_int(env, "FMA_MAX_PROMPTS", 16, minimum=1, maximum=1024),
             context_length=context or None,
             max_body_bytes=env_int(env, "FMA_MAX_BODY_BYTES", 1 << 20, minimum=1024),
