@@ -1,0 +1,484 @@
+"""LocalActuator: workers as child processes of the requester.
+
+Concurrency model
+-----------------
+All per-model state lives in ``_Slot`` records owned by this object and
+guarded by **one** condition variable, ``_cond``. Every decision (start?
+evict? reap?) is taken while holding it, on current state, and every change
+is followed by ``notify_all`` so waiters re-check. Slow work - spawning a
+process and waiting for its ``/ready``, HTTP calls to a worker - runs on
+background threads *outside* the lock; they re-take it only to publish the
+outcome. Under gunicorn's gevent worker those threads are greenlets.
+
+* Single flight: the first request for a cold model moves its slot to
+  ``starting`` and starts one starter thread; later requests only wait on the
+  condition. Waiters are bounded per model (``max_queue`` -> 429) and by a
+  deadline (``queue_timeout`` -> 503 naming the last state seen). A client
+  that goes away stops waiting, but the start goes on for the others.
+* A failed start wakes its waiters at once with the reason (the tail of the
+  worker's log); the next request after it retries only after an exponential
+  backoff, so a broken model is not restarted in a loop.
+* A watcher thread per child blocks in ``wait()`` and reports the exit the
+  moment it happens, so a crash is noticed immediately, not at the next
+  request.
+* Every child holds the read end of a "lifeline" pipe whose write end only
+  this process holds. If the requester dies in any way - even SIGKILL - the
+  kernel closes it, the child's gunicorn sees EOF and shuts itself down, so
+  no worker outlives its requester.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from fma_common.errors import Conflict, ModelNotFound, QueueFull, WorkerFailed, WorkerNotReady
+from fma_common.procs import WORKER_APP, WORKER_CONFIG, free_port, log_tail, start_gunicorn, stop_process_group
+
+from . import policy
+from .actuator import Actuation, Actuator, State, WorkerLease, WorkerStatus
+from .metrics import RequesterMetrics
+from .registry import ModelRegistry, ModelSpec
+from .settings import RequesterSettings
+
+log = logging.getLogger("fma.requester.local")
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class _Slot:
+    spec: ModelSpec
+    state: State = "cold"
+    proc: subprocess.Popen | None = None
+    url: str | None = None
+    log_path: str | None = None
+    error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    attempt: int = 0           # bumped by each start/wake; waiters fail fast only on their own attempt's failure
+    actuating: str | None = None  # "cold" or "wake" while starting
+    actuation_started: float = 0.0
+    last_used: float = field(default_factory=time.time)
+    last_used_mono: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    waiters: int = 0
+    last_actuation: Actuation | None = None
+    stopping: bool = False     # an exit we asked for is not a crash
+
+
+class LocalActuator(Actuator):
+    backend = "local"
+
+    def __init__(self, settings: RequesterSettings, registry: ModelRegistry, metrics: RequesterMetrics,
+                 *, emit: EventSink | None = None, worker_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.emit = emit or (lambda _type, _data: None)
+        self.worker_env = worker_env or {}
+        self._cond = threading.Condition()
+        self._slots = {spec.name: _Slot(spec) for spec in registry}
+        self._closing = False
+        self._lifeline_r, self._lifeline_w = os.pipe()
+        os.set_inheritable(self._lifeline_w, False)
+        self._http = httpx.Client(timeout=httpx.Timeout(60.0, connect=settings.upstream_connect_timeout_s))
+        self._reaper: threading.Thread | None = None
+        for name in self._slots:
+            self.metrics.set_worker_state(name, "cold")
+
+    # ---- status ---------------------------------------------------------------
+
+    def _status(self, slot: _Slot) -> WorkerStatus:
+        return WorkerStatus(model=slot.spec.name, state=slot.state, backend=self.backend,
+                            url=slot.url if slot.state in ("ready", "sleeping", "starting") else None,
+                            last_used=slot.last_used if slot.last_actuation else None,
+                            in_flight=slot.in_flight, queued=slot.waiters,
+                            last_actuation=slot.last_actuation, error=slot.error)
+
+    def _slot(self, model: str) -> _Slot:
+        slot = self._slots.get(model)
+        if slot is None:
+            raise ModelNotFound(f"model {model!r} is not served here; available: {', '.join(self._slots)}",
+                                param="model")
+        return slot
+
+    def describe(self, model: str) -> WorkerStatus:
+        with self._cond:
+            return self._status(self._slot(model))
+
+    def list(self) -> list[WorkerStatus]:
+        with self._cond:
+            return [self._status(s) for s in self._slots.values()]
+
+    def _views(self) -> list[policy.WorkerView]:
+        return [policy.WorkerView(s.spec.name, s.state, s.in_flight, s.waiters, s.last_used_mono,
+                                  s.spec.idle_timeout or 0.0) for s in self._slots.values()]
+
+    def _set_state(self, slot: _Slot, state: State) -> None:
+        slot.state = state
+        self.metrics.set_worker_state(slot.spec.name, state)
+        self._cond.notify_all()
+
+    # ---- ensure_ready ---------------------------------------------------------
+
+    def ensure_ready(self, model: str) -> WorkerLease:
+        started = time.monotonic()
+        with self._cond:
+            slot = self._slot(model)
+            if self._closing:
+                raise WorkerNotReady("the requester is shutting down", headers={"Retry-After": "5"})
+            deadline = started + (slot.spec.queue_timeout or 120.0)
+            my_attempt: int | None = None
+            waited = False
+            while True:
+                if slot.state == "ready":
+                    return self._lease(slot, started, waited)
+                if slot.state == "failed" and my_attempt == slot.attempt:
+                    self.metrics.rejections.labels(model, "start_failed").inc()
+                    raise WorkerFailed(f"worker for {model} failed to start: {slot.error}")
+                if slot.state in ("cold", "failed", "sleeping"):
+                    if slot.state == "failed" and time.monotonic() < slot.retry_at:
+                        wait = slot.retry_at - time.monotonic()
+                        self.metrics.rejections.labels(model, "backoff").inc()
+                        raise WorkerFailed(f"worker for {model} failed to start: {slot.error}; "
+                                           f"next retry in {wait:.0f} s",
+                                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+                    if slot.state == "sleeping":
+                        self._begin_wake(slot)
+                    elif not self._make_room(slot):
+                        pass  # budget full of busy workers: wait for one to go idle
+                    else:
+                        self._begin_start(slot)
+                    my_attempt = slot.attempt
+                elif slot.state == "starting" and my_attempt is None:
+                    my_attempt = slot.attempt
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.metrics.rejections.labels(model, "deadline").inc()
+                    raise WorkerNotReady(
+                        f"worker for {model} not ready after {time.monotonic() - started:.0f} s "
+                        f"(state {slot.state}); retry later", headers={"Retry-After": "5"})
+                if slot.waiters >= (slot.spec.max_queue if slot.spec.max_queue is not None else 64):
+                    self.metrics.rejections.labels(model, "queue_full").inc()
+                    raise QueueFull(f"{slot.waiters} requests already wait for {model}; retry later",
+                                    retry_after=5)
+                slot.waiters += 1
+                self.metrics.queued.labels(model).set(slot.waiters)
+                waited = True
+                try:
+                    self._cond.wait(min(remaining, 1.0))
+                finally:
+                    slot.waiters -= 1
+                    self.metrics.queued.labels(model).set(slot.waiters)
+
+    def _lease(self, slot: _Slot, started: float, waited: bool) -> WorkerLease:
+        slot.in_flight += 1
+        slot.last_used = time.time()
+        slot.last_used_mono = time.monotonic()
+        self.metrics.in_flight.labels(slot.spec.name).set(slot.in_flight)
+        if waited and slot.last_actuation is not None:
+            actuation = Actuation(slot.last_actuation.path, time.monotonic() - started)
+        else:
+            actuation = Actuation("warm", time.monotonic() - started)
+            self.metrics.actuation.labels(slot.spec.name, "warm").observe(actuation.seconds)
+        assert slot.url is not None
+        return WorkerLease(slot.spec.name, slot.url, actuation, self._done)
+
+    def _done(self, model: str) -> None:
+        with self._cond:
+            slot = self._slots[model]
+            slot.in_flight -= 1
+            slot.last_used = time.time()
+            slot.last_used_mono = time.monotonic()
+            self.metrics.in_flight.labels(model).set(slot.in_flight)
+            self._cond.notify_all()
+
+    # ---- making room (budget) -------------------------------------------------
+
+    def _make_room(self, slot: _Slot) -> bool:
+        """Under the lock: True if ``slot`` may start now, evicting if needed."""
+        budget = self.registry.budget
+        decision = policy.pick_eviction(self._views(), budget.max_loaded, slot.spec.name)
+        if decision is True:
+            return True
+        if decision is None:
+            return False
+        victim = self._slots[decision]
+        level = self.settings.evict_sleep_level
+        log.info("evicting %s (least recently used, idle) to make room for %s", victim.spec.name, slot.spec.name)
+        self.metrics.evictions.labels(victim.spec.name).inc()
+        sleepers_after = sum(1 for s in self._slots.values() if s.state == "sleeping") + 1
+        if level and sleepers_after <= budget.sleepers:
+            self._begin_sleep(victim, level)
+        else:
+            self._begin_stop(victim, "evicted")
+        return True
+
+    # ---- starting ---------------------------------------------------------------
+
+    def _begin_start(self, slot: _Slot) -> None:
+        slot.attempt += 1
+        slot.actuating = "cold"
+        slot.actuation_started = time.monotonic()
+        slot.error = None
+        port = free_port(self.settings.worker_host)
+        slot.url = f"http://{self.settings.worker_host}:{port}"
+        self._set_state(slot, "starting")
+        threading.Thread(target=self._start_worker, args=(slot, slot.attempt, port),
+                         name=f"start-{slot.spec.name}", daemon=True).start()
+
+    def worker_environment(self, spec: ModelSpec, port: int) -> dict[str, str]:
+        env = {**os.environ, **self.worker_env, **spec.env}
+        for key in ("FMA_BIND", "FMA_MODELS", "FMA_ACTUATOR"):
+            env.pop(key, None)  # requester settings must not leak into the worker
+        env.update({
+            "FMA_MODEL": spec.name, "FMA_MODEL_SOURCE": spec.source, "FMA_DTYPE": spec.dtype,
+            "FMA_DEVICE": spec.device, "PORT": str(port), "FMA_HOST": self.settings.worker_host,
+            "FMA_CACHE_DIR": str(self.settings.cache_dir), "FMA_LIFELINE_FD": str(self._lifeline_r),
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        })
+        return env
+
+    def _start_worker(self, slot: _Slot, attempt: int, port: int) -> None:
+        spec = slot.spec
+        log_dir = self.settings.worker_log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{spec.name.replace('/', '_')}.log"
+        t0 = time.monotonic()
+        try:
+            proc = start_gunicorn(WORKER_CONFIG, WORKER_APP, self.worker_environment(spec, port), log_path,
+                                  pass_fds=(self._lifeline_r,))
+        except OSError as exc:
+            self._start_failed(slot, attempt, None, f"could not spawn the worker: {exc}")
+            return
+        with self._cond:
+            if slot.attempt != attempt or self._closing:
+                stop_process_group(proc, 5)
+                return
+            slot.proc = proc
+            slot.log_path = str(log_path)
+            slot.stopping = False
+        threading.Thread(target=self._watch, args=(slot, proc), name=f"watch-{spec.name}", daemon=True).start()
+        log.info("starting worker for %s on %s (pid %d, log %s)", spec.name, slot.url, proc.pid, log_path)
+        try:
+            from fma_common.procs import wait_ready
+
+            wait_ready(slot.url or "", proc, spec.start_timeout or 600.0, log_path)
+        except (RuntimeError, TimeoutError) as exc:
+            reason = str(exc).split("\n", 1)[0]
+            self._start_failed(slot, attempt, proc, f"{reason}; log tail: {log_tail(log_path, 1500).strip()}")
+            return
+        secs = time.monotonic() - t0
+        with self._cond:
+            if slot.attempt != attempt or slot.proc is not proc:
+                return
+            slot.failures = 0
+            slot.actuating = None
+            slot.last_actuation = Actuation("cold", secs)
+            slot.last_used = time.time()
+            slot.last_used_mono = time.monotonic()
+            self._set_state(slot, "ready")
+            status = self._status(slot)
+        self.metrics.actuation.labels(spec.name, "cold").observe(secs)
+        log.info("worker for %s ready in %.2f s (cold start)", spec.name, secs)
+        self.emit("ai.llm-d.fma.worker.started", status.as_dict())
+
+    def _start_failed(self, slot: _Slot, attempt: int, proc: subprocess.Popen | None, reason: str) -> None:
+        with self._cond:
+            if slot.attempt != attempt:
+                return
+            slot.stopping = True
+            slot.failures += 1
+            slot.retry_at = time.monotonic() + policy.backoff_delay(
+                slot.failures, self.settings.restart_backoff_s, self.settings.restart_backoff_max_s)
+            slot.error = reason[:4000]
+            slot.actuating = None
+            self._set_state(slot, "failed")
+            status = self._status(slot)
+        if proc is not None:
+            stop_process_group(proc, 5)
+        log.warning("worker for %s failed to start (failure %d): %s", slot.spec.name, slot.failures, reason[:300])
+        self.emit("ai.llm-d.fma.worker.failed", status.as_dict())
+
+    def _watch(self, slot: _Slot, proc: subprocess.Popen) -> None:
+        code = proc.wait()
+        with self._cond:
+            if slot.proc is not proc:
+                return
+            slot.proc = None
+            expected = slot.stopping or self._closing
+            if expected:
+                if slot.state != "failed":
+                    self._set_state(slot, "cold")
+                return
+            # A crash: waiters on a start attempt fail fast; the next request restarts.
+            slot.failures += 1
+            slot.retry_at = time.monotonic()  # a crash of a running worker restarts on demand at once
+            slot.error = f"worker exited with code {code}; log tail: {log_tail(_p(slot.log_path), 1500).strip()}"
+            self._set_state(slot, "failed")
+            status = self._status(slot)
+        log.warning("worker for %s exited unexpectedly with code %s", slot.spec.name, code)
+        self.metrics.crashes.labels(slot.spec.name).inc()
+        self.emit("ai.llm-d.fma.worker.failed", status.as_dict())
+
+    # ---- sleep / wake / stop ------------------------------------------------------
+
+    def _begin_wake(self, slot: _Slot) -> None:
+        slot.attempt += 1
+        slot.actuating = "wake"
+        self._set_state(slot, "starting")
+        threading.Thread(target=self._wake_worker, args=(slot, slot.attempt), daemon=True).start()
+
+    def _wake_worker(self, slot: _Slot, attempt: int) -> None:
+        t0 = time.monotonic()
+        try:
+            resp = self._http.post(f"{slot.url}/wake_up")
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            self._start_failed(slot, attempt, slot.proc, f"wake failed: {exc}")
+            return
+        secs = time.monotonic() - t0
+        with self._cond:
+            if slot.attempt != attempt:
+                return
+            slot.actuating = None
+            slot.last_actuation = Actuation("wake", secs)
+            self._set_state(slot, "ready")
+            status = self._status(slot)
+        self.metrics.actuation.labels(slot.spec.name, "wake").observe(secs)
+        log.info("worker for %s awake in %.3f s", slot.spec.name, secs)
+        self.emit("ai.llm-d.fma.worker.ready", status.as_dict())
+
+    def _begin_sleep(self, slot: _Slot, level: int) -> None:
+        """Under the lock: mark sleeping now, tell the worker on a thread."""
+        self._set_state(slot, "sleeping")
+        threading.Thread(target=self._sleep_worker, args=(slot, level, slot.attempt), daemon=True).start()
+
+    def _sleep_worker(self, slot: _Slot, level: int, attempt: int) -> None:
+        try:
+            self._http.post(f"{slot.url}/sleep", params={"level": level}).raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("could not put %s to sleep (%s); stopping it instead", slot.spec.name, exc)
+            with self._cond:
+                if slot.attempt == attempt:
+                    self._begin_stop(slot, "sleep failed")
+            return
+        with self._cond:
+            status = self._status(slot)
+            self._trim_sleepers()
+        self.emit("ai.llm-d.fma.worker.sleeping", status.as_dict())
+
+    def _trim_sleepers(self) -> None:
+        for name in policy.excess_sleepers(self._views(), self.registry.budget.sleepers):
+            self._begin_stop(self._slots[name], "over the sleeper budget")
+
+    def _begin_stop(self, slot: _Slot, why: str) -> None:
+        """Under the lock: the slot is cold from now on; the process stops on a thread."""
+        proc = slot.proc
+        slot.stopping = True
+        slot.attempt += 1  # any start or wake in progress is now stale
+        slot.actuating = None
+        if slot.state != "cold":
+            self._set_state(slot, "cold")
+        if proc is not None:
+            log.info("stopping worker for %s (%s)", slot.spec.name, why)
+            threading.Thread(target=stop_process_group, args=(proc, self.settings.drain_timeout_s),
+                             daemon=True).start()
+
+    def sleep(self, model: str, level: int = 1) -> WorkerStatus:
+        with self._cond:
+            slot = self._slot(model)
+            if slot.state in ("cold", "failed"):
+                raise Conflict(f"worker for {model} is {slot.state}; nothing to put to sleep")
+            deadline = time.monotonic() + 120
+            while slot.state == "starting":
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    raise WorkerNotReady(f"worker for {model} is still starting")
+            if slot.state == "sleeping":
+                return self._status(slot)
+            url = slot.url
+            attempt = slot.attempt
+        resp = self._http.post(f"{url}/sleep", params={"level": level}, timeout=120)
+        if resp.status_code != 200:
+            raise Conflict(f"worker for {model} refused to sleep: {resp.text[:300]}")
+        with self._cond:
+            if slot.attempt == attempt and slot.state == "ready":
+                self._set_state(slot, "sleeping")
+                self._trim_sleepers()
+            status = self._status(slot)
+        self.emit("ai.llm-d.fma.worker.sleeping", status.as_dict())
+        return status
+
+    def release(self, model: str) -> WorkerStatus:
+        with self._cond:
+            slot = self._slot(model)
+            proc = slot.proc
+            self._begin_stop(slot, "released")
+            slot.error = None
+            slot.proc = None
+            status = self._status(slot)
+        if proc is not None:
+            stop_process_group(proc, self.settings.drain_timeout_s)
+        self.emit("ai.llm-d.fma.worker.released", status.as_dict())
+        return status
+
+    def warm(self, model: str) -> WorkerStatus:
+        self.ensure_ready(model).done()
+        return self.describe(model)
+
+    # ---- background ---------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap_loop, name="fma-reaper", daemon=True)
+            self._reaper.start()
+        for spec in self.registry:
+            if spec.preload:
+                threading.Thread(target=self._preload, args=(spec.name,), daemon=True).start()
+
+    def _preload(self, model: str) -> None:
+        try:
+            self.warm(model)
+        except Exception as exc:  # reported in the slot's status and log
+            log.warning("preload of %s failed: %s", model, exc)
+
+    def _reap_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closing:
+                    return
+                for name in policy.idle_expired(self._views(), time.monotonic()):
+                    log.info("scaling %s to zero after %.0f s idle", name, self._slots[name].spec.idle_timeout)
+                    self.metrics.idle_stops.labels(name).inc()
+                    self._begin_stop(self._slots[name], "idle")
+                self._cond.wait(self.settings.reaper_interval_s)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._closing = True
+            procs = [s.proc for s in self._slots.values() if s.proc is not None]
+            for s in self._slots.values():
+                s.stopping = True
+            self._cond.notify_all()
+        threads = [threading.Thread(target=stop_process_group, args=(p, timeout)) for p in procs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + 10)
+        self._http.close()
+        log.info("stopped %d worker(s)", len(procs))
+
+
+def _p(path: str | None):
+    from pathlib import Path
+
+    return Path(path or "/nonexistent")

@@ -1,0 +1,41 @@
+"""Prometheus series of the requester, on a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STATES = ("cold", "starting", "ready", "sleeping", "failed")
+_ACTUATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class RequesterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.actuation = Histogram("fma_actuation_seconds",
+                                   "Time from a request's arrival until its worker was ready, by path",
+                                   ["model", "path"], buckets=_ACTUATION_BUCKETS, registry=r)
+        self.requests = Counter("fma_requests", "Inference requests by model, endpoint and status",
+                                ["model", "endpoint", "status"], registry=r)
+        self.queued = Gauge("fma_queued_requests", "Requests waiting for a worker to become ready", ["model"],
+                            registry=r)
+        self.in_flight = Gauge("fma_in_flight_requests", "Requests being served by a worker", ["model"],
+                               registry=r)
+        self.rejections = Counter("fma_rejections", "Requests refused before reaching a worker", ["model", "reason"],
+                                  registry=r)
+        self.evictions = Counter("fma_evictions", "Workers put away to make room under the budget", ["model"],
+                                 registry=r)
+        self.idle_stops = Counter("fma_idle_scale_to_zero", "Workers stopped after their idle timeout", ["model"],
+                                  registry=r)
+        self.crashes = Counter("fma_worker_crashes", "Workers that exited without being asked to", ["model"],
+                               registry=r)
+        self.worker_state = Gauge("fma_worker_state", "1 for the current state of each model's worker",
+                                  ["model", "state"], registry=r)
+        self.upstream_errors = Counter("fma_upstream_errors", "Failures talking to a worker", ["model", "kind"],
+                                       registry=r)
+        self.ttfb = Histogram("fma_upstream_first_byte_seconds", "Worker response start, as seen by the requester",
+                              ["model"], buckets=_ACTUATION_BUCKETS, registry=r)
+
+    def set_worker_state(self, model: str, state: str) -> None:
+        for s in STATES:
+            self.worker_state.labels(model, s).set(1 if s == state else 0)

@@ -1,0 +1,187 @@
+"""The model registry: which models are served, and how each is actuated.
+
+Read from the YAML file named by ``FMA_MODELS`` or, without it, the built-in
+default that serves the embedded ``smollm2-135m-instruct``. Only listed models
+are served. The file is validated once at start-up with pydantic; an error
+names the key and stops the requester.
+
+```yaml
+defaults: {idle_timeout: 300s, max_queue: 64, queue_timeout: 120s}
+budget: {max_loaded: 3, sleepers: 2}
+models:
+  - name: smollm2-135m-instruct
+    source: embedded:smollm2-135m-instruct
+    dtype: float32
+    device: auto
+    idle_timeout: 60s
+    preload: false
+    knative: {min_scale: 0, max_scale: 1, gpus: 1, gpu_binding: dedicated}
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fma_common.settings import SettingsError, parse_duration
+
+DEFAULT_MODELS_YAML = """\
+defaults: {idle_timeout: 300s, max_queue: 64, queue_timeout: 120s}
+budget: {max_loaded: 3, sleepers: 2}
+models:
+  - name: smollm2-135m-instruct
+    source: embedded:smollm2-135m-instruct
+    dtype: float32
+    device: auto
+    idle_timeout: 300s
+    preload: false
+    knative: {min_scale: 0, max_scale: 1, gpus: 1, gpu_binding: dedicated}
+"""
+
+
+def _seconds(value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except SettingsError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class KnativeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_scale: int = Field(default=0, ge=0)
+    max_scale: int = Field(default=1, ge=0)
+    gpus: int = Field(default=1, ge=0)
+    gpu_binding: Literal["dedicated", "shared"] = "dedicated"
+    container_concurrency: int = Field(default=0, ge=0)
+    target: int | None = Field(default=None, ge=1)
+    scale_to_zero_retention: str | None = None
+    image: str | None = None
+    resources: dict[str, dict[str, str]] | None = None
+
+
+class Defaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    idle_timeout: float = 300.0
+    max_queue: int = Field(default=64, ge=0)
+    queue_timeout: float = 120.0
+    start_timeout: float = 600.0
+
+    @field_validator("idle_timeout", "queue_timeout", "start_timeout", mode="before")
+    @classmethod
+    def _durations(cls, value: Any) -> float:
+        return _seconds(value)
+
+
+class Budget(BaseModel):
+    """Local actuator: how many workers may be awake, and how many asleep."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_loaded: int = Field(default=3, ge=1)
+    sleepers: int = Field(default=2, ge=0)
+    memory_mib: int | None = Field(default=None, ge=1)
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+    source: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    idle_timeout: float | None = None
+    max_queue: int | None = Field(default=None, ge=0)
+    queue_timeout: float | None = None
+    start_timeout: float | None = None
+    preload: bool = False
+    memory_mib: int | None = Field(default=None, ge=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    knative: KnativeSpec = Field(default_factory=KnativeSpec)
+
+    @field_validator("idle_timeout", "queue_timeout", "start_timeout", mode="before")
+    @classmethod
+    def _durations(cls, value: Any) -> Any:
+        return None if value is None else _seconds(value)
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        from fma_worker.model_store import ModelSourceError, parse_source
+
+        try:
+            parse_source(value)
+        except ModelSourceError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    defaults: Defaults = Field(default_factory=Defaults)
+    budget: Budget = Field(default_factory=Budget)
+    models: list[ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> RegistryFile:
+        names = [m.name for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(sorted(dup))}")
+        return self
+
+
+class ModelRegistry:
+    """Resolved, read-only view: each model with its defaults applied."""
+
+    def __init__(self, parsed: RegistryFile, origin: str) -> None:
+        self.origin = origin
+        self.budget = parsed.budget
+        self.defaults = parsed.defaults
+        self._models: dict[str, ModelSpec] = {}
+        for spec in parsed.models:
+            d = parsed.defaults
+            self._models[spec.name] = spec.model_copy(update={
+                "idle_timeout": spec.idle_timeout if spec.idle_timeout is not None else d.idle_timeout,
+                "max_queue": spec.max_queue if spec.max_queue is not None else d.max_queue,
+                "queue_timeout": spec.queue_timeout if spec.queue_timeout is not None else d.queue_timeout,
+                "start_timeout": spec.start_timeout if spec.start_timeout is not None else d.start_timeout,
+            })
+
+    @classmethod
+    def from_text(cls, text: str, origin: str = "<text>") -> ModelRegistry:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{origin}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"{origin}: must be a mapping with a 'models' list")
+        try:
+            return cls(RegistryFile.model_validate(data), origin)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise SettingsError(f"{origin}: {loc}: {first['msg']}") from None
+
+    @classmethod
+    def load(cls, path: str | None) -> ModelRegistry:
+        if not path:
+            return cls.from_text(DEFAULT_MODELS_YAML, "built-in default")
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SettingsError(f"FMA_MODELS: cannot read {path}: {exc.strerror}") from None
+        return cls.from_text(text, path)
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self._models.get(name)
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
