@@ -27,14 +27,12 @@ $(STAMP): pyproject.toml
 prepare: $(STAMP)
 	$(BIN)/fma prepare $(MODEL)
 
-# Until the requester lands, `make run` serves the embedded model with a worker.
+# The requester with the local actuator; workers start on the first request.
 run: prepare
-	@echo "==> worker for $(MODEL) on http://127.0.0.1:$(PORT)"
-	@echo "    try: curl -s http://127.0.0.1:$(PORT)/v1/completions -H 'Content-Type: application/json' \\"
-	@echo "           -d '{\"model\": \"$(MODEL)\", \"prompt\": \"Hello, world!\", \"max_tokens\": 50}'"
-	FMA_HOST=127.0.0.1 $(BIN)/fma worker --model $(MODEL) --port $(PORT)
+	$(BIN)/fma serve
 
-worker: run
+worker: prepare
+	FMA_HOST=127.0.0.1 $(BIN)/fma worker --model $(MODEL) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -50,6 +50,35 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    env: dict[str, str] = {}
+    if args.bind:
+        env["FMA_BIND"] = ",".join(args.bind)
+    if args.models:
+        env["FMA_MODELS"] = args.models
+    if args.actuator:
+        env["FMA_ACTUATOR"] = args.actuator
+    from fma_common.settings import SettingsError
+    from fma_requester.registry import ModelRegistry
+    from fma_requester.settings import RequesterSettings
+
+    try:
+        settings = RequesterSettings.from_env({**os.environ, **env})
+        registry = ModelRegistry.load(settings.models_file)
+    except SettingsError as exc:
+        print(f"fma serve: {exc}", file=sys.stderr)
+        return 2
+    first = settings.binds[-1].replace("0.0.0.0", "localhost")
+    print(f"fma serve: requester on {', '.join('http://' + b for b in settings.binds)}", file=sys.stderr)
+    print(f"fma serve: models: {', '.join(registry.names())}", file=sys.stderr)
+    print("fma serve: try\n"
+          f"  curl -X POST http://{first}/v1/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"{registry.names()[0]}\", \"prompt\": \"Hello, world!\", \"max_tokens\": 50}}'",
+          file=sys.stderr)
+    _exec_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", env)
+    return 0  # not reached
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Convert an embedded model into the cache now, with progress on stderr."""
     from fma_worker.model_store import EMBEDDED_MODELS, default_cache_dir, ensure_embedded_converted
@@ -101,6 +130,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_or_error(resp: Any) -> int:
+    if resp.status_code != 200:
+        return _show_error(resp)
+    print(json.dumps(resp.json(), indent=2))
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        resp = client.get("/v1/workers")
+    if resp.status_code != 200:
+        return _show_error(resp)
+    rows = resp.json()["data"]
+    print(f"{'MODEL':40} {'STATE':9} {'IN-FLIGHT':>9} {'QUEUED':>6}  LAST ACTUATION")
+    for w in rows:
+        act = w.get("last_actuation")
+        last = f"{act['path']} {act['seconds']:.2f}s" if act else "-"
+        print(f"{w['model']:40} {w['state']:9} {w['in_flight']:>9} {w['queued']:>6}  {last}"
+              + (f"  error: {w['error'][:80]}" if w.get("error") else ""))
+    return 0
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _print_or_error(client.post(f"/v1/workers/{args.model}/warm"))
+
+
+def cmd_sleep(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _print_or_error(client.post(f"/v1/workers/{args.model}/sleep", params={"level": args.level}))
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _print_or_error(client.delete(f"/v1/workers/{args.model}"))
+
+
 def cmd_complete(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens,
                             "temperature": args.temperature}
@@ -139,6 +205,12 @@ def build_parser(prog: str = "fma") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Fast model actuation: serverless LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("serve", help="run the requester (local actuator by default): the main job")
+    p.add_argument("--bind", action="append", help="HOST:PORT, repeatable (default 127.0.0.1:8080 and :8081)")
+    p.add_argument("--models", help="models YAML file (default: the built-in embedded model)")
+    p.add_argument("--actuator", choices=["local", "knative"])
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("worker", help="serve one model (OpenAI API + vLLM-style sleep API)")
     p.add_argument("--model", default=os.environ.get("FMA_MODEL", "smollm2-135m-instruct"))
     p.add_argument("--source", help="embedded:NAME, hf:ORG/NAME or path:/folder")
@@ -165,6 +237,23 @@ def build_parser(prog: str = "fma") -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the served models")
     client_args(p)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("workers", help="show every model's worker state")
+    client_args(p)
+    p.set_defaults(func=cmd_workers)
+
+    for name, func, text in (("warm", cmd_warm, "start (or wake) a model's worker now"),
+                             ("release", cmd_release, "scale a model's worker to zero now")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model")
+        client_args(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("sleep", help="put a model's worker to sleep")
+    p.add_argument("model")
+    p.add_argument("--level", type=int, choices=[1, 2], default=1)
+    client_args(p)
+    p.set_defaults(func=cmd_sleep)
 
     p = sub.add_parser("complete", help="send one completion")
     p.add_argument("model")

@@ -156,3 +156,14 @@ def install_access_log(app: Flask, logger_name: str) -> None:
             access.info("%s %s -> %d in %.1f ms%s", request.method, request.path, resp.status_code,
                         (time.perf_counter() - started) * 1000, " (stream)" if resp.is_streamed else "")
         return resp
+
+
+def query_args(args: Any) -> dict[str, Any]:
+    """Query parameters with integer-looking values as ints, for pydantic models."""
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        try:
+            out[key] = int(value)
+        except ValueError:
+            out[key] = value
+    return out

@@ -23,6 +23,7 @@ from fma_common.http import (
     json_response,
     parse_body,
     parse_model,
+    query_args,
     register_error_handlers,
 )
 from fma_common.logs import setup_logging
@@ -100,7 +101,7 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
 
     @app.post(p.PATH_SLEEP)
     def sleep() -> Response:
-        query = parse_model(p.SleepQuery, _query_ints(request.args))
+        query = parse_model(p.SleepQuery, query_args(request.args))
         seconds = engine.sleep(query.level)
         return json_response({"is_sleeping": True, "level": query.level, "seconds": round(seconds, 4)})
 
@@ -138,13 +139,3 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
     if start_loading:
         engine.start()
     return app
-
-
-def _query_ints(args: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in args.items():
-        try:
-            out[key] = int(value)
-        except ValueError:
-            out[key] = value
-    return out

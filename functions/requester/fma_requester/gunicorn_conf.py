@@ -1,0 +1,38 @@
+"""gunicorn configuration of the requester (``gunicorn -c python:fma_requester.gunicorn_conf``).
+
+Concurrency model: **one process, gevent**. The requester only waits - on
+workers starting, on upstream tokens, on clients reading - so it is I/O bound;
+gevent serves thousands of concurrent (streaming) connections from one
+process with a small footprint. One process is also the single owner of the
+actuator's state: with several, each would start its own worker per model.
+Background work (starters, watchers, the idle reaper) runs as greenlets.
+
+Binds: every address in ``FMA_BIND`` (locally 8080 and 8081, the FMA
+requester's probes and SPI ports; in Knative, ``$PORT``) serves every route.
+
+SIGTERM: gunicorn stops accepting and lets in-flight requests finish for
+``graceful_timeout`` (``FMA_DRAIN_TIMEOUT``); then ``worker_exit`` stops every
+worker process. The lifeline pipe (see ``local.py``) covers harder deaths.
+"""
+
+from fma_requester.settings import RequesterSettings
+
+_settings = RequesterSettings.from_env()
+
+bind = list(_settings.binds)
+worker_class = "gevent"
+workers = 1
+worker_connections = _settings.connections
+timeout = 120
+graceful_timeout = int(_settings.drain_timeout_s)
+keepalive = 75
+accesslog = None
+errorlog = "-"
+loglevel = _settings.log_level
+proc_name = "fma-requester"
+
+
+def worker_exit(server, worker) -> None:
+    from fma_requester.app import shutdown_all
+
+    shutdown_all(timeout=max(5.0, _settings.drain_timeout_s))
