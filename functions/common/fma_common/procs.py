@@ -52,8 +52,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path 
                interval: float = 0.05) -> float:
     """Poll ``/ready`` until 200; returns the seconds waited.
 
-    Raises ``RuntimeError`` (with the log tail) if the process exits first and
-    ``TimeoutError`` at the deadline.
+    Raises ``RuntimeError`` (with the log tail) if the process exits first or
+    reports ``{"status": "failed"}`` on ``/ready``, and ``TimeoutError`` at the deadline.
     """
     started = time.monotonic()
     deadline = started + timeout
@@ -63,14 +63,31 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path 
                 tail = log_tail(log_path) if log_path else ""
                 raise RuntimeError(f"server exited with code {proc.returncode} before it was ready\n{tail}")
             try:
-                if client.get(f"{url}/ready").status_code == 200:
+                resp = client.get(f"{url}/ready")
+                if resp.status_code == 200:
                     return time.monotonic() - started
+                failure = _reported_failure(resp)
+                if failure:
+                    # The server is up but says it can never become ready (e.g. the model failed to load).
+                    raise RuntimeError(f"server reports it failed: {failure}")
             except httpx.HTTPError:
                 pass
             if time.monotonic() >= deadline:
                 tail = log_tail(log_path) if log_path else ""
                 raise TimeoutError(f"{url} not ready after {timeout:.0f} s\n{tail}")
             time.sleep(interval)
+
+
+def _reported_failure(resp: httpx.Response) -> str | None:
+    if not resp.headers.get("content-type", "").startswith("application/json"):
+        return None
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and body.get("status") == "failed":
+        return str(body.get("error") or "unknown error")
+    return None
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:

@@ -1,0 +1,256 @@
+"""Requester end to end: real gunicorn (gevent), real worker processes, the real model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import EMBEDDED, REPO
+from fma_common.procs import free_port, start_gunicorn, stop_process_group, wait_ready
+
+pytestmark = pytest.mark.process
+
+
+def models_yaml(tmp_path: Path, **model: object) -> Path:
+    lines = ["defaults: {idle_timeout: 300s, max_queue: 64, queue_timeout: 120s}",
+             "budget: {max_loaded: 2, sleepers: 1}", "models:",
+             f"  - name: {EMBEDDED}", f"    source: embedded:{EMBEDDED}", "    dtype: float32"]
+    lines += [f"    {k}: {v}" for k, v in model.items()]
+    lines += ["  - name: broken", f"    source: path:{tmp_path}"]
+    path = tmp_path / "models.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Requester:
+    proc: object
+    probes: str
+    spi: str
+    tag: str
+    log_path: Path
+
+    def worker_pids(self) -> list[int]:
+        """Worker processes started by this requester (found by an env tag they inherit)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == self.proc.pid:
+                continue
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+                env = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if b"fma_worker.gunicorn_conf" in cmd and f"FMA_TEST_TAG={self.tag}".encode() in env:
+                pids.append(int(entry))
+        return pids
+
+    def requester_pids(self) -> list[int]:
+        pids = [self.proc.pid]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    status = Path(f"/proc/{entry}/status").read_text()
+                except OSError:
+                    continue
+                if f"PPid:\t{self.proc.pid}\n" in status and "fma_worker" not in \
+                        Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry))
+        return pids
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def requester(tmp_path: Path, models: Path, **env: str) -> Iterator[Requester]:
+    p1, p2 = free_port(), free_port()
+    tag = uuid.uuid4().hex
+    full = {**os.environ, "FMA_BIND": f"127.0.0.1:{p1},127.0.0.1:{p2}", "FMA_MODELS": str(models),
+            "FMA_WORKER_LOG_DIR": str(tmp_path / "logs"), "FMA_TEST_TAG": tag, "FMA_LOG_LEVEL": "info",
+            "FMA_RESTART_BACKOFF": "1s", **env}
+    log_path = tmp_path / "requester.log"
+    proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", full, log_path, cwd=REPO)
+    req = Requester(proc, f"http://127.0.0.1:{p1}", f"http://127.0.0.1:{p2}", tag, log_path)
+    try:
+        wait_ready(req.probes, proc, 60, log_path)
+        yield req
+    finally:
+        stop_process_group(proc, 60)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def worker_state(url: str, model: str = EMBEDDED) -> dict:
+    data = httpx.get(f"{url}/v1/workers", timeout=10).json()["data"]
+    return next(w for w in data if w["model"] == model)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, converted_model_dir: Path):
+    tmp = tmp_path_factory.mktemp("requester")
+    with requester(tmp, models_yaml(tmp)) as req:
+        yield req
+
+
+def test_fma_example_checks_cold_start_then_warm(shared: Requester):
+    # The FMA requester example's Verify and Send Requests steps: probes port, then SPI port.
+    assert httpx.get(f"{shared.probes}/health").status_code == 200
+    assert httpx.get(f"{shared.probes}/ready").text == "OK\n"
+    assert worker_state(shared.spi)["state"] == "cold"
+    resp = httpx.post(f"{shared.spi}/v1/completions", timeout=120,
+                      json={"model": EMBEDDED, "prompt": "Hello, world!", "max_tokens": 50})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["X-FMA-Actuation"].startswith("cold;")
+    assert len(resp.json()["choices"][0]["text"].split()) > 5
+    status = worker_state(shared.spi)
+    assert status["state"] == "ready" and status["last_actuation"]["path"] == "cold"
+    assert status["last_actuation"]["seconds"] > 0
+    again = httpx.post(f"{shared.probes}/v1/completions", timeout=60,
+                       json={"model": EMBEDDED, "prompt": "Hi", "max_tokens": 2})
+    assert again.headers["X-FMA-Actuation"].startswith("warm;")
+    assert "cold start of" in shared.log()
+    metrics = httpx.get(f"{shared.spi}/metrics").text
+    assert f'fma_actuation_seconds_count{{model="{EMBEDDED}",path="cold"}} 1.0' in metrics
+
+
+def test_openai_client_through_the_requester_streaming_and_not(shared: Requester):
+    client = openai.OpenAI(base_url=f"{shared.spi}/v1", api_key="x", max_retries=0, timeout=120)
+    args = {"model": EMBEDDED, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}
+    whole = client.completions.create(**args).choices[0].text
+    chunks = list(client.completions.create(**args, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert len(chunks) >= 10
+    chat = client.chat.completions.create(model=EMBEDDED, temperature=0, max_tokens=30, messages=[
+        {"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
+    assert "Paris" in chat.choices[0].message.content
+    streamed = list(client.chat.completions.create(model=EMBEDDED, temperature=0, max_tokens=30, stream=True,
+                                                   messages=[{"role": "user", "content": "What is the capital "
+                                                              "of France? Answer in one sentence."}]))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+
+
+def test_unknown_model_is_404_naming_the_available_ones(shared: Requester):
+    client = openai.OpenAI(base_url=f"{shared.spi}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-9", prompt="x")
+    assert info.value.body["code"] == "model_not_found"
+    assert EMBEDDED in info.value.body["message"]
+
+
+def test_worker_that_cannot_start_fails_fast_with_the_reason(shared: Requester):
+    t0 = time.monotonic()
+    resp = httpx.post(f"{shared.spi}/v1/completions", timeout=120, json={"model": "broken", "prompt": "x"})
+    assert resp.status_code == 503
+    assert "config.json" in resp.json()["error"]["message"] or "not ready" in resp.json()["error"]["message"]
+    assert time.monotonic() - t0 < 60
+    status = worker_state(shared.spi, "broken")
+    assert status["state"] == "failed" and status["error"]
+
+
+def test_requester_memory_stays_under_150_mib(shared: Requester):
+    for pid in shared.requester_pids():
+        rss_kib = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("VmRSS")))
+        assert rss_kib < 150 * 1024, f"requester process {pid} uses {rss_kib} KiB"
+
+
+def test_twenty_concurrent_first_requests_start_exactly_one_worker(tmp_path: Path, converted_model_dir: Path):
+    with requester(tmp_path, models_yaml(tmp_path)) as req:
+        results: list[int] = []
+
+        def call() -> None:
+            r = httpx.post(f"{req.spi}/v1/completions", timeout=120,
+                           json={"model": EMBEDDED, "prompt": "Hello", "max_tokens": 3})
+            results.append(r.status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert results == [200] * 20
+        assert req.log().count("starting worker for smollm2-135m-instruct") == 1
+        assert len([p for p in req.worker_pids()]) == 2  # one gunicorn arbiter + its one worker process
+
+
+def test_full_queue_is_429_with_retry_after(tmp_path: Path, converted_model_dir: Path):
+    with requester(tmp_path, models_yaml(tmp_path, max_queue=2)) as req:
+        statuses: list[tuple[int, str | None]] = []
+
+        def call() -> None:
+            r = httpx.post(f"{req.spi}/v1/completions", timeout=120,
+                           json={"model": EMBEDDED, "prompt": "Hello", "max_tokens": 2})
+            statuses.append((r.status_code, r.headers.get("Retry-After")))
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        codes = sorted(code for code, _ in statuses)
+        assert codes == [200, 200, 429, 429, 429, 429]
+        assert all(int(ra) >= 1 for code, ra in statuses if code == 429)
+
+
+def test_idle_worker_scales_to_zero(tmp_path: Path, converted_model_dir: Path):
+    with requester(tmp_path, models_yaml(tmp_path, idle_timeout="2s")) as req:
+        assert httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).json()["state"] == "ready"
+        assert req.worker_pids()
+        wait_for(lambda: worker_state(req.spi)["state"] == "cold", 30, "idle scale to zero")
+        wait_for(lambda: not req.worker_pids(), 30, "the worker process to exit")
+        assert "after 2 s idle" in req.log()
+
+
+def test_killed_worker_mid_stream_gives_an_error_event_then_recovers(tmp_path: Path, converted_model_dir: Path):
+    with requester(tmp_path, models_yaml(tmp_path)) as req:
+        body = {"model": EMBEDDED, "prompt": "Tell me a long story", "max_tokens": 300, "stream": True}
+        events: list[str] = []
+        with httpx.Client(timeout=120) as http, http.stream("POST", f"{req.spi}/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line)
+                if len(events) == 3:
+                    for pid in req.worker_pids():
+                        os.kill(pid, signal.SIGKILL)
+        assert '"error"' in events[-1] and "[DONE]" not in events[-1]
+        wait_for(lambda: worker_state(req.spi)["state"] in ("failed", "cold"), 10, "the crash to be noticed")
+        resp = httpx.post(f"{req.spi}/v1/completions", timeout=120,
+                          json={"model": EMBEDDED, "prompt": "Hello", "max_tokens": 3})
+        assert resp.status_code == 200
+
+
+def test_sigterm_on_the_requester_leaves_no_child_processes(tmp_path: Path, converted_model_dir: Path):
+    with requester(tmp_path, models_yaml(tmp_path)) as req:
+        httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).raise_for_status()
+        assert req.worker_pids()
+        req.proc.send_signal(signal.SIGTERM)
+        assert req.proc.wait(90) == 0
+        wait_for(lambda: not req.worker_pids(), 10, "worker processes to exit")
+
+
+def test_sigkill_on_the_requester_still_leaves_no_workers(tmp_path: Path, converted_model_dir: Path):
+    with requester(tmp_path, models_yaml(tmp_path)) as req:
+        httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).raise_for_status()
+        for pid in req.requester_pids():
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not req.worker_pids(), 60, "orphaned workers to notice the lifeline and exit")
