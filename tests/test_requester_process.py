@@ -254,3 +254,53 @@ def test_sigkill_on_the_requester_still_leaves_no_workers(tmp_path: Path, conver
         for pid in req.requester_pids():
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not req.worker_pids(), 60, "orphaned workers to notice the lifeline and exit")
+
+
+def test_requester_holds_256_concurrent_streams(tmp_path: Path, tiny_model_dir: Path):
+    """A burst of 256 streaming requests for a cold model: one requester process
+    (gevent) holds all 256 connections open while the worker starts, then
+    streams every answer to the end."""
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "models:\n"
+        "  - name: tiny\n"
+        f"    source: path:{tiny_model_dir}\n"
+        "    max_queue: 300\n"
+        "    env: {FMA_MAX_CONCURRENCY: '4', FMA_MAX_QUEUE: '300', FMA_WORKER_THREADS: '320',"
+        " FMA_QUEUE_TIMEOUT: '300s', FMA_TORCH_THREADS: '1'}\n")
+    with requester(tmp_path, models) as req:
+        outcomes: list[bool] = []
+        go = threading.Barrier(257)
+
+        def stream() -> None:
+            body = {"model": "tiny", "prompt": "Hello", "max_tokens": 16, "stream": True}
+            with httpx.Client(timeout=300) as http:
+                go.wait()
+                try:
+                    with http.stream("POST", f"{req.spi}/v1/completions", json=body) as r:
+                        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+                        outcomes.append(r.status_code == 200 and lines[-1] == "data: [DONE]")
+                except httpx.HTTPError:
+                    outcomes.append(False)
+
+        threads = [threading.Thread(target=stream) for _ in range(256)]
+        for t in threads:
+            t.start()
+        go.wait(60)
+        peak = 0
+
+        def all_open() -> bool:
+            nonlocal peak
+            status = worker_state(req.spi, "tiny")
+            peak = max(peak, status["queued"] + status["in_flight"])
+            return peak >= 256
+
+        wait_for(all_open, 120, "256 requests held open by the requester at once")
+        for t in threads:
+            t.join(300)
+        assert outcomes.count(True) == 256
+        assert req.log().count("starting worker for tiny") == 1
+        for pid in req.requester_pids():
+            rss_kib = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                               if line.startswith("VmRSS")))
+            assert rss_kib < 150 * 1024, f"requester process {pid} uses {rss_kib} KiB with 256 streams"
