@@ -56,3 +56,32 @@ def test_readme_lists_every_worker_setting():
     listed = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, flags=re.M))
     missing = set(WORKER_ENV) - listed
     assert not missing, f"README is missing worker settings: {sorted(missing)}"
+
+
+def test_readme_lists_every_requester_setting():
+    from fma_requester.settings import REQUESTER_ENV
+
+    readme = (REPO / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, flags=re.M))
+    missing = set(REQUESTER_ENV) - listed
+    assert not missing, f"README is missing requester settings: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FMA_BIND": "localhost"}, "HOST:PORT"),
+    ({"FMA_BIND": "127.0.0.1:99999"}, "HOST:PORT"),
+    ({"FMA_ACTUATOR": "docker"}, "FMA_ACTUATOR"),
+    ({"FMA_EVICT_SLEEP_LEVEL": "3"}, "FMA_EVICT_SLEEP_LEVEL"),
+])
+def test_bad_requester_values_stop_start_up(env, message):
+    from fma_requester.settings import RequesterSettings
+
+    with pytest.raises(SettingsError, match=message):
+        RequesterSettings.from_env(env)
+
+
+def test_requester_binds_both_fma_ports_locally_and_port_in_knative():
+    from fma_requester.settings import RequesterSettings
+
+    assert RequesterSettings.from_env({}).binds == ("127.0.0.1:8080", "127.0.0.1:8081")
+    assert RequesterSettings.from_env({"PORT": "9000"}).binds == ("0.0.0.0:9000",)
