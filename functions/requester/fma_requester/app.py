@@ -49,7 +49,7 @@ _LIVE: list[Flask] = []
 class RoutedRequest(BaseModel):
     """The two fields the requester reads; the worker validates the rest."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field(min_length=1)
     stream: bool = False
 

@@ -1,0 +1,167 @@
+"""Requester edge with a recording fake actuator (Flask test client, no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fma_common.errors import Conflict, ModelNotFound, QueueFull
+from fma_requester.actuator import Actuation, Actuator, WorkerLease, WorkerStatus
+from fma_requester.app import create_app
+from fma_requester.registry import ModelRegistry
+from fma_requester.settings import RequesterSettings
+
+MODELS = ["org/model-a", "model-b"]
+
+
+class FakeActuator(Actuator):
+    backend = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.states = dict.fromkeys(MODELS, "cold")
+        self.refuse_with: Exception | None = None
+
+    def _check(self, model: str) -> None:
+        if model not in self.states:
+            raise ModelNotFound(f"model {model!r} is not served here; available: {', '.join(MODELS)}")
+
+    def ensure_ready(self, model: str) -> WorkerLease:
+        self._check(model)
+        self.calls.append(("ensure_ready", model))
+        if self.refuse_with:
+            raise self.refuse_with
+        self.states[model] = "ready"
+        return WorkerLease(model, "http://127.0.0.1:9", Actuation("cold", 0.5),
+                           lambda m: self.calls.append(("done", m)))
+
+    def release(self, model: str) -> WorkerStatus:
+        self._check(model)
+        self.calls.append(("release", model))
+        self.states[model] = "cold"
+        return self.describe(model)
+
+    def sleep(self, model: str, level: int = 1) -> WorkerStatus:
+        self._check(model)
+        self.calls.append(("sleep", model, str(level)))
+        if self.states[model] == "cold":
+            raise Conflict(f"worker for {model} is cold")
+        self.states[model] = "sleeping"
+        return self.describe(model)
+
+    def describe(self, model: str) -> WorkerStatus:
+        self._check(model)
+        return WorkerStatus(model, self.states[model], "fake", None, None, 0, 0, None)  # type: ignore[arg-type]
+
+    def list(self) -> list[WorkerStatus]:
+        return [self.describe(m) for m in MODELS]
+
+
+@pytest.fixture()
+def fake() -> FakeActuator:
+    return FakeActuator()
+
+
+@pytest.fixture()
+def client(fake: FakeActuator):
+    registry = ModelRegistry.from_text(
+        "models:\n" + "".join(f"  - {{name: {m}, source: 'embedded:smollm2-135m-instruct'}}\n" for m in MODELS))
+    app = create_app(RequesterSettings.from_env({"FMA_LOG_LEVEL": "warning"}), registry=registry, actuator=fake)
+    return app.test_client()
+
+
+def test_workers_lists_every_model_cold_ones_included(client):
+    body = client.get("/v1/workers").get_json()
+    assert body["object"] == "list"
+    assert [w["model"] for w in body["data"]] == MODELS
+    assert set(body["data"][0]) == {"model", "state", "backend", "url", "last_used", "in_flight", "queued",
+                                    "last_actuation"}
+
+
+def test_models_lists_every_configured_model_with_its_state(client):
+    data = client.get("/v1/models").get_json()["data"]
+    assert [(m["id"], m["state"]) for m in data] == [("org/model-a", "cold"), ("model-b", "cold")]
+
+
+def test_warm_sleep_and_release_accept_model_names_with_slashes(client, fake):
+    assert client.post("/v1/workers/org/model-a/warm").get_json()["state"] == "ready"
+    assert ("done", "org/model-a") in fake.calls, "warm must not leave the worker counted as in flight"
+    assert client.post("/v1/workers/org/model-a/sleep?level=2").get_json()["state"] == "sleeping"
+    assert ("sleep", "org/model-a", "2") in fake.calls
+    assert client.delete("/v1/workers/org/model-a").get_json()["state"] == "cold"
+
+
+def test_sleep_of_a_cold_worker_is_409_and_bad_level_400(client):
+    resp = client.post("/v1/workers/model-b/sleep")
+    assert resp.status_code == 409 and resp.get_json()["error"]["code"] == "conflict"
+    assert client.post("/v1/workers/model-b/sleep?level=5").status_code == 400
+
+
+def test_unknown_model_is_404_naming_the_available_ones(client):
+    resp = client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert resp.status_code == 404
+    err = resp.get_json()["error"]
+    assert err["code"] == "model_not_found" and "model-b" in err["message"]
+    assert client.delete("/v1/workers/nope").status_code == 404
+
+
+def test_bad_bodies_are_400_before_any_actuation(client, fake):
+    assert client.post("/v1/completions", data=b"{", content_type="application/json").status_code == 400
+    assert client.post("/v1/completions", json={"prompt": "no model"}).status_code == 400
+    assert client.post("/v1/completions", json={"model": "model-b", "stream": "yes"}).status_code == 400
+    assert not [c for c in fake.calls if c[0] == "ensure_ready"]
+
+
+def test_full_queue_is_429_with_retry_after(client, fake):
+    fake.refuse_with = QueueFull("64 requests already wait", retry_after=5)
+    resp = client.post("/v1/completions", json={"model": "model-b", "prompt": "x"})
+    assert resp.status_code == 429 and resp.headers["Retry-After"] == "5"
+
+
+def test_become_unready_and_ready_drive_ready(client):
+    assert client.get("/ready").status_code == 200
+    assert client.post("/v1/become-unready").status_code == 200
+    assert client.get("/ready").status_code == 503
+    assert client.get("/health").status_code == 200
+    assert client.post("/v1/become-ready").status_code == 200
+    assert client.get("/ready").data == b"OK\n"
+
+
+def test_accelerators_without_gpus_is_500_like_upstream(client):
+    resp = client.get("/v1/dual-pods/accelerators")
+    assert resp.status_code == 500 and b"no GPUs" in resp.data
+
+
+def test_cloudevent_warm_gets_a_ready_reply_in_binary_mode(client):
+    resp = client.post("/", json={"model": "model-b"}, headers={
+        "ce-specversion": "1.0", "ce-type": "ai.llm-d.fma.worker.warm.requested", "ce-source": "/t", "ce-id": "w1"})
+    assert resp.status_code == 200
+    assert resp.headers["ce-type"] == "ai.llm-d.fma.worker.ready"
+    assert resp.headers["ce-requestid"] == "w1" and resp.headers["ce-subject"] == "model-b"
+    assert resp.get_json()["state"] == "ready"
+
+
+def test_cloudevent_release_structured_and_unknown_model_fails_permanently(client):
+    event = {"specversion": "1.0", "type": "ai.llm-d.fma.worker.release.requested", "source": "/t", "id": "r1",
+             "datacontenttype": "application/json", "data": {"model": "model-b"}}
+    resp = client.post("/", json=event, content_type="application/cloudevents+json")
+    assert resp.get_json()["type"] == "ai.llm-d.fma.worker.released"
+    event.update(id="r2", type="ai.llm-d.fma.completion.requested", data={"model": "nope", "prompt": "x"})
+    resp = client.post("/", json=event, content_type="application/cloudevents+json")
+    assert resp.status_code == 200
+    reply = resp.get_json()
+    assert reply["type"] == "ai.llm-d.fma.completion.failed" and reply["requestid"] == "r2"
+    assert reply["data"]["error"]["code"] == "model_not_found"
+
+
+def test_cloudevent_transient_failure_is_429_without_an_event(client, fake):
+    fake.refuse_with = QueueFull("busy", retry_after=3)
+    resp = client.post("/", json={"model": "model-b", "prompt": "x"}, headers={
+        "ce-specversion": "1.0", "ce-type": "ai.llm-d.fma.completion.requested", "ce-source": "/t", "ce-id": "c1"})
+    assert resp.status_code == 429 and "ce-type" not in resp.headers
+
+
+def test_unknown_and_malformed_events_are_400(client):
+    resp = client.post("/", json={}, headers={"ce-specversion": "1.0", "ce-type": "x.y", "ce-source": "/t",
+                                              "ce-id": "1"})
+    assert resp.status_code == 400
+    assert client.post("/", data=b"{", content_type="application/cloudevents+json").status_code == 400
