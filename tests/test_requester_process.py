@@ -42,18 +42,40 @@ class Requester:
     log_path: Path
 
     def worker_pids(self) -> list[int]:
-        """Worker processes started by this requester (found by an env tag they inherit)."""
+        """Worker processes started by this requester (found by an env tag they inherit).
+
+        Workers forked by the pre-warmed launcher keep the launcher's command
+        line, so the launcher itself (a direct child of the requester) is left out.
+        """
+        requester = set(self.requester_pids())
         pids = []
         for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == self.proc.pid:
+            if not entry.isdigit() or int(entry) in requester:
                 continue
             try:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
                 env = Path(f"/proc/{entry}/environ").read_bytes()
+                ppid = int(next(line.split()[1] for line in Path(f"/proc/{entry}/status").read_text().splitlines()
+                                if line.startswith("PPid:")))
+            except (OSError, StopIteration):
+                continue
+            if b"fma_worker" not in cmd or f"FMA_TEST_TAG={self.tag}".encode() not in env:
+                continue
+            if b"fma_worker.launcher" in cmd and ppid in requester:
+                continue  # the launcher, not a worker
+            pids.append(int(entry))
+        return pids
+
+    def tagged_pids(self) -> list[int]:
+        """Every live process started for this requester: itself, launcher, workers."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and f"FMA_TEST_TAG={self.tag}".encode() in Path(f"/proc/{entry}/environ") \
+                        .read_bytes() and "State:\tZ" not in Path(f"/proc/{entry}/status").read_text():
+                    pids.append(int(entry))
             except OSError:
                 continue
-            if b"fma_worker.gunicorn_conf" in cmd and f"FMA_TEST_TAG={self.tag}".encode() in env:
-                pids.append(int(entry))
         return pids
 
     def requester_pids(self) -> list[int]:
@@ -239,13 +261,16 @@ def test_killed_worker_mid_stream_gives_an_error_event_then_recovers(tmp_path: P
         assert resp.status_code == 200
 
 
-def test_sigterm_on_the_requester_leaves_no_child_processes(tmp_path: Path, converted_model_dir: Path):
-    with requester(tmp_path, models_yaml(tmp_path)) as req:
-        httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).raise_for_status()
+@pytest.mark.parametrize("launcher", ["true", "false"])
+def test_sigterm_on_the_requester_leaves_no_child_processes(tmp_path: Path, converted_model_dir: Path,
+                                                            launcher: str):
+    with requester(tmp_path, models_yaml(tmp_path), FMA_LAUNCHER=launcher) as req:
+        status = httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).json()
+        assert status["state"] == "ready"
         assert req.worker_pids()
         req.proc.send_signal(signal.SIGTERM)
         assert req.proc.wait(90) == 0
-        wait_for(lambda: not req.worker_pids(), 10, "worker processes to exit")
+        wait_for(lambda: not req.tagged_pids(), 15, "every child process (launcher and workers) to exit")
 
 
 def test_sigkill_on_the_requester_still_leaves_no_workers(tmp_path: Path, converted_model_dir: Path):
@@ -253,7 +278,7 @@ def test_sigkill_on_the_requester_still_leaves_no_workers(tmp_path: Path, conver
         httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).raise_for_status()
         for pid in req.requester_pids():
             os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not req.worker_pids(), 60, "orphaned workers to notice the lifeline and exit")
+        wait_for(lambda: not req.tagged_pids(), 60, "orphaned workers and launcher to notice and exit")
 
 
 def test_requester_holds_256_concurrent_streams(tmp_path: Path, tiny_model_dir: Path):

@@ -17,6 +17,7 @@ REQUESTER_ENV: dict[str, tuple[str, str]] = {
     "FMA_ACTUATOR": ("local", "`local` (child processes) or `knative` (one Knative Service per model)"),
     "FMA_MODELS": ("built-in default", "YAML file listing the served models (see Models file)"),
     "FMA_WORKER_HOST": ("127.0.0.1", "address local workers bind"),
+    "FMA_LAUNCHER": ("true", "fork local workers from a pre-warmed launcher (torch already imported)"),
     "FMA_WORKER_LOG_DIR": ("$FMA_CACHE_DIR/logs", "where local workers write their logs"),
     "FMA_RESTART_BACKOFF": ("2s", "first delay before retrying a worker that failed to start (doubles)"),
     "FMA_RESTART_BACKOFF_MAX": ("60s", "longest delay between start retries"),
@@ -57,6 +58,7 @@ class RequesterSettings:
     models_file: str | None
     cache_dir: Path
     worker_host: str
+    launcher: bool
     worker_log_dir: Path
     restart_backoff_s: float
     restart_backoff_max_s: float
@@ -82,6 +84,7 @@ class RequesterSettings:
             models_file=env.get("FMA_MODELS") or None,
             cache_dir=cache_dir,
             worker_host=env_str(env, "FMA_WORKER_HOST", "127.0.0.1"),
+            launcher=env_bool(env, "FMA_LAUNCHER", True),
             worker_log_dir=Path(log_dir).expanduser(),
             restart_backoff_s=env_duration(env, "FMA_RESTART_BACKOFF", 2.0),
             restart_backoff_max_s=env_duration(env, "FMA_RESTART_BACKOFF_MAX", 60.0),

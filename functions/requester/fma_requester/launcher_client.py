@@ -1,0 +1,161 @@
+"""The requester's side of the pre-warmed launcher (``fma_worker.launcher``).
+
+The launcher runs as a child of the requester with torch and transformers
+already imported; ``spawn`` asks it to fork a worker and returns a
+:class:`LaunchedProcess`, which behaves like ``subprocess.Popen`` for what the
+actuator needs (``pid``, ``poll``, ``wait``, ``send_signal``). The launcher
+reports each child's exit, so a crash is seen the moment it happens even
+though the worker is the launcher's child, not ours.
+
+The requester process itself never imports torch: the launcher is a separate
+interpreter started with ``python -m fma_worker.launcher``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fma.requester.launcher")
+
+
+class LauncherError(RuntimeError):
+    pass
+
+
+class LaunchedProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = threading.Event()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _exit(self, code: int) -> None:
+        self.returncode = code
+        self._exited.set()
+
+
+class LauncherClient:
+    def __init__(self, env: Mapping[str, str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fma_worker.launcher"], env=dict(env), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=log_file, pass_fds=pass_fds, start_new_session=True)
+        self.log_path = log_path
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._dead = threading.Event()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, dict[str, Any]] = {}
+        self._children: dict[int, LaunchedProcess] = {}
+        self.prewarm_seconds: float | None = None
+        threading.Thread(target=self._read, name="fma-launcher-reader", daemon=True).start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead.is_set() and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout) and self.alive
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            op = msg.get("op")
+            if op == "ready":
+                self.prewarm_seconds = msg.get("prewarm_seconds")
+                log.info("launcher pid %s pre-warmed in %.2f s", msg.get("pid"), self.prewarm_seconds or 0.0)
+                self._ready.set()
+            elif op in ("spawned", "error"):
+                with self._lock:
+                    waiter = self._pending.get(msg.get("id"))
+                    if op == "spawned":
+                        self._children[msg["pid"]] = LaunchedProcess(msg["pid"])
+                if waiter is not None:
+                    waiter["reply"] = msg
+                    waiter["event"].set()
+            elif op == "exit":
+                with self._lock:
+                    child = self._children.pop(msg["pid"], None)
+                if child is not None:
+                    child._exit(int(msg.get("code", -1)))
+        # stdout closed: the launcher is gone. Its children live on (own
+        # sessions); we can no longer learn their exits, so report them lost.
+        self._dead.set()
+        self._ready.set()
+        with self._lock:
+            pending = list(self._pending.values())
+            children = list(self._children.values())
+            self._children.clear()
+        for waiter in pending:
+            waiter["event"].set()
+        for child in children:
+            child.send_signal(15)
+            child._exit(-1)
+        log.warning("launcher exited (code %s)", self.proc.poll())
+
+    def spawn(self, env: Mapping[str, str], log_path: Path, timeout: float = 120.0) -> LaunchedProcess:
+        if not self.wait_ready(timeout):
+            raise LauncherError("launcher is not running")
+        ident = next(self._ids)
+        waiter: dict[str, Any] = {"event": threading.Event(), "reply": None}
+        with self._lock:
+            self._pending[ident] = waiter
+        try:
+            line = json.dumps({"op": "spawn", "id": ident, "env": dict(env), "log": str(log_path)}) + "\n"
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(line.encode())
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError) as exc:
+                raise LauncherError(f"launcher is gone: {exc}") from None
+            if not waiter["event"].wait(30):
+                raise LauncherError("launcher did not answer a spawn within 30 s")
+            reply = waiter["reply"]
+            if reply is None:
+                raise LauncherError("launcher exited during a spawn")
+            if reply.get("op") == "error":
+                raise LauncherError(reply.get("message", "spawn failed"))
+            with self._lock:
+                return self._children[reply["pid"]]
+        finally:
+            with self._lock:
+                self._pending.pop(ident, None)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()  # EOF: the launcher terminates its children and exits
+            except OSError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -1,0 +1,155 @@
+"""The pre-warmed launcher: forks worker processes that skip the import cost.
+
+Importing torch and transformers costs a new worker process 3-5 s, most of a
+cold start for a small model. The launcher pays it once: it imports them (and
+the worker's own modules) and then waits for commands. Each spawn is a
+``fork()``; the child already holds every imported module and goes straight
+to gunicorn, which loads the model. This is FMA's launcher idea, in-process
+and without a network API.
+
+Protocol (JSON lines): the requester writes ``{"op": "spawn", "id", "env",
+"log"}`` to stdin; the launcher answers ``{"op": "spawned", "id", "pid"}`` or
+``{"op": "error", "id", "message"}`` on stdout and reports every child's end
+as ``{"op": "exit", "pid", "code"}``. EOF on stdin (the requester is gone)
+makes the launcher terminate its children and exit.
+
+Fork safety: the launcher runs **one thread**; exits are reaped in a SIGCHLD
+handler, and every message is one ``os.write`` (no buffered-stream locks a
+forked child could inherit half-held). CUDA is never initialized here
+(``import torch`` does not), so children may use the GPU. The worker's
+gunicorn config module is deliberately *not* imported: gunicorn imports it
+in the child, where it reads that child's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+_children: set[int] = set()
+
+
+def _send(message: dict[str, Any]) -> None:
+    data = (json.dumps(message) + "\n").encode()
+    while data:
+        try:
+            written = os.write(1, data)
+        except InterruptedError:
+            continue
+        data = data[written:]
+
+
+def _reap(_signum: int, _frame: Any) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _children.discard(pid)
+        _send({"op": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def prewarm() -> float:
+    """Import what every worker needs; returns the seconds it took."""
+    started = time.monotonic()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import gunicorn.app.wsgiapp
+    import gunicorn.workers.gthread  # noqa: F401
+    import torch  # noqa: F401
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401  the embedded model's architecture
+
+    import fma_worker.app
+    import fma_worker.engine  # noqa: F401
+
+    transformers.utils.logging.disable_progress_bar()
+    return time.monotonic() - started
+
+
+def _run_child(env: dict[str, str], log_path: str) -> None:
+    """In the forked child: become a worker. Never returns."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.setsid()
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        sys.argv = ["gunicorn", "-c", "python:fma_worker.gunicorn_conf", "fma_worker.app:create_app()"]
+        from gunicorn.app.wsgiapp import run
+
+        run()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # report, then leave without running the parent's cleanup
+        try:
+            os.write(2, f"launcher child failed: {type(exc).__name__}: {exc}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def serve() -> int:
+    secs = prewarm()
+    signal.signal(signal.SIGCHLD, _reap)
+    _send({"op": "ready", "pid": os.getpid(), "prewarm_seconds": round(secs, 3)})
+    stdin = sys.stdin.buffer
+    while True:
+        try:
+            line = stdin.readline()
+        except InterruptedError:
+            continue
+        if not line:
+            break  # the requester is gone
+        try:
+            cmd = json.loads(line)
+            if cmd.get("op") != "spawn":
+                raise ValueError(f"unknown op {cmd.get('op')!r}")
+            env, log_path, ident = dict(cmd["env"]), str(cmd["log"]), cmd["id"]
+        except (ValueError, KeyError, TypeError) as exc:
+            _send({"op": "error", "id": None, "message": f"bad command: {exc}"})
+            continue
+        # Block SIGCHLD around fork so the child's pid is recorded before a
+        # fast exit could be reported.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                _run_child(env, log_path)
+            _children.add(pid)
+            _send({"op": "spawned", "id": ident, "pid": pid})
+        except OSError as exc:
+            _send({"op": "error", "id": ident, "message": f"fork failed: {exc}"})
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    for pid in list(_children):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())
