@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run worker test test-fast lint bench bench-throughput prepare clean venv
+.PHONY: run worker test test-fast lint bench bench-throughput bench-actuation prepare clean venv
 
 venv: $(STAMP)
 
@@ -43,10 +43,13 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: bench-throughput
+bench: bench-throughput bench-actuation
 
 bench-throughput: prepare
 	$(BIN)/python bench/throughput.py --out bench/results/throughput.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+bench-actuation: prepare
+	$(BIN)/python bench/actuation.py --out bench/results/actuation.json

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import statistics
 import sys
 import tempfile
 import threading
@@ -29,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+from common import machine, stream_once, summary
 
 from fma_common.procs import WORKER_APP, WORKER_CONFIG, free_port, start_gunicorn, stop_process_group, wait_ready
 
@@ -36,50 +35,11 @@ MODEL = "smollm2-135m-instruct"
 PROMPT = "Once upon a time"
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    return {"min": round(min(values), 4), "median": round(statistics.median(values), 4),
-            "max": round(max(values), 4)}
-
-
-def machine() -> dict[str, object]:
-    import torch
-
-    info: dict[str, object] = {"platform": platform.platform(), "python": platform.python_version(),
-                               "cpus": os.cpu_count(), "torch": torch.__version__,
-                               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                           if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return info
-
-
 def metric(text: str, name: str, labels: str) -> float:
     match = re.search(rf"^{re.escape(name)}\{{{labels}\}} ([0-9.e+-]+)$", text, flags=re.M)
     if not match:
         raise KeyError(f"{name}{{{labels}}} not in /metrics")
     return float(match.group(1))
-
-
-def stream_once(http: httpx.Client, max_tokens: int) -> tuple[float, int, float]:
-    """Returns (ttft, completion tokens, wall seconds) for one greedy stream."""
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "logit_bias": {"2": -100}}  # never stop early
-    started = time.perf_counter()
-    ttft = None
-    tokens = 0
-    with http.stream("POST", "/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if ttft is None and event.get("choices"):
-                ttft = time.perf_counter() - started
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    return ttft or 0.0, tokens, time.perf_counter() - started
 
 
 def run_worker(env_extra: dict[str, str], workdir: Path):
@@ -118,7 +78,7 @@ def main() -> int:
                                                        f'model="{MODEL}",phase="weights"'))
                     results["load_mb_per_s"].append(
                         metric(text, "fma_worker_load_bytes_per_second", f'model="{MODEL}"') / 1e6)
-                    ttft, tokens, wall = stream_once(http, args.max_tokens)
+                    ttft, tokens, wall = stream_once(http, MODEL, PROMPT, args.max_tokens)
                     results["ttft_s"].append(ttft)
                     results["decode_tok_s"].append(tokens / wall)
             finally:
@@ -130,12 +90,12 @@ def main() -> int:
         proc, url, _ = run_worker({"FMA_MAX_CONCURRENCY": str(clients), "FMA_TORCH_THREADS": "1"}, workdir)
         try:
             with httpx.Client(base_url=url, timeout=300) as http:
-                stream_once(http, 8)  # warm
+                stream_once(http, MODEL, PROMPT, 8)  # warm
                 for _ in range(args.runs):
                     totals: list[int] = []
 
                     def one(http: httpx.Client = http, totals: list[int] = totals) -> None:
-                        totals.append(stream_once(http, args.max_tokens)[1])
+                        totals.append(stream_once(http, MODEL, PROMPT, args.max_tokens)[1])
 
                     threads = [threading.Thread(target=one) for _ in range(clients)]
                     t0 = time.perf_counter()

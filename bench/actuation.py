@@ -1,0 +1,137 @@
+"""Actuation benchmark: time to first token through the requester, by path.
+
+Runs a real requester (gunicorn + gevent, local actuator) and measures, from
+the client, the seconds from sending a streamed completion to receiving its
+first token when the model's worker is:
+
+* ``naive_cold`` - not running, started as a plain new process (``FMA_LAUNCHER=false``):
+                   interpreter start, torch/transformers import, weights, warm-up;
+* ``cold``       - not running, forked from the pre-warmed launcher (the default);
+* ``wake_l1``    - asleep at level 1 (weights in host memory);
+* ``wake_l2``    - asleep at level 2 (weights dropped, reloaded from the converted cache);
+* ``warm``       - running and awake.
+
+``floor`` gives what no actuation can beat on this machine: host memory copy
+bandwidth and the time to read the converted weights from the page cache.
+Writes ``bench/results/actuation.json`` (design.md's format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from common import machine, stream_once, summary
+
+from fma_common.procs import free_port, start_gunicorn, stop_process_group, wait_ready
+from fma_worker.model_store import default_cache_dir, ensure_embedded_converted
+
+MODEL = "smollm2-135m-instruct"
+PROMPT = "Once upon a time"
+
+
+def floor() -> dict[str, float]:
+    size = 256 * 1024 * 1024
+    src = bytearray(b"\x01") * size
+    dst = bytearray(size)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst[:] = src  # one memcpy
+        best = min(best, time.perf_counter() - t)
+    folder = ensure_embedded_converted(MODEL, "float32", default_cache_dir())
+    weights = folder / "model.safetensors"
+    reads = []
+    for _ in range(3):
+        t = time.perf_counter()
+        with open(weights, "rb") as f:
+            while f.read(16 << 20):
+                pass
+        reads.append(time.perf_counter() - t)
+    return {"memcpy_gbps": round(size / best / 1e9, 2), "weights_read_s": round(min(reads), 4),
+            "weights_bytes": weights.stat().st_size}
+
+
+class Requester:
+    def __init__(self, workdir: Path, launcher: bool) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = workdir / f"requester-{uuid.uuid4().hex[:6]}.log"
+        env = {**os.environ, "FMA_BIND": f"127.0.0.1:{port}", "FMA_LAUNCHER": "true" if launcher else "false",
+               "FMA_WORKER_LOG_DIR": str(workdir / "logs"), "FMA_LOG_LEVEL": "info"}
+        env.pop("FMA_MODELS", None)
+        self.proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", env, self.log)
+        wait_ready(self.url, self.proc, 60, self.log)
+        if launcher:  # measure cold starts from a launcher that has finished pre-warming
+            deadline = time.monotonic() + 120
+            while "pre-warmed" not in self.log.read_text(errors="replace"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("launcher did not pre-warm")
+                time.sleep(0.1)
+        self.http = httpx.Client(base_url=self.url, timeout=600)
+
+    def ttft(self) -> float:
+        return stream_once(self.http, MODEL, PROMPT, 4)[0]
+
+    def release(self) -> None:
+        self.http.delete(f"/v1/workers/{MODEL}").raise_for_status()
+
+    def sleep(self, level: int) -> None:
+        self.http.post(f"/v1/workers/{MODEL}/sleep", params={"level": level}).raise_for_status()
+
+    def close(self) -> None:
+        self.http.close()
+        stop_process_group(self.proc, 60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/actuation.json"))
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {k: [] for k in ("naive_cold", "cold", "wake_l1", "wake_l2", "warm")}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        naive = Requester(workdir, launcher=False)
+        try:
+            for _ in range(args.runs):
+                results["naive_cold"].append(naive.ttft())
+                naive.release()
+        finally:
+            naive.close()
+
+        req = Requester(workdir, launcher=True)
+        try:
+            for _ in range(args.runs):
+                results["cold"].append(req.ttft())
+                for _ in range(2):
+                    results["warm"].append(req.ttft())
+                for level in (1, 2):
+                    req.sleep(level)
+                    results[f"wake_l{level}"].append(req.ttft())
+                req.release()
+        finally:
+            req.close()
+        for name, values in results.items():
+            print(f"{name:10} " + " ".join(f"{v:.3f}" for v in values), file=sys.stderr)
+
+    report = {"machine": machine(), "model": MODEL, "runs": args.runs,
+              "metric": "time to first token through the requester, seconds",
+              "results": {name: summary(values) for name, values in results.items()},
+              "floor": floor()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"results": report["results"], "floor": report["floor"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
