@@ -149,6 +149,7 @@ def test_fma_example_checks_cold_start_then_warm(shared: Requester):
     again = httpx.post(f"{shared.probes}/v1/completions", timeout=60,
                        json={"model": EMBEDDED, "prompt": "Hi", "max_tokens": 2})
     assert again.headers["X-FMA-Actuation"].startswith("warm;")
+    assert worker_state(shared.spi)["last_actuation"]["path"] == "warm"
     assert "cold start of" in shared.log()
     metrics = httpx.get(f"{shared.spi}/metrics").text
     assert f'fma_actuation_seconds_count{{model="{EMBEDDED}",path="cold"}} 1.0' in metrics
@@ -186,6 +187,26 @@ def test_worker_that_cannot_start_fails_fast_with_the_reason(shared: Requester):
     assert time.monotonic() - t0 < 60
     status = worker_state(shared.spi, "broken")
     assert status["state"] == "failed" and status["error"]
+    # Right after a failure, requests do not restart it in a loop: they are told when the retry comes.
+    again = httpx.post(f"{shared.spi}/v1/completions", timeout=30, json={"model": "broken", "prompt": "x"})
+    assert again.status_code == 503
+    if "next retry in" in again.json()["error"]["message"]:
+        assert int(again.headers["Retry-After"]) >= 1
+
+
+def test_client_that_gives_up_does_not_cancel_the_cold_start(tmp_path: Path, converted_model_dir: Path):
+    with requester(tmp_path, models_yaml(tmp_path)) as req:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{req.spi}/v1/completions", timeout=0.3,
+                       json={"model": EMBEDDED, "prompt": "Hello", "max_tokens": 2})
+        wait_for(lambda: worker_state(req.spi)["state"] == "ready", 120, "the abandoned start to finish")
+        assert req.log().count("starting worker for smollm2-135m-instruct") == 1
+
+
+def test_requester_process_never_loads_torch(shared: Requester):
+    for pid in shared.requester_pids():
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "libtorch" not in maps and "transformers" not in maps
 
 
 def test_requester_memory_stays_under_150_mib(shared: Requester):
@@ -329,3 +350,28 @@ def test_requester_holds_256_concurrent_streams(tmp_path: Path, tiny_model_dir: 
             rss_kib = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                                if line.startswith("VmRSS")))
             assert rss_kib < 150 * 1024, f"requester process {pid} uses {rss_kib} KiB with 256 streams"
+
+
+def test_budget_evicts_the_least_recently_used_idle_worker_and_wakes_it_later(tmp_path: Path,
+                                                                            tiny_model_dir: Path):
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "budget: {max_loaded: 1, sleepers: 1}\n"
+        "models:\n"
+        f"  - {{name: tiny-a, source: 'path:{tiny_model_dir}'}}\n"
+        f"  - {{name: tiny-b, source: 'path:{tiny_model_dir}'}}\n")
+    with requester(tmp_path, models) as req:
+        def complete(model: str) -> httpx.Response:
+            return httpx.post(f"{req.spi}/v1/completions", timeout=120,
+                              json={"model": model, "prompt": "Hello", "max_tokens": 2})
+
+        assert complete("tiny-a").status_code == 200
+        assert complete("tiny-b").status_code == 200
+        assert worker_state(req.spi, "tiny-a")["state"] == "sleeping"  # evicted, kept asleep
+        assert worker_state(req.spi, "tiny-b")["state"] == "ready"
+        resp = complete("tiny-a")
+        assert resp.status_code == 200 and resp.headers["X-FMA-Actuation"].startswith("wake;")
+        assert worker_state(req.spi, "tiny-b")["state"] == "sleeping"
+        assert "evicting tiny-a" in req.log() and "evicting tiny-b" in req.log()
+        metrics = httpx.get(f"{req.spi}/metrics").text
+        assert 'fma_evictions_total{model="tiny-a"} 1.0' in metrics

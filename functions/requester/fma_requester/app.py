@@ -98,7 +98,9 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
         raw = request.get_data(cache=True)
         routed = parse_model(RoutedRequest, parse_json(raw))
         lease = actuator.ensure_ready(routed.model)
-        if lease.actuation.path != "warm":
+        if lease.actuation.path == "warm":
+            log.info("%s: warm, worker leased in %.2f ms", routed.model, lease.actuation.seconds * 1000)
+        else:
             log.info("%s served after a %s start of %.2f s", routed.model, lease.actuation.path,
                      lease.actuation.seconds)
         upstream = proxy.forward(lease, path, raw, routed.stream)

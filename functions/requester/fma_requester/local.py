@@ -155,13 +155,14 @@ class LocalActuator(Actuator):
                         raise WorkerFailed(f"worker for {model} failed to start: {slot.error}; "
                                            f"next retry in {wait:.0f} s",
                                            headers={"Retry-After": str(max(1, int(wait + 0.999)))})
-                    if slot.state == "sleeping":
-                        self._begin_wake(slot)
-                    elif not self._make_room(slot):
-                        pass  # budget full of busy workers: wait for one to go idle
+                    if not self._make_room(slot):
+                        pass  # budget full of busy workers: wait for one to go idle, then retry
                     else:
-                        self._begin_start(slot)
-                    my_attempt = slot.attempt
+                        if slot.state == "sleeping":
+                            self._begin_wake(slot)
+                        else:
+                            self._begin_start(slot)
+                        my_attempt = slot.attempt
                 elif slot.state == "starting" and my_attempt is None:
                     my_attempt = slot.attempt
                 remaining = deadline - time.monotonic()
@@ -189,10 +190,12 @@ class LocalActuator(Actuator):
         slot.last_used_mono = time.monotonic()
         self.metrics.in_flight.labels(slot.spec.name).set(slot.in_flight)
         if waited and slot.last_actuation is not None:
+            # This request waited for the cold start or wake that just finished.
             actuation = Actuation(slot.last_actuation.path, time.monotonic() - started)
         else:
             actuation = Actuation("warm", time.monotonic() - started)
             self.metrics.actuation.labels(slot.spec.name, "warm").observe(actuation.seconds)
+            slot.last_actuation = actuation  # /v1/workers shows the latest request's actuation
         assert slot.url is not None
         return WorkerLease(slot.spec.name, slot.url, actuation, self._done)
 
@@ -219,7 +222,7 @@ class LocalActuator(Actuator):
         level = self.settings.evict_sleep_level
         log.info("evicting %s (least recently used, idle) to make room for %s", victim.spec.name, slot.spec.name)
         self.metrics.evictions.labels(victim.spec.name).inc()
-        sleepers_after = sum(1 for s in self._slots.values() if s.state == "sleeping") + 1
+        sleepers_after = sum(1 for s in self._slots.values() if s.state == "sleeping" and s is not slot) + 1
         if level and sleepers_after <= budget.sleepers:
             self._begin_sleep(victim, level)
         else:
