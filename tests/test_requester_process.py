@@ -289,7 +289,16 @@ def test_sigterm_on_the_requester_leaves_no_child_processes(tmp_path: Path, conv
         status = httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).json()
         assert status["state"] == "ready"
         assert req.worker_pids()
-        req.proc.send_signal(signal.SIGTERM)
+        events: list[str] = []
+        with httpx.Client(timeout=120) as http, http.stream(
+                "POST", f"{req.spi}/v1/completions",
+                json={"model": EMBEDDED, "prompt": "Once upon a time", "max_tokens": 40, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    if len(events) == 1:
+                        req.proc.send_signal(signal.SIGTERM)  # mid-stream: the stream must still finish
+        assert events[-1] == "data: [DONE]", "SIGTERM must drain the in-flight stream"
         assert req.proc.wait(90) == 0
         wait_for(lambda: not req.tagged_pids(), 15, "every child process (launcher and workers) to exit")
 
