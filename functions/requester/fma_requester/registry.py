@@ -5,18 +5,8 @@ default that serves the embedded ``smollm2-135m-instruct``. Only listed models
 are served. The file is validated once at start-up with pydantic; an error
 names the key and stops the requester.
 
-```yaml
-defaults: {idle_timeout: 300s, max_queue: 64, queue_timeout: 120s}
-budget: {max_loaded: 3, sleepers: 2}
-models:
-  - name: smollm2-135m-instruct
-    source: embedded:smollm2-135m-instruct
-    dtype: float32
-    device: auto
-    idle_timeout: 60s
-    preload: false
-    knative: {min_scale: 0, max_scale: 1, gpus: 1, gpu_binding: dedicated}
-```
+The format is in the README ("Models file"); :data:`DEFAULT_MODELS_YAML` is
+the built-in default.
 """
 
 from __future__ import annotations
