@@ -384,3 +384,15 @@ def test_budget_evicts_the_least_recently_used_idle_worker_and_wakes_it_later(tm
         assert "evicting tiny-a" in req.log() and "evicting tiny-b" in req.log()
         metrics = httpx.get(f"{req.spi}/metrics").text
         assert 'fma_evictions_total{model="tiny-a"} 1.0' in metrics
+
+
+def test_client_disconnect_closes_the_upstream_stream(shared: Requester):
+    httpx.post(f"{shared.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).raise_for_status()
+    worker_url = worker_state(shared.spi)["url"]
+    body = {"model": EMBEDDED, "prompt": "Tell me a long story", "max_tokens": 300, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{shared.spi}/v1/completions", json=body) as r:
+        assert next(line for line in r.iter_lines() if line.startswith("data: "))
+    # The client left after one chunk; the worker must stop generating (300 tokens would take ~15 s).
+    wait_for(lambda: f'fma_worker_in_flight{{model="{EMBEDDED}"}} 0.0' in httpx.get(f"{worker_url}/metrics").text,
+             8, "the worker to stop generating for a client that left")
+    wait_for(lambda: worker_state(shared.spi)["in_flight"] == 0, 5, "the requester to release its lease")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import subprocess
 import threading
 
 from flask import Flask, Response, request
@@ -20,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from fma_common import events
-from fma_common.errors import ApiError, InternalError, InvalidRequest
+from fma_common.errors import ApiError, InvalidRequest
 from fma_common.http import (
     SSE_HEADERS,
     install_access_log,
@@ -35,6 +33,7 @@ from fma_common.settings import describe
 
 from .actuator import Actuator
 from .events import SOURCE, SinkEmitter
+from .gpus import nvidia_smi
 from .metrics import RequesterMetrics
 from .proxy import WorkerProxy
 from .registry import ModelRegistry
@@ -67,7 +66,10 @@ class SleepQuery(BaseModel):
 def build_actuator(settings: RequesterSettings, registry: ModelRegistry, metrics: RequesterMetrics,
                    emit: SinkEmitter) -> Actuator:
     if settings.actuator == "knative":
-        raise InternalError("the knative actuator is not available in this build")
+        from .knative import KnativeActuator, KnativeSettings
+
+        return KnativeActuator(registry, metrics, KnativeSettings.from_env(), emit=emit,
+                               backoff_base_s=settings.restart_backoff_s, backoff_max_s=settings.restart_backoff_max_s)
     from .local import LocalActuator
 
     return LocalActuator(settings, registry, metrics, emit=emit)
@@ -137,14 +139,14 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
 
     @app.get("/v1/dual-pods/accelerators")
     def accelerators() -> Response:
-        uuids = [row[0] for row in _nvidia_smi(["uuid"])]
+        uuids = [row[0] for row in nvidia_smi(["uuid"])]
         if not uuids:
             return Response("no GPUs found\n", 500, mimetype="text/plain")
         return json_response(uuids)
 
     @app.get("/v1/dual-pods/accelerator-memory-usage")
     def accelerator_memory() -> Response:
-        rows = _nvidia_smi(["uuid", "memory.used"], nounits=True)
+        rows = nvidia_smi(["uuid", "memory.used"], nounits=True)
         if not rows:
             return Response("no GPUs found\n", 500, mimetype="text/plain")
         return json_response({row[0]: int(float(row[1])) for row in rows})
@@ -233,19 +235,6 @@ def _handle_event(incoming: events.IncomingEvent, actuator: Actuator, proxy: Wor
             raise  # transient: no reply event, the broker retries
         body, headers = events.reply_to(incoming, failed_type, SOURCE, err.envelope())
     return Response(body, 200, headers=headers)
-
-
-def _nvidia_smi(fields: list[str], nounits: bool = False) -> list[list[str]]:
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return []
-    fmt = "csv,noheader,nounits" if nounits else "csv,noheader"
-    try:
-        out = subprocess.run([exe, f"--query-gpu={','.join(fields)}", f"--format={fmt}"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
 
 
 def shutdown_all(timeout: float) -> None:

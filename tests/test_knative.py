@@ -1,0 +1,248 @@
+"""KnativeActuator against a faithful fake API server (real `kubernetes` client, real REST paths)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from knative_sim import SimulatedKnative
+from kube_fake import FakeKube
+from kubernetes import client
+
+from conftest import EMBEDDED
+from fma_common.errors import WorkerFailed, WorkerNotReady
+from fma_requester.knative import KnativeActuator, KnativeSettings
+from fma_requester.knative_spec import (
+    MANAGED_SELECTOR,
+    WorkerTemplate,
+    model_slug,
+    render_worker_service,
+    worker_service_name,
+)
+from fma_requester.metrics import RequesterMetrics
+from fma_requester.registry import ModelRegistry
+
+NS = "llm"
+
+
+def registry(**model: str) -> ModelRegistry:
+    extra = "".join(f", {k}: {v}" for k, v in model.items())
+    return ModelRegistry.from_text(
+        "models:\n"
+        f"  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32{extra}}}\n"
+        "  - {name: meta-llama/Llama-3.1-8B-Instruct, source: 'hf:meta-llama/Llama-3.1-8B-Instruct',"
+        " knative: {gpus: 1, gpu_binding: shared, max_scale: 2}}\n")
+
+
+@pytest.fixture()
+def kube() -> Iterator[FakeKube]:
+    fake = FakeKube().start()
+    # The requester's own Service, owner of the workers.
+    fake.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                     "metadata": {"name": "fma-requester", "namespace": NS}, "spec": {}})
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture()
+def sim(kube: FakeKube, tmp_path: Path) -> Iterator[SimulatedKnative]:
+    s = SimulatedKnative(kube, tmp_path)
+    yield s
+    s.stop()
+
+
+def api_for(kube: FakeKube) -> client.CustomObjectsApi:
+    cfg = client.Configuration(host=kube.url)
+    return client.CustomObjectsApi(client.ApiClient(cfg))
+
+
+def actuator(kube: FakeKube, reg: ModelRegistry | None = None, **env: str) -> KnativeActuator:
+    kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS, "FMA_KUBE_RETRIES": "4", **env})
+    return KnativeActuator(reg or registry(), RequesterMetrics(), kn, api=api_for(kube), backoff_base_s=0.1)
+
+
+# ---- the manifest ----------------------------------------------------------------------
+
+def test_service_names_are_dns_1035_and_at_most_50_chars():
+    assert worker_service_name(EMBEDDED) == "fma-worker-smollm2-135m-instruct"
+    assert worker_service_name("meta-llama/Llama-3.1-8B-Instruct") == "fma-worker-meta-llama-llama-3-1-8b-instruct"
+    long = worker_service_name("org/" + "very-long-model-name-" * 5)
+    assert len(long) <= 50 and long[-9] == "-"  # cut, with a short hash of the full name
+    assert long != worker_service_name("org/" + "very-long-model-name-" * 6)
+    assert worker_service_name("7b").startswith("fma-worker-m-7b")
+    assert model_slug("Org/Model_v2.5") == "org-model-v2-5"
+
+
+def test_worker_manifest_follows_the_knative_rules():
+    spec = registry().get(EMBEDDED)
+    svc = render_worker_service(spec, WorkerTemplate(namespace=NS, image="registry/fma-worker:1"),
+                                owner={"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                                       "name": "fma-requester", "uid": "u-1"})
+    meta, template = svc["metadata"], svc["spec"]["template"]
+    assert meta["labels"] == {"llm-d.ai/role": "decode", "llm-d.ai/model": "smollm2-135m-instruct",
+                              "app.kubernetes.io/managed-by": "fma-requester",
+                              "networking.knative.dev/visibility": "cluster-local"}
+    assert "annotations" not in meta or not any(k.startswith("autoscaling.") for k in meta["annotations"])
+    assert "networking.knative.dev/visibility" not in template["metadata"]["labels"]
+    ann = template["metadata"]["annotations"]
+    assert ann["autoscaling.knative.dev/min-scale"] == "0"
+    assert ann["autoscaling.knative.dev/max-scale"] == "1"
+    assert "autoscaling.knative.dev/scale-to-zero-pod-retention-period" in ann
+    assert ann["serving.knative.dev/progress-deadline"] == "1800s"
+    pod = template["spec"]
+    assert pod["timeoutSeconds"] == 600 and pod["responseStartTimeoutSeconds"] == 600
+    (container,) = pod["containers"]
+    assert container["ports"] == [{"containerPort": 8080}]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert meta["ownerReferences"][0]["uid"] == "u-1"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["FMA_MODEL"] == EMBEDDED and env["FMA_MODEL_SOURCE"] == f"embedded:{EMBEDDED}"
+
+
+def test_shared_gpu_binding_requests_no_gpu_and_pins_to_the_requesters_node():
+    spec = registry().get("meta-llama/Llama-3.1-8B-Instruct")
+    svc = render_worker_service(spec, WorkerTemplate(namespace=NS), gpu_uuids=["GPU-aaa", "GPU-bbb"],
+                                node_name="gpu-node-7")
+    pod = svc["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "GPU-aaa,GPU-bbb"} in container["env"]
+    assert pod["nodeSelector"] == {"kubernetes.io/hostname": "gpu-node-7"}
+    assert svc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] == "2"
+
+
+# ---- the actuator against the fake API server --------------------------------------------
+
+def test_cold_model_creates_its_service_and_waits_for_ready(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube)
+    lease = act.ensure_ready(EMBEDDED)
+    lease.done()
+    assert lease.url == f"http://fma-worker-smollm2-135m-instruct.{NS}.svc.cluster.local"
+    assert lease.actuation.path == "cold"
+    obj = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")
+    assert obj["metadata"]["ownerReferences"][0]["name"] == "fma-requester"
+    assert act.describe(EMBEDDED).state == "ready"
+    assert act.ensure_ready(EMBEDDED).actuation.path == "warm"
+    assert ("POST", f"/apis/serving.knative.dev/v1/namespaces/{NS}/services") in kube.requests
+    assert any("watch=" in p and "fieldSelector=metadata.name" in p for _, p in kube.requests), \
+        "readiness comes from a watch on the Service, not a polling loop"
+
+
+def test_existing_managed_service_is_adopted(kube: FakeKube, sim: SimulatedKnative):
+    existing = render_worker_service(registry().get(EMBEDDED), WorkerTemplate(namespace=NS, image="old:1"))
+    kube.put_object(existing)
+    act = actuator(kube, FMA_WORKER_IMAGE="new:2")
+    act.ensure_ready(EMBEDDED).done()
+    obj = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")
+    assert obj["spec"]["template"]["spec"]["containers"][0]["image"] == "new:2"
+    assert obj["metadata"]["generation"] == 2
+    assert ("PATCH", f"/apis/serving.knative.dev/v1/namespaces/{NS}/services/fma-worker-smollm2-135m-instruct") \
+        in kube.requests
+
+
+def test_foreign_service_with_the_same_name_is_never_touched(kube: FakeKube, sim: SimulatedKnative):
+    kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                     "metadata": {"name": "fma-worker-smollm2-135m-instruct", "namespace": NS,
+                                  "labels": {"team": "someone-else"}}, "spec": {"template": {}}})
+    act = actuator(kube)
+    with pytest.raises(WorkerFailed, match="not managed by fma-requester"):
+        act.ensure_ready(EMBEDDED)
+    assert not [p for m, p in kube.requests if m in ("PATCH", "PUT", "DELETE")]
+    assert kube.get_object(NS, "fma-worker-smollm2-135m-instruct")["metadata"]["generation"] == 1
+
+
+def test_rbac_403_names_the_missing_verb(kube: FakeKube, sim: SimulatedKnative):
+    kube.forbidden = {"create"}
+    with pytest.raises(WorkerFailed) as info:
+        actuator(kube).ensure_ready(EMBEDDED)
+    assert "may not create services.serving.knative.dev" in info.value.message
+    assert "403" in info.value.message
+
+
+def test_api_server_errors_are_retried_with_backoff(kube: FakeKube, sim: SimulatedKnative):
+    kube.fail_next = [500, 503]
+    actuator(kube).ensure_ready(EMBEDDED).done()
+    assert kube.get_object(NS, "fma-worker-smollm2-135m-instruct") is not None
+
+
+def test_revision_failure_is_reported_with_knatives_reason(kube: FakeKube, sim: SimulatedKnative):
+    sim.behaviour["fma-worker-smollm2-135m-instruct"] = "fail"
+    started = time.monotonic()
+    with pytest.raises(WorkerFailed) as info:
+        actuator(kube).ensure_ready(EMBEDDED)
+    assert "RevisionFailed" in info.value.message and "exit code 1" in info.value.message
+    assert time.monotonic() - started < 10, "a failed revision must fail fast, not at the deadline"
+
+
+def test_unschedulable_gpu_is_reported(kube: FakeKube, sim: SimulatedKnative):
+    sim.behaviour["fma-worker-smollm2-135m-instruct"] = "unschedulable"
+    with pytest.raises(WorkerFailed, match=r"Insufficient nvidia\.com/gpu"):
+        actuator(kube).ensure_ready(EMBEDDED)
+
+
+def test_deadline_reports_the_last_condition_seen(kube: FakeKube, sim: SimulatedKnative):
+    sim.behaviour["fma-worker-smollm2-135m-instruct"] = "never"
+    with pytest.raises((WorkerFailed, WorkerNotReady)) as info:
+        actuator(kube, registry(start_timeout="2s", queue_timeout="10s")).ensure_ready(EMBEDDED)
+    assert "RevisionMissing" in info.value.message or "Ready=Unknown" in info.value.message
+
+
+def test_expired_watch_410_re_reads_and_still_sees_ready(kube: FakeKube, sim: SimulatedKnative):
+    sim.behaviour["fma-worker-smollm2-135m-instruct"] = "slow:1"
+    kube.after_create = kube.compact  # the created object's resourceVersion expires at once
+    act = actuator(kube)
+    lease = act.ensure_ready(EMBEDDED)
+    lease.done()
+    assert act.describe(EMBEDDED).state == "ready"
+    gets = [p for m, p in kube.requests if m == "GET" and p.endswith("/fma-worker-smollm2-135m-instruct")]
+    assert gets, "after the 410 the actuator re-reads the Service before watching again"
+
+
+def test_release_scales_to_zero_or_deletes_by_policy(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube)
+    act.ensure_ready(EMBEDDED).done()
+    status = act.release(EMBEDDED)
+    assert status.state == "cold"
+    ann = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")["spec"]["template"]["metadata"]["annotations"]
+    assert ann["autoscaling.knative.dev/min-scale"] == "0"
+    assert ann["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "0s"
+    # the next request re-applies the model's template
+    act.ensure_ready(EMBEDDED).done()
+    ann = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")["spec"]["template"]["metadata"]["annotations"]
+    assert ann["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "5m"
+
+    deleting = actuator(kube, FMA_RELEASE_POLICY="delete")
+    deleting.ensure_ready(EMBEDDED).done()
+    assert deleting.release(EMBEDDED).state == "cold"
+    assert kube.get_object(NS, "fma-worker-smollm2-135m-instruct") is None
+    assert deleting.release(EMBEDDED).state == "cold", "release is idempotent"
+
+
+def test_listing_uses_the_label_selector(kube: FakeKube, sim: SimulatedKnative):
+    kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                     "metadata": {"name": "unrelated", "namespace": NS, "labels": {"app": "x"}}, "spec": {}})
+    act = actuator(kube)
+    act.ensure_ready(EMBEDDED).done()
+    names = [s["metadata"]["name"] for s in act.services()]
+    assert names == ["fma-worker-smollm2-135m-instruct"]
+    assert any(f"labelSelector={MANAGED_SELECTOR.replace('/', '%2F').replace('=', '%3D').replace(',', '%2C')}" in p
+               or "labelSelector=app.kubernetes.io" in p for _, p in kube.requests)
+
+
+def test_service_deleted_behind_our_back_is_noticed(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube)
+    act.start()
+    act.ensure_ready(EMBEDDED).done()
+    with kube.cond:
+        obj = kube.objects.pop((NS, "fma-worker-smollm2-135m-instruct"))
+        kube._record("DELETED", obj)
+    deadline = time.monotonic() + 10
+    while act.describe(EMBEDDED).state != "cold":
+        assert time.monotonic() < deadline, "the background watch should mark the model cold"
+        time.sleep(0.05)
+    act.shutdown()
