@@ -79,6 +79,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_manifests(args: argparse.Namespace) -> int:
+    """Print the worker Service YAML the requester would create (no cluster access)."""
+    import yaml
+
+    from fma_common.settings import SettingsError
+    from fma_requester.knative import KnativeSettings
+    from fma_requester.knative_spec import render_worker_service
+    from fma_requester.registry import ModelRegistry
+
+    try:
+        registry = ModelRegistry.load(args.models or os.environ.get("FMA_MODELS"))
+        kn = KnativeSettings.from_env({**os.environ, **({"FMA_NAMESPACE": args.namespace} if args.namespace else {})})
+    except SettingsError as exc:
+        print(f"fma manifests: {exc}", file=sys.stderr)
+        return 2
+    names = [args.model] if args.model else registry.names()
+    docs = []
+    for name in names:
+        spec = registry.get(name)
+        if spec is None:
+            print(f"fma manifests: model {name!r} is not configured; configured: {', '.join(registry.names())}",
+                  file=sys.stderr)
+            return 2
+        # The owner reference (the requester's uid) and, for shared GPUs, the
+        # requester's node and GPU UUIDs are only known inside the cluster.
+        docs.append(render_worker_service(spec, kn.template, node_name=kn.node_name))
+    print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Convert an embedded model into the cache now, with progress on stderr."""
     from fma_worker.model_store import EMBEDDED_MODELS, default_cache_dir, ensure_embedded_converted
@@ -219,6 +249,12 @@ def build_parser(prog: str = "fma") -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--dtype")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("manifests", help="print the worker Knative Service YAML for a model (or all)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--models", help="models YAML file (default: FMA_MODELS or the built-in default)")
+    p.add_argument("--namespace")
+    p.set_defaults(func=cmd_manifests)
 
     p = sub.add_parser("prepare", help="convert an embedded model into the cache now")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")

@@ -1,0 +1,118 @@
+"""Render every kustomization with `kubectl kustomize` and check the objects."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from fma_requester.knative import KnativeSettings
+from fma_requester.registry import ModelRegistry
+
+KUSTOMIZATIONS = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "knative").rglob("kustomization.yaml"))
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is needed to render the kustomizations")
+
+
+def render(path: str) -> list[dict]:
+    out = subprocess.run([KUBECTL, "kustomize", str(REPO / path)], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def containers(doc: dict) -> list[dict]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def test_there_is_a_base_and_the_example_overlay():
+    assert "knative/base" in KUSTOMIZATIONS
+    assert "knative/overlays/examples/fma-requester" in KUSTOMIZATIONS
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_decode_deployment_is_kept_at_zero(path: str):
+    (decode,) = by_kind(render(path), "Deployment", "modelservice-decode")
+    assert decode["spec"]["replicas"] == 0
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_requester_is_pinned_with_its_gpu(path: str):
+    (svc,) = by_kind(render(path), "Service", "fma-requester")
+    assert svc["apiVersion"] == "serving.knative.dev/v1"
+    template = svc["spec"]["template"]
+    ann = template["metadata"]["annotations"]
+    assert ann["autoscaling.knative.dev/min-scale"] == "1" and ann["autoscaling.knative.dev/max-scale"] == "1"
+    assert template["metadata"]["labels"]["llm-d.ai/component"] == "fma-requester"
+    (c,) = containers(svc)
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "512Mi", "nvidia.com/gpu": "1"}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["env"][0] == {"name": "FMA_ACTUATOR", "value": "knative"}
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_autoscaling_annotations_only_on_templates_and_one_port(path: str):
+    for doc in render(path):
+        meta_ann = doc["metadata"].get("annotations") or {}
+        assert not [k for k in meta_ann if k.startswith("autoscaling.knative.dev/")], doc["metadata"]["name"]
+        if doc["kind"] == "Service" and doc["apiVersion"].startswith("serving.knative.dev"):
+            ports = [p for c in containers(doc) for p in c.get("ports", [])]
+            assert len(ports) == 1, "Knative allows exactly one container port"
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_role_grants_only_what_the_requester_uses(path: str):
+    docs = render(path)
+    (role,) = by_kind(docs, "Role", "fma-requester")
+    assert role["rules"] == [{"apiGroups": ["serving.knative.dev"], "resources": ["services"],
+                              "verbs": ["get", "list", "watch", "create", "patch", "delete"]}]
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    (binding,) = by_kind(docs, "RoleBinding", "fma-requester")
+    assert binding["subjects"][0]["name"] == "fma-requester"
+    (svc,) = by_kind(docs, "Service", "fma-requester")
+    assert svc["spec"]["template"]["spec"]["serviceAccountName"] == "fma-requester"
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_every_container_runs_locked_down(path: str):
+    for doc in render(path):
+        if doc["kind"] not in ("Deployment", "Service") or "template" not in doc.get("spec", {}):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        pod_sc = pod.get("securityContext") or {}
+        for c in pod["containers"]:
+            sc = {**pod_sc, **(c.get("securityContext") or {})}
+            assert sc.get("runAsNonRoot") is True, c["name"]
+            assert sc.get("allowPrivilegeEscalation") is False, c["name"]
+            assert sc.get("readOnlyRootFilesystem") is True, c["name"]
+            assert sc.get("capabilities") == {"drop": ["ALL"]}, c["name"]
+            assert sc.get("seccompProfile") == {"type": "RuntimeDefault"}, c["name"]
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_config_map_is_mounted_and_parses(path: str, tmp_path: Path):
+    docs = render(path)
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("fma-requester-config")]
+    (svc,) = by_kind(docs, "Service", "fma-requester")
+    volumes = {v["name"]: v for v in svc["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"], "the generated name is referenced"
+    registry = ModelRegistry.from_text(cm["data"]["models.yaml"], "models.yaml")
+    assert "smollm2-135m-instruct" in registry.names()
+    template = tmp_path / "worker-template.yaml"
+    template.write_text(cm["data"]["worker-template.yaml"])
+    kn = KnativeSettings.from_env({"FMA_NAMESPACE": "x", "FMA_WORKER_TEMPLATE": str(template)})
+    assert kn.template.progress_deadline == "1800s"
+
+
+def test_example_overlay_deploys_into_its_namespace():
+    docs = render("knative/overlays/examples/fma-requester")
+    assert by_kind(docs, "Namespace", "fma-example")
+    assert all(d["metadata"].get("namespace") == "fma-example" for d in docs if d["kind"] != "Namespace")
