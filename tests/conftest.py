@@ -6,10 +6,14 @@ import json
 import os
 import shutil
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fma_common.procs import (
@@ -101,3 +105,98 @@ def sse_events(raw: str) -> list[object]:
         data = block[len("data: "):]
         out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+# ---- requester processes -------------------------------------------------------
+
+@dataclass
+class Requester:
+    proc: object
+    probes: str
+    spi: str
+    tag: str
+    log_path: Path
+
+    def worker_pids(self) -> list[int]:
+        """Worker processes started by this requester (found by an env tag they inherit).
+
+        Workers forked by the pre-warmed launcher keep the launcher's command
+        line, so the launcher itself (a direct child of the requester) is left out.
+        """
+        requester = set(self.requester_pids())
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in requester:
+                continue
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+                env = Path(f"/proc/{entry}/environ").read_bytes()
+                ppid = int(next(line.split()[1] for line in Path(f"/proc/{entry}/status").read_text().splitlines()
+                                if line.startswith("PPid:")))
+            except (OSError, StopIteration):
+                continue
+            if b"fma_worker" not in cmd or f"FMA_TEST_TAG={self.tag}".encode() not in env:
+                continue
+            if b"fma_worker.launcher" in cmd and ppid in requester:
+                continue  # the launcher, not a worker
+            pids.append(int(entry))
+        return pids
+
+    def tagged_pids(self) -> list[int]:
+        """Every live process started for this requester: itself, launcher, workers."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and f"FMA_TEST_TAG={self.tag}".encode() in Path(f"/proc/{entry}/environ") \
+                        .read_bytes() and "State:\tZ" not in Path(f"/proc/{entry}/status").read_text():
+                    pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
+    def requester_pids(self) -> list[int]:
+        pids = [self.proc.pid]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    status = Path(f"/proc/{entry}/status").read_text()
+                except OSError:
+                    continue
+                if f"PPid:\t{self.proc.pid}\n" in status and "fma_worker" not in \
+                        Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry))
+        return pids
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def requester(tmp_path: Path, models: Path, **env: str) -> Iterator[Requester]:
+    p1, p2 = free_port(), free_port()
+    tag = uuid.uuid4().hex
+    full = {**os.environ, "FMA_BIND": f"127.0.0.1:{p1},127.0.0.1:{p2}", "FMA_MODELS": str(models),
+            "FMA_WORKER_LOG_DIR": str(tmp_path / "logs"), "FMA_TEST_TAG": tag, "FMA_LOG_LEVEL": "info",
+            "FMA_RESTART_BACKOFF": "1s", **env}
+    log_path = tmp_path / "requester.log"
+    proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", full, log_path, cwd=REPO)
+    req = Requester(proc, f"http://127.0.0.1:{p1}", f"http://127.0.0.1:{p2}", tag, log_path)
+    try:
+        wait_ready(req.probes, proc, 60, log_path)
+        yield req
+    finally:
+        stop_process_group(proc, 60)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def worker_state(url: str, model: str = EMBEDDED) -> dict:
+    data = httpx.get(f"{url}/v1/workers", timeout=10).json()["data"]
+    return next(w for w in data if w["model"] == model)

@@ -246,3 +246,57 @@ def test_service_deleted_behind_our_back_is_noticed(kube: FakeKube, sim: Simulat
         assert time.monotonic() < deadline, "the background watch should mark the model cold"
         time.sleep(0.05)
     act.shutdown()
+
+
+# ---- end to end: a requester process in knative mode ---------------------------------------
+
+@pytest.mark.process
+def test_requester_in_knative_mode_serves_a_real_completion(kube: FakeKube, tmp_path: Path,
+                                                           converted_model_dir: Path):
+    """The requester (gunicorn, gevent) finds the fake cluster through a kubeconfig, creates the
+    worker Service; the simulated controller runs it as a real worker; the answer is real."""
+    import httpx
+    import openai
+
+    from conftest import requester, worker_state
+
+    sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
+        "users": [{"name": "fma", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fma", "namespace": NS}}]}))
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32}}\n")
+    try:
+        with requester(tmp_path, models, FMA_ACTUATOR="knative", KUBECONFIG=str(kubeconfig),
+                       FMA_NAMESPACE=NS) as req:
+            assert worker_state(req.spi)["state"] == "cold"
+            client = openai.OpenAI(base_url=f"{req.spi}/v1", api_key="x", max_retries=0, timeout=180)
+            chat = client.chat.completions.create(model=EMBEDDED, temperature=0, max_tokens=30, messages=[
+                {"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
+            assert "Paris" in chat.choices[0].message.content
+            status = worker_state(req.spi)
+            assert status["state"] == "ready" and status["backend"] == "knative"
+            assert status["last_actuation"]["path"] == "cold"
+            svc = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")
+            assert svc["metadata"]["ownerReferences"][0]["name"] == "fma-requester"
+            assert svc["metadata"]["labels"]["llm-d.ai/role"] == "decode"
+            streamed = list(client.completions.create(model=EMBEDDED, prompt="Once upon a time", max_tokens=10,
+                                                      temperature=0, stream=True))
+            assert "".join(c.choices[0].text for c in streamed).startswith(", the city of Nova Haven")
+            released = httpx.delete(f"{req.spi}/v1/workers/{EMBEDDED}", timeout=30).json()
+            assert released["state"] == "cold"
+            for pid in req.requester_pids():
+                rss_kib = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text()
+                                   .splitlines() if line.startswith("VmRSS")))
+                assert rss_kib < 150 * 1024, f"requester process {pid} uses {rss_kib} KiB in knative mode"
+    finally:
+        sim.stop()
+
+
+def yaml_dump(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data)
