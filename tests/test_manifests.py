@@ -116,3 +116,9 @@ def test_example_overlay_deploys_into_its_namespace():
     docs = render("knative/overlays/examples/fma-requester")
     assert by_kind(docs, "Namespace", "fma-example")
     assert all(d["metadata"].get("namespace") == "fma-example" for d in docs if d["kind"] != "Namespace")
+
+
+def test_shared_gpu_overlay_gives_the_requester_its_node_name():
+    (svc,) = by_kind(render("knative/overlays/shared-gpu"), "Service", "fma-requester")
+    env = {e["name"]: e for e in containers(svc)[0]["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"

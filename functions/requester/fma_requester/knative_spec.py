@@ -109,7 +109,9 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
         "FMA_MODEL_SOURCE": spec.source,
         "FMA_DTYPE": spec.dtype,
         "FMA_DEVICE": spec.device,
-        "FMA_CACHE_DIR": "/cache",
+        # The image carries the converted model (FMA_CACHE_DIR is set there);
+        # anything else a library wants to write goes to the /tmp emptyDir.
+        "HF_HOME": "/tmp/hf",
         "HF_HUB_OFFLINE": "1",
         **tmpl.env,
         **spec.env,
@@ -146,14 +148,14 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     pod_spec: dict[str, Any] = {
         "containerConcurrency": kn.container_concurrency,
         "timeoutSeconds": tmpl.timeout_seconds,
         "responseStartTimeoutSeconds": tmpl.response_start_timeout_seconds,
         "containers": [container],
-        "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
         **pod_extra,
     }
     if tmpl.service_account:
