@@ -85,3 +85,12 @@ def test_requester_binds_both_fma_ports_locally_and_port_in_knative():
 
     assert RequesterSettings.from_env({}).binds == ("127.0.0.1:8080", "127.0.0.1:8081")
     assert RequesterSettings.from_env({"PORT": "9000"}).binds == ("0.0.0.0:9000",)
+
+
+def test_readme_lists_every_knative_setting():
+    from fma_requester.knative import KNATIVE_ENV
+
+    readme = (REPO / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, flags=re.M))
+    missing = set(KNATIVE_ENV) - listed
+    assert not missing, f"README is missing knative settings: {sorted(missing)}"
