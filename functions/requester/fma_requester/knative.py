@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from .knative_spec import (
     worker_service_name,
 )
 from .metrics import RequesterMetrics
+from .policy import backoff_delay
 from .registry import ModelRegistry, ModelSpec
 
 log = logging.getLogger("fma.requester.knative")
@@ -174,7 +175,6 @@ class _Slot:
     last_used: float | None = None
     last_actuation: Actuation | None = None
     last_condition: str = "not created yet"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class KnativeActuator(Actuator):
@@ -467,8 +467,6 @@ class KnativeActuator(Actuator):
         self.emit("ai.llm-d.fma.worker.started", status.as_dict())
 
     def _failed(self, slot: _Slot, attempt: int, reason: str) -> None:
-        from .policy import backoff_delay
-
         with self._cond:
             if slot.attempt != attempt:
                 return

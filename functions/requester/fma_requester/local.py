@@ -36,12 +36,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from fma_common.errors import Conflict, ModelNotFound, QueueFull, WorkerFailed, WorkerNotReady
-from fma_common.procs import WORKER_APP, WORKER_CONFIG, free_port, log_tail, start_gunicorn, stop_process_group
+from fma_common.procs import (
+    WORKER_APP,
+    WORKER_CONFIG,
+    free_port,
+    log_tail,
+    start_gunicorn,
+    stop_process_group,
+    wait_ready,
+)
 
 from . import policy
 from .actuator import Actuation, Actuator, State, WorkerLease, WorkerStatus
@@ -275,8 +284,6 @@ class LocalActuator(Actuator):
         threading.Thread(target=self._watch, args=(slot, proc), name=f"watch-{spec.name}", daemon=True).start()
         log.info("starting worker for %s on %s (pid %d, log %s)", spec.name, slot.url, proc.pid, log_path)
         try:
-            from fma_common.procs import wait_ready
-
             wait_ready(slot.url or "", proc, spec.start_timeout or 600.0, log_path)
         except (RuntimeError, TimeoutError) as exc:
             reason = str(exc).split("\n", 1)[0]
@@ -354,7 +361,8 @@ class LocalActuator(Actuator):
             # A crash: waiters on a start attempt fail fast; the next request restarts.
             slot.failures += 1
             slot.retry_at = time.monotonic()  # a crash of a running worker restarts on demand at once
-            slot.error = f"worker exited with code {code}; log tail: {log_tail(_p(slot.log_path), 1500).strip()}"
+            tail = log_tail(Path(slot.log_path), 1500).strip() if slot.log_path else ""
+            slot.error = f"worker exited with code {code}; log tail: {tail}"
             self._set_state(slot, "failed")
             status = self._status(slot)
         log.warning("worker for %s exited unexpectedly with code %s", slot.spec.name, code)
@@ -515,8 +523,3 @@ class LocalActuator(Actuator):
         self._http.close()
         log.info("stopped %d worker(s)", len(procs))
 
-
-def _p(path: str | None):
-    from pathlib import Path
-
-    return Path(path or "/nonexistent")
