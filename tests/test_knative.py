@@ -300,3 +300,38 @@ def yaml_dump(data: dict) -> str:
     import yaml
 
     return yaml.safe_dump(data)
+
+
+def test_lifecycle_events_reach_k_sink_as_cloudevents(kube: FakeKube, sim: SimulatedKnative):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from fma_requester.events import SinkEmitter
+
+    received: list[dict[str, str]] = []
+    got = threading.Event()
+
+    class Sink(BaseHTTPRequestHandler):
+        def log_message(self, *_a: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            received.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(202)
+            self.end_headers()
+            got.set()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS})
+        act = KnativeActuator(registry(), RequesterMetrics(), kn, api=api_for(kube),
+                              emit=SinkEmitter(f"http://127.0.0.1:{server.server_address[1]}"))
+        act.ensure_ready(EMBEDDED).done()
+        assert got.wait(10)
+        event = received[0]
+        assert event["ce-type"] == "ai.llm-d.fma.worker.started"
+        assert event["ce-subject"] == EMBEDDED and event["ce-specversion"] == "1.0"
+    finally:
+        server.shutdown()

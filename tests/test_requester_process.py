@@ -298,3 +298,43 @@ def test_client_disconnect_closes_the_upstream_stream(shared: Requester):
     wait_for(lambda: f'fma_worker_in_flight{{model="{EMBEDDED}"}} 0.0' in httpx.get(f"{worker_url}/metrics").text,
              8, "the worker to stop generating for a client that left")
     wait_for(lambda: worker_state(shared.spi)["in_flight"] == 0, 5, "the requester to release its lease")
+
+
+def test_cli_talks_to_the_requester(shared: Requester):
+    import subprocess
+    import sys
+
+    def fma(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fma_cli.main", *args, "--url", shared.spi],
+                              capture_output=True, text=True, timeout=180)
+
+    warm = fma("warm", EMBEDDED)
+    assert warm.returncode == 0 and '"state": "ready"' in warm.stdout
+    listing = fma("workers")
+    assert listing.returncode == 0 and EMBEDDED in listing.stdout and "ready" in listing.stdout
+    streamed = fma("complete", EMBEDDED, "Once upon a time", "--stream", "--max-tokens", "8")
+    assert streamed.returncode == 0 and streamed.stdout.startswith(", the city")
+    missing = fma("complete", "nope", "hi")
+    assert missing.returncode == 1 and "model_not_found" in missing.stderr
+    slept = fma("sleep", EMBEDDED, "--level", "2")
+    assert slept.returncode == 0 and '"state": "sleeping"' in slept.stdout
+    released = fma("release", EMBEDDED)
+    assert released.returncode == 0 and '"state": "cold"' in released.stdout
+    models = fma("models")
+    assert models.returncode == 0 and '"broken"' in models.stdout
+
+
+def test_cli_manifests_prints_the_worker_service(tmp_path: Path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    out = subprocess.run([sys.executable, "-m", "fma_cli.main", "manifests", EMBEDDED, "--namespace", "llm"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    (svc,) = list(yaml.safe_load_all(out))
+    assert svc["kind"] == "Service" and svc["metadata"]["name"] == "fma-worker-smollm2-135m-instruct"
+    assert svc["metadata"]["namespace"] == "llm"
+    bad = subprocess.run([sys.executable, "-m", "fma_cli.main", "manifests", "nope"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "not configured" in bad.stderr
