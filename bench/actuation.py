@@ -11,8 +11,10 @@ first token when the model's worker is:
 * ``wake_l2``    - asleep at level 2 (weights dropped, reloaded from the converted cache);
 * ``warm``       - running and awake.
 
-``floor`` gives what no actuation can beat on this machine: host memory copy
-bandwidth and the time to read the converted weights from the page cache.
+``proxy_overhead`` compares warm streams sent straight to the worker and
+through the requester, interleaved. ``floor`` gives what no actuation can beat
+on this machine: host memory copy bandwidth and the time to read the converted
+weights from the page cache.
 Writes ``bench/results/actuation.json`` (design.md's format).
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -94,9 +97,11 @@ class Requester:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--overhead-runs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("bench/results/actuation.json"))
     args = parser.parse_args()
     results: dict[str, list[float]] = {k: [] for k in ("naive_cold", "cold", "wake_l1", "wake_l2", "warm")}
+    overhead: dict[str, list[float]] = {"direct": [], "via_requester": []}
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -118,6 +123,14 @@ def main() -> int:
                     req.sleep(level)
                     results[f"wake_l{level}"].append(req.ttft())
                 req.release()
+            # What the requester adds to a warm request: the same stream sent
+            # straight to the worker and through the requester, interleaved.
+            req.ttft()
+            worker_url = req.http.get("/v1/workers").json()["data"][0]["url"]
+            with httpx.Client(base_url=worker_url, timeout=600) as direct:
+                for _ in range(args.overhead_runs):
+                    overhead["direct"].append(stream_once(direct, MODEL, PROMPT, 4)[0])
+                    overhead["via_requester"].append(req.ttft())
         finally:
             req.close()
         for name, values in results.items():
@@ -126,10 +139,14 @@ def main() -> int:
     report = {"machine": machine(), "model": MODEL, "runs": args.runs,
               "metric": "time to first token through the requester, seconds",
               "results": {name: summary(values) for name, values in results.items()},
-              "floor": floor()}
+              "floor": floor(),
+              "proxy_overhead": {
+                  "direct": summary(overhead["direct"]), "via_requester": summary(overhead["via_requester"]),
+                  "median_ms": round((statistics.median(overhead["via_requester"])
+                                      - statistics.median(overhead["direct"])) * 1000, 2)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({"results": report["results"], "floor": report["floor"]}, indent=2))
+    print(json.dumps({k: report[k] for k in ("results", "floor", "proxy_overhead")}, indent=2))
     return 0
 
 
