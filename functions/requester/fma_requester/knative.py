@@ -206,6 +206,7 @@ class KnativeActuator(Actuator):
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError as TransportError
 
+        kwargs.setdefault("_request_timeout", 30)  # a hung API server is a transient failure, not a hang
         delay = 0.25
         for attempt in range(1, self.kn.retries + 1):
             try:
