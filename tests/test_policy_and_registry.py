@@ -74,3 +74,12 @@ def test_model_values_override_defaults():
 def test_bad_models_files_name_the_problem(text, message):
     with pytest.raises(SettingsError, match=message):
         ModelRegistry.from_text(text, "models.yaml")
+
+
+def test_memory_budget_evicts_until_the_new_model_fits():
+    workers = [view("a", last_used=1), view("b", last_used=2), view("new", state="cold")]
+    sized = [WorkerView(w.model, w.state, 0, 0, w.last_used, 60, 3000) for w in workers]
+    # 2 x 3000 awake + 3000 needed > 8000: the least recently used goes first
+    assert pick_eviction(sized, max_loaded=5, exclude="new", memory_budget_mib=8000, need_mib=3000) == "a"
+    after = [sized[0].__class__("a", "sleeping", 0, 0, 1, 60, 3000), sized[1], sized[2]]
+    assert pick_eviction(after, max_loaded=5, exclude="new", memory_budget_mib=8000, need_mib=3000) is True

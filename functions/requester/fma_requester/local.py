@@ -133,7 +133,7 @@ class LocalActuator(Actuator):
 
     def _views(self) -> list[policy.WorkerView]:
         return [policy.WorkerView(s.spec.name, s.state, s.in_flight, s.waiters, s.last_used_mono,
-                                  s.spec.idle_timeout or 0.0) for s in self._slots.values()]
+                                  s.spec.idle_timeout or 0.0, s.spec.memory_mib or 0) for s in self._slots.values()]
 
     def _set_state(self, slot: _Slot, state: State) -> None:
         slot.state = state
@@ -220,23 +220,27 @@ class LocalActuator(Actuator):
     # ---- making room (budget) -------------------------------------------------
 
     def _make_room(self, slot: _Slot) -> bool:
-        """Under the lock: True if ``slot`` may start now, evicting if needed."""
+        """Under the lock: True if ``slot`` may start now, evicting idle workers
+        (least recently used first) until the budget allows it."""
         budget = self.registry.budget
-        decision = policy.pick_eviction(self._views(), budget.max_loaded, slot.spec.name)
-        if decision is True:
-            return True
-        if decision is None:
-            return False
-        victim = self._slots[decision]
-        level = self.settings.evict_sleep_level
-        log.info("evicting %s (least recently used, idle) to make room for %s", victim.spec.name, slot.spec.name)
-        self.metrics.evictions.labels(victim.spec.name).inc()
-        sleepers_after = sum(1 for s in self._slots.values() if s.state == "sleeping" and s is not slot) + 1
-        if level and sleepers_after <= budget.sleepers:
-            self._begin_sleep(victim, level)
-        else:
-            self._begin_stop(victim, "evicted")
-        return True
+        while True:
+            decision = policy.pick_eviction(self._views(), budget.max_loaded, slot.spec.name,
+                                            memory_budget_mib=budget.memory_mib,
+                                            need_mib=slot.spec.memory_mib or 0)
+            if decision is True:
+                return True
+            if decision is None:
+                return False
+            victim = self._slots[decision]
+            level = self.settings.evict_sleep_level
+            log.info("evicting %s (least recently used, idle) to make room for %s", victim.spec.name,
+                     slot.spec.name)
+            self.metrics.evictions.labels(victim.spec.name).inc()
+            sleepers_after = sum(1 for s in self._slots.values() if s.state == "sleeping" and s is not slot) + 1
+            if level and sleepers_after <= budget.sleepers:
+                self._begin_sleep(victim, level)  # no longer awake: counts neither as loaded nor as memory
+            else:
+                self._begin_stop(victim, "evicted")
 
     # ---- starting ---------------------------------------------------------------
 

@@ -20,6 +20,7 @@ class WorkerView:
     waiters: int
     last_used: float
     idle_timeout: float
+    memory_mib: int = 0  # declared footprint while awake (models file); 0 = not counted
 
 
 def idle_expired(workers: Iterable[WorkerView], now: float) -> list[str]:
@@ -33,15 +34,25 @@ def awake_count(workers: Iterable[WorkerView]) -> int:
     return sum(1 for w in workers if w.state in ("ready", "starting"))
 
 
-def pick_eviction(workers: Iterable[WorkerView], max_loaded: int, exclude: str) -> str | bool | None:
+def awake_memory(workers: Iterable[WorkerView]) -> int:
+    return sum(w.memory_mib for w in workers if w.state in ("ready", "starting"))
+
+
+def pick_eviction(workers: Iterable[WorkerView], max_loaded: int, exclude: str, *,
+                  memory_budget_mib: int | None = None, need_mib: int = 0) -> str | bool | None:
     """Decide whether starting ``exclude`` needs room, and which worker gives it.
 
+    Room means fewer than ``max_loaded`` awake workers and, with a memory
+    budget, the awake workers' declared memory plus ``need_mib`` within it.
     Returns ``True`` when there is room already, the model name of the least
-    recently used idle awake worker to put away, or ``None`` when the budget is
-    full and every awake worker is busy (the caller must wait).
+    recently used idle awake worker to put away (call again: more may be
+    needed), or ``None`` when the budget is full and every awake worker is
+    busy (the caller must wait).
     """
     ws = [w for w in workers if w.model != exclude]
-    if awake_count(ws) < max_loaded:
+    fits_count = awake_count(ws) < max_loaded
+    fits_memory = memory_budget_mib is None or awake_memory(ws) + need_mib <= memory_budget_mib
+    if fits_count and fits_memory:
         return True
     idle = [w for w in ws if w.state == "ready" and w.in_flight == 0 and w.waiters == 0]
     if not idle:

@@ -72,6 +72,7 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_loaded: int = Field(default=3, ge=1)
     sleepers: int = Field(default=2, ge=0)
+    # With it, awake workers' declared memory_mib must fit; idle ones are evicted (LRU) to make room.
     memory_mib: int | None = Field(default=None, ge=1)
 
 
@@ -86,7 +87,7 @@ class ModelSpec(BaseModel):
     queue_timeout: float | None = None
     start_timeout: float | None = None
     preload: bool = False
-    memory_mib: int | None = Field(default=None, ge=1)
+    memory_mib: int | None = Field(default=None, ge=1)  # footprint while awake, for budget.memory_mib
     env: dict[str, str] = Field(default_factory=dict)
     knative: KnativeSpec = Field(default_factory=KnativeSpec)
 
