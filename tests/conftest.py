@@ -28,6 +28,42 @@ from fma_common.procs import (
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = "smollm2-135m-instruct"
 
+# Every process the tests start inherits this, so strays can be found at the end.
+SESSION_TAG = uuid.uuid4().hex
+os.environ["FMA_TEST_SESSION"] = SESSION_TAG
+
+
+def _session_processes() -> list[int]:
+    found = []
+    marker = f"FMA_TEST_SESSION={SESSION_TAG}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if marker in Path(f"/proc/{entry}/environ").read_bytes() and \
+                    "State:\tZ" not in Path(f"/proc/{entry}/status").read_text():
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_processes() -> Iterator[None]:
+    """After the whole run, nothing the tests started may still be running."""
+    yield
+    deadline = time.monotonic() + 20
+    stray = _session_processes()
+    while stray and time.monotonic() < deadline:
+        time.sleep(0.2)
+        stray = _session_processes()
+    for pid in stray:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    assert not stray, f"processes left running by the tests (now killed): {stray}"
+
 
 @pytest.fixture(scope="session")
 def converted_model_dir() -> Path:

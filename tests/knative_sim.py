@@ -43,6 +43,9 @@ class SimulatedKnative:
         self.behaviour: dict[str, str] = {}  # Service name -> ready | process | fail | unschedulable | never | slow:S
         self.procs: dict[str, subprocess.Popen] = {}
         self.reconciled: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self._closing = False
+        self._workers: list[threading.Thread] = []
         self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         kube.listeners.append(lambda kind, obj: self._events.put((kind, obj)))
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -65,7 +68,9 @@ class SimulatedKnative:
             generation = obj["metadata"]["generation"]
             if (obj.get("status") or {}).get("observedGeneration", 0) >= generation:
                 continue  # a status write, or a generation already handled
-            threading.Thread(target=self._reconcile, args=(obj,), daemon=True).start()
+            worker = threading.Thread(target=self._reconcile, args=(obj,), daemon=True)
+            self._workers.append(worker)
+            worker.start()
 
     def _reconcile(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
@@ -108,17 +113,27 @@ class SimulatedKnative:
         env.update(PORT=str(port), FMA_HOST="127.0.0.1")
         if self.cache_dir:
             env["FMA_CACHE_DIR"] = str(self.cache_dir)  # the "/cache" volume
-        old = self.procs.pop(name, None)
+        with self._lock:
+            old = self.procs.pop(name, None)
         if old:
             stop_process_group(old, 10)
         log = self.workdir / f"{name}.log"
-        proc = start_gunicorn(WORKER_CONFIG, WORKER_APP, env, log)
-        self.procs[name] = proc
+        with self._lock:
+            if self._closing:  # never leave a pod behind a stopped controller
+                raise RuntimeError("simulated controller stopped")
+            proc = start_gunicorn(WORKER_CONFIG, WORKER_APP, env, log)
+            self.procs[name] = proc
         wait_ready(f"http://127.0.0.1:{port}", proc, 120, log)
         return f"http://127.0.0.1:{port}"
 
     def stop(self) -> None:
+        """Stop reconciling, then every revision process, including one being started."""
         self._events.put(None)
-        for proc in self.procs.values():
+        with self._lock:
+            self._closing = True
+        for worker in self._workers:
+            worker.join(30)
+        with self._lock:
+            procs, self.procs = list(self.procs.values()), {}
+        for proc in procs:
             stop_process_group(proc, 10)
-        self.procs.clear()
