@@ -37,8 +37,6 @@ accesslog = None  # the app logs one line per request itself, without bodies
 errorlog = "-"
 loglevel = _settings.log_level
 proc_name = f"fma-worker:{_settings.model}"
-# Streaming responses must not be held back by a buffering proxy in front.
-forwarded_allow_ips = "127.0.0.1"
 
 
 def when_ready(server) -> None:
