@@ -98,14 +98,17 @@ class SimulatedKnative:
             return
         address = f"http://{name}.{ns}.svc.cluster.local"
         if mode == "process":
-            address = self._run_revision(name, obj)
+            started = self._run_revision(name, obj)
+            if started is None:
+                return  # the controller is stopping
+            address = started
         self.kube.set_status(ns, name, {
             "observedGeneration": generation, "url": f"http://{name}.{ns}.svc.cluster.local",
             "address": {"url": address}, "latestCreatedRevisionName": revision,
             "latestReadyRevisionName": revision,
             "conditions": [_cond("Ready", "True"), _cond("ConfigurationsReady", "True"), _cond("RoutesReady", "True")]})
 
-    def _run_revision(self, name: str, obj: dict[str, Any]) -> str:
+    def _run_revision(self, name: str, obj: dict[str, Any]) -> str | None:
         """A revision's pod, as a local process with the container's environment."""
         container = obj["spec"]["template"]["spec"]["containers"][0]
         env = {**os.environ, **{e["name"]: e["value"] for e in container.get("env", [])}}
@@ -120,7 +123,7 @@ class SimulatedKnative:
         log = self.workdir / f"{name}.log"
         with self._lock:
             if self._closing:  # never leave a pod behind a stopped controller
-                raise RuntimeError("simulated controller stopped")
+                return None
             proc = start_gunicorn(WORKER_CONFIG, WORKER_APP, env, log)
             self.procs[name] = proc
         wait_ready(f"http://127.0.0.1:{port}", proc, 120, log)
