@@ -338,3 +338,11 @@ def test_cli_manifests_prints_the_worker_service(tmp_path: Path):
     bad = subprocess.run([sys.executable, "-m", "fma_cli.main", "manifests", "nope"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "not configured" in bad.stderr
+
+
+def test_preloaded_model_is_ready_before_any_request(tmp_path: Path, tiny_model_dir: Path):
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  - {{name: tiny, source: 'path:{tiny_model_dir}', preload: true}}\n")
+    with requester(tmp_path, models) as req:
+        wait_for(lambda: worker_state(req.spi, "tiny")["state"] == "ready", 120, "the preloaded worker")
+        assert not [line for line in req.log().splitlines() if "POST /v1/completions" in line]
