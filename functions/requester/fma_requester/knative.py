@@ -41,10 +41,10 @@ from typing import Any
 import httpx
 import yaml
 
-from fma_common.errors import ApiError, Conflict, InternalError, ModelNotFound, QueueFull, WorkerFailed, WorkerNotReady
+from fma_common.errors import ApiError, Conflict, InternalError, WorkerFailed, WorkerNotReady
 from fma_common.settings import SettingsError, env_choice, env_int
 
-from .actuator import Actuation, Actuator, State, WorkerLease, WorkerStatus
+from .actuator import Actuation, WorkerStatus
 from .gpus import gpu_uuids
 from .knative_spec import (
     ANNOTATION_MODEL,
@@ -61,6 +61,7 @@ from .knative_spec import (
 from .metrics import RequesterMetrics
 from .policy import backoff_delay
 from .registry import ModelRegistry, ModelSpec
+from .slots import Slot, SlotActuator
 
 log = logging.getLogger("fma.requester.knative")
 
@@ -160,44 +161,28 @@ def readiness(obj: Mapping[str, Any]) -> tuple[str, str]:
 
 
 @dataclass
-class _Slot:
-    spec: ModelSpec
-    name: str
-    state: State = "cold"
-    url: str | None = None
-    error: str | None = None
-    attempt: int = 0
-    failures: int = 0
-    retry_at: float = 0.0
+class _Slot(Slot):
+    name: str = ""  # the worker Service
     started: float = 0.0
-    waiters: int = 0
-    in_flight: int = 0
-    last_used: float | None = None
-    last_actuation: Actuation | None = None
     last_condition: str = "not created yet"
 
 
-class KnativeActuator(Actuator):
+class KnativeActuator(SlotActuator):
     backend = "knative"
 
     def __init__(self, registry: ModelRegistry, metrics: RequesterMetrics, kn: KnativeSettings, *,
                  api: Any = None, emit: Callable[[str, dict[str, Any]], None] | None = None,
                  backoff_base_s: float = 2.0, backoff_max_s: float = 60.0) -> None:
-        self.registry = registry
-        self.metrics = metrics
+        super().__init__(registry, metrics,
+                         {s.name: _Slot(s, name=worker_service_name(s.name)) for s in registry})
         self.kn = kn
         self.api = api if api is not None else load_api()
         self.emit = emit or (lambda _t, _d: None)
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
-        self._cond = threading.Condition()
-        self._slots = {s.name: _Slot(s, worker_service_name(s.name)) for s in registry}
-        self._by_service = {slot.name: slot for slot in self._slots.values()}
-        self._closing = False
+        self._by_service = {slot.name: slot for slot in self._slots.values()}  # type: ignore[attr-defined]
         self._owner: dict[str, Any] | None = None
         self._http = httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0))
-        for name in self._slots:
-            metrics.set_worker_state(name, "cold")
 
     # ---- API calls ---------------------------------------------------------------
 
@@ -342,102 +327,26 @@ class KnativeActuator(Actuator):
 
     # ---- status ---------------------------------------------------------------------
 
-    def _slot(self, model: str) -> _Slot:
-        slot = self._slots.get(model)
-        if slot is None:
-            raise ModelNotFound(f"model {model!r} is not served here; available: {', '.join(self._slots)}",
-                                param="model")
-        return slot
-
-    def _status(self, slot: _Slot) -> WorkerStatus:
-        return WorkerStatus(model=slot.spec.name, state=slot.state, backend=self.backend,
-                            url=slot.url, last_used=slot.last_used, in_flight=slot.in_flight,
-                            queued=slot.waiters, last_actuation=slot.last_actuation, error=slot.error)
-
-    def _set_state(self, slot: _Slot, state: State) -> None:
-        slot.state = state
-        self.metrics.set_worker_state(slot.spec.name, state)
-        self._cond.notify_all()
-
-    def describe(self, model: str) -> WorkerStatus:
-        with self._cond:
-            return self._status(self._slot(model))
-
-    def list(self) -> list[WorkerStatus]:
-        with self._cond:
-            return [self._status(s) for s in self._slots.values()]
-
     def services(self) -> list[dict[str, Any]]:
         """The worker Services we manage, by label selector."""
         result = self._call("list", self.api.list_namespaced_custom_object, GROUP, VERSION, self.kn.namespace,
                             PLURAL, label_selector=MANAGED_SELECTOR)
         return list(result.get("items", []))
 
-    # ---- ensure_ready ---------------------------------------------------------------
+    # ---- actuation ---------------------------------------------------------------
 
-    def ensure_ready(self, model: str) -> WorkerLease:
-        started = time.monotonic()
-        with self._cond:
-            slot = self._slot(model)
-            deadline = started + (slot.spec.queue_timeout or 120.0)
-            my_attempt: int | None = None
-            waited = False
-            while True:
-                if slot.state == "ready" and slot.url:
-                    return self._lease(slot, started, waited)
-                if slot.state == "failed" and my_attempt == slot.attempt:
-                    raise WorkerFailed(f"worker for {model} failed to start: {slot.error}")
-                if slot.state in ("cold", "failed", "sleeping"):
-                    if slot.state == "failed" and time.monotonic() < slot.retry_at:
-                        wait = slot.retry_at - time.monotonic()
-                        raise WorkerFailed(f"worker for {model} failed to start: {slot.error}; next retry in "
-                                           f"{wait:.0f} s", headers={"Retry-After": str(max(1, int(wait + 0.999)))})
-                    slot.attempt += 1
-                    slot.started = time.monotonic()
-                    path = "wake" if slot.state == "sleeping" else "cold"
-                    self._set_state(slot, "starting")
-                    target = self._wake if path == "wake" else self._activate
-                    threading.Thread(target=target, args=(slot, slot.attempt), daemon=True,
-                                     name=f"kn-{path}-{slot.name}").start()
-                    my_attempt = slot.attempt
-                elif my_attempt is None:
-                    my_attempt = slot.attempt
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WorkerNotReady(f"worker for {model} not ready after {time.monotonic() - started:.0f} s; "
-                                         f"last condition: {slot.last_condition}", headers={"Retry-After": "10"})
-                limit = slot.spec.max_queue if slot.spec.max_queue is not None else 64
-                if slot.waiters >= limit:
-                    raise QueueFull(f"{slot.waiters} requests already wait for {model}; retry later", retry_after=5)
-                slot.waiters += 1
-                self.metrics.queued.labels(model).set(slot.waiters)
-                waited = True
-                try:
-                    self._cond.wait(min(remaining, 1.0))
-                finally:
-                    slot.waiters -= 1
-                    self.metrics.queued.labels(model).set(slot.waiters)
+    def _begin_actuation(self, slot: Slot) -> bool:
+        assert isinstance(slot, _Slot)
+        slot.attempt += 1
+        slot.started = time.monotonic()
+        path = "wake" if slot.state == "sleeping" else "cold"
+        self._set_state(slot, "starting")
+        target = self._wake if path == "wake" else self._activate
+        threading.Thread(target=target, args=(slot, slot.attempt), daemon=True, name=f"kn-{path}-{slot.name}").start()
+        return True
 
-    def _lease(self, slot: _Slot, started: float, waited: bool) -> WorkerLease:
-        slot.in_flight += 1
-        slot.last_used = time.time()
-        self.metrics.in_flight.labels(slot.spec.name).set(slot.in_flight)
-        if waited and slot.last_actuation is not None:
-            actuation = Actuation(slot.last_actuation.path, time.monotonic() - started)
-        else:
-            actuation = Actuation("warm", time.monotonic() - started)
-            self.metrics.actuation.labels(slot.spec.name, "warm").observe(actuation.seconds)
-            slot.last_actuation = actuation
-        assert slot.url is not None
-        return WorkerLease(slot.spec.name, slot.url, actuation, self._done)
-
-    def _done(self, model: str) -> None:
-        with self._cond:
-            slot = self._slots[model]
-            slot.in_flight -= 1
-            slot.last_used = time.time()
-            self.metrics.in_flight.labels(model).set(slot.in_flight)
-            self._cond.notify_all()
+    def _waiting_on(self, slot: Slot) -> str:
+        return f"last condition: {getattr(slot, 'last_condition', slot.state)}"
 
     def _activate(self, slot: _Slot, attempt: int) -> None:
         spec = slot.spec

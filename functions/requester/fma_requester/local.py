@@ -35,13 +35,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from fma_common.errors import Conflict, ModelNotFound, QueueFull, WorkerFailed, WorkerNotReady
+from fma_common.errors import Conflict, WorkerNotReady
 from fma_common.procs import (
     WORKER_APP,
     WORKER_CONFIG,
@@ -53,11 +53,12 @@ from fma_common.procs import (
 )
 
 from . import policy
-from .actuator import Actuation, Actuator, State, WorkerLease, WorkerStatus
+from .actuator import Actuation, WorkerStatus
 from .launcher_client import LauncherClient, LauncherError
 from .metrics import RequesterMetrics
 from .registry import ModelRegistry, ModelSpec
 from .settings import RequesterSettings
+from .slots import Slot, SlotActuator
 
 log = logging.getLogger("fma.requester.local")
 
@@ -65,157 +66,47 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
-class _Slot:
-    spec: ModelSpec
-    state: State = "cold"
+class _Slot(Slot):
     proc: subprocess.Popen | None = None
-    url: str | None = None
     log_path: str | None = None
-    error: str | None = None
-    failures: int = 0
-    retry_at: float = 0.0
-    attempt: int = 0           # bumped by each start/wake; waiters fail fast only on their own attempt's failure
     actuating: str | None = None  # "cold" or "wake" while starting
     actuation_started: float = 0.0
-    last_used: float = field(default_factory=time.time)
-    last_used_mono: float = field(default_factory=time.monotonic)
-    in_flight: int = 0
-    waiters: int = 0
-    last_actuation: Actuation | None = None
-    stopping: bool = False     # an exit we asked for is not a crash
+    stopping: bool = False  # an exit we asked for is not a crash
 
 
-class LocalActuator(Actuator):
+class LocalActuator(SlotActuator):
     backend = "local"
 
     def __init__(self, settings: RequesterSettings, registry: ModelRegistry, metrics: RequesterMetrics,
                  *, emit: EventSink | None = None, worker_env: dict[str, str] | None = None) -> None:
+        super().__init__(registry, metrics, {spec.name: _Slot(spec) for spec in registry})
         self.settings = settings
-        self.registry = registry
-        self.metrics = metrics
         self.emit = emit or (lambda _type, _data: None)
         self.worker_env = worker_env or {}
-        self._cond = threading.Condition()
-        self._slots = {spec.name: _Slot(spec) for spec in registry}
-        self._closing = False
         self._lifeline_r, self._lifeline_w = os.pipe()
         os.set_inheritable(self._lifeline_w, False)
         self._http = httpx.Client(timeout=httpx.Timeout(60.0, connect=settings.upstream_connect_timeout_s))
         self._reaper: threading.Thread | None = None
         self._launcher: LauncherClient | None = None
         self._launcher_lock = threading.Lock()
-        for name in self._slots:
-            self.metrics.set_worker_state(name, "cold")
 
     # ---- status ---------------------------------------------------------------
-
-    def _status(self, slot: _Slot) -> WorkerStatus:
-        return WorkerStatus(model=slot.spec.name, state=slot.state, backend=self.backend,
-                            url=slot.url if slot.state in ("ready", "sleeping", "starting") else None,
-                            last_used=slot.last_used if slot.last_actuation else None,
-                            in_flight=slot.in_flight, queued=slot.waiters,
-                            last_actuation=slot.last_actuation, error=slot.error)
-
-    def _slot(self, model: str) -> _Slot:
-        slot = self._slots.get(model)
-        if slot is None:
-            raise ModelNotFound(f"model {model!r} is not served here; available: {', '.join(self._slots)}",
-                                param="model")
-        return slot
-
-    def describe(self, model: str) -> WorkerStatus:
-        with self._cond:
-            return self._status(self._slot(model))
-
-    def list(self) -> list[WorkerStatus]:
-        with self._cond:
-            return [self._status(s) for s in self._slots.values()]
 
     def _views(self) -> list[policy.WorkerView]:
         return [policy.WorkerView(s.spec.name, s.state, s.in_flight, s.waiters, s.last_used_mono,
                                   s.spec.idle_timeout or 0.0, s.spec.memory_mib or 0) for s in self._slots.values()]
 
-    def _set_state(self, slot: _Slot, state: State) -> None:
-        slot.state = state
-        self.metrics.set_worker_state(slot.spec.name, state)
-        self._cond.notify_all()
-
     # ---- ensure_ready ---------------------------------------------------------
 
-    def ensure_ready(self, model: str) -> WorkerLease:
-        started = time.monotonic()
-        with self._cond:
-            slot = self._slot(model)
-            if self._closing:
-                raise WorkerNotReady("the requester is shutting down", headers={"Retry-After": "5"})
-            deadline = started + (slot.spec.queue_timeout or 120.0)
-            my_attempt: int | None = None
-            waited = False
-            while True:
-                if slot.state == "ready":
-                    return self._lease(slot, started, waited)
-                if slot.state == "failed" and my_attempt == slot.attempt:
-                    self.metrics.rejections.labels(model, "start_failed").inc()
-                    raise WorkerFailed(f"worker for {model} failed to start: {slot.error}")
-                if slot.state in ("cold", "failed", "sleeping"):
-                    if slot.state == "failed" and time.monotonic() < slot.retry_at:
-                        wait = slot.retry_at - time.monotonic()
-                        self.metrics.rejections.labels(model, "backoff").inc()
-                        raise WorkerFailed(f"worker for {model} failed to start: {slot.error}; "
-                                           f"next retry in {wait:.0f} s",
-                                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
-                    if not self._make_room(slot):
-                        pass  # budget full of busy workers: wait for one to go idle, then retry
-                    else:
-                        if slot.state == "sleeping":
-                            self._begin_wake(slot)
-                        else:
-                            self._begin_start(slot)
-                        my_attempt = slot.attempt
-                elif slot.state == "starting" and my_attempt is None:
-                    my_attempt = slot.attempt
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.metrics.rejections.labels(model, "deadline").inc()
-                    raise WorkerNotReady(
-                        f"worker for {model} not ready after {time.monotonic() - started:.0f} s "
-                        f"(state {slot.state}); retry later", headers={"Retry-After": "5"})
-                if slot.waiters >= (slot.spec.max_queue if slot.spec.max_queue is not None else 64):
-                    self.metrics.rejections.labels(model, "queue_full").inc()
-                    raise QueueFull(f"{slot.waiters} requests already wait for {model}; retry later",
-                                    retry_after=5)
-                slot.waiters += 1
-                self.metrics.queued.labels(model).set(slot.waiters)
-                waited = True
-                try:
-                    self._cond.wait(min(remaining, 1.0))
-                finally:
-                    slot.waiters -= 1
-                    self.metrics.queued.labels(model).set(slot.waiters)
-
-    def _lease(self, slot: _Slot, started: float, waited: bool) -> WorkerLease:
-        slot.in_flight += 1
-        slot.last_used = time.time()
-        slot.last_used_mono = time.monotonic()
-        self.metrics.in_flight.labels(slot.spec.name).set(slot.in_flight)
-        if waited and slot.last_actuation is not None:
-            # This request waited for the cold start or wake that just finished.
-            actuation = Actuation(slot.last_actuation.path, time.monotonic() - started)
+    def _begin_actuation(self, slot: Slot) -> bool:
+        assert isinstance(slot, _Slot)
+        if not self._make_room(slot):
+            return False  # budget full of busy workers: wait for one to go idle, then retry
+        if slot.state == "sleeping":
+            self._begin_wake(slot)
         else:
-            actuation = Actuation("warm", time.monotonic() - started)
-            self.metrics.actuation.labels(slot.spec.name, "warm").observe(actuation.seconds)
-            slot.last_actuation = actuation  # /v1/workers shows the latest request's actuation
-        assert slot.url is not None
-        return WorkerLease(slot.spec.name, slot.url, actuation, self._done)
-
-    def _done(self, model: str) -> None:
-        with self._cond:
-            slot = self._slots[model]
-            slot.in_flight -= 1
-            slot.last_used = time.time()
-            slot.last_used_mono = time.monotonic()
-            self.metrics.in_flight.labels(model).set(slot.in_flight)
-            self._cond.notify_all()
+            self._begin_start(slot)
+        return True
 
     # ---- making room (budget) -------------------------------------------------
 
@@ -301,8 +192,7 @@ class LocalActuator(Actuator):
             slot.failures = 0
             slot.actuating = None
             slot.last_actuation = Actuation("cold", secs)
-            slot.last_used = time.time()
-            slot.last_used_mono = time.monotonic()
+            self._touch(slot)
             self._set_state(slot, "ready")
             status = self._status(slot)
         self.metrics.actuation.labels(spec.name, "cold").observe(secs)
