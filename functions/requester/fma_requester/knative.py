@@ -402,7 +402,9 @@ class KnativeActuator(SlotActuator):
                 return
             slot.last_actuation = Actuation("wake", secs)
             self._set_state(slot, "ready")
+            status = self._status(slot)
         self.metrics.actuation.labels(slot.spec.name, "wake").observe(secs)
+        self.emit("ai.llm-d.fma.worker.ready", status.as_dict())
 
     def sleep(self, model: str, level: int = 1) -> WorkerStatus:
         with self._cond:

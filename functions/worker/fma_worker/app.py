@@ -103,7 +103,8 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
     def sleep() -> Response:
         query = parse_model(p.SleepQuery, query_args(request.args))
         seconds = engine.sleep(query.level)
-        return json_response({"is_sleeping": True, "level": query.level, "seconds": round(seconds, 4)})
+        return json_response({"is_sleeping": True, "level": query.level, "seconds": round(seconds, 4),
+                              "device_memory_allocated": engine.device_memory_allocated()})
 
     @app.post(p.PATH_WAKE)
     def wake_up() -> Response:

@@ -257,6 +257,13 @@ class Engine:
         self._last_weights_s = time.monotonic() - t
         return _param_bytes(model)
 
+    def device_memory_allocated(self) -> int | None:
+        """Bytes torch holds on the accelerator (None on CPU): shows that sleep released them."""
+        torch = self._torch
+        if torch is None or not self.device.startswith("cuda"):
+            return None
+        return int(torch.cuda.memory_allocated(torch.device(self.device)))
+
     def _warm_up(self) -> None:
         # One tiny forward pass so the first real request does not pay for
         # kernel selection and allocator growth.
