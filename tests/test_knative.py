@@ -335,3 +335,16 @@ def test_lifecycle_events_reach_k_sink_as_cloudevents(kube: FakeKube, sim: Simul
         assert event["ce-subject"] == EMBEDDED and event["ce-specversion"] == "1.0"
     finally:
         server.shutdown()
+
+
+def test_sleep_of_an_unreachable_worker_is_a_502_not_a_crash(kube: FakeKube, sim: SimulatedKnative):
+    from fma_common.errors import Conflict, UpstreamError
+
+    act = actuator(kube)
+    with pytest.raises(Conflict):
+        act.sleep(EMBEDDED)  # cold: nothing to put to sleep
+    act.ensure_ready(EMBEDDED).done()  # "ready" mode: the cluster-local address does not resolve here
+    with pytest.raises(UpstreamError) as info:
+        act.sleep(EMBEDDED)
+    assert info.value.status == 502
+    assert act.describe(EMBEDDED).state == "ready"

@@ -51,22 +51,6 @@ def test_describe_masks_secrets_but_not_token_counts():
     assert describe(S()) == {"max_tokens": 5, "api_key": "***"}
 
 
-def test_readme_lists_every_worker_setting():
-    readme = (REPO / "README.md").read_text()
-    listed = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, flags=re.M))
-    missing = set(WORKER_ENV) - listed
-    assert not missing, f"README is missing worker settings: {sorted(missing)}"
-
-
-def test_readme_lists_every_requester_setting():
-    from fma_requester.settings import REQUESTER_ENV
-
-    readme = (REPO / "README.md").read_text()
-    listed = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, flags=re.M))
-    missing = set(REQUESTER_ENV) - listed
-    assert not missing, f"README is missing requester settings: {sorted(missing)}"
-
-
 @pytest.mark.parametrize("env, message", [
     ({"FMA_BIND": "localhost"}, "HOST:PORT"),
     ({"FMA_BIND": "127.0.0.1:99999"}, "HOST:PORT"),
@@ -87,10 +71,16 @@ def test_requester_binds_both_fma_ports_locally_and_port_in_knative():
     assert RequesterSettings.from_env({"PORT": "9000"}).binds == ("0.0.0.0:9000",)
 
 
-def test_readme_lists_every_knative_setting():
+def _env_tables() -> dict[str, dict[str, tuple[str, str]]]:
     from fma_requester.knative import KNATIVE_ENV
+    from fma_requester.settings import REQUESTER_ENV
 
+    return {"worker": WORKER_ENV, "requester": REQUESTER_ENV, "knative": KNATIVE_ENV}
+
+
+@pytest.mark.parametrize("service", ["worker", "requester", "knative"])
+def test_readme_lists_every_setting(service: str):
     readme = (REPO / "README.md").read_text()
     listed = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, flags=re.M))
-    missing = set(KNATIVE_ENV) - listed
-    assert not missing, f"README is missing knative settings: {sorted(missing)}"
+    missing = set(_env_tables()[service]) - listed
+    assert not missing, f"README is missing {service} settings: {sorted(missing)}"

@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 import yaml
 
-from fma_common.errors import ApiError, Conflict, InternalError, WorkerFailed, WorkerNotReady
+from fma_common.errors import ApiError, InternalError, WorkerFailed, WorkerNotReady
 from fma_common.settings import SettingsError, env_choice, env_int
 
 from .actuator import Actuation, WorkerStatus
@@ -174,15 +174,13 @@ class KnativeActuator(SlotActuator):
                  api: Any = None, emit: Callable[[str, dict[str, Any]], None] | None = None,
                  backoff_base_s: float = 2.0, backoff_max_s: float = 60.0) -> None:
         super().__init__(registry, metrics,
-                         {s.name: _Slot(s, name=worker_service_name(s.name)) for s in registry})
+                         {s.name: _Slot(s, name=worker_service_name(s.name)) for s in registry}, emit=emit)
         self.kn = kn
         self.api = api if api is not None else load_api()
-        self.emit = emit or (lambda _t, _d: None)
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._by_service = {slot.name: slot for slot in self._slots.values()}  # type: ignore[attr-defined]
         self._owner: dict[str, Any] | None = None
-        self._http = httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0))
 
     # ---- API calls ---------------------------------------------------------------
 
@@ -405,23 +403,6 @@ class KnativeActuator(SlotActuator):
             status = self._status(slot)
         self.metrics.actuation.labels(slot.spec.name, "wake").observe(secs)
         self.emit("ai.llm-d.fma.worker.ready", status.as_dict())
-
-    def sleep(self, model: str, level: int = 1) -> WorkerStatus:
-        with self._cond:
-            slot = self._slot(model)
-            if slot.state not in ("ready", "sleeping"):
-                raise Conflict(f"worker for {model} is {slot.state}; nothing to put to sleep")
-            if slot.state == "sleeping":
-                return self._status(slot)
-            url = slot.url
-        resp = self._http.post(f"{url}/sleep", params={"level": level})
-        if resp.status_code != 200:
-            raise Conflict(f"worker for {model} refused to sleep: {resp.text[:300]}")
-        with self._cond:
-            self._set_state(slot, "sleeping")
-            status = self._status(slot)
-        self.emit("ai.llm-d.fma.worker.sleeping", status.as_dict())
-        return status
 
     def release(self, model: str) -> WorkerStatus:
         from kubernetes.client.exceptions import ApiException

@@ -34,14 +34,12 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from fma_common.errors import Conflict, WorkerNotReady
 from fma_common.procs import (
     WORKER_APP,
     WORKER_CONFIG,
@@ -58,12 +56,9 @@ from .launcher_client import LauncherClient, LauncherError
 from .metrics import RequesterMetrics
 from .registry import ModelRegistry, ModelSpec
 from .settings import RequesterSettings
-from .slots import Slot, SlotActuator
+from .slots import EventSink, Slot, SlotActuator
 
 log = logging.getLogger("fma.requester.local")
-
-EventSink = Callable[[str, dict[str, Any]], None]
-
 
 @dataclass
 class _Slot(Slot):
@@ -79,13 +74,12 @@ class LocalActuator(SlotActuator):
 
     def __init__(self, settings: RequesterSettings, registry: ModelRegistry, metrics: RequesterMetrics,
                  *, emit: EventSink | None = None, worker_env: dict[str, str] | None = None) -> None:
-        super().__init__(registry, metrics, {spec.name: _Slot(spec) for spec in registry})
+        super().__init__(registry, metrics, {spec.name: _Slot(spec) for spec in registry}, emit=emit,
+                         connect_timeout_s=settings.upstream_connect_timeout_s)
         self.settings = settings
-        self.emit = emit or (lambda _type, _data: None)
         self.worker_env = worker_env or {}
         self._lifeline_r, self._lifeline_w = os.pipe()
         os.set_inheritable(self._lifeline_w, False)
-        self._http = httpx.Client(timeout=httpx.Timeout(60.0, connect=settings.upstream_connect_timeout_s))
         self._reaper: threading.Thread | None = None
         self._launcher: LauncherClient | None = None
         self._launcher_lock = threading.Lock()
@@ -310,6 +304,9 @@ class LocalActuator(SlotActuator):
             self._trim_sleepers()
         self.emit("ai.llm-d.fma.worker.sleeping", status.as_dict())
 
+    def _after_sleep(self) -> None:
+        self._trim_sleepers()
+
     def _trim_sleepers(self) -> None:
         for name in policy.excess_sleepers(self._views(), self.registry.budget.sleepers):
             self._begin_stop(self._slots[name], "over the sleeper budget")
@@ -326,30 +323,6 @@ class LocalActuator(SlotActuator):
             log.info("stopping worker for %s (%s)", slot.spec.name, why)
             threading.Thread(target=stop_process_group, args=(proc, self.settings.drain_timeout_s),
                              daemon=True).start()
-
-    def sleep(self, model: str, level: int = 1) -> WorkerStatus:
-        with self._cond:
-            slot = self._slot(model)
-            if slot.state in ("cold", "failed"):
-                raise Conflict(f"worker for {model} is {slot.state}; nothing to put to sleep")
-            deadline = time.monotonic() + 120
-            while slot.state == "starting":
-                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
-                    raise WorkerNotReady(f"worker for {model} is still starting")
-            if slot.state == "sleeping":
-                return self._status(slot)
-            url = slot.url
-            attempt = slot.attempt
-        resp = self._http.post(f"{url}/sleep", params={"level": level}, timeout=120)
-        if resp.status_code != 200:
-            raise Conflict(f"worker for {model} refused to sleep: {resp.text[:300]}")
-        with self._cond:
-            if slot.attempt == attempt and slot.state == "ready":
-                self._set_state(slot, "sleeping")
-                self._trim_sleepers()
-            status = self._status(slot)
-        self.emit("ai.llm-d.fma.worker.sleeping", status.as_dict())
-        return status
 
     def release(self, model: str) -> WorkerStatus:
         with self._cond:

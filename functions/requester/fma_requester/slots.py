@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from fma_common.errors import ModelNotFound, QueueFull, WorkerFailed, WorkerNotReady
+import httpx
+
+from fma_common.errors import Conflict, ModelNotFound, QueueFull, UpstreamError, WorkerFailed, WorkerNotReady
 
 from .actuator import Actuation, Actuator, State, WorkerLease, WorkerStatus
 from .metrics import RequesterMetrics
@@ -45,13 +49,20 @@ class Slot:
     last_actuation: Actuation | None = None
 
 
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
 class SlotActuator(Actuator):
-    def __init__(self, registry: ModelRegistry, metrics: RequesterMetrics, slots: dict[str, Slot]) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: RequesterMetrics, slots: dict[str, Slot], *,
+                 emit: EventSink | None = None, connect_timeout_s: float = 10.0) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.emit = emit or (lambda _type, _data: None)
         self._cond = threading.Condition()
         self._slots = slots
         self._closing = False
+        # Control calls to workers (sleep, wake); generous read timeout: a level-2 wake reloads weights.
+        self._http = httpx.Client(timeout=httpx.Timeout(120.0, connect=connect_timeout_s))
         for name in slots:
             metrics.set_worker_state(name, "cold")
 
@@ -65,6 +76,9 @@ class SlotActuator(Actuator):
     def _waiting_on(self, slot: Slot) -> str:
         """The last state seen, for a deadline message."""
         return f"state {slot.state}"
+
+    def _after_sleep(self) -> None:
+        """Under the lock, after a worker went to sleep (e.g. enforce a sleeper budget)."""
 
     # ---- status --------------------------------------------------------------------
 
@@ -166,3 +180,32 @@ class SlotActuator(Actuator):
     def _touch(slot: Slot) -> None:
         slot.last_used = time.time()
         slot.last_used_mono = time.monotonic()
+
+    # ---- sleep ---------------------------------------------------------------------
+
+    def sleep(self, model: str, level: int = 1) -> WorkerStatus:
+        with self._cond:
+            slot = self._slot(model)
+            deadline = time.monotonic() + 120
+            while slot.state == "starting":  # let a start or wake in progress finish first
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    raise WorkerNotReady(f"worker for {model} is still starting; retry later",
+                                         headers={"Retry-After": "5"})
+            if slot.state in ("cold", "failed"):
+                raise Conflict(f"worker for {model} is {slot.state}; nothing to put to sleep")
+            if slot.state == "sleeping":
+                return self._status(slot)
+            url, attempt = slot.url, slot.attempt
+        try:
+            resp = self._http.post(f"{url}/sleep", params={"level": level})
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"could not reach the worker for {model} to put it to sleep: {exc}") from None
+        if resp.status_code != 200:
+            raise Conflict(f"worker for {model} refused to sleep: {resp.text[:300]}")
+        with self._cond:
+            if slot.attempt == attempt and slot.state == "ready":
+                self._set_state(slot, "sleeping")
+                self._after_sleep()
+            status = self._status(slot)
+        self.emit("ai.llm-d.fma.worker.sleeping", status.as_dict())
+        return status

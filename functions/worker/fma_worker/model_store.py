@@ -275,9 +275,3 @@ def _convert_gguf(entry: EmbeddedModel, gguf: Path, out: Path, dtype: str, say: 
 
     (out / "tokenizer.model").unlink(missing_ok=True)  # 98 MB GGUF copy from 4.x
 
-
-def folder_weight_bytes(folder: Path) -> int:
-    """Bytes of weight files in a folder, for load-throughput reporting."""
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(
-        p.stat().st_size for p in folder.glob("*.bin")
-    )
