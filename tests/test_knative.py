@@ -21,6 +21,7 @@ from fma_requester.knative_spec import (
     render_worker_service,
     worker_service_name,
 )
+from fma_requester.lifecycle import LifecycleConfig
 from fma_requester.metrics import RequesterMetrics
 from fma_requester.registry import ModelRegistry
 
@@ -60,7 +61,8 @@ def api_for(kube: FakeKube) -> client.CustomObjectsApi:
 
 def actuator(kube: FakeKube, reg: ModelRegistry | None = None, **env: str) -> KnativeActuator:
     kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS, "FMA_KUBE_RETRIES": "4", **env})
-    return KnativeActuator(reg or registry(), RequesterMetrics(), kn, api=api_for(kube), backoff_base_s=0.1)
+    return KnativeActuator(reg or registry(), RequesterMetrics(), kn, api=api_for(kube),
+                           config=LifecycleConfig(restart_backoff_s=0.1))
 
 
 # ---- the manifest ----------------------------------------------------------------------

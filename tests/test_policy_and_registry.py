@@ -5,45 +5,96 @@ from __future__ import annotations
 import pytest
 
 from fma_common.settings import SettingsError
-from fma_requester.policy import WorkerView, backoff_delay, excess_sleepers, idle_expired, pick_eviction
+from fma_requester.policy import Budget, WorkerView, backoff_delay, excess_sleepers, idle_expired, plan_room
 from fma_requester.registry import ModelRegistry
 
+HOLDS = {"starting": "awake", "ready": "awake", "going_to_sleep": "awake", "waking": "awake", "sleeping": "asleep"}
 
-def view(model: str, state: str = "ready", in_flight: int = 0, waiters: int = 0, last_used: float = 0.0,
-         idle_timeout: float = 60.0) -> WorkerView:
-    return WorkerView(model, state, in_flight, waiters, last_used, idle_timeout)
+
+def view(model: str, phase: str = "ready", in_flight: int = 0, waiters: int = 0, last_used: float = 0.0,
+         idle_timeout: float = 60.0, memory: int = 0, asleep: int | None = None, holds: str | None = None,
+         ) -> WorkerView:
+    return WorkerView(model, phase, in_flight, waiters, last_used, idle_timeout,
+                      holds or HOLDS.get(phase, "none"), memory, memory if asleep is None else asleep)
 
 
 def test_idle_workers_past_their_timeout_are_reaped_busy_ones_never():
     workers = [view("a", last_used=0), view("b", last_used=0, in_flight=1), view("c", last_used=90),
-               view("d", state="sleeping", last_used=0), view("e", state="cold", last_used=0),
-               view("f", last_used=0, waiters=2)]
+               view("d", phase="sleeping", last_used=0), view("e", phase="cold", last_used=0),
+               view("f", last_used=0, waiters=2), view("g", phase="stopping", last_used=0, holds="awake")]
     assert idle_expired(workers, now=100) == ["a", "d"]
 
 
 def test_room_under_budget_needs_no_eviction():
-    assert pick_eviction([view("a"), view("b", state="cold")], max_loaded=2, exclude="b") is True
+    assert plan_room([view("a"), view("b", phase="cold")], Budget(2, 1), "b", sleep_level=2).go
 
 
-def test_full_budget_evicts_the_least_recently_used_idle_worker():
+def test_full_budget_puts_the_least_recently_used_idle_worker_to_sleep():
     workers = [view("a", last_used=30), view("b", last_used=10), view("c", last_used=5, in_flight=1),
-               view("new", state="cold")]
-    assert pick_eviction(workers, max_loaded=3, exclude="new") == "b"
+               view("new", phase="cold")]
+    room = plan_room(workers, Budget(3, 1), "new", sleep_level=2)
+    assert not room.go and room.actions == (("b", "sleep"),)
 
 
-def test_full_budget_of_busy_workers_means_wait():
-    workers = [view("a", in_flight=1), view("b", state="starting"), view("new", state="cold")]
-    assert pick_eviction(workers, max_loaded=2, exclude="new") is None
+def test_full_sleeper_budget_stops_the_victim_instead():
+    workers = [view("a", last_used=1), view("z", phase="sleeping"), view("new", phase="cold")]
+    assert plan_room(workers, Budget(1, 1), "new", sleep_level=2).actions == (("a", "stop"),)
+    assert plan_room(workers[:1] + workers[2:], Budget(1, 1), "new", sleep_level=0).actions == (("a", "stop"),)
+
+
+def test_full_budget_of_busy_workers_means_wait_and_nothing_is_evicted():
+    workers = [view("a", in_flight=1), view("b", phase="starting"), view("c", last_used=0), view("new", phase="cold")]
+    room = plan_room(workers, Budget(2, 2), "new", sleep_level=2)
+    assert not room.go and room.actions == () and "busy" in room.reason
+
+
+def test_a_worker_still_going_to_sleep_or_stopping_holds_its_place_until_done():
+    for phase in ("going_to_sleep", "stopping"):
+        workers = [view("a", phase=phase, holds="awake"), view("new", phase="cold")]
+        room = plan_room(workers, Budget(1, 1), "new", sleep_level=2)
+        assert not room.go and room.actions == () and "finish" in room.reason, phase
+
+
+def test_waking_needs_only_the_difference_between_asleep_and_awake_memory():
+    workers = [view("a", memory=6000, last_used=1), view("me", phase="sleeping", memory=6000, asleep=500)]
+    assert plan_room(workers, Budget(5, 2, memory_mib=12000), "me", sleep_level=2).go
+    assert not plan_room(workers, Budget(5, 2, memory_mib=11000), "me", sleep_level=2).go
+
+
+def test_sleepers_count_against_the_memory_budget():
+    workers = [view("z", phase="sleeping", memory=4000, last_used=1), view("new", phase="cold", memory=5000)]
+    room = plan_room(workers, Budget(5, 2, memory_mib=8000), "new", sleep_level=2)
+    assert room.actions == (("z", "stop"),), "an idle sleeper's memory is freed when nothing else fits"
+
+
+def test_sleeping_frees_nothing_when_it_keeps_everything_so_the_victim_is_stopped():
+    workers = [view("a", memory=3000, last_used=1), view("b", memory=3000, last_used=2),
+               view("new", phase="cold", memory=3000)]
+    room = plan_room(workers, Budget(5, 2, memory_mib=8000), "new", sleep_level=2)
+    assert room.actions == (("a", "stop"),)
+    light = [view("a", memory=3000, asleep=200, last_used=1), workers[1], workers[2]]
+    assert plan_room(light, Budget(5, 2, memory_mib=8000), "new", sleep_level=2).actions == (("a", "sleep"),)
+
+
+def test_models_ahead_in_line_are_counted_as_awake():
+    workers = [view("x", phase="cold"), view("new", phase="cold")]
+    assert plan_room(workers, Budget(1, 1), "new", sleep_level=2).go
+    assert not plan_room(workers, Budget(1, 1), "new", sleep_level=2, reserved=[workers[0]]).go
 
 
 def test_sleepers_over_budget_go_least_recently_used_first():
     workers = [view("a", "sleeping", last_used=3), view("b", "sleeping", last_used=1),
-               view("c", "sleeping", last_used=2)]
+               view("c", "sleeping", last_used=2), view("d", "stopping", holds="asleep")]
     assert excess_sleepers(workers, sleepers=1) == ["b", "c"]
     assert excess_sleepers(workers, sleepers=5) == []
 
 
-def test_backoff_doubles_and_is_capped():
+def test_a_sleeper_about_to_wake_does_not_push_another_one_out():
+    workers = [view("a", "sleeping", waiters=1, last_used=0), view("b", "sleeping", last_used=5)]
+    assert excess_sleepers(workers, sleepers=1) == []
+
+
+def test_backoff_starts_at_the_base_doubles_and_is_capped():
     assert [backoff_delay(n, 2, 10) for n in range(5)] == [0, 2, 4, 8, 10]
 
 
@@ -76,10 +127,7 @@ def test_bad_models_files_name_the_problem(text, message):
         ModelRegistry.from_text(text, "models.yaml")
 
 
-def test_memory_budget_evicts_until_the_new_model_fits():
-    workers = [view("a", last_used=1), view("b", last_used=2), view("new", state="cold")]
-    sized = [WorkerView(w.model, w.state, 0, 0, w.last_used, 60, 3000) for w in workers]
-    # 2 x 3000 awake + 3000 needed > 8000: the least recently used goes first
-    assert pick_eviction(sized, max_loaded=5, exclude="new", memory_budget_mib=8000, need_mib=3000) == "a"
-    after = [sized[0].__class__("a", "sleeping", 0, 0, 1, 60, 3000), sized[1], sized[2]]
-    assert pick_eviction(after, max_loaded=5, exclude="new", memory_budget_mib=8000, need_mib=3000) is True
+def test_a_model_bigger_than_the_memory_budget_is_refused_at_start_up():
+    with pytest.raises(SettingsError, match="could never start"):
+        ModelRegistry.from_text("budget: {memory_mib: 1000}\n"
+                                "models:\n  - {name: m, source: 'embedded:smollm2-135m-instruct', memory_mib: 2000}\n")

@@ -1,6 +1,11 @@
-"""Requester edge with a recording fake actuator (Flask test client, no processes)."""
+"""Requester edge with a recording fake actuator (Flask test client) and a scripted fake worker."""
 
 from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -20,6 +25,7 @@ class FakeActuator(Actuator):
         self.calls: list[tuple[str, ...]] = []
         self.states = dict.fromkeys(MODELS, "cold")
         self.refuse_with: Exception | None = None
+        self.worker_url = "http://127.0.0.1:9"
 
     def _check(self, model: str) -> None:
         if model not in self.states:
@@ -31,8 +37,11 @@ class FakeActuator(Actuator):
         if self.refuse_with:
             raise self.refuse_with
         self.states[model] = "ready"
-        return WorkerLease(model, "http://127.0.0.1:9", Actuation("cold", 0.5),
-                           lambda m: self.calls.append(("done", m)))
+        return WorkerLease(model, self.worker_url, Actuation(path="cold", seconds=0.5),
+                           lambda lease: self.calls.append(("done", lease.model)))
+
+    def worker_unreachable(self, lease: WorkerLease) -> None:
+        self.calls.append(("unreachable", lease.model))
 
     def release(self, model: str) -> WorkerStatus:
         self._check(model)
@@ -50,7 +59,8 @@ class FakeActuator(Actuator):
 
     def describe(self, model: str) -> WorkerStatus:
         self._check(model)
-        return WorkerStatus(model, self.states[model], "fake", None, None, 0, 0, None)  # type: ignore[arg-type]
+        return WorkerStatus(model=model, state=self.states[model], phase=self.states[model], backend="fake",
+                            url=None, last_used=None, in_flight=0, queued=0, last_actuation=None)
 
     def list(self) -> list[WorkerStatus]:
         return [self.describe(m) for m in MODELS]
@@ -73,7 +83,7 @@ def test_workers_lists_every_model_cold_ones_included(client):
     body = client.get("/v1/workers").get_json()
     assert body["object"] == "list"
     assert [w["model"] for w in body["data"]] == MODELS
-    assert set(body["data"][0]) == {"model", "state", "backend", "url", "last_used", "in_flight", "queued",
+    assert set(body["data"][0]) == {"model", "state", "phase", "backend", "url", "last_used", "in_flight", "queued",
                                     "last_actuation"}
 
 
@@ -165,3 +175,101 @@ def test_unknown_and_malformed_events_are_400(client):
                                               "ce-id": "1"})
     assert resp.status_code == 400
     assert client.post("/", data=b"{", content_type="application/cloudevents+json").status_code == 400
+
+
+# ---- one data plane: the same outcome over HTTP and CloudEvents -------------------------------
+
+
+class ScriptedWorker:
+    """A real HTTP server standing in for a worker (or for Knative's activator in front of one)."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, str, bytes] = (200, "application/json", b"{}")
+        self.requests: list[dict] = []
+        worker = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_a: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                worker.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                status, ctype, body = worker.answer
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def worker(fake: FakeActuator) -> Iterator[ScriptedWorker]:
+    w = ScriptedWorker()
+    fake.worker_url = w.url
+    yield w
+    w.close()
+
+
+def completion_event(client, **data):
+    return client.post("/", json={"model": "model-b", "prompt": "x", **data}, headers={
+        "ce-specversion": "1.0", "ce-type": "ai.llm-d.fma.completion.requested", "ce-source": "/t", "ce-id": "c9"})
+
+
+ENVELOPE_500 = json.dumps({"error": {"message": "generation failed", "type": "server_error",
+                                     "code": "internal_error", "param": None}}).encode()
+
+
+@pytest.mark.parametrize("answer, status, code", [
+    ((503, "text/plain", b"activator: no healthy upstream"), 503, "upstream_503"),
+    ((502, "text/html", b"<html>bad gateway</html>"), 502, "upstream_502"),
+    ((429, "application/json", json.dumps({"error": {"message": "busy", "type": "rate_limit_error",
+                                                      "code": "queue_full", "param": None}}).encode()), 429,
+     "queue_full"),
+])
+def test_transient_worker_answers_are_retryable_on_both_edges(client, fake, worker, answer, status, code):
+    worker.answer = answer
+    over_http = client.post("/v1/completions", json={"model": "model-b", "prompt": "x"})
+    assert over_http.status_code == status and over_http.get_json()["error"]["code"] == code
+    as_event = completion_event(client)
+    assert as_event.status_code == status and "ce-type" not in as_event.headers  # the broker retries
+    assert as_event.get_json()["error"]["code"] == code
+    assert fake.calls.count(("done", "model-b")) == 2, "every lease is given back"
+
+
+def test_a_worker_500_is_a_permanent_failure_on_both_edges(client, worker):
+    worker.answer = (500, "application/json", ENVELOPE_500)
+    over_http = client.post("/v1/completions", json={"model": "model-b", "prompt": "x"})
+    assert over_http.status_code == 500 and over_http.get_json() == json.loads(ENVELOPE_500)
+    reply = completion_event(client)
+    assert reply.status_code == 200 and reply.headers["ce-type"] == "ai.llm-d.fma.completion.failed"
+    assert reply.get_json() == json.loads(ENVELOPE_500)
+
+
+def test_a_worker_answer_that_is_not_json_fails_the_event_instead_of_a_500(client, worker):
+    worker.answer = (200, "text/plain", b"surprise")
+    reply = completion_event(client)
+    assert reply.status_code == 200 and reply.headers["ce-type"] == "ai.llm-d.fma.completion.failed"
+    assert reply.get_json()["error"]["code"] == "upstream_bad_body"
+
+
+def test_a_successful_event_sends_the_same_body_as_http_with_stream_off(client, worker):
+    worker.answer = (200, "application/json", json.dumps({"id": "cmpl-1", "choices": []}).encode())
+    reply = completion_event(client, stream=True, max_tokens=3)
+    assert reply.headers["ce-type"] == "ai.llm-d.fma.completion.succeeded"
+    assert reply.get_json() == {"id": "cmpl-1", "choices": []}
+    assert worker.requests[-1] == {"model": "model-b", "prompt": "x", "stream": False, "max_tokens": 3}
+
+
+def test_an_unreachable_worker_is_a_502_and_is_reported_to_the_actuator(client, fake):
+    fake.worker_url = "http://127.0.0.1:9"  # nothing listens on the discard port
+    resp = client.post("/v1/completions", json={"model": "model-b", "prompt": "x"})
+    assert resp.status_code == 502 and resp.get_json()["error"]["code"] == "worker_unreachable"
+    assert ("unreachable", "model-b") in fake.calls

@@ -1,14 +1,10 @@
-"""StopTextTracker: what a streaming client sees around stop sequences and UTF-8."""
+"""StopTextTracker: what a streaming client sees around stop sequences."""
 
 from fma_worker.text import StopTextTracker
 
 
 def feed(tracker: StopTextTracker, pieces: list[str], final_last: bool = True) -> list[str]:
-    text, out = "", []
-    for i, piece in enumerate(pieces):
-        text += piece
-        out.append(tracker.push(text, final=final_last and i == len(pieces) - 1))
-    return out
+    return [tracker.push(piece, final=final_last and i == len(pieces) - 1) for i, piece in enumerate(pieces)]
 
 
 def test_stop_split_across_tokens_never_leaks_a_partial_stop():
@@ -37,10 +33,10 @@ def test_earliest_of_several_stops_wins():
     assert "".join(feed(t, ["hello world"])) == "hel"
 
 
-def test_incomplete_utf8_replacement_char_is_held_until_resolved():
-    t = StopTextTracker(())
-    assert t.push("caf\ufffd") == "caf"
-    assert t.push("café") == "é"
+def test_stop_spanning_three_pieces_is_found():
+    t = StopTextTracker(("abcd",))
+    assert feed(t, ["xa", "b", "c", "dy"]) == ["x", "", "", ""]
+    assert t.stopped
 
 
 def test_no_stops_streams_everything():
@@ -52,3 +48,10 @@ def test_stop_at_the_very_start_yields_empty_text():
     t = StopTextTracker(("\n",))
     assert feed(t, ["\nfoo"]) == [""]
     assert t.stopped
+
+
+def test_long_generation_keeps_only_the_held_tail():
+    t = StopTextTracker(("STOP",))
+    out = feed(t, ["word "] * 2000 + ["ST"], final_last=False)
+    assert "".join(out) == "word " * 2000
+    assert t._pending == "ST"

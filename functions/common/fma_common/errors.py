@@ -127,3 +127,24 @@ class InternalError(ApiError):
 def error_envelope(message: str, type_: str, code: str | None = None,
                    param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+
+
+class UpstreamAnswer(ApiError):
+    """A worker's (or its platform's) own error answer, passed on as it was.
+
+    Keeps the status, the worker's error envelope when it sent one (or one
+    made from its text, e.g. a Knative activator's plain-text 503) and its
+    ``Retry-After``, so the client sees what the worker said.
+    """
+
+    def __init__(self, status: int, envelope: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        error = envelope.get("error") if isinstance(envelope.get("error"), dict) else {}
+        super().__init__(str(error.get("message") or f"worker answered {status}"), headers=headers)
+        self.status = status
+        self.type = str(error.get("type") or ("invalid_request_error" if status < 500 else "server_error"))
+        self.code = error.get("code")
+        self.param = error.get("param")
+        self._envelope = envelope
+
+    def envelope(self) -> dict[str, Any]:
+        return self._envelope

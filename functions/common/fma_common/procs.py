@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from .logs import tail
+
 WORKER_CONFIG = "fma_worker.gunicorn_conf"
 WORKER_APP = "fma_worker.app:create_app()"
 
@@ -41,24 +43,27 @@ def start_gunicorn(config_module: str, app: str, env: Mapping[str, str], log_pat
 
 
 def log_tail(log_path: Path, limit: int = 4000) -> str:
-    try:
-        data = log_path.read_bytes()
-    except OSError:
-        return ""
-    return data[-limit:].decode(errors="replace")
+    return tail(log_path, limit)
+
+
+class Cancelled(RuntimeError):
+    """The wait was called off (the worker was released while it started)."""
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path | None = None,
-               interval: float = 0.05) -> float:
+               interval: float = 0.05, cancel: threading.Event | None = None) -> float:
     """Poll ``/ready`` until 200; returns the seconds waited.
 
     Raises ``RuntimeError`` (with the log tail) if the process exits first or
-    reports ``{"status": "failed"}`` on ``/ready``, and ``TimeoutError`` at the deadline.
+    reports ``{"status": "failed"}`` on ``/ready``, ``TimeoutError`` at the
+    deadline, and :class:`Cancelled` as soon as ``cancel`` is set.
     """
     started = time.monotonic()
     deadline = started + timeout
     with httpx.Client(timeout=2.0) as client:
         while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"{url}: start cancelled")
             if proc.poll() is not None:
                 tail = log_tail(log_path) if log_path else ""
                 raise RuntimeError(f"server exited with code {proc.returncode} before it was ready\n{tail}")
@@ -75,7 +80,10 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path 
             if time.monotonic() >= deadline:
                 tail = log_tail(log_path) if log_path else ""
                 raise TimeoutError(f"{url} not ready after {timeout:.0f} s\n{tail}")
-            time.sleep(interval)
+            if cancel is not None:
+                cancel.wait(interval)
+            else:
+                time.sleep(interval)
 
 
 def _reported_failure(resp: httpx.Response) -> str | None:

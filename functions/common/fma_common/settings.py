@@ -1,21 +1,37 @@
-"""Small helpers for typed settings read from the environment.
+"""Typed settings read from the environment, defined once per service.
 
-Each service has one frozen ``Settings`` dataclass with a ``from_env(environ)``
-classmethod. The helpers here parse one variable each and raise
-:class:`SettingsError` naming the variable and what is wrong, so a bad value
-stops the process at start-up with a clear message instead of surfacing later.
+Each service declares one frozen :class:`EnvSettings` subclass. Every field
+names its environment variable, its default (written the way a user would
+set it, e.g. ``"30s"``) and what it means, in one place:
+
+    class WorkerSettings(EnvSettings):
+        max_tokens: int = setting("FMA_MAX_TOKENS", "2048", "largest max_tokens a request may ask for", ge=1)
+
+From that single declaration come the parsing and validation
+(:meth:`EnvSettings.from_env`, which stops start-up with one line naming the
+variable), the start-up log line (:func:`describe`, secrets masked), the
+README tables (:func:`markdown_table`; a test keeps the README equal to it)
+and ``fma settings``.
+
+Why not pydantic-settings: its environment source reads ``os.environ``
+implicitly, while ours take the mapping they are given (tests and the CLI
+pass their own), an empty variable means "unset" here, durations use our
+``30s``/``5m`` syntax, and the README needs the default *as written*. Plain
+pydantic models with an alias per field do all of that in a few lines.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import fields
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo
 
 
 class SettingsError(ValueError):
-    """An environment variable has a value the service cannot use."""
+    """An environment variable (or a models file) has a value the service cannot use."""
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -34,82 +50,135 @@ def parse_duration(text: str | float | int, *, name: str = "duration") -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def env_str(env: Mapping[str, str], name: str, default: str) -> str:
-    value = env.get(name)
-    return default if value is None or value == "" else value
-
-
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None,
-            maximum: int | None = None) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
+def _duration(value: Any) -> Any:
     try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not an integer") from None
-    if minimum is not None and value < minimum:
-        raise SettingsError(f"{name}: must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise SettingsError(f"{name}: must be <= {maximum}, got {value}")
-    return value
-
-
-def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a number") from None
-    if minimum is not None and value < minimum:
-        raise SettingsError(f"{name}: must be >= {minimum}, got {value}")
-    return value
-
-
-def env_duration(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    return parse_duration(raw, name=name)
+        return parse_duration(value)
+    except SettingsError as exc:
+        raise ValueError(str(exc).removeprefix("duration: ")) from None
 
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    low = raw.strip().lower()
+def _flag(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
     if low in _TRUE:
         return True
     if low in _FALSE:
         return False
-    raise SettingsError(f"{name}: {raw!r} is not a boolean (use true/false)")
+    raise ValueError(f"{value!r} is not a boolean (use true or false)")
 
 
-def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = env_str(env, name, default).strip().lower()
-    if value not in choices:
-        raise SettingsError(f"{name}: {value!r} is not one of {', '.join(choices)}")
-    return value
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
 
 
-_SECRET_NAME = re.compile(r"(^|_)(secret|password|api_key|token|credentials?)$")
+Duration = Annotated[float, BeforeValidator(_duration)]
+"""Seconds, written as ``250ms``, ``30s``, ``5m``, ``1h`` or a plain number."""
+Flag = Annotated[bool, BeforeValidator(_flag)]
+"""``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
+Lower = BeforeValidator(_lower)
+"""Put before a ``Literal`` of lowercase choices: ``INFO`` is ``info``."""
+
+
+def setting(env: str, default: Any, description: str, *, shown: str | None = None, keep_empty: bool = False,
+            **constraints: Any) -> Any:
+    """One setting: its variable, its default as a user would write it, and its meaning.
+
+    ``shown`` replaces the default in the README when the real default is
+    derived from other values (it is then computed by the class). With
+    ``keep_empty`` an empty value is a value (``FMA_OWNER_SERVICE=""``: no
+    owner), not "unset".
+    """
+    extra = {"env": env, "shown": shown if shown is not None else str(default), "keep_empty": keep_empty}
+    return Field(default, alias=env, description=description, validate_default=default is not None,
+                 json_schema_extra=extra, **constraints)
+
+
+class EnvSettings(BaseModel):
+    """Base class: frozen, one alias (the variable name) per field."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True, arbitrary_types_allowed=True)
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Field name -> environment variable."""
+        return {name: f.alias or name for name, f in cls.model_fields.items()}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Any:
+        env = os.environ if environ is None else environ
+        raw: dict[str, Any] = {}
+        for field in cls.model_fields.values():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if "env" not in extra:
+                continue  # derived, not read from the environment
+            var = str(extra["env"])
+            value = env.get(var)
+            if value is None or (value == "" and not extra.get("keep_empty")):
+                continue
+            raw[var] = value
+        try:
+            # Validators that derive a default from other variables read them from the context.
+            return cls.model_validate(raw, context={"env": env})
+        except ValidationError as exc:
+            raise settings_error(exc) from None
+
+    @classmethod
+    def rows(cls) -> list[tuple[str, str, str]]:
+        """(variable, default as shown, meaning) for every setting, in declaration order."""
+        out = []
+        for name, field in cls.model_fields.items():
+            extra = field.json_schema_extra or {}
+            if not isinstance(extra, dict) or "env" not in extra:
+                continue
+            out.append((str(extra["env"]), str(extra["shown"]), field.description or name))
+        return out
+
+
+def context_env(info: ValidationInfo) -> Mapping[str, str]:
+    """The environment a settings object is being read from (for derived defaults)."""
+    ctx = info.context or {}
+    return ctx.get("env", os.environ)
+
+
+def settings_error(exc: ValidationError) -> SettingsError:
+    """The first validation error as one line that names the variable."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    msg = first.get("msg", "invalid value")
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    value = first.get("input")
+    got = f" (got {value!r})" if isinstance(value, (str, int, float)) and first.get("type") != "value_error" else ""
+    return SettingsError(f"{loc}: {msg}{got}" if loc else msg)
+
+
+def markdown_table(cls: type[EnvSettings]) -> str:
+    """The README table of a settings class (a test keeps the README equal to it)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for env, shown, meaning in cls.rows():
+        lines.append(f"| `{env}` | {shown or '(empty)'} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+_SECRET_NAME = re.compile(r"(^|_)(secret|password|api_key|api_keys|token|credentials?|keys)$")
 
 
 def describe(settings: Any) -> dict[str, Any]:
-    """A settings dataclass as a plain dict for one start-up log line.
+    """Settings as a plain dict for one start-up log line; fields that hold secrets are masked."""
+    if isinstance(settings, BaseModel):
+        items = [(name, getattr(settings, name)) for name in type(settings).model_fields]
+    else:
+        from dataclasses import fields
 
-    Fields whose name says they hold a secret are masked.
-    """
+        items = [(f.name, getattr(settings, f.name)) for f in fields(settings)]
     out: dict[str, Any] = {}
-    for f in fields(settings):
-        value = getattr(settings, f.name)
-        if _SECRET_NAME.search(f.name) and value:
+    for name, value in items:
+        if _SECRET_NAME.search(name) and value:
             value = "***"
-        out[f.name] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+        out[name] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
     return out

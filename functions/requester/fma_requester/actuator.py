@@ -1,74 +1,48 @@
-"""The one interface between the requester and whatever runs workers.
+"""The one interface between the requester's edges and whatever runs workers.
 
-``LocalActuator`` runs workers as child processes; ``KnativeActuator`` (later)
-creates one Knative Service per model. The HTTP edge only ever sees this
-interface, so both are driven by the same routes and tests.
+The HTTP and CloudEvents edges (through the data plane) only ever see
+:class:`Actuator`. Its implementation is the actuation state machine
+(``lifecycle.Lifecycle``), driven by one :class:`~fma_requester.effects.Effects`:
+``LocalActuator`` (child processes) and ``KnativeActuator`` (one Knative
+Service per model) are that machine with their effects plugged in.
 """
 
 from __future__ import annotations
 
 import abc
 import threading
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable
 
-State = Literal["cold", "starting", "ready", "sleeping", "failed"]
-ActuationPath = Literal["cold", "wake", "warm"]
+from .protocol import Actuation, ActuationPath, State, WorkerStatus
 
-
-@dataclass(frozen=True)
-class Actuation:
-    path: ActuationPath
-    seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "seconds": round(self.seconds, 4)}
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    """The worker status of design.md, one per configured model."""
-
-    model: str
-    state: State
-    backend: str
-    url: str | None
-    last_used: float | None
-    in_flight: int
-    queued: int
-    last_actuation: Actuation | None
-    error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "model": self.model, "state": self.state, "backend": self.backend, "url": self.url,
-            "last_used": self.last_used, "in_flight": self.in_flight, "queued": self.queued,
-            "last_actuation": self.last_actuation.as_dict() if self.last_actuation else None,
-        }
-        if self.state == "failed":
-            out["error"] = self.error or "unknown error"
-        return out
+__all__ = ["Actuation", "ActuationPath", "Actuator", "State", "WorkerLease", "WorkerStatus"]
 
 
 class WorkerLease:
     """A ready worker, held for one request. ``done()`` must be called once the
     request (or stream) ends; until then the worker counts as in flight and is
-    never evicted or scaled to zero."""
+    never put to sleep, evicted or scaled to zero. Calling it twice is harmless."""
 
-    def __init__(self, model: str, url: str, actuation: Actuation, on_done: Any) -> None:
+    def __init__(self, model: str, url: str, actuation: Actuation, on_done: Callable[[WorkerLease], None],
+                 handle: object | None = None) -> None:
         self.model = model
         self.url = url
         self.actuation = actuation
+        self.handle = handle  # the worker incarnation this lease is on
         self._on_done = on_done
         self._done = False
         self._lock = threading.Lock()
+
+    @property
+    def is_done(self) -> bool:
+        return self._done
 
     def done(self) -> None:
         with self._lock:
             if self._done:
                 return
             self._done = True
-        self._on_done(self.model)
+        self._on_done(self)
 
 
 class Actuator(abc.ABC):
@@ -87,7 +61,7 @@ class Actuator(abc.ABC):
 
     @abc.abstractmethod
     def release(self, model: str) -> WorkerStatus:
-        """Scale the model's worker to zero now (idempotent)."""
+        """Scale the model's worker to zero now (idempotent); cancels a start in progress."""
 
     @abc.abstractmethod
     def sleep(self, model: str, level: int = 1) -> WorkerStatus:
@@ -101,8 +75,11 @@ class Actuator(abc.ABC):
     def list(self) -> list[WorkerStatus]:
         """One status per configured model, cold ones included."""
 
+    def worker_unreachable(self, lease: WorkerLease) -> None:  # noqa: B027 - optional hook
+        """A request could not reach its worker: check whether the worker is still there."""
+
     def start(self) -> None:  # noqa: B027 - optional hook
         """Begin background work (reaper, preloads)."""
 
     def shutdown(self, timeout: float = 30.0) -> None:  # noqa: B027 - optional hook
-        """Stop every worker this actuator started."""
+        """Stop every worker this actuator started (where the platform does not)."""

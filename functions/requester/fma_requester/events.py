@@ -16,9 +16,9 @@ import httpx
 
 from fma_common.events import encode_event, make_event
 
-log = logging.getLogger("fma.requester.events")
+from .protocol import EVENT_SOURCE
 
-SOURCE = "/fma/requester"
+log = logging.getLogger("fma.requester.events")
 
 
 class SinkEmitter:
@@ -42,7 +42,7 @@ class SinkEmitter:
         with httpx.Client(timeout=5.0) as client:
             while True:
                 type_, data = self._queue.get()
-                event = make_event(type_, SOURCE, data, subject=data.get("model"))
+                event = make_event(type_, EVENT_SOURCE, data, subject=data.get("model"))
                 body, headers = encode_event(event, structured=False)
                 try:
                     resp = client.post(self.sink or "", content=body, headers=headers)

@@ -52,6 +52,12 @@ class LaunchedProcess:
         except ProcessLookupError:
             pass
 
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            self.send_signal(9)
+
     def _exit(self, code: int) -> None:
         self.returncode = code
         self._exited.set()
@@ -65,6 +71,7 @@ class LauncherClient:
                 [sys.executable, "-m", "fma_worker.launcher"], env=dict(env), stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=log_file, pass_fds=pass_fds, start_new_session=True)
         self.log_path = log_path
+        self.env = dict(env)  # what the launcher imported its libraries under (see fma_common.fork_env)
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._dead = threading.Event()
@@ -94,13 +101,18 @@ class LauncherClient:
                 log.info("launcher pid %s pre-warmed in %.2f s", msg.get("pid"), self.prewarm_seconds or 0.0)
                 self._ready.set()
             elif op in ("spawned", "error"):
+                child = LaunchedProcess(msg["pid"]) if op == "spawned" else None
                 with self._lock:
-                    waiter = self._pending.get(msg.get("id"))
-                    if op == "spawned":
-                        self._children[msg["pid"]] = LaunchedProcess(msg["pid"])
-                if waiter is not None:
-                    waiter["reply"] = msg
-                    waiter["event"].set()
+                    waiter = self._pending.pop(msg.get("id"), None)
+                    if child is not None:
+                        self._children[child.pid] = child
+                    if waiter is not None:
+                        waiter["reply"], waiter["child"] = msg, child
+                        waiter["event"].set()
+                if waiter is None and child is not None:
+                    # Forked after its requester gave up waiting: nobody owns it, so it must not live.
+                    log.warning("launcher forked pid %s after the spawn timed out; stopping it", child.pid)
+                    child.kill_group()
             elif op == "exit":
                 with self._lock:
                     child = self._children.pop(msg["pid"], None)
@@ -125,7 +137,7 @@ class LauncherClient:
         if not self.wait_ready(timeout):
             raise LauncherError("launcher is not running")
         ident = next(self._ids)
-        waiter: dict[str, Any] = {"event": threading.Event(), "reply": None}
+        waiter: dict[str, Any] = {"event": threading.Event(), "reply": None, "child": None}
         with self._lock:
             self._pending[ident] = waiter
         try:
@@ -136,18 +148,17 @@ class LauncherClient:
                 self.proc.stdin.flush()
             except (BrokenPipeError, OSError) as exc:
                 raise LauncherError(f"launcher is gone: {exc}") from None
-            if not waiter["event"].wait(30):
-                raise LauncherError("launcher did not answer a spawn within 30 s")
-            reply = waiter["reply"]
-            if reply is None:
-                raise LauncherError("launcher exited during a spawn")
-            if reply.get("op") == "error":
-                raise LauncherError(reply.get("message", "spawn failed"))
-            with self._lock:
-                return self._children[reply["pid"]]
+            waiter["event"].wait(30)
         finally:
             with self._lock:
-                self._pending.pop(ident, None)
+                self._pending.pop(ident, None)  # from now on a late reply has no owner, and is killed
+        reply, child = waiter["reply"], waiter["child"]
+        if reply is None:
+            raise LauncherError("launcher did not answer a spawn within 30 s" if self.alive else
+                                "launcher exited during a spawn")
+        if child is None:
+            raise LauncherError(reply.get("message", "spawn failed"))
+        return child
 
     def close(self) -> None:
         if self.proc.stdin is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STATES = ("cold", "starting", "ready", "sleeping", "failed")
+PHASES = ("cold", "starting", "ready", "going_to_sleep", "sleeping", "waking", "stopping", "failed")
 _ACTUATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -31,11 +32,15 @@ class RequesterMetrics:
                                registry=r)
         self.worker_state = Gauge("fma_worker_state", "1 for the current state of each model's worker",
                                   ["model", "state"], registry=r)
+        self.worker_phase = Gauge("fma_worker_phase", "1 for the current fine-grained phase of each model's worker",
+                                  ["model", "phase"], registry=r)
         self.upstream_errors = Counter("fma_upstream_errors", "Failures talking to a worker", ["model", "kind"],
                                        registry=r)
         self.ttfb = Histogram("fma_upstream_first_byte_seconds", "Worker response start, as seen by the requester",
                               ["model"], buckets=_ACTUATION_BUCKETS, registry=r)
 
-    def set_worker_state(self, model: str, state: str) -> None:
+    def set_worker_state(self, model: str, state: str, phase: str | None = None) -> None:
         for s in STATES:
             self.worker_state.labels(model, s).set(1 if s == state else 0)
+        for ph in PHASES:
+            self.worker_phase.labels(model, ph).set(1 if ph == (phase or state) else 0)

@@ -1,16 +1,19 @@
 """Forwarding a request to a worker: pooled connections, timeouts, streaming passthrough.
 
 Plain Python (no Flask). A non-streaming answer is returned whole; a
-streaming one is an iterator of raw upstream bytes, passed through unchanged
-and unbuffered. If the worker dies mid-stream, the client gets one SSE error
-event (design.md) instead of a hang or a silently truncated stream. Closing
-the iterator (client gone) closes the upstream response, which makes the
-worker stop generating.
+streaming one is a :class:`RelayStream` of raw upstream bytes, passed
+through unchanged and unbuffered. If the worker dies mid-stream, the client
+gets one SSE error event (design.md) instead of a hang or a silently
+truncated stream. Closing the relay (client gone, even before the first
+chunk) closes the upstream response, which makes the worker stop
+generating, and releases the lease.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,21 +32,116 @@ log = logging.getLogger("fma.requester.proxy")
 _DROP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
 
 
+class SSETail:
+    """Follows an SSE byte stream event by event, to tell how it ended.
+
+    A stream ended well when its last complete event is ``data: [DONE]`` or
+    an error event (``data: {"error": ...}``, which a worker sends instead of
+    ``[DONE]``). Only the incomplete tail is kept, bounded.
+    """
+
+    MAX_PENDING = 1 << 16
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.last_data: str | None = None
+        self._oversized = False
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._pending + chunk.replace(b"\r\n", b"\n")
+        *events, self._pending = data.split(b"\n\n")
+        for event in events:
+            self._event(event)
+        if len(self._pending) > self.MAX_PENDING:  # one enormous event: it is not a terminator
+            self._pending, self._oversized = b"", True
+            self.last_data = None
+
+    def _event(self, raw: bytes) -> None:
+        lines = [line[5:].lstrip(b" ") for line in raw.split(b"\n") if line.startswith(b"data:")]
+        if lines:
+            self.last_data = b"\n".join(lines).decode(errors="replace")
+            self._oversized = False
+
+    @property
+    def ended_well(self) -> bool:
+        if self._pending.strip() or self.last_data is None or self._oversized:
+            return False
+        if self.last_data == "[DONE]":
+            return True
+        try:
+            body = json.loads(self.last_data)
+        except ValueError:
+            return False
+        return isinstance(body, dict) and "error" in body
+
+
+class RelayStream:
+    """A worker's SSE body, relayed chunk by chunk.
+
+    Releases its upstream connection and its lease exactly once, however it
+    ends: exhausted, failed, or closed by the server because the client went
+    away - including before its first chunk, when a bare generator's
+    ``finally`` would never run (``close`` is what WSGI servers call).
+    """
+
+    def __init__(self, lease: WorkerLease, resp: httpx.Response, metrics: RequesterMetrics) -> None:
+        self.lease = lease
+        self._resp = resp
+        self._metrics = metrics
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._relay()
+
+    def _relay(self) -> Iterator[bytes]:
+        tail = SSETail()
+        try:
+            for chunk in self._resp.iter_raw():
+                if chunk:
+                    tail.feed(chunk)
+                    yield chunk
+            if not tail.ended_well:
+                # The worker closed the stream without [DONE] and without an error event of its own.
+                raise httpx.RemoteProtocolError("stream ended before [DONE]")
+        except httpx.HTTPError as exc:
+            self._metrics.upstream_errors.labels(self.lease.model, "stream").inc()
+            log.warning("stream from %s broke: %s", self.lease.model, exc)
+            yield sse_error(UpstreamError(f"worker for {self.lease.model} failed mid-stream: {exc}"))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._resp.close()
+        finally:
+            self.lease.done()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
 @dataclass
 class UpstreamResponse:
     status: int
     headers: dict[str, str]
     body: bytes | None = None
-    stream: Iterator[bytes] | None = None
+    stream: RelayStream | None = None
 
 
 class WorkerProxy:
     def __init__(self, metrics: RequesterMetrics, connect_timeout: float, read_timeout: float,
-                 max_connections: int = 512) -> None:
+                 max_connections: int = 1000) -> None:
         self.metrics = metrics
+        # As many connections as the requester accepts clients, so the pool is never the queue.
         self._client = httpx.Client(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(64, max_connections)),
         )
 
     def close(self) -> None:
@@ -64,7 +162,8 @@ class WorkerProxy:
         except httpx.HTTPError as exc:
             lease.done()
             self.metrics.upstream_errors.labels(lease.model, "connect").inc()
-            raise UpstreamError(f"worker for {lease.model} is unreachable: {exc}") from None
+            raise UpstreamError(f"worker for {lease.model} is unreachable: {exc}", code="worker_unreachable") \
+                from None
         first_byte = time.monotonic() - started
         self.metrics.ttfb.labels(lease.model).observe(first_byte)
         log.info("upstream POST %s%s -> %d first byte %.1f ms", lease.model, path, resp.status_code,
@@ -74,6 +173,9 @@ class WorkerProxy:
         if not (stream and is_sse):
             try:
                 data = resp.read()
+            except httpx.TimeoutException as exc:
+                self.metrics.upstream_errors.labels(lease.model, "timeout").inc()
+                raise UpstreamTimeout(f"worker for {lease.model} stopped answering: {exc}") from None
             except httpx.HTTPError as exc:
                 self.metrics.upstream_errors.labels(lease.model, "read").inc()
                 raise UpstreamError(f"worker for {lease.model} failed while answering: {exc}") from None
@@ -81,23 +183,4 @@ class WorkerProxy:
                 resp.close()
                 lease.done()
             return UpstreamResponse(resp.status_code, headers, body=data)
-        return UpstreamResponse(resp.status_code, headers, stream=self._relay(lease, resp))
-
-    def _relay(self, lease: WorkerLease, resp: httpx.Response) -> Iterator[bytes]:
-        tail = b""  # the end of what was relayed, to see how the worker ended the stream
-        try:
-            for chunk in resp.iter_raw():
-                if chunk:
-                    tail = (tail + chunk)[-4096:]
-                    yield chunk
-            ended_well = b"data: [DONE]" in tail or b'data: {"error"' in tail
-            if not ended_well:
-                # The worker closed the stream without [DONE] and without an error event of its own.
-                raise httpx.RemoteProtocolError("stream ended before [DONE]")
-        except httpx.HTTPError as exc:
-            self.metrics.upstream_errors.labels(lease.model, "stream").inc()
-            log.warning("stream from %s broke: %s", lease.model, exc)
-            yield sse_error(UpstreamError(f"worker for {lease.model} failed mid-stream: {exc}"))
-        finally:
-            resp.close()
-            lease.done()
+        return UpstreamResponse(resp.status_code, headers, stream=RelayStream(lease, resp, self.metrics))

@@ -88,6 +88,10 @@ class ModelSpec(BaseModel):
     start_timeout: float | None = None
     preload: bool = False
     memory_mib: int | None = Field(default=None, ge=1)  # footprint while awake, for budget.memory_mib
+    # Footprint while asleep. Unset: the same as awake - honest on a CPU, where
+    # even a level-2 sleeper keeps a process with torch loaded - so under a
+    # memory budget an eviction stops the worker unless sleeping frees enough.
+    sleep_memory_mib: int | None = Field(default=None, ge=0)
     env: dict[str, str] = Field(default_factory=dict)
     knative: KnativeSpec = Field(default_factory=KnativeSpec)
 
@@ -99,7 +103,7 @@ class ModelSpec(BaseModel):
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
-        from fma_worker.model_store import ModelSourceError, parse_source
+        from fma_common.sources import ModelSourceError, parse_source
 
         try:
             parse_source(value)
@@ -120,6 +124,13 @@ class RegistryFile(BaseModel):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"model names must be unique; repeated: {', '.join(sorted(dup))}")
+        limit = self.budget.memory_mib
+        for m in self.models:
+            if limit is not None and (m.memory_mib or 0) > limit:
+                raise ValueError(f"model {m.name} needs memory_mib {m.memory_mib}, more than budget.memory_mib "
+                                 f"{limit}: it could never start")
+            if m.sleep_memory_mib is not None and m.memory_mib is not None and m.sleep_memory_mib > m.memory_mib:
+                raise ValueError(f"model {m.name}: sleep_memory_mib must not exceed memory_mib")
         return self
 
 

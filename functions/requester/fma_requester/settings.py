@@ -1,101 +1,90 @@
-"""Requester settings, read once from the environment and validated at start-up."""
+"""Requester settings: each one defined once, here, with its variable, default and meaning.
+
+Read once from the environment at start-up; the README's table is generated
+from this class (``fma settings requester --markdown``) and a test keeps the
+two equal. The Knative actuator's own settings are in ``knative.py``.
+"""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
-from fma_common.settings import SettingsError, env_bool, env_choice, env_duration, env_int, env_str
-from fma_worker.model_store import default_cache_dir
+from pydantic import ValidationInfo, field_validator, model_validator
 
-# name -> (default shown in the README, meaning)
-REQUESTER_ENV: dict[str, tuple[str, str]] = {
-    "FMA_BIND": ("127.0.0.1:8080,127.0.0.1:8081 (0.0.0.0:$PORT when PORT is set)",
-                 "addresses to serve on, comma-separated; every route is served on each"),
-    "FMA_ACTUATOR": ("local", "`local` (child processes) or `knative` (one Knative Service per model)"),
-    "FMA_MODELS": ("built-in default", "YAML file listing the served models (see Models file)"),
-    "FMA_WORKER_HOST": ("127.0.0.1", "address local workers bind"),
-    "FMA_LAUNCHER": ("true", "fork local workers from a pre-warmed launcher (torch already imported)"),
-    "FMA_WORKER_LOG_DIR": ("$FMA_CACHE_DIR/logs", "where local workers write their logs"),
-    "FMA_RESTART_BACKOFF": ("2s", "first delay before retrying a worker that failed to start (doubles)"),
-    "FMA_RESTART_BACKOFF_MAX": ("60s", "longest delay between start retries"),
-    "FMA_EVICT_SLEEP_LEVEL": ("2", "sleep level used when a worker is evicted to make room (0 = stop it)"),
-    "FMA_UPSTREAM_CONNECT_TIMEOUT": ("5s", "connect timeout to a worker"),
-    "FMA_UPSTREAM_READ_TIMEOUT": ("600s", "longest silence from a worker while waiting for a response"),
-    "FMA_DRAIN_TIMEOUT": ("30s", "on SIGTERM, how long in-flight requests may finish before workers stop"),
-    "FMA_MAX_BODY_BYTES": ("1048576", "largest request body; larger gets 413"),
-    "FMA_REAPER_INTERVAL": ("1s", "how often idle workers are checked"),
-    "FMA_LOG_PROMPTS": ("false", "log prompt text (off by default)"),
-    "FMA_LOG_LEVEL": ("info", "log level"),
-    "FMA_CONNECTIONS": ("1000", "simultaneous client connections (gevent worker_connections)"),
-    "K_SINK": ("unset", "where lifecycle CloudEvents are sent (Knative SinkBinding sets it)"),
-}
+from fma_common.settings import Duration, EnvSettings, Flag, Lower, context_env, setting
+from fma_common.sources import default_cache_dir
 
-
-def _default_binds(env: Mapping[str, str]) -> str:
-    if env.get("PORT"):
-        return f"0.0.0.0:{env['PORT']}"
-    return "127.0.0.1:8080,127.0.0.1:8081"
+LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"], Lower]
 
 
 def parse_binds(text: str) -> tuple[str, ...]:
     binds = tuple(b.strip() for b in text.split(",") if b.strip())
     if not binds:
-        raise SettingsError("FMA_BIND: no address given")
+        raise ValueError("no address given")
     for b in binds:
         host, sep, port = b.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise SettingsError(f"FMA_BIND: {b!r} is not HOST:PORT")
+            raise ValueError(f"{b!r} is not HOST:PORT")
     return binds
 
 
-@dataclass(frozen=True)
-class RequesterSettings:
-    binds: tuple[str, ...]
-    actuator: str
-    models_file: str | None
-    cache_dir: Path
-    worker_host: str
-    launcher: bool
-    worker_log_dir: Path
-    restart_backoff_s: float
-    restart_backoff_max_s: float
-    evict_sleep_level: int
-    upstream_connect_timeout_s: float
-    upstream_read_timeout_s: float
-    drain_timeout_s: float
-    max_body_bytes: int
-    reaper_interval_s: float
-    log_prompts: bool
-    log_level: str
-    connections: int
-    sink: str | None
+class RequesterSettings(EnvSettings):
+    binds: tuple[str, ...] | None = setting(
+        "FMA_BIND", None, "addresses to serve on, comma-separated; every route is served on each",
+        shown="127.0.0.1:8080,127.0.0.1:8081 (0.0.0.0:$PORT when PORT is set)")
+    port: int | None = setting("PORT", None, "the port Knative assigns; without `FMA_BIND` the requester serves "
+                               "`0.0.0.0:$PORT`", shown="unset", ge=1, le=65535)
+    actuator: Annotated[Literal["local", "knative"], Lower] = setting(
+        "FMA_ACTUATOR", "local", "`local` (child processes) or `knative` (one Knative Service per model)")
+    models_file: str | None = setting("FMA_MODELS", None, "YAML file listing the served models (see Models file)",
+                                      shown="built-in default")
+    cache_dir: Path | None = setting("FMA_CACHE_DIR", None, "where converted models are kept (passed to local "
+                                     "workers)", shown="`$XDG_CACHE_HOME/fma` or `~/.cache/fma`")
+    worker_host: str = setting("FMA_WORKER_HOST", "127.0.0.1", "address local workers bind")
+    launcher: Flag = setting("FMA_LAUNCHER", "true", "fork local workers from a pre-warmed launcher (torch "
+                             "already imported); a worker whose environment the launcher cannot honour starts "
+                             "as a plain process")
+    worker_log_dir: Path | None = setting("FMA_WORKER_LOG_DIR", None, "where local workers write their logs",
+                                          shown="`$FMA_CACHE_DIR/logs`")
+    worker_log_max_bytes: int = setting("FMA_WORKER_LOG_MAX_BYTES", "10485760", "a worker log larger than this "
+                                        "is rotated (copied to `.1`, then truncated)", ge=4096)
+    worker_log_backups: int = setting("FMA_WORKER_LOG_BACKUPS", "3", "rotated worker logs kept per model", ge=0,
+                                      le=100)
+    restart_backoff_s: Duration = setting("FMA_RESTART_BACKOFF", "2s", "delay before retrying a worker that "
+                                          "failed to start (doubles with each failure in a row)")
+    restart_backoff_max_s: Duration = setting("FMA_RESTART_BACKOFF_MAX", "60s", "longest delay between start "
+                                              "retries")
+    evict_sleep_level: int = setting("FMA_EVICT_SLEEP_LEVEL", "2", "sleep level used when a worker is evicted to "
+                                     "make room (0 = stop it)", ge=0, le=2)
+    upstream_connect_timeout_s: Duration = setting("FMA_UPSTREAM_CONNECT_TIMEOUT", "5s", "connect timeout to a "
+                                                   "worker")
+    upstream_read_timeout_s: Duration = setting("FMA_UPSTREAM_READ_TIMEOUT", "600s", "longest silence from a "
+                                                "worker while waiting for a response")
+    control_timeout_s: Duration = setting("FMA_CONTROL_TIMEOUT", "120s", "longest wait for one sleep call to a "
+                                          "worker")
+    drain_timeout_s: Duration = setting("FMA_DRAIN_TIMEOUT", "30s", "how long in-flight requests may finish: on "
+                                        "SIGTERM, before a worker sleeps, and when a worker is stopped")
+    max_body_bytes: int = setting("FMA_MAX_BODY_BYTES", "1048576", "largest request body; larger gets 413",
+                                  ge=1024)
+    reaper_interval_s: Duration = setting("FMA_REAPER_INTERVAL", "1s", "how often idle workers and deadlines "
+                                          "are checked")
+    log_level: LogLevel = setting("FMA_LOG_LEVEL", "info", "log level")
+    connections: int = setting("FMA_CONNECTIONS", "1000", "simultaneous client connections (gevent "
+                               "worker_connections); the pool to workers is as large", ge=16)
+    sink: str | None = setting("K_SINK", None, "where lifecycle CloudEvents are sent (Knative SinkBinding sets it)",
+                               shown="unset")
 
+    @field_validator("binds", mode="before")
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> RequesterSettings:
-        env = os.environ if environ is None else environ
-        cache_dir = default_cache_dir(dict(env))
-        log_dir = env_str(env, "FMA_WORKER_LOG_DIR", str(cache_dir / "logs"))
-        return cls(
-            binds=parse_binds(env_str(env, "FMA_BIND", _default_binds(env))),
-            actuator=env_choice(env, "FMA_ACTUATOR", "local", ("local", "knative")),
-            models_file=env.get("FMA_MODELS") or None,
-            cache_dir=cache_dir,
-            worker_host=env_str(env, "FMA_WORKER_HOST", "127.0.0.1"),
-            launcher=env_bool(env, "FMA_LAUNCHER", True),
-            worker_log_dir=Path(log_dir).expanduser(),
-            restart_backoff_s=env_duration(env, "FMA_RESTART_BACKOFF", 2.0),
-            restart_backoff_max_s=env_duration(env, "FMA_RESTART_BACKOFF_MAX", 60.0),
-            evict_sleep_level=env_int(env, "FMA_EVICT_SLEEP_LEVEL", 2, minimum=0, maximum=2),
-            upstream_connect_timeout_s=env_duration(env, "FMA_UPSTREAM_CONNECT_TIMEOUT", 5.0),
-            upstream_read_timeout_s=env_duration(env, "FMA_UPSTREAM_READ_TIMEOUT", 600.0),
-            drain_timeout_s=env_duration(env, "FMA_DRAIN_TIMEOUT", 30.0),
-            max_body_bytes=env_int(env, "FMA_MAX_BODY_BYTES", 1 << 20, minimum=1024),
-            reaper_interval_s=env_duration(env, "FMA_REAPER_INTERVAL", 1.0),
-            log_prompts=env_bool(env, "FMA_LOG_PROMPTS", False),
-            log_level=env_choice(env, "FMA_LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")),
-            connections=env_int(env, "FMA_CONNECTIONS", 1000, minimum=16),
-            sink=env.get("K_SINK") or None,
-        )
+    def _binds(cls, value: object) -> object:
+        return parse_binds(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _derive(self, info: ValidationInfo) -> RequesterSettings:
+        env = context_env(info)
+        cache = self.cache_dir.expanduser() if self.cache_dir else default_cache_dir(env)
+        binds = self.binds or ((f"0.0.0.0:{self.port}",) if self.port else ("127.0.0.1:8080", "127.0.0.1:8081"))
+        return self.model_copy(update={
+            "binds": binds, "cache_dir": cache,
+            "worker_log_dir": self.worker_log_dir.expanduser() if self.worker_log_dir else cache / "logs"})

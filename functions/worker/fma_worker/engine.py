@@ -1,4 +1,8 @@
-"""The engine: one loaded model, its tokenizer, generation, sleep and wake.
+"""The engine: one model's state - load, sleep, wake - and its tokenizer.
+
+Generation itself (the decoding loop, the sampler, incremental
+detokenization) is in ``generation.py``; the engine hands it the loaded
+model and keeps track of who is using it.
 
 Concurrency model
 -----------------
@@ -25,8 +29,6 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
-import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -36,25 +38,16 @@ from typing import Any
 
 from fma_common.errors import Conflict, InvalidRequest, WorkerFailed, WorkerNotReady, WorkerSleeping
 
+from . import generation, runtime_env
+from .generation import ChoiceDelta, LoadedModel
 from .metrics import WorkerMetrics
 from .model_store import ensure_embedded_converted, parse_source
 from .protocol import SamplingParams
 from .settings import WorkerSettings
-from .text import StopTextTracker
 
 log = logging.getLogger("fma.worker.engine")
 
 STATES = ("loading", "ready", "sleeping", "failed")
-
-
-@dataclass(frozen=True)
-class ChoiceDelta:
-    """What one generation step produced for one choice."""
-
-    index: int
-    text: str
-    finish_reason: str | None
-    completion_tokens: int
 
 
 @dataclass(frozen=True)
@@ -170,16 +163,15 @@ class Engine:
         s = self.settings
         phases: dict[str, float] = {}
         t0 = time.monotonic()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        runtime_env.prepare()  # idempotent; gunicorn_conf already ran it in a served worker
         import torch
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        torch.set_num_threads(s.torch_threads)
+        torch.set_num_threads(s.torch_threads or 1)
         self._torch = torch
         phases["import"] = time.monotonic() - t0
+        log.info("hub settings in effect: %s", runtime_env.effective_hub_settings())
 
         self.device = resolve_device(s.device, torch)
         self.dtype_name = resolve_dtype_name(s.dtype, self.device)
@@ -403,76 +395,14 @@ class Engine:
     # ---- generation -------------------------------------------------------
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[list[ChoiceDelta]]:
-        """Yield, per decoding step, the new text of every unfinished choice.
+        """Yield, per decoding step, the new text of every unfinished choice (see ``generation``).
 
-        The caller holds :meth:`begin_use`. Closing the iterator (client gone)
-        stops the loop before the next forward pass.
+        The caller holds :meth:`begin_use`, so the weights cannot move meanwhile.
         """
-        torch = self._torch
-        model = self._model
-        n = params.n
-        device = self.device
-        gen = torch.Generator(device=device)
-        gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        trackers = [StopTextTracker(params.stop) for _ in range(n)]
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        finished: list[str | None] = [None] * n
-        penalize = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-        counts = torch.zeros((n, self.vocab_size), device=device) if penalize else None
-        bias = None
-        if params.logit_bias:
-            bias = torch.zeros(self.vocab_size, device=device)
-            for tok, value in params.logit_bias.items():
-                bias[tok] = value
-        past = None
-        next_input = torch.tensor([prompt_ids] * n, device=device)
-        with torch.inference_mode():
-            for _ in range(params.max_tokens):
-                out = model(input_ids=next_input, use_cache=True, **self._forward_extra, **{self._cache_kw: past})
-                past = getattr(out, self._cache_kw)
-                logits = out.logits[:, -1, : self.vocab_size].float()
-                chosen = _sample(torch, logits, params, gen, counts, bias)
-                picked = chosen.tolist()
-                step: list[ChoiceDelta] = []
-                for i in range(n):
-                    if finished[i] is not None:
-                        continue
-                    tok = picked[i]
-                    tokens[i].append(tok)
-                    if tok in self._eos_ids:
-                        delta = trackers[i].push(self.decode(tokens[i][:-1]), final=True)
-                        finished[i] = "stop"
-                    else:
-                        last = len(tokens[i]) >= params.max_tokens
-                        delta = trackers[i].push(self.decode(tokens[i]), final=last)
-                        if trackers[i].stopped:
-                            finished[i] = "stop"
-                        elif last:
-                            finished[i] = "length"
-                    step.append(ChoiceDelta(i, delta, finished[i], len(tokens[i])))
-                yield step
-                if all(f is not None for f in finished):
-                    return
-                if counts is not None:
-                    counts.scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=counts.dtype))
-                next_input = chosen[:, None]
-
-
-def _sample(torch: Any, logits: Any, params: SamplingParams, gen: Any, counts: Any, bias: Any) -> Any:
-    if bias is not None:
-        logits = logits + bias
-    if counts is not None:
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest set whose mass reaches top_p (always at least one token)
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        lm = LoadedModel(torch=self._torch, model=self._model, backend_tokenizer=self._tokenizer.backend_tokenizer,
+                         device=self.device, vocab_size=self.vocab_size, eos_ids=self._eos_ids,
+                         cache_kw=self._cache_kw, forward_extra=self._forward_extra)
+        return generation.generate(lm, prompt_ids, params)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -22,8 +22,12 @@ import os
 import signal
 
 from fma_common.procs import watch_lifeline
+from fma_worker import runtime_env
 from fma_worker.settings import WorkerSettings
 
+# First, in a plain process and in one forked from the launcher alike: the
+# library environment is this worker's own (see runtime_env).
+runtime_env.prepare()
 _settings = WorkerSettings.from_env()
 
 bind = [f"{_settings.host}:{_settings.port}"]

@@ -18,7 +18,10 @@ handler, and every message is one ``os.write`` (no buffered-stream locks a
 forked child could inherit half-held). CUDA is never initialized here
 (``import torch`` does not), so children may use the GPU. The worker's
 gunicorn config module is deliberately *not* imported: gunicorn imports it
-in the child, where it reads that child's environment.
+in the child, where it reads that child's environment and re-reads what the
+hub libraries computed from the launcher's (``runtime_env``). A worker whose
+environment differs in what cannot be re-read is never sent here: the
+requester starts it as a plain process (``fma_common.fork_env``).
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ def _reap(_signum: int, _frame: Any) -> None:
 def prewarm() -> float:
     """Import what every worker needs; returns the seconds it took."""
     started = time.monotonic()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from fma_worker import runtime_env
+
+    runtime_env.prepare()
     import gunicorn.app.wsgiapp
     import gunicorn.workers.gthread  # noqa: F401
     import torch  # noqa: F401

@@ -15,6 +15,7 @@ gets a silently different answer.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ PATH_IS_SLEEPING = "/is_sleeping"
 PATH_CLOUDEVENTS = "/"
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; more is almost always a client bug
+_TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; anything else would be a 500.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -109,7 +112,8 @@ class _SamplingFields(BaseModel):
     @classmethod
     def _check_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            # ASCII digits only: str.isdigit() accepts "²", which int() then refuses.
+            if not _TOKEN_ID.fullmatch(key):
                 raise ValueError(f"logit_bias keys must be token ids as strings, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {bias}")

@@ -1,0 +1,129 @@
+"""Wire types of the requester: what it reads from clients, what it answers, and its names.
+
+Everything a client or a peer can see is defined here once: request models
+(validated before any logic), the worker status of design.md, the HTTP paths,
+the CloudEvent types (from ``fma_common.events``, shared with the worker),
+and which upstream statuses are transient (a broker or client should retry)
+or permanent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fma_common import events
+
+# ---- paths ---------------------------------------------------------------------
+
+PATH_HEALTH = "/health"
+PATH_READY = "/ready"
+PATH_METRICS = "/metrics"
+PATH_COMPLETIONS = "/v1/completions"
+PATH_CHAT = "/v1/chat/completions"
+PATH_MODELS = "/v1/models"
+PATH_WORKERS = "/v1/workers"
+PATH_CLOUDEVENTS = "/"
+PATH_BECOME_READY = "/v1/become-ready"
+PATH_BECOME_UNREADY = "/v1/become-unready"
+PATH_ACCELERATORS = "/v1/dual-pods/accelerators"
+PATH_ACCELERATOR_MEMORY = "/v1/dual-pods/accelerator-memory-usage"
+
+# Worker paths the requester calls (the vLLM sleep API and readiness).
+WORKER_READY = "/ready"
+WORKER_SLEEP = "/sleep"
+WORKER_WAKE = "/wake_up"
+
+# ---- CloudEvent types ---------------------------------------------------------
+
+COMPLETION_REQUESTED = events.COMPLETION_REQUESTED
+COMPLETION_SUCCEEDED = events.COMPLETION_SUCCEEDED
+COMPLETION_FAILED = events.COMPLETION_FAILED
+WORKER_WARM_REQUESTED = events.WORKER_WARM_REQUESTED
+WORKER_RELEASE_REQUESTED = events.WORKER_RELEASE_REQUESTED
+WORKER_READY_EVENT = events.WORKER_READY
+WORKER_RELEASED = events.WORKER_RELEASED
+WORKER_STARTED = events.WORKER_STARTED
+WORKER_FAILED = events.WORKER_FAILED
+WORKER_SLEEPING = events.WORKER_SLEEPING
+REQUEST_TYPES = (COMPLETION_REQUESTED, WORKER_WARM_REQUESTED, WORKER_RELEASE_REQUESTED)
+EVENT_SOURCE = "/fma/requester"
+
+# ---- error classes ------------------------------------------------------------
+
+# Worth retrying as they are: a full queue, a worker that is starting, a
+# worker unreachable or too slow. Anything else (4xx, a worker's 500) will
+# fail again the same way.
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def is_transient(status: int) -> bool:
+    return status in TRANSIENT_STATUSES
+
+
+# ---- requests --------------------------------------------------------------------
+
+
+class RoutedRequest(BaseModel):
+    """The two fields the requester reads of a completion; the worker validates the rest."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str = Field(min_length=1)
+    stream: bool = False
+
+
+class SleepQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    level: int = Field(default=1, ge=1, le=2)
+
+
+# ---- worker status ------------------------------------------------------------------
+
+State = Literal["cold", "starting", "ready", "sleeping", "failed"]
+ActuationPath = Literal["cold", "wake", "warm"]
+
+
+class Actuation(BaseModel):
+    """How a request got its worker: started cold, woken, or found warm; and how long that took."""
+
+    model_config = ConfigDict(frozen=True)
+    path: ActuationPath
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "seconds": round(self.seconds, 4)}
+
+    def header(self) -> str:
+        """The ``X-FMA-Actuation`` response header."""
+        return f"{self.path};dur={self.seconds:.4f}"
+
+
+class WorkerStatus(BaseModel):
+    """The worker status of design.md, one per configured model.
+
+    ``state`` keeps design.md's five values; ``phase`` is the state
+    machine's fine-grained one (``going_to_sleep``, ``waking``, ``stopping``...).
+    """
+
+    model_config = ConfigDict(frozen=True)
+    model: str
+    state: State
+    phase: str
+    backend: str
+    url: str | None
+    last_used: float | None
+    in_flight: int
+    queued: int
+    last_actuation: Actuation | None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model, "state": self.state, "phase": self.phase, "backend": self.backend,
+            "url": self.url, "last_used": self.last_used, "in_flight": self.in_flight, "queued": self.queued,
+            "last_actuation": self.last_actuation.as_dict() if self.last_actuation else None,
+        }
+        if self.state == "failed":
+            out["error"] = self.error or "unknown error"
+        return out
