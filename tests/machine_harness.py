@@ -99,6 +99,7 @@ class RecordingEffects(Effects):
         self.calls: list[tuple[str, str]] = []
         self.processes: dict[str, set[int]] = {}
         self.outcomes: dict[tuple[str, str], list[Any]] = {}  # (effect, model) -> scripted outcomes
+        self.on_sleep: Callable[[str], None] | None = None  # lets a test look at the world as a sleep begins
         self._finalizers: list[Callable[[], None]] = []
 
     def script(self, effect: str, model: str, *outcomes: Any) -> None:
@@ -134,6 +135,8 @@ class RecordingEffects(Effects):
 
     def sleep(self, spec: ModelSpec, handle: WorkerHandle, level: int, timeout: float) -> None:
         self.calls.append(("sleep", spec.name))
+        if self.on_sleep is not None:
+            self.on_sleep(spec.name)
         self._outcome("sleep", spec.name)
 
     def wake(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> None:
@@ -146,10 +149,9 @@ class RecordingEffects(Effects):
     def read_log(self, spec: ModelSpec, handle: WorkerHandle, limit: int) -> str:
         return "fake log tail"
 
-    def crash(self, model: str) -> WorkerHandle | None:
-        """Kill the model's process behind the machine's back; returns the handle to report."""
+    def kill(self, model: str) -> None:
+        """The model's process dies behind the machine's back."""
         self.processes.pop(model, None)
-        return None
 
 
 @dataclass
@@ -165,6 +167,15 @@ class Harness:
 
     def handle(self, model: str) -> WorkerHandle | None:
         return self.machine.slot_snapshot()[model]["handle"]
+
+    def crash(self, model: str, why: str = "killed") -> None:
+        handle = self.handle(model)
+        assert handle is not None
+        self.effects.kill(model)
+        self.machine.worker_exited(handle, why)
+
+    def event_types(self) -> list[str]:
+        return [t.rsplit(".", 1)[-1] for t, _ in self.events]
 
 
 def harness(models_yaml: str, **config: Any) -> Harness:

@@ -1,0 +1,419 @@
+"""The actuation state machine, scenario by scenario, with recording effects.
+
+Every test drives the machine step by step (``tests/machine_harness.py``): a
+request is a ticket, an effect's outcome arrives when the test delivers it,
+time moves when the test says so. No threads, no sleeps.
+"""
+
+from __future__ import annotations
+
+import pytest
+from machine_harness import EffectRefused, Harness, harness
+
+from fma_common.errors import Conflict, QueueFull, UpstreamError, WorkerFailed, WorkerNotReady
+from fma_requester.lifecycle import TRANSITIONS, Phase
+
+ONE = "models:\n  - {name: a, source: 'embedded:smollm2-135m-instruct', start_timeout: 60s}\n"
+TWO = ("budget: {max_loaded: 1, sleepers: 1}\nmodels:\n"
+       "  - {name: a, source: 'embedded:smollm2-135m-instruct'}\n"
+       "  - {name: b, source: 'embedded:smollm2-135m-instruct'}\n")
+
+
+def ready(h: Harness, model: str = "a") -> None:
+    """Bring ``model`` to ready and leave it idle."""
+    ticket = h.machine.admit(model)
+    h.executor.deliver_next("start", model)
+    ticket.result().done()
+    assert h.phase(model) == "ready"
+
+
+# ---- cold starts ------------------------------------------------------------------------------
+
+def test_concurrent_first_requests_join_one_cold_start():
+    h = harness(ONE)
+    tickets = [h.machine.admit("a") for _ in range(5)]
+    assert h.effects.calls == [("start", "a")] and h.effects.alive("a") == 1
+    assert h.machine.describe("a").queued == 5
+    h.clock.advance(0.8)
+    h.executor.deliver_next("start", "a")
+    leases = [t.result() for t in tickets]
+    assert {lease.actuation.path for lease in leases} == {"cold"}
+    assert leases[0].actuation.seconds == pytest.approx(0.8)
+    assert h.machine.describe("a").in_flight == 5 and h.event_types() == ["started"]
+
+
+def test_a_waiter_reports_the_activation_it_waited_for_never_warm_with_a_cold_duration():
+    h = harness(ONE)
+    first = h.machine.admit("a")
+    h.clock.advance(1.0)
+    second = h.machine.admit("a")
+    h.clock.advance(1.0)
+    h.executor.deliver_next("start", "a")
+    assert first.result().actuation.path == "cold" and first.result().actuation.seconds == pytest.approx(2.0)
+    assert second.result().actuation.path == "cold" and second.result().actuation.seconds == pytest.approx(1.0)
+    third = h.machine.admit("a")
+    assert third.result().actuation.path == "warm" and third.result().actuation.seconds == 0.0
+    assert h.machine.describe("a").last_actuation.path == "warm"
+
+
+def test_a_failed_start_is_counted_once_answers_its_waiters_at_once_and_backs_off():
+    h = harness(ONE)
+    h.effects.script("start", "a", RuntimeError("model failed to load"))
+    waiting = h.machine.admit("a")
+    # The start job failed at once; its outcome arrives now.
+    h.executor.deliver_next("start", "a")
+    with pytest.raises(WorkerFailed, match="model failed to load; log tail: fake log tail"):
+        waiting.result()
+    status = h.machine.describe("a")
+    assert status.state == "failed" and status.phase == "stopping", "the failed worker is cleaned up first"
+    h.executor.deliver_next("stop", "a")
+    assert h.phase("a") == "failed" and h.effects.alive("a") == 0
+    assert h.event_types() == ["failed"]
+    assert h.machine._slots["a"].failures == 1
+    with pytest.raises(WorkerFailed) as info:
+        h.machine.admit("a")
+    assert info.value.headers["Retry-After"] == "2", "the first backoff is the base delay, not twice it"
+    h.clock.advance(2.0)
+    h.machine.admit("a")
+    assert h.effects.calls.count(("start", "a")) == 2
+
+
+@pytest.mark.parametrize("error", [KeyError("FMA_MODEL"), PermissionError(13, "Permission denied", "/logs"),
+                                   ZeroDivisionError("oops"), SystemExit(3)])
+def test_a_start_that_raises_anything_ends_failed(error):
+    h = harness(ONE)
+    h.effects.script("start", "a", error)
+    ticket = h.machine.admit("a")
+    h.executor.run_until_quiet()
+    with pytest.raises(WorkerFailed):
+        ticket.result()
+    assert h.phase("a") == "failed" and h.machine.describe("a").error
+    assert h.effects.alive("a") == 0
+
+
+def test_a_start_that_never_answers_fails_at_its_deadline_and_its_worker_is_stopped():
+    h = harness(ONE)
+    ticket = h.machine.admit("a")  # the start job spawned its worker, then hangs
+    h.clock.advance(59)
+    h.machine.tick()
+    assert h.phase("a") == "starting"
+    h.clock.advance(2)
+    h.machine.tick()
+    with pytest.raises(WorkerFailed, match="not ready after 60 s"):
+        ticket.result()
+    assert h.phase("a") == "stopping" and h.effects.alive("a") == 1
+    h.executor.deliver_next("stop", "a")
+    assert h.phase("a") == "failed" and h.effects.alive("a") == 0
+    h.executor.deliver_next("start", "a")  # the hung start answers after all: too late, ignored
+    assert h.phase("a") == "failed" and h.event_types() == ["failed"]
+
+
+def test_queue_timeout_zero_starts_the_model_and_answers_at_once():
+    h = harness("models:\n  - {name: a, source: 'embedded:smollm2-135m-instruct', queue_timeout: 0s}\n")
+    with pytest.raises(WorkerNotReady, match="not ready after 0 s"):
+        h.machine.ensure_ready("a")
+    assert h.phase("a") == "starting", "the refused request still started the model"
+    h.executor.deliver_next("start", "a")
+    assert h.machine.ensure_ready("a").actuation.path == "warm"
+
+
+def test_max_queue_zero_refuses_with_429_but_starts_the_model():
+    h = harness("models:\n  - {name: a, source: 'embedded:smollm2-135m-instruct', max_queue: 0}\n")
+    with pytest.raises(QueueFull):
+        h.machine.admit("a")
+    assert h.phase("a") == "starting"
+    h.executor.deliver_next("start", "a")
+    assert h.phase("a") == "ready" and h.machine.describe("a").queued == 0
+    h.machine.admit("a").result().done()
+    h.clock.advance(301)
+    h.machine.tick()
+    assert h.phase("a") == "stopping", "a model started for a refused request still goes idle"
+
+
+# ---- release, crash ----------------------------------------------------------------------------
+
+def test_release_during_start_cancels_it_and_the_next_start_waits_for_the_stop():
+    h = harness(ONE)
+    waiting = h.machine.admit("a")
+    first = h.handle("a")
+    op = h.machine.request_release("a")
+    assert first.cancelled
+    with pytest.raises(WorkerNotReady, match="stopped \\(released\\) before it was ready"):
+        waiting.result()
+    assert h.phase("a") == "stopping" and h.machine.describe("a").state == "cold"
+    again = h.machine.admit("a")  # a new request while the old worker still stops
+    assert h.effects.calls.count(("start", "a")) == 1 and h.effects.alive("a") == 1, \
+        "no second worker while the first still holds its memory"
+    h.executor.deliver_next("stop", "a")
+    assert op.done and h.effects.alive("a") == 1 and h.effects.calls.count(("start", "a")) == 2
+    h.executor.deliver_next("start", "a")  # the cancelled start's outcome: stale
+    assert h.phase("a") == "starting"
+    h.executor.deliver_next("start", "a")
+    assert again.result().actuation.path == "cold"
+    assert h.event_types() == ["released", "started"]
+
+
+def test_release_is_idempotent_and_clears_a_failure():
+    h = harness(ONE)
+    assert h.machine.request_release("a").done and h.phase("a") == "cold" and h.events == []
+    h.effects.script("start", "a", RuntimeError("boom"))
+    h.machine.admit("a")
+    h.executor.run_until_quiet()
+    assert h.phase("a") == "failed"
+    h.machine.request_release("a")
+    assert h.phase("a") == "cold" and h.machine.describe("a").error is None
+    h.machine.admit("a")  # no backoff after an explicit release
+    assert h.phase("a") == "starting"
+
+
+def test_crash_during_start_fails_once():
+    h = harness(ONE)
+    ticket = h.machine.admit("a")
+    h.crash("a", "exited with code 1; log tail: CUDA out of memory")
+    with pytest.raises(WorkerFailed, match="out of memory"):
+        ticket.result()
+    h.executor.deliver_next("stop", "a")
+    h.executor.deliver_next("start", "a")  # the start job notices the exit too: stale
+    assert h.phase("a") == "failed" and h.event_types() == ["failed"] and h.machine._slots["a"].failures == 1
+
+
+def test_crash_of_a_ready_worker_is_cleaned_up_and_restarted_on_the_next_request_at_once():
+    h = harness(ONE)
+    ready(h)
+    h.crash("a", "exited with code -9")
+    status = h.machine.describe("a")
+    assert status.state == "failed" and "code -9" in status.error
+    assert h.effects.calls[-1] == ("stop", "a"), "whatever is left of it is stopped"
+    h.executor.deliver_next("stop", "a")
+    ticket = h.machine.admit("a")
+    assert h.phase("a") == "starting"
+    h.executor.deliver_next("start", "a")
+    assert ticket.result().actuation.path == "cold"
+    assert h.event_types() == ["started", "failed", "started"]
+
+
+def test_an_unreachable_worker_that_is_gone_is_replaced():
+    h = harness(ONE)
+    ready(h)
+    lease = h.machine.admit("a").result()
+    h.effects.kill("a")  # dead, and nobody noticed yet
+    h.machine.worker_unreachable(lease)
+    lease.done()
+    assert h.machine.describe("a").state == "failed"
+    h.executor.run_until_quiet()
+    h.machine.admit("a")
+    assert h.effects.calls.count(("start", "a")) == 2
+
+
+def test_a_worker_removed_behind_our_back_is_cold():
+    h = harness(ONE)
+    ready(h)
+    h.machine.worker_gone(h.handle("a"), "a")
+    assert h.phase("a") == "cold" and h.handle("a") is None and h.event_types() == ["started", "released"]
+
+
+# ---- sleep and wake ----------------------------------------------------------------------------
+
+def test_manual_sleep_waits_for_requests_in_flight():
+    h = harness(ONE)
+    ready(h)
+    lease = h.machine.admit("a").result()
+    op = h.machine.request_sleep("a", 1)
+    assert h.phase("a") == "going_to_sleep" and ("sleep", "a") not in h.effects.calls
+    late = h.machine.admit("a")
+    assert not late.done, "no new lease on a worker going to sleep"
+    lease.done()
+    assert h.effects.calls[-1] == ("sleep", "a")
+    h.executor.deliver_next("sleep", "a")
+    assert op.done and op.error is None
+    # The request that came during the sleep now wakes it.
+    assert h.phase("a") == "waking"
+    h.executor.deliver_next("wake", "a")
+    assert late.result().actuation.path == "wake"
+    assert h.event_types() == ["started", "sleeping", "ready"]
+
+
+def test_manual_sleep_with_requests_still_running_at_the_drain_deadline_is_refused():
+    h = harness(ONE)
+    ready(h)
+    lease = h.machine.admit("a").result()
+    op = h.machine.request_sleep("a", 2)
+    h.clock.advance(11)
+    h.machine.tick()
+    assert op.done and isinstance(op.error, Conflict) and "still in flight" in op.error.message
+    assert h.phase("a") == "ready"
+    lease.done()
+    assert ("sleep", "a") not in h.effects.calls
+
+
+def test_a_worker_that_refuses_to_sleep_keeps_serving_one_that_hangs_is_stopped():
+    h = harness(ONE)
+    ready(h)
+    h.effects.script("sleep", "a", EffectRefused("could not reach it"))
+    op = h.machine.request_sleep("a", 1)
+    h.executor.deliver_next("sleep", "a")
+    assert isinstance(op.error, UpstreamError) and op.error.status == 502 and h.phase("a") == "ready"
+    op = h.machine.request_sleep("a", 1)  # this one never answers
+    h.clock.advance(31)
+    h.machine.tick()
+    assert op.done and op.error is not None and h.phase("a") == "stopping"
+
+
+def test_sleep_of_a_cold_worker_is_a_conflict_and_a_sleeping_one_is_idempotent():
+    h = harness(ONE)
+    with pytest.raises(Conflict):
+        h.machine.request_sleep("a", 1)
+    ready(h)
+    h.machine.request_sleep("a", 1)
+    h.executor.deliver_next("sleep", "a")
+    assert h.machine.request_sleep("a", 2).done and h.effects.calls.count(("sleep", "a")) == 1
+
+
+def test_sleep_asked_during_a_start_happens_after_it():
+    h = harness(ONE)
+    ticket = h.machine.admit("a")
+    op = h.machine.request_sleep("a", 1)
+    h.executor.deliver_next("start", "a")
+    lease = ticket.result()
+    assert h.phase("a") == "going_to_sleep", "the requests that waited are served, then it drains"
+    lease.done()
+    h.executor.deliver_next("sleep", "a")
+    assert op.done and op.error is None and h.phase("a") == "sleeping"
+
+
+def test_wake_racing_an_eviction_sleep_wakes_after_the_sleep_completes():
+    h = harness(TWO)
+    ready(h, "a")
+    b = h.machine.admit("b")  # needs a's place: a goes to sleep first
+    assert h.phase("a") == "going_to_sleep" and ("start", "b") not in h.effects.calls
+    h.clock.advance(0.1)
+    a_again = h.machine.admit("a")  # and now a is wanted again, mid-sleep
+    h.executor.deliver_next("sleep", "a")
+    # b was first in line: it starts now that a is asleep; a waits for b to be done.
+    assert h.phase("b") == "starting" and h.phase("a") == "sleeping"
+    h.executor.deliver_next("start", "b")
+    b.result().done()
+    assert h.phase("b") == "going_to_sleep" and not a_again.done
+    h.executor.deliver_next("sleep", "b")
+    assert h.phase("a") == "waking"
+    h.executor.deliver_next("wake", "a")
+    assert a_again.result().actuation.path == "wake"
+    assert h.phase("b") == "sleeping"
+
+
+# ---- the budget -------------------------------------------------------------------------------
+
+def test_evict_then_rewake_never_exceeds_the_budget():
+    h = harness(TWO)
+    ready(h, "a")
+    b = h.machine.admit("b")
+    assert h.machine.slot_snapshot()["a"]["holds"] == "awake", "going to sleep still holds its place"
+    h.executor.deliver_next("sleep", "a")
+    h.executor.deliver_next("start", "b")
+    b.result().done()
+    a = h.machine.admit("a")
+    assert h.phase("b") == "going_to_sleep"
+    h.executor.deliver_next("sleep", "b")
+    h.executor.deliver_next("wake", "a")
+    assert a.result().actuation.path == "wake"
+    assert h.machine.describe("a").state == "ready" and h.machine.describe("b").state == "sleeping"
+
+
+def test_eviction_never_touches_a_busy_worker_it_waits_for_it_to_go_idle():
+    h = harness(TWO)
+    ready(h, "a")
+    busy = h.machine.admit("a").result()
+    b = h.machine.admit("b")
+    assert h.phase("a") == "ready" and h.effects.calls == [("start", "a")]
+    assert "busy" in h.machine._waiting_on(h.machine._slots["b"])
+    busy.done()
+    assert h.phase("a") == "going_to_sleep"
+    h.executor.deliver_next("sleep", "a")
+    h.executor.deliver_next("start", "b")
+    assert b.result().actuation.path == "cold"
+
+
+def test_a_stopping_worker_still_counts_against_the_memory_budget():
+    h = harness("budget: {max_loaded: 5, sleepers: 0, memory_mib: 1000}\nmodels:\n"
+                "  - {name: a, source: 'embedded:smollm2-135m-instruct', memory_mib: 800}\n"
+                "  - {name: b, source: 'embedded:smollm2-135m-instruct', memory_mib: 800}\n")
+    ready(h, "a")
+    h.machine.admit("b")
+    assert h.phase("a") == "stopping", "no sleepers allowed: a is stopped to make room"
+    assert ("start", "b") not in h.effects.calls, "b must not start while a still holds 800 MiB"
+    h.executor.deliver_next("stop", "a")
+    assert h.effects.calls[-1] == ("start", "b")
+
+
+@pytest.mark.parametrize("asleep, action", [(100, "going_to_sleep"), (300, "stopping")])
+def test_a_sleeper_counts_its_sleeping_footprint(asleep: int, action: str):
+    h = harness("budget: {max_loaded: 5, sleepers: 2, memory_mib: 1000}\nmodels:\n"
+                "  - {name: a, source: 'embedded:smollm2-135m-instruct', memory_mib: 800,"
+                f" sleep_memory_mib: {asleep}}}\n"
+                "  - {name: b, source: 'embedded:smollm2-135m-instruct', memory_mib: 800}\n")
+    ready(h, "a")
+    h.machine.admit("b")
+    # 100 MiB asleep + 800 for b fit in 1000: a sleeps. 300 + 800 do not: sleeping would not be enough.
+    assert h.phase("a") == action
+    h.executor.run_until_quiet()
+    assert h.phase("b") == "ready"
+    assert h.phase("a") == ("sleeping" if asleep == 100 else "cold")
+
+
+def test_sleepers_beyond_the_budget_are_stopped_least_recently_used_first():
+    h = harness("budget: {max_loaded: 3, sleepers: 1}\nmodels:\n"
+                "  - {name: a, source: 'embedded:smollm2-135m-instruct'}\n"
+                "  - {name: b, source: 'embedded:smollm2-135m-instruct'}\n")
+    ready(h, "a")
+    ready(h, "b")
+    h.machine.request_sleep("a", 1)
+    h.executor.deliver_next("sleep", "a")
+    h.clock.advance(1)
+    h.machine.request_sleep("b", 1)
+    h.executor.deliver_next("sleep", "b")
+    assert h.phase("a") == "stopping" and h.phase("b") == "sleeping"
+
+
+def test_idle_workers_scale_to_zero_after_their_timeout():
+    h = harness("models:\n  - {name: a, source: 'embedded:smollm2-135m-instruct', idle_timeout: 5s}\n")
+    ready(h)
+    h.clock.advance(4)
+    h.machine.tick()
+    assert h.phase("a") == "ready"
+    h.clock.advance(1)
+    h.machine.tick()
+    assert h.phase("a") == "stopping"
+    h.executor.deliver_next("stop", "a")
+    assert h.phase("a") == "cold" and h.effects.alive("a") == 0
+
+
+# ---- the whole machine ----------------------------------------------------------------------------
+
+def test_shutdown_answers_every_waiter_and_stops_every_worker():
+    h = harness(TWO.replace("max_loaded: 1", "max_loaded: 2"))
+    ready(h, "a")
+    waiting = h.machine.admit("b")
+    h.executor.jobs.clear()  # b's start hangs forever; a's stop is delivered below
+    import threading
+
+    t = threading.Thread(target=h.machine.shutdown, args=(0.1,))
+    t.start()
+    for _ in range(200):
+        if h.executor.pending("stop"):
+            break
+        t.join(0.01)
+    for job in h.executor.pending("stop"):
+        h.executor.deliver(job)
+    t.join(30)
+    assert not t.is_alive()
+    with pytest.raises(WorkerNotReady, match="shutting down"):
+        waiting.result()
+    assert h.effects.alive("a") == 0 and h.effects.alive("b") == 0
+
+
+def test_the_transition_table_is_the_only_way_phases_change():
+    h = harness(ONE)
+    with pytest.raises(Exception, match="no transition from cold on slept"):
+        h.machine._fire(h.machine._slots["a"], next(t for p, t in TRANSITIONS if t.value == "slept"))
+    reachable = {to.to for to in TRANSITIONS.values()} | {Phase.COLD}
+    assert reachable == set(Phase), "every phase can be reached"
