@@ -213,7 +213,7 @@ def requester(tmp_path: Path, models: Path, **env: str) -> Iterator[Requester]:
     tag = uuid.uuid4().hex
     full = {**os.environ, "FMA_BIND": f"127.0.0.1:{p1},127.0.0.1:{p2}", "FMA_MODELS": str(models),
             "FMA_WORKER_LOG_DIR": str(tmp_path / "logs"), "FMA_TEST_TAG": tag, "FMA_LOG_LEVEL": "info",
-            "FMA_RESTART_BACKOFF": "1s", **env}
+            "FMA_RESTART_BACKOFF": "5s", **env}
     log_path = tmp_path / "requester.log"
     proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", full, log_path, cwd=REPO)
     req = Requester(proc, f"http://127.0.0.1:{p1}", f"http://127.0.0.1:{p2}", tag, log_path)
