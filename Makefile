@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run worker test test-fast lint bench bench-throughput bench-actuation prepare clean venv
+.PHONY: run worker test test-fast lint docs bench bench-throughput bench-actuation prepare clean venv
 
 venv: $(STAMP)
 
@@ -42,6 +42,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Generated from the code (tests check them): README settings tables, design.md's state diagram.
+docs: $(STAMP)
+	$(BIN)/python -m fma_cli.docs README.md docs/design.md
 
 bench: bench-throughput bench-actuation
 

@@ -417,3 +417,49 @@ def test_the_transition_table_is_the_only_way_phases_change():
         h.machine._fire(h.machine._slots["a"], next(t for p, t in TRANSITIONS if t.value == "slept"))
     reachable = {to.to for to in TRANSITIONS.values()} | {Phase.COLD}
     assert reachable == set(Phase), "every phase can be reached"
+
+
+def test_slow_effects_never_run_under_the_lock():
+    """Real threads: while one model's stop takes its time, the others are served at once."""
+    import threading
+    import time
+
+    from machine_harness import RecordingEffects
+
+    from fma_requester.lifecycle import Lifecycle, LifecycleConfig
+    from fma_requester.metrics import RequesterMetrics
+    from fma_requester.registry import ModelRegistry
+
+    gate = threading.Event()
+
+    class SlowStop(RecordingEffects):
+        def stop(self, spec, handle, grace):
+            gate.wait(30)  # a worker draining its requests for a long time
+            self.processes.get(spec.name, set()).discard(handle.serial)
+
+    effects = SlowStop()
+    machine = Lifecycle(ModelRegistry.from_text(TWO.replace("max_loaded: 1", "max_loaded: 2")), RequesterMetrics(),
+                        effects, config=LifecycleConfig())
+    try:
+        machine.ensure_ready("a").done()
+        releasing = threading.Thread(target=machine.release, args=("a",))
+        releasing.start()
+        deadline = time.monotonic() + 10
+        while machine.describe("a").phase != "stopping":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        started = time.monotonic()
+        lease = machine.ensure_ready("b")
+        assert machine.describe("a").phase == "stopping" and time.monotonic() - started < 1.0
+        lease.done()
+    finally:
+        gate.set()
+        releasing.join(10)
+    assert machine.describe("a").phase == "cold" and effects.alive("a") == 0
+
+
+def test_design_md_shows_the_transition_table_as_it_is():
+    from conftest import REPO
+    from fma_cli.docs import diagram_block, diagram_in
+
+    assert diagram_in((REPO / "docs" / "design.md").read_text()) == diagram_block(), "run `make docs`"

@@ -29,6 +29,10 @@ def bad(model, payload) -> InvalidRequest:
     ({"model": "m", "prompt": "x", "n": 0}, "n"),
     ({"model": "m", "prompt": "x", "seed": 1.5}, "seed"),
     ({"model": "m", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"model": "m", "prompt": "x", "logit_bias": {"\u00b2": 1}}, "logit_bias"),  # "²".isdigit() is True
+    ({"model": "m", "prompt": "x", "logit_bias": {"\u0663": 1}}, "logit_bias"),  # an Arabic-Indic 3
+    ({"model": "m", "prompt": "x", "seed": 2**64}, "seed"),  # torch refuses it: must be a 400, not a 500
+    ({"model": "m", "prompt": "x", "seed": -(2**63) - 1}, "seed"),
 ])
 def test_completion_field_errors_name_the_field(payload, param):
     err = bad(CompletionRequest, payload)

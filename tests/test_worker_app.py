@@ -182,6 +182,16 @@ def test_body_over_the_size_limit_is_413(client):
     assert_envelope(complete(client, prompt="x" * 10_000), 413, code="payload_too_large")
 
 
+@pytest.mark.parametrize("body", [{"seed": 2**64 - 1}, {"seed": -(2**63)}, {"logit_bias": {"5": 1.5}}])
+def test_the_extremes_of_valid_values_are_served(client, body):
+    assert complete(client, max_tokens=2, **body).status_code == 200
+
+
+@pytest.mark.parametrize("body, param", [({"seed": 2**64}, "seed"), ({"logit_bias": {"\u00b2": 1}}, "logit_bias")])
+def test_values_that_used_to_crash_the_worker_are_400(client, body, param):
+    assert_envelope(complete(client, max_tokens=2, **body), 400, param=param)
+
+
 def test_unsupported_parameter_is_400(client):
     assert_envelope(complete(client, logprobs=3), 400, code="unsupported_parameter", param="logprobs")
 

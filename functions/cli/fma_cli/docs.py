@@ -1,9 +1,11 @@
-"""The README's settings tables, generated from the settings classes.
+"""Documentation generated from the code: the README's settings tables, design.md's state diagram.
 
-``python -m fma_cli.docs README.md`` rewrites every block between
-``<!-- settings:NAME -->`` and ``<!-- /settings:NAME -->`` with the table of
-that settings class (``make docs``); ``tests/test_settings.py`` fails when the
-README and the classes disagree, so the two cannot drift apart.
+``python -m fma_cli.docs README.md docs/design.md`` (``make docs``) rewrites
+every block between ``<!-- settings:NAME -->`` and ``<!-- /settings:NAME -->``
+with the table of that settings class, and the block between
+``<!-- state-diagram -->`` and ``<!-- /state-diagram -->`` with the state
+machine's transition table as a Mermaid diagram. Tests fail when a document
+and the code disagree, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -40,14 +42,33 @@ def blocks(text: str) -> dict[str, str]:
     return {m.group("name"): m.group("body") for m in BLOCK.finditer(text)}
 
 
+DIAGRAM = re.compile(r"(<!-- state-diagram -->\n)(?P<body>.*?)(<!-- /state-diagram -->)", re.S)
+
+
+def diagram_block() -> str:
+    from fma_requester.lifecycle import state_diagram
+
+    return f"```mermaid\n{state_diagram()}```\n"
+
+
+def render_diagram(text: str) -> str:
+    return DIAGRAM.sub(lambda m: f"{m.group(1)}{diagram_block()}{m.group(3)}", text)
+
+
+def diagram_in(text: str) -> str | None:
+    m = DIAGRAM.search(text)
+    return m.group("body") if m else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
-    path = Path(args[0] if args else "README.md")
-    text = path.read_text()
-    new = render(text)
-    if new != text:
-        path.write_text(new)
-        print(f"{path}: settings tables updated")
+    for name in args or ["README.md", "docs/design.md"]:
+        path = Path(name)
+        text = path.read_text()
+        new = render_diagram(render(text))
+        if new != text:
+            path.write_text(new)
+            print(f"{path}: generated blocks updated")
     return 0
 
 

@@ -134,6 +134,27 @@ def cmd_model_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Every setting of a service: variable, default, meaning (the README's tables are this output)."""
+    from fma_cli.docs import settings_classes
+    from fma_common.settings import SettingsError, describe, markdown_table
+
+    cls = settings_classes()[args.service]
+    if args.markdown:
+        print(markdown_table(cls), end="")
+        return 0
+    try:
+        current = describe(cls.from_env())
+    except SettingsError as exc:
+        print(f"fma settings: {exc}", file=sys.stderr)
+        return 2
+    names = cls.env_names()
+    for field, value in current.items():
+        if field in names and (cls.model_fields[field].json_schema_extra or {}):
+            print(f"{names[field]}={'' if value is None else value}")
+    return 0
+
+
 # ---- client commands --------------------------------------------------------
 
 def _client(args: argparse.Namespace) -> Any:
@@ -177,7 +198,8 @@ def cmd_workers(args: argparse.Namespace) -> int:
     for w in rows:
         act = w.get("last_actuation")
         last = f"{act['path']} {act['seconds']:.2f}s" if act else "-"
-        print(f"{w['model']:40} {w['state']:9} {w['in_flight']:>9} {w['queued']:>6}  {last}"
+        state = w["state"] if w.get("phase", w["state"]) == w["state"] else f"{w['state']} ({w['phase']})"
+        print(f"{w['model']:40} {state:9} {w['in_flight']:>9} {w['queued']:>6}  {last}"
               + (f"  error: {w['error'][:80]}" if w.get("error") else ""))
     return 0
 
@@ -265,6 +287,11 @@ def build_parser(prog: str = "fma") -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=cmd_model_path)
+
+    p = sub.add_parser("settings", help="list a service's settings (what it would use now, or --markdown)")
+    p.add_argument("service", nargs="?", choices=["requester", "worker", "knative"], default="requester")
+    p.add_argument("--markdown", action="store_true", help="the table of variables, defaults and meanings")
+    p.set_defaults(func=cmd_settings)
 
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", default=os.environ.get("FMA_URL", DEFAULT_URL))

@@ -132,6 +132,15 @@ _STATE_OF: dict[Phase, p.State] = {
 }
 
 
+def state_diagram() -> str:
+    """:data:`TRANSITIONS` as a Mermaid state diagram (docs/design.md shows it; a test keeps them equal)."""
+    lines = ["stateDiagram-v2", "    [*] --> cold"]
+    for (source, trigger), t in TRANSITIONS.items():
+        label = trigger.value + (f" / {t.event.rsplit('.', 2)[-2]}.{t.event.rsplit('.', 1)[-1]}" if t.event else "")
+        lines.append(f"    {source.value} --> {t.to.value}: {label}")
+    return "\n".join(lines) + "\n"
+
+
 class IllegalTransition(RuntimeError):
     """A bug: the machine tried a transition the table does not have."""
 
