@@ -198,6 +198,7 @@ def test_an_unreachable_worker_that_is_gone_is_replaced():
     lease = h.machine.admit("a").result()
     h.effects.kill("a")  # dead, and nobody noticed yet
     h.machine.worker_unreachable(lease)
+    h.executor.deliver_next("probe", "a")
     lease.done()
     assert h.machine.describe("a").state == "failed"
     h.executor.run_until_quiet()

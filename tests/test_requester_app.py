@@ -230,6 +230,7 @@ ENVELOPE_500 = json.dumps({"error": {"message": "generation failed", "type": "se
 @pytest.mark.parametrize("answer, status, code", [
     ((503, "text/plain", b"activator: no healthy upstream"), 503, "upstream_503"),
     ((502, "text/html", b"<html>bad gateway</html>"), 502, "upstream_502"),
+    ((504, "text/plain", b"upstream request timeout"), 504, "upstream_504"),
     ((429, "application/json", json.dumps({"error": {"message": "busy", "type": "rate_limit_error",
                                                       "code": "queue_full", "param": None}}).encode()), 429,
      "queue_full"),

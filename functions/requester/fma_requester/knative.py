@@ -33,15 +33,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import httpx
 import yaml
 from pydantic import model_validator
 
 from fma_common.errors import ApiError
 from fma_common.settings import Duration, EnvSettings, Lower, setting
 
-from . import protocol as p
-from .effects import EffectRefused, Effects, WorkerHandle
+from .control import WorkerControl
+from .effects import Effects, WorkerHandle
 from .gpus import gpu_uuids
 from .knative_spec import (
     ANNOTATION_MODEL,
@@ -146,7 +145,7 @@ class KnativeEffects(Effects):
         self.kn = kn
         self.kube = KubeClient(api if api is not None else load_api(), kn.namespace or "default",
                                retries=kn.retries, timeout_s=kn.kube_timeout_s)
-        self._http = httpx.Client(timeout=httpx.Timeout(control_timeout_s, connect=10.0))
+        self._control = WorkerControl(control_timeout_s, 10.0)
         self._owner: dict[str, Any] | None = None
         self._by_service = {worker_service_name(spec.name): spec.name for spec in registry}
         self._handles: dict[str, WorkerHandle] = {}  # model -> the incarnation the machine holds
@@ -277,22 +276,11 @@ class KnativeEffects(Effects):
         except Exception as exc:  # never raise; the Service stays as it was and Knative scales it by itself
             log.error("could not release %s: %s", name, getattr(exc, "message", None) or exc)
 
-    def _control(self, handle: WorkerHandle, path: str, timeout: float, params: dict[str, Any] | None = None,
-                 ) -> httpx.Response:
-        try:
-            return self._http.post(f"{handle.url}{path}", params=params, timeout=timeout)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise EffectRefused(f"could not reach {handle.url}: {exc}") from None
-
     def sleep(self, spec: ModelSpec, handle: WorkerHandle, level: int, timeout: float) -> None:
-        resp = self._control(handle, p.WORKER_SLEEP, timeout, {"level": level})
-        if resp.status_code != 200:
-            raise EffectRefused(f"{resp.status_code}: {resp.text[:300]}", status=resp.status_code)
+        self._control.sleep(handle, level, timeout)
 
     def wake(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> None:
-        resp = self._control(handle, p.WORKER_WAKE, timeout)
-        if resp.status_code != 200:
-            raise RuntimeError(f"the worker answered {resp.status_code} to {p.WORKER_WAKE}: {resp.text[:300]}")
+        self._control.wake(handle, timeout)
 
     def probe(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> bool:
         obj = self.kube.get(worker_service_name(spec.name))
@@ -362,7 +350,7 @@ class KnativeEffects(Effects):
 
     def close(self) -> None:
         self._closing.set()
-        self._http.close()
+        self._control.close()
 
 
 class KnativeActuator(Lifecycle):

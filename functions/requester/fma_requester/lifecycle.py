@@ -353,7 +353,7 @@ class Lifecycle(Actuator):
         slot.deadline = self._deadline_for(slot) if transition.to in TRANSITIONAL else None
         slot.overdue_logged = False
         if transition.to != Phase.GOING_TO_SLEEP:
-            slot.sleep = None if transition.to != Phase.SLEEPING else slot.sleep
+            slot.sleep = None  # a sleep plan lives exactly as long as going_to_sleep
         log.debug("%s: %s -> %s on %s%s", slot.name, before, transition.to, trigger, f" ({why})" if why else "")
         self.metrics.set_worker_state(slot.name, self._state(slot), slot.phase)
         if transition.event:
@@ -869,14 +869,18 @@ class Lifecycle(Actuator):
             self._settle()
 
     def worker_unreachable(self, lease: WorkerLease) -> None:
+        """A request could not reach its worker: probe it (off the request's path); gone means exited."""
         with self._cond:
             slot = self._slots.get(lease.model)
             if slot is None or slot.handle is not lease.handle or slot.phase != Phase.READY:
                 return
             handle, spec = slot.handle, slot.spec
-        alive = _safe(lambda: self.effects.probe(spec, handle, 5.0), default=True)
-        if not alive:
-            self.worker_exited(handle, "the worker stopped answering")
+
+        def gone(alive: Any, error: BaseException | None) -> None:
+            if error is None and not alive:
+                self.worker_exited(handle, "the worker stopped answering")
+
+        self.executor.submit(f"fma-probe-{spec.name}", lambda: self.effects.probe(spec, handle, 5.0), gone)
 
     # ==== background ==================================================================================
 

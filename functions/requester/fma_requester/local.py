@@ -14,15 +14,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
-
-import httpx
 
 from fma_common import logs
 from fma_common.procs import free_port, stop_process_group, wait_ready
 
-from . import protocol as p
-from .effects import EffectRefused, Effects, WorkerHandle
+from .control import WorkerControl
+from .effects import Effects, WorkerHandle
 from .lifecycle import EventSink, Lifecycle, LifecycleConfig
 from .metrics import RequesterMetrics
 from .registry import ModelRegistry, ModelSpec
@@ -44,8 +41,7 @@ class LocalEffects(Effects):
         self.settings = settings
         base = {**os.environ, **(worker_env or {})}
         self.supervisor = supervisor or ProcessSupervisor(settings, base)
-        self._http = httpx.Client(timeout=httpx.Timeout(settings.control_timeout_s,
-                                                        connect=settings.upstream_connect_timeout_s))
+        self._control = WorkerControl(settings.control_timeout_s, settings.upstream_connect_timeout_s)
 
     def worker_environment(self, spec: ModelSpec, port: int) -> dict[str, str]:
         """The worker's environment: the requester's, then the model's own ``env`` (which wins)."""
@@ -97,34 +93,17 @@ class LocalEffects(Effects):
             except Exception as exc:  # never raise: report and move on
                 log.error("stopping pid %s for %s failed: %s", getattr(proc, "pid", "?"), spec.name, exc)
 
-    def _control(self, handle: WorkerHandle, path: str, timeout: float, params: dict[str, Any] | None = None,
-                 ) -> httpx.Response:
-        if not handle.url:
-            raise EffectRefused("the worker has no address")
-        try:
-            return self._http.post(f"{handle.url}{path}", params=params, timeout=timeout)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise EffectRefused(f"could not reach {handle.url}: {exc}") from None
-
     def sleep(self, spec: ModelSpec, handle: WorkerHandle, level: int, timeout: float) -> None:
-        resp = self._control(handle, p.WORKER_SLEEP, timeout, {"level": level})
-        if resp.status_code != 200:
-            raise EffectRefused(f"{resp.status_code}: {_error_text(resp)}", status=resp.status_code)
+        self._control.sleep(handle, level, timeout)
 
     def wake(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> None:
-        resp = self._control(handle, p.WORKER_WAKE, timeout)
-        if resp.status_code != 200:
-            raise RuntimeError(f"the worker answered {resp.status_code} to {p.WORKER_WAKE}: {_error_text(resp)}")
+        self._control.wake(handle, timeout)
 
     def probe(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> bool:
         proc = handle.data.get("proc")
         if proc is not None and proc.poll() is not None:
             return False
-        try:
-            self._http.get(f"{handle.url}{p.PATH_HEALTH}", timeout=timeout).raise_for_status()
-        except httpx.HTTPError:
-            return False
-        return True
+        return self._control.alive(handle, timeout)
 
     def read_log(self, spec: ModelSpec, handle: WorkerHandle, limit: int) -> str:
         path = handle.data.get("log_path")
@@ -138,14 +117,7 @@ class LocalEffects(Effects):
 
     def close(self) -> None:
         self.supervisor.close()
-        self._http.close()
-
-
-def _error_text(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json()["error"]["message"])[:300]
-    except (ValueError, KeyError, TypeError):
-        return resp.text[:300]
+        self._control.close()
 
 
 class LocalActuator(Lifecycle):

@@ -1,0 +1,61 @@
+"""Control calls to a worker over HTTP: the vLLM sleep API and liveness.
+
+Both effects implementations reach their workers the same way (an address
+in the handle); this is that one client, with the classification the state
+machine relies on: a worker that cannot be reached, or that answers with an
+error, did not change state (:class:`EffectRefused`); a wake that fails is a
+failure (the worker's state is unknown).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from . import protocol as p
+from .effects import EffectRefused, WorkerHandle
+
+
+def error_text(resp: httpx.Response) -> str:
+    """The worker's error message (from its envelope, else its text), shortened."""
+    try:
+        return str(resp.json()["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:300]
+
+
+class WorkerControl:
+    def __init__(self, timeout_s: float, connect_timeout_s: float) -> None:
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+
+    def _post(self, handle: WorkerHandle, path: str, timeout: float,
+              params: dict[str, Any] | None = None) -> httpx.Response:
+        if not handle.url:
+            raise EffectRefused("the worker has no address")
+        try:
+            return self._http.post(f"{handle.url}{path}", params=params, timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise EffectRefused(f"could not reach {handle.url}: {exc}") from None
+
+    def sleep(self, handle: WorkerHandle, level: int, timeout: float) -> None:
+        resp = self._post(handle, p.WORKER_SLEEP, timeout, {"level": level})
+        if resp.status_code != 200:
+            raise EffectRefused(f"{resp.status_code}: {error_text(resp)}", status=resp.status_code)
+
+    def wake(self, handle: WorkerHandle, timeout: float) -> None:
+        resp = self._post(handle, p.WORKER_WAKE, timeout)
+        if resp.status_code != 200:
+            raise RuntimeError(f"the worker answered {resp.status_code} to {p.WORKER_WAKE}: {error_text(resp)}")
+
+    def alive(self, handle: WorkerHandle, timeout: float) -> bool:
+        if not handle.url:
+            return False
+        try:
+            self._http.get(f"{handle.url}{p.PATH_HEALTH}", timeout=timeout).raise_for_status()
+        except httpx.HTTPError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._http.close()
