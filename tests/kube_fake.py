@@ -1,19 +1,33 @@
-"""A faithful HTTP-level fake of the Kubernetes API server, for Knative Services.
+"""A faithful HTTP-level fake of the Kubernetes API server, for Knative Serving's resources.
 
-It serves the real REST paths of ``serving.knative.dev/v1`` ``services`` so
-the real ``kubernetes`` client talks to it unchanged:
+It serves the real REST paths of ``serving.knative.dev/v1`` (``services``,
+``revisions``) so the real ``kubernetes`` client talks to it unchanged:
 
-* ``POST   /apis/serving.knative.dev/v1/namespaces/{ns}/services``         201, 409 AlreadyExists
-* ``GET    .../services[?labelSelector=&fieldSelector=]``                    a ``ServiceList``
-* ``GET    .../services?watch=true&resourceVersion=N``                       a watch stream (JSON lines);
+* ``POST   /apis/serving.knative.dev/v1/namespaces/{ns}/{plural}``          201, 409 AlreadyExists
+* ``GET    .../{plural}[?labelSelector=&fieldSelector=]``                     a ``...List``
+* ``GET    .../{plural}?watch=true&resourceVersion=N``                        a watch stream (JSON lines);
   a resourceVersion older than the compaction point gets an ``ERROR`` event with a 410 ``Status``
-* ``GET    .../services/{name}``                                              200, 404 NotFound
-* ``PATCH  .../services/{name}`` (``application/merge-patch+json``, RFC 7386) 200, 404, 415
-* ``DELETE .../services/{name}``                                              200, 404
+* ``GET    .../{plural}/{name}``                                               200, 404 NotFound
+* ``PATCH  .../{plural}/{name}`` (``application/merge-patch+json``, RFC 7386)  200, 404, 415
+* ``DELETE .../{plural}/{name}``                                               200, 404
 
 Errors are Kubernetes ``Status`` bodies. ``metadata.generation`` moves only
-when ``spec`` changes; every write gets a new ``resourceVersion``. Tests can
-refuse verbs (403), inject server errors (500), and compact history (410).
+when ``spec`` changes; every write gets a new ``resourceVersion``.
+
+What a real API server adds, and this one too:
+
+* **RBAC**: given a Role (``knative/base/role.yaml``), every request whose
+  (resource, verb) the Role does not grant is a 403 with the API server's
+  message, so the tests run with exactly the permissions the requester is
+  deployed with.
+* **Admission**: validating webhooks (the simulator's Knative webhook) are
+  called on create and patch with the old and new object; a rejection is
+  answered like the API server answers a denying webhook (``k8s.io/apiserver
+  .../webhook/errors/statuserror.go``: status 400 unless the webhook gave one,
+  message ``admission webhook "NAME" denied the request: ...``).
+
+Tests can also refuse verbs, inject server errors, compact history (410) and
+leave watches half-open (headers sent, then silence, never closed).
 """
 
 from __future__ import annotations
@@ -25,20 +39,28 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-PATH = re.compile(r"^/apis/serving\.knative\.dev/v1/namespaces/(?P<ns>[^/]+)/services(?:/(?P<name>[^/]+))?$")
+import yaml
+
+GROUP, VERSION = "serving.knative.dev", "v1"
+PATH = re.compile(r"^/apis/serving\.knative\.dev/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)"
+                  r"(?:/(?P<name>[^/]+))?$")
+KINDS = {"services": "Service", "revisions": "Revision", "configurations": "Configuration", "routes": "Route"}
 
 
-def status_body(code: int, reason: str, message: str, name: str | None = None) -> dict[str, Any]:
+def status_body(code: int, reason: str, message: str, name: str | None = None,
+                plural: str = "services") -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "details": {"name": name, "group": "serving.knative.dev", "kind": "services"},
-            "code": code}
+            "reason": reason, "details": {"name": name, "group": GROUP, "kind": plural}, "code": code}
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, ``null`` removes a key, anything else replaces."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
     result = copy.deepcopy(target) if isinstance(target, dict) else {}
@@ -76,17 +98,44 @@ def matches_fields(obj: dict[str, Any], selector: str | None) -> bool:
     return True
 
 
+class Rejected(Exception):
+    """An admission webhook's denial."""
+
+    def __init__(self, webhook: str, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.webhook, self.message, self.code = webhook, message, code
+
+
+# (verb, plural, old object or None, new object) -> None, or raise Rejected
+AdmissionHook = Callable[[str, str, dict[str, Any] | None, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    resources: frozenset[str]
+    verbs: frozenset[str]
+
+
+def load_role(path: Path) -> list[Rule]:
+    role = yaml.safe_load(path.read_text())
+    return [Rule(frozenset(r["resources"]), frozenset(r["verbs"])) for r in role["rules"]
+            if GROUP in r.get("apiGroups", [])]
+
+
 class FakeKube:
-    def __init__(self) -> None:
+    def __init__(self, role: list[Rule] | None = None) -> None:
         self.cond = threading.Condition()
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.history: list[tuple[int, str, dict[str, Any]]] = []
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (plural, ns, name)
+        self.history: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, event type, plural, object)
         self.rv = 100
         self.compacted_before = 0
-        self.forbidden: set[str] = set()  # verbs answered with 403
+        self.role = role  # None: everything allowed
+        self.forbidden: set[str] = set()  # verbs on services answered with 403 (on top of the Role)
         self.fail_next: list[int] = []  # statuses for the next requests (e.g. 500, 503)
+        self.hang_watches = False  # accept watches, then never send anything and never close
         self.requests: list[tuple[str, str]] = []
-        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []  # (event type, plural, object)
+        self.admission: list[AdmissionHook] = []
         self.after_create: Callable[[], None] | None = None  # e.g. compact history right after a create
         self._stopping = False
         fake = self
@@ -131,46 +180,70 @@ class FakeKube:
 
     # ---- store ------------------------------------------------------------------
 
-    def _record(self, kind: str, obj: dict[str, Any]) -> None:
+    def _record(self, kind: str, plural: str, obj: dict[str, Any]) -> None:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
         snapshot = copy.deepcopy(obj)
-        self.history.append((self.rv, kind, snapshot))
+        self.history.append((self.rv, kind, plural, snapshot))
         self.cond.notify_all()
         for listener in list(self.listeners):
-            listener(kind, copy.deepcopy(snapshot))
+            listener(kind, plural, copy.deepcopy(snapshot))
 
-    def put_object(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Create an object directly (a Service someone else made)."""
+    def put_object(self, obj: dict[str, Any], plural: str = "services") -> dict[str, Any]:
+        """Create an object directly, as a controller (or someone else) would."""
         with self.cond:
             obj = copy.deepcopy(obj)
             meta = obj["metadata"]
             meta.setdefault("namespace", "default")
             meta.update(uid=str(uuid.uuid4()), generation=1,
                         creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            self.objects[(meta["namespace"], meta["name"])] = obj
-            self._record("ADDED", obj)
+            self.objects[(plural, meta["namespace"], meta["name"])] = obj
+            self._record("ADDED", plural, obj)
             return copy.deepcopy(obj)
 
-    def get_object(self, ns: str, name: str) -> dict[str, Any] | None:
+    def get_object(self, ns: str, name: str, plural: str = "services") -> dict[str, Any] | None:
         with self.cond:
-            obj = self.objects.get((ns, name))
+            obj = self.objects.get((plural, ns, name))
             return copy.deepcopy(obj) if obj else None
 
-    def set_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+    def list_objects(self, ns: str, plural: str) -> list[dict[str, Any]]:
+        with self.cond:
+            return [copy.deepcopy(o) for (p, n, _), o in sorted(self.objects.items()) if p == plural and n == ns]
+
+    def set_status(self, ns: str, name: str, status: dict[str, Any], plural: str = "services") -> None:
         """What a controller does: write status (generation unchanged)."""
         with self.cond:
-            obj = self.objects.get((ns, name))
+            obj = self.objects.get((plural, ns, name))
             if obj is None:
                 return
             obj["status"] = status
-            self._record("MODIFIED", obj)
+            self._record("MODIFIED", plural, obj)
+
+    def update_object(self, ns: str, name: str, change: Callable[[dict[str, Any]], None],
+                      plural: str = "services") -> None:
+        """A controller's own write (labels, annotations) through the store, like an update."""
+        with self.cond:
+            obj = self.objects.get((plural, ns, name))
+            if obj is None:
+                return
+            change(obj)
+            self._record("MODIFIED", plural, obj)
+
+    def delete_object(self, ns: str, name: str, plural: str = "services") -> None:
+        with self.cond:
+            obj = self.objects.pop((plural, ns, name), None)
+            if obj is not None:
+                self._record("DELETED", plural, obj)
 
     def compact(self) -> None:
         """Forget history: watches from an older resourceVersion get 410 Gone."""
         with self.cond:
             self.compacted_before = self.rv + 1
             self.history.clear()
+
+    def count(self, method: str, plural: str = "services") -> int:
+        """How many requests of ``method`` reached ``plural`` (for tests)."""
+        return sum(1 for m, path in self.requests if m == method and f"/{plural}" in path.split("?")[0])
 
     # ---- HTTP -------------------------------------------------------------------
 
@@ -182,6 +255,22 @@ class FakeKube:
         h.end_headers()
         h.wfile.write(data)
 
+    def _allowed(self, plural: str, verb: str) -> bool:
+        if plural == "services" and verb in self.forbidden:
+            return False
+        if self.role is None:
+            return True
+        return any((plural in r.resources or "*" in r.resources) and (verb in r.verbs or "*" in r.verbs)
+                   for r in self.role)
+
+    def _admit(self, verb: str, plural: str, old: dict[str, Any] | None, new: dict[str, Any]) -> Rejected | None:
+        for hook in self.admission:
+            try:
+                hook(verb, plural, copy.deepcopy(old) if old else None, copy.deepcopy(new))
+            except Rejected as exc:
+                return exc
+        return None
+
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         url = urlparse(h.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -189,57 +278,61 @@ class FakeKube:
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
         match = PATH.match(url.path)
-        if not match:
+        if not match or match.group("plural") not in KINDS:
             return self._send(h, 404, status_body(404, "NotFound", f"the server could not find {url.path}"))
-        ns, name = match.group("ns"), match.group("name")
+        ns, plural, name = match.group("ns"), match.group("plural"), match.group("name")
+        kind = KINDS[plural]
         watching = query.get("watch") in ("true", "1", "True")
         verb = {"GET": "watch" if watching else ("get" if name else "list"), "POST": "create", "PATCH": "patch",
                 "DELETE": "delete", "PUT": "update"}[method]
-        if verb in self.forbidden:
+        if not self._allowed(plural, verb):
             return self._send(h, 403, status_body(
-                403, "Forbidden", f'services.serving.knative.dev{" " + repr(name) if name else ""} is forbidden: '
-                f'User "system:serviceaccount:{ns}:fma-requester" cannot {verb} resource "services" in API group '
-                f'"serving.knative.dev" in the namespace "{ns}"', name))
+                403, "Forbidden", f'{plural}.{GROUP}{" " + repr(name) if name else ""} is forbidden: '
+                f'User "system:serviceaccount:{ns}:fma-requester" cannot {verb} resource "{plural}" in API group '
+                f'"{GROUP}" in the namespace "{ns}"', name, plural))
         if self.fail_next:
             code = self.fail_next.pop(0)
             return self._send(h, code, status_body(code, "InternalError", "etcdserver: request timed out"))
         if method == "GET" and watching:
-            return self._watch(h, ns, query)
+            return self._watch(h, ns, plural, query)
         if method == "GET" and not name:
             with self.cond:
-                items = [copy.deepcopy(o) for (n, _), o in sorted(self.objects.items())
-                         if n == ns and matches_labels(o, query.get("labelSelector"))
+                items = [copy.deepcopy(o) for (p, n, _), o in sorted(self.objects.items())
+                         if p == plural and n == ns and matches_labels(o, query.get("labelSelector"))
                          and matches_fields(o, query.get("fieldSelector"))]
                 rv = str(self.rv)
-            return self._send(h, 200, {"apiVersion": "serving.knative.dev/v1", "kind": "ServiceList",
+            return self._send(h, 200, {"apiVersion": f"{GROUP}/{VERSION}", "kind": f"{kind}List",
                                        "metadata": {"resourceVersion": rv}, "items": items})
         if method == "POST":
             body = json.loads(raw or b"{}")
             meta = body.setdefault("metadata", {})
             meta["namespace"] = ns
             with self.cond:
-                if (ns, meta.get("name")) in self.objects:
+                if (plural, ns, meta.get("name")) in self.objects:
                     return self._send(h, 409, status_body(
-                        409, "AlreadyExists", f'services.serving.knative.dev "{meta.get("name")}" already exists',
-                        meta.get("name")))
+                        409, "AlreadyExists", f'{plural}.{GROUP} "{meta.get("name")}" already exists',
+                        meta.get("name"), plural))
+                body.pop("status", None)
+                rejected = self._admit("create", plural, None, body)
+                if rejected:
+                    return self._deny(h, rejected, meta.get("name"), plural)
                 meta.update(uid=str(uuid.uuid4()), generation=1,
                             creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-                body.pop("status", None)
-                self.objects[(ns, meta["name"])] = body
-                self._record("ADDED", body)
+                self.objects[(plural, ns, meta["name"])] = body
+                self._record("ADDED", plural, body)
                 if self.after_create:
                     self.after_create()
                 return self._send(h, 201, copy.deepcopy(body))
         with self.cond:
-            obj = self.objects.get((ns, name))
+            obj = self.objects.get((plural, ns, name))
             if obj is None:
-                return self._send(h, 404, status_body(
-                    404, "NotFound", f'services.serving.knative.dev "{name}" not found', name))
+                return self._send(h, 404, status_body(404, "NotFound", f'{plural}.{GROUP} "{name}" not found',
+                                                      name, plural))
             if method == "GET":
                 return self._send(h, 200, copy.deepcopy(obj))
             if method == "DELETE":
-                del self.objects[(ns, name)]
-                self._record("DELETED", obj)
+                del self.objects[(plural, ns, name)]
+                self._record("DELETED", plural, obj)
                 return self._send(h, 200, copy.deepcopy(obj))
             if method == "PATCH":
                 ctype = h.headers.get("Content-Type", "")
@@ -253,17 +346,27 @@ class FakeKube:
             else:
                 updated = json.loads(raw or b"{}")
                 updated["status"] = obj.get("status", {})
+            for key in ("uid", "creationTimestamp", "name", "namespace"):
+                updated["metadata"][key] = obj["metadata"][key]
+            rejected = self._admit("update", plural, obj, updated)
+            if rejected:
+                return self._deny(h, rejected, name, plural)
             if updated.get("spec") != obj.get("spec"):
                 updated["metadata"]["generation"] = obj["metadata"]["generation"] + 1
             else:
                 updated["metadata"]["generation"] = obj["metadata"]["generation"]
-            for key in ("uid", "creationTimestamp", "name", "namespace"):
-                updated["metadata"][key] = obj["metadata"][key]
-            self.objects[(ns, name)] = updated
-            self._record("MODIFIED", updated)
+            if updated == obj:
+                return self._send(h, 200, copy.deepcopy(obj))  # a no-op write changes nothing, not even the rv
+            self.objects[(plural, ns, name)] = updated
+            self._record("MODIFIED", plural, updated)
             return self._send(h, 200, copy.deepcopy(updated))
 
-    def _watch(self, h: BaseHTTPRequestHandler, ns: str, query: dict[str, str]) -> None:
+    def _deny(self, h: BaseHTTPRequestHandler, rejected: Rejected, name: str | None, plural: str) -> None:
+        code = rejected.code if rejected.code >= 400 else 400
+        message = f'admission webhook "{rejected.webhook}" denied the request: {rejected.message}'
+        return self._send(h, code, status_body(code, "BadRequest", message, name, plural))
+
+    def _watch(self, h: BaseHTTPRequestHandler, ns: str, plural: str, query: dict[str, str]) -> None:
         since = int(query.get("resourceVersion") or 0)
         timeout = float(query.get("timeoutSeconds") or 300)
         deadline = time.monotonic() + timeout
@@ -271,6 +374,12 @@ class FakeKube:
         h.send_header("Content-Type", "application/json")
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
+        h.wfile.flush()
+        if self.hang_watches:  # a half-open connection: nothing more, ever (until the server stops)
+            with self.cond:
+                while not self._stopping:
+                    self.cond.wait(0.5)
+            return
 
         def emit(event: dict[str, Any]) -> None:
             data = (json.dumps(event) + "\n").encode()
@@ -287,7 +396,7 @@ class FakeKube:
                 pending: list[dict[str, Any]] = []
                 if not expired and not since:  # no resourceVersion: the current state first, as ADDED
                     pending = [{"type": "ADDED", "object": copy.deepcopy(o)}
-                               for _, o in sorted(self.objects.items()) if wanted(o)]
+                               for (p, _, _), o in sorted(self.objects.items()) if p == plural and wanted(o)]
                     since = self.rv
             if expired:
                 emit({"type": "ERROR", "object": status_body(
@@ -299,8 +408,8 @@ class FakeKube:
                     emit(event)
                 with self.cond:
                     while True:
-                        pending = [{"type": kind, "object": obj} for rv, kind, obj in self.history
-                                   if rv > since and wanted(obj)]
+                        pending = [{"type": kind, "object": obj} for rv, kind, p, obj in self.history
+                                   if rv > since and p == plural and wanted(obj)]
                         since = self.rv
                         remaining = deadline - time.monotonic()
                         if pending or self._stopping or remaining <= 0:

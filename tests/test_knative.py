@@ -1,4 +1,10 @@
-"""KnativeActuator against a faithful fake API server (real `kubernetes` client, real REST paths)."""
+"""KnativeActuator against the fake API server and the Knative simulator (real `kubernetes` client).
+
+The fake API server enforces the requester's own Role (knative/base/role.yaml),
+and the simulator behaves like Knative (tests/knative_sim.py, with its
+sources); tests count the Revisions created and the pods started, because
+on a real cluster each of those is a GPU pod loading a model.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,12 @@ from pathlib import Path
 
 import pytest
 from knative_sim import SimulatedKnative
-from kube_fake import FakeKube
+from kube_fake import FakeKube, load_role
 from kubernetes import client
 
-from conftest import EMBEDDED
-from fma_common.errors import WorkerFailed, WorkerNotReady
+from conftest import EMBEDDED, REPO
+from fma_common.errors import ApiError, WorkerFailed, WorkerNotReady
+from fma_requester import protocol
 from fma_requester.knative import KnativeActuator, KnativeSettings
 from fma_requester.knative_spec import (
     MANAGED_SELECTOR,
@@ -37,9 +44,14 @@ def registry(**model: str) -> ModelRegistry:
         " knative: {gpus: 1, gpu_binding: shared, max_scale: 2}}\n")
 
 
+ROLE = REPO / "knative" / "base" / "role.yaml"
+SVC = "fma-worker-smollm2-135m-instruct"
+SPEED = 20.0  # simulated seconds per real second: pods start in 0.1 s, the stable window is 3 s
+
+
 @pytest.fixture()
 def kube() -> Iterator[FakeKube]:
-    fake = FakeKube().start()
+    fake = FakeKube(role=load_role(ROLE)).start()
     # The requester's own Service, owner of the workers.
     fake.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
                      "metadata": {"name": "fma-requester", "namespace": NS}, "spec": {}})
@@ -49,7 +61,7 @@ def kube() -> Iterator[FakeKube]:
 
 @pytest.fixture()
 def sim(kube: FakeKube, tmp_path: Path) -> Iterator[SimulatedKnative]:
-    s = SimulatedKnative(kube, tmp_path)
+    s = SimulatedKnative(kube, tmp_path, speed=SPEED)
     yield s
     s.stop()
 
@@ -63,6 +75,10 @@ def actuator(kube: FakeKube, reg: ModelRegistry | None = None, **env: str) -> Kn
     kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS, "FMA_KUBE_RETRIES": "4", **env})
     return KnativeActuator(reg or registry(), RequesterMetrics(), kn, api=api_for(kube),
                            config=LifecycleConfig(restart_backoff_s=0.1))
+
+
+def revision_annotations(kube: FakeKube, name: str) -> dict[str, str]:
+    return kube.get_object(NS, name, plural="revisions")["metadata"]["annotations"]
 
 
 # ---- the manifest ----------------------------------------------------------------------
@@ -101,6 +117,7 @@ def test_worker_manifest_follows_the_knative_rules():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False, "a worker never talks to the API server"
     assert meta["ownerReferences"][0]["uid"] == "u-1"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["FMA_MODEL"] == EMBEDDED and env["FMA_MODEL_SOURCE"] == f"embedded:{EMBEDDED}"
@@ -118,111 +135,253 @@ def test_shared_gpu_binding_requests_no_gpu_and_pins_to_the_requesters_node():
     assert svc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] == "2"
 
 
-# ---- the actuator against the fake API server --------------------------------------------
+# ---- the actuator against the fake API server and the simulator ----------------------------
 
-def test_cold_model_creates_its_service_and_waits_for_ready(kube: FakeKube, sim: SimulatedKnative):
+def test_cold_start_creates_its_service_one_revision_and_one_pod(kube: FakeKube, sim: SimulatedKnative):
     act = actuator(kube)
     lease = act.ensure_ready(EMBEDDED)
     lease.done()
-    assert lease.url == f"http://fma-worker-smollm2-135m-instruct.{NS}.svc.cluster.local"
+    assert lease.url == sim.route_url(SVC), "requests go to the Service's address (the route)"
     assert lease.actuation.path == "cold"
-    obj = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")
+    obj = kube.get_object(NS, SVC)
     assert obj["metadata"]["ownerReferences"][0]["name"] == "fma-requester"
     assert act.describe(EMBEDDED).state == "ready"
     assert act.ensure_ready(EMBEDDED).actuation.path == "warm"
+    assert sim.revisions_created[SVC] == 1 and sim.pods_started[SVC] == 1
     assert ("POST", f"/apis/serving.knative.dev/v1/namespaces/{NS}/services") in kube.requests
     assert any("watch=" in p and "fieldSelector=metadata.name" in p for _, p in kube.requests), \
         "readiness comes from a watch on the Service, not a polling loop"
 
 
-def test_existing_managed_service_is_adopted(kube: FakeKube, sim: SimulatedKnative):
+def test_release_starts_no_pod_and_creates_no_revision(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube)
+    act.ensure_ready(EMBEDDED).done()
+    generation = kube.get_object(NS, SVC)["metadata"]["generation"]
+    status = act.release(EMBEDDED)
+    assert status.state == "cold"
+    ann = revision_annotations(kube, f"{SVC}-00001")
+    assert ann["autoscaling.knative.dev/min-scale"] == "0"
+    assert ann["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "0s"
+    svc = kube.get_object(NS, SVC)
+    assert svc["metadata"]["generation"] == generation, "the template was not touched"
+    assert svc["metadata"]["annotations"]["fma.llm-d.ai/released"] == "true"
+    sim.wait_until(lambda: not sim.live_pods(SVC), 90, "the released revision's pod to go")
+    assert sim.revisions_created[SVC] == 1 and sim.pods_started[SVC] == 1
+    # The next activation re-pins the same revision: still no new one.
+    act.ensure_ready(EMBEDDED).done()
+    ann = revision_annotations(kube, f"{SVC}-00001")
+    assert ann["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "5m", "the model's own value back"
+    assert "fma.llm-d.ai/released" not in (kube.get_object(NS, SVC)["metadata"].get("annotations") or {})
+    assert sim.revisions_created[SVC] == 1
+
+
+def test_release_by_deletion_and_release_is_idempotent(kube: FakeKube, sim: SimulatedKnative):
+    deleting = actuator(kube, FMA_RELEASE_POLICY="delete")
+    deleting.ensure_ready(EMBEDDED).done()
+    assert deleting.release(EMBEDDED).state == "cold"
+    assert kube.get_object(NS, SVC) is None
+    assert deleting.release(EMBEDDED).state == "cold", "release is idempotent"
+
+
+def test_existing_managed_service_is_adopted_with_one_new_revision(kube: FakeKube, sim: SimulatedKnative):
     existing = render_worker_service(registry().get(EMBEDDED), WorkerTemplate(namespace=NS, image="old:1"))
     kube.put_object(existing)
+    sim.wait_until(lambda: sim.revisions_created.get(SVC) == 1, 10, "the old revision")
     act = actuator(kube, FMA_WORKER_IMAGE="new:2")
     act.ensure_ready(EMBEDDED).done()
-    obj = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")
+    obj = kube.get_object(NS, SVC)
     assert obj["spec"]["template"]["spec"]["containers"][0]["image"] == "new:2"
-    assert obj["metadata"]["generation"] == 2
-    assert ("PATCH", f"/apis/serving.knative.dev/v1/namespaces/{NS}/services/fma-worker-smollm2-135m-instruct") \
-        in kube.requests
+    assert obj["metadata"]["generation"] == 2 and sim.revisions_created[SVC] == 2
+    assert obj["status"]["latestReadyRevisionName"] == f"{SVC}-00002"
+
+
+def test_adopting_an_unchanged_service_writes_nothing(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube)
+    act.ensure_ready(EMBEDDED).done()
+    patches = kube.count("PATCH")
+    again = actuator(kube)  # a requester restarted with the same settings
+    again.ensure_ready(EMBEDDED).done()
+    assert kube.count("PATCH") == patches and sim.revisions_created[SVC] == 1
+
+
+def test_adoption_after_a_template_change_leaves_no_stale_key(kube: FakeKube, sim: SimulatedKnative):
+    old = render_worker_service(registry().get(EMBEDDED), WorkerTemplate(namespace=NS))
+    tmpl = old["spec"]["template"]
+    tmpl["metadata"]["annotations"]["autoscaling.knative.dev/target"] = "7"  # a value the model no longer sets
+    tmpl["metadata"]["labels"]["stale-label"] = "x"
+    tmpl["spec"]["serviceAccountName"] = "someone"
+    kube.put_object(old)
+    actuator(kube).ensure_ready(EMBEDDED).done()
+    new = kube.get_object(NS, SVC)["spec"]["template"]
+    assert "autoscaling.knative.dev/target" not in new["metadata"]["annotations"]
+    assert "stale-label" not in new["metadata"]["labels"]
+    assert "serviceAccountName" not in new["spec"]
+    rev = revision_annotations(kube, f"{SVC}-00002")
+    assert "autoscaling.knative.dev/target" not in rev
 
 
 def test_foreign_service_with_the_same_name_is_never_touched(kube: FakeKube, sim: SimulatedKnative):
     kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
-                     "metadata": {"name": "fma-worker-smollm2-135m-instruct", "namespace": NS,
-                                  "labels": {"team": "someone-else"}}, "spec": {"template": {}}})
+                     "metadata": {"name": SVC, "namespace": NS, "labels": {"team": "someone-else"}},
+                     "spec": {"template": {}}})
     act = actuator(kube)
-    with pytest.raises(WorkerFailed, match="not managed by fma-requester"):
+    with pytest.raises(ApiError) as info:
         act.ensure_ready(EMBEDDED)
+    assert info.value.code == "foreign_service" and "not managed by fma-requester" in info.value.message
+    assert not protocol.is_transient(info.value.status), "asking again fails the same way: permanent"
     assert not [p for m, p in kube.requests if m in ("PATCH", "PUT", "DELETE")]
-    assert kube.get_object(NS, "fma-worker-smollm2-135m-instruct")["metadata"]["generation"] == 1
+    assert kube.get_object(NS, SVC)["metadata"]["generation"] == 1
 
 
-def test_rbac_403_names_the_missing_verb(kube: FakeKube, sim: SimulatedKnative):
+def test_rbac_403_names_the_missing_verb_and_keeps_its_code(kube: FakeKube, sim: SimulatedKnative):
     kube.forbidden = {"create"}
-    with pytest.raises(WorkerFailed) as info:
+    with pytest.raises(ApiError) as info:
         actuator(kube).ensure_ready(EMBEDDED)
+    assert info.value.code == "forbidden" and not protocol.is_transient(info.value.status)
     assert "may not create services.serving.knative.dev" in info.value.message
     assert "403" in info.value.message
+
+
+def test_a_webhook_rejection_fails_the_first_request_with_its_message_and_is_not_retried(tmp_path: Path):
+    kube = FakeKube(role=load_role(ROLE)).start()
+    sim = SimulatedKnative(kube, tmp_path, speed=SPEED)  # nodeSelector is behind a flag that is off
+    try:
+        act = actuator(kube, NODE_NAME="gpu-node-1")
+        model = "meta-llama/Llama-3.1-8B-Instruct"  # gpu_binding: shared renders a nodeSelector
+        with pytest.raises(ApiError) as info:
+            act.ensure_ready(model)
+        assert info.value.code == "webhook_rejected" and not protocol.is_transient(info.value.status)
+        assert "must not set the field(s): spec.template.spec.nodeSelector" in info.value.message
+        assert kube.count("POST") == 1, "a permanent 4xx is not retried"
+        with pytest.raises(ApiError) as again:
+            act.ensure_ready(model)  # within the backoff: refused at once, still permanent
+        assert again.value.code == "webhook_rejected" and "next retry in" in again.value.message
+        assert kube.count("POST") == 1
+    finally:
+        sim.stop()
+        kube.stop()
 
 
 def test_api_server_errors_are_retried_with_backoff(kube: FakeKube, sim: SimulatedKnative):
     kube.fail_next = [500, 503]
     actuator(kube).ensure_ready(EMBEDDED).done()
-    assert kube.get_object(NS, "fma-worker-smollm2-135m-instruct") is not None
+    assert kube.get_object(NS, SVC) is not None
 
 
 def test_revision_failure_is_reported_with_knatives_reason(kube: FakeKube, sim: SimulatedKnative):
-    sim.behaviour["fma-worker-smollm2-135m-instruct"] = "fail"
+    sim.behaviour[SVC] = "fail"
     started = time.monotonic()
     with pytest.raises(WorkerFailed) as info:
         actuator(kube).ensure_ready(EMBEDDED)
-    assert "RevisionFailed" in info.value.message and "exit code 1" in info.value.message
+    assert "RevisionFailed" in info.value.message and "Container failed with" in info.value.message
     assert time.monotonic() - started < 10, "a failed revision must fail fast, not at the deadline"
 
 
-def test_unschedulable_gpu_is_reported(kube: FakeKube, sim: SimulatedKnative):
-    sim.behaviour["fma-worker-smollm2-135m-instruct"] = "unschedulable"
-    with pytest.raises(WorkerFailed, match=r"Insufficient nvidia\.com/gpu"):
-        actuator(kube).ensure_ready(EMBEDDED)
+def test_an_unschedulable_pod_waits_with_the_reason_in_status_then_serves(kube: FakeKube, sim: SimulatedKnative):
+    import threading
+
+    sim.behaviour[SVC] = "unschedulable:40"  # a GPU node pool scaling up
+    act = actuator(kube)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(act.ensure_ready(EMBEDDED)))
+    t.start()
+    sim.wait_until(lambda: "waiting for a node" in (act.describe(EMBEDDED).detail or ""), 30, "the wait")
+    status = act.describe(EMBEDDED).as_dict()
+    assert status["state"] == "starting" and "Insufficient nvidia.com/gpu" in status["detail"]
+    t.join(30)
+    assert result and result[0].actuation.path == "cold"
+    result[0].done()
+
+
+def test_unschedulable_past_the_start_timeout_fails_with_the_reason(kube: FakeKube, sim: SimulatedKnative):
+    sim.behaviour[SVC] = "unschedulable"
+    with pytest.raises((WorkerFailed, WorkerNotReady)) as info:
+        actuator(kube, registry(start_timeout="2s", queue_timeout="10s")).ensure_ready(EMBEDDED)
+    assert "Insufficient nvidia.com/gpu" in info.value.message
 
 
 def test_deadline_reports_the_last_condition_seen(kube: FakeKube, sim: SimulatedKnative):
-    sim.behaviour["fma-worker-smollm2-135m-instruct"] = "never"
+    sim.behaviour[SVC] = "slow:100000"
     with pytest.raises((WorkerFailed, WorkerNotReady)) as info:
         actuator(kube, registry(start_timeout="2s", queue_timeout="10s")).ensure_ready(EMBEDDED)
     assert "RevisionMissing" in info.value.message or "Ready=Unknown" in info.value.message
 
 
+def test_a_release_cancels_the_activation_and_its_watch(kube: FakeKube, sim: SimulatedKnative):
+    import threading
+
+    sim.behaviour[SVC] = "slow:100000"
+    act = actuator(kube)
+    errors: list = []
+    t = threading.Thread(target=lambda: errors.append(_raises(lambda: act.ensure_ready(EMBEDDED))))
+    t.start()
+    sim.wait_until(lambda: act.describe(EMBEDDED).phase == "starting" and any(
+        "watch=" in p and "fieldSelector" in p for _, p in kube.requests), 30, "the start's watch")
+    handle = act.slot_snapshot()[EMBEDDED]["handle"]
+    started = time.monotonic()
+    act.release(EMBEDDED)
+    t.join(10)
+    assert errors and isinstance(errors[0], WorkerNotReady) and "before it was ready" in errors[0].message
+    assert handle.data["watch"]._released, "the start's watch was stopped and released, not left running"
+    assert time.monotonic() - started < 5
+
+
+def test_a_half_open_watch_is_abandoned_within_its_timeout(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube)
+    act.kn_effects.watch_grace_s = 0.5
+    kube.hang_watches = True  # the watch connects, then goes silent forever
+    import threading
+
+    def heal() -> None:  # the service becomes ready meanwhile; only a fresh read can see it
+        sim.wait_until(lambda: (kube.get_object(NS, SVC) or {}).get("status", {}).get("latestReadyRevisionName"),
+                       30, "ready")
+        kube.hang_watches = False
+
+    threading.Thread(target=heal, daemon=True).start()
+    started = time.monotonic()
+    act.kn_effects.watch_window_s = 1
+    act.ensure_ready(EMBEDDED).done()
+    assert time.monotonic() - started < 10, "a silent watch is given up after its timeout, then read again"
+
+
 def test_expired_watch_410_re_reads_and_still_sees_ready(kube: FakeKube, sim: SimulatedKnative):
-    sim.behaviour["fma-worker-smollm2-135m-instruct"] = "slow:1"
+    sim.behaviour[SVC] = "slow:10"
     kube.after_create = kube.compact  # the created object's resourceVersion expires at once
     act = actuator(kube)
     lease = act.ensure_ready(EMBEDDED)
     lease.done()
     assert act.describe(EMBEDDED).state == "ready"
-    gets = [p for m, p in kube.requests if m == "GET" and p.endswith("/fma-worker-smollm2-135m-instruct")]
+    gets = [p for m, p in kube.requests if m == "GET" and p.endswith(f"/{SVC}")]
     assert gets, "after the 410 the actuator re-reads the Service before watching again"
 
 
-def test_release_scales_to_zero_or_deletes_by_policy(kube: FakeKube, sim: SimulatedKnative):
-    act = actuator(kube)
-    act.ensure_ready(EMBEDDED).done()
-    status = act.release(EMBEDDED)
-    assert status.state == "cold"
-    ann = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")["spec"]["template"]["metadata"]["annotations"]
-    assert ann["autoscaling.knative.dev/min-scale"] == "0"
-    assert ann["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "0s"
-    # the next request re-applies the model's template
-    act.ensure_ready(EMBEDDED).done()
-    ann = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")["spec"]["template"]["metadata"]["annotations"]
-    assert ann["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "5m"
+def test_a_re_list_after_release_leaves_the_worker_cold(kube: FakeKube, sim: SimulatedKnative):
+    first = actuator(kube)
+    first.ensure_ready(EMBEDDED).done()
+    first.release(EMBEDDED)
+    assert kube.get_object(NS, SVC)["status"]["conditions"][0]["status"] == "True", "Knative still says Ready"
+    restarted = actuator(kube)
+    restarted.start()
+    try:
+        time.sleep(0.5)
+        assert restarted.describe(EMBEDDED).state == "cold", "a released worker is not adopted as ready"
+    finally:
+        restarted.shutdown()
 
-    deleting = actuator(kube, FMA_RELEASE_POLICY="delete")
-    deleting.ensure_ready(EMBEDDED).done()
-    assert deleting.release(EMBEDDED).state == "cold"
-    assert kube.get_object(NS, "fma-worker-smollm2-135m-instruct") is None
-    assert deleting.release(EMBEDDED).state == "cold", "release is idempotent"
+
+def test_a_ready_service_found_at_start_up_is_adopted(kube: FakeKube, sim: SimulatedKnative):
+    first = actuator(kube)
+    first.ensure_ready(EMBEDDED).done()
+    restarted = actuator(kube)
+    restarted.start()
+    try:
+        deadline = time.monotonic() + 10
+        while restarted.describe(EMBEDDED).state != "ready":
+            assert time.monotonic() < deadline, "the running worker should be adopted"
+            time.sleep(0.05)
+        assert restarted.ensure_ready(EMBEDDED).actuation.path == "warm"
+    finally:
+        restarted.shutdown()
 
 
 def test_listing_uses_the_label_selector(kube: FakeKube, sim: SimulatedKnative):
@@ -231,7 +390,7 @@ def test_listing_uses_the_label_selector(kube: FakeKube, sim: SimulatedKnative):
     act = actuator(kube)
     act.ensure_ready(EMBEDDED).done()
     names = [s["metadata"]["name"] for s in act.services()]
-    assert names == ["fma-worker-smollm2-135m-instruct"]
+    assert names == [SVC]
     assert any(f"labelSelector={MANAGED_SELECTOR.replace('/', '%2F').replace('=', '%3D').replace(',', '%2C')}" in p
                or "labelSelector=app.kubernetes.io" in p for _, p in kube.requests)
 
@@ -240,14 +399,54 @@ def test_service_deleted_behind_our_back_is_noticed(kube: FakeKube, sim: Simulat
     act = actuator(kube)
     act.start()
     act.ensure_ready(EMBEDDED).done()
-    with kube.cond:
-        obj = kube.objects.pop((NS, "fma-worker-smollm2-135m-instruct"))
-        kube._record("DELETED", obj)
+    kube.delete_object(NS, SVC)
     deadline = time.monotonic() + 10
     while act.describe(EMBEDDED).state != "cold":
         assert time.monotonic() < deadline, "the background watch should mark the model cold"
         time.sleep(0.05)
     act.shutdown()
+
+
+def test_the_role_grants_exactly_what_the_requester_uses(tmp_path: Path):
+    """Every request the requester makes over a whole lifecycle is allowed by the Role, and every verb
+    the Role grants is used by one of them."""
+    from kube_fake import PATH
+
+    kube = FakeKube(role=load_role(ROLE)).start()
+    sim = SimulatedKnative(kube, tmp_path, speed=SPEED)
+    try:
+        kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                         "metadata": {"name": "fma-requester", "namespace": NS}, "spec": {}})
+        act = actuator(kube)
+        act.start()
+        act.ensure_ready(EMBEDDED).done()
+        act.release(EMBEDDED)
+        act.ensure_ready(EMBEDDED).done()
+        act.shutdown()
+        deleting = actuator(kube, FMA_RELEASE_POLICY="delete")
+        deleting.ensure_ready(EMBEDDED).done()
+        deleting.release(EMBEDDED)
+        used: set[tuple[str, str]] = set()
+        for method, path in kube.requests:
+            plain, _, query = path.partition("?")
+            m = PATH.match(plain)
+            assert m, path
+            verb = {"GET": "watch" if "watch=true" in query.lower() else ("get" if m.group("name") else "list"),
+                    "POST": "create", "PATCH": "patch", "DELETE": "delete"}[method]
+            used.add((m.group("plural"), verb))
+        granted = {(res, verb) for rule in load_role(ROLE) for res in rule.resources for verb in rule.verbs}
+        assert used == granted
+    finally:
+        sim.stop()
+        kube.stop()
+
+
+def _raises(fn):
+    try:
+        fn()
+    except ApiError as exc:
+        return exc
+    return None
 
 
 # ---- end to end: a requester process in knative mode ---------------------------------------
@@ -345,7 +544,8 @@ def test_sleep_of_an_unreachable_worker_is_a_502_not_a_crash(kube: FakeKube, sim
     act = actuator(kube)
     with pytest.raises(Conflict):
         act.sleep(EMBEDDED)  # cold: nothing to put to sleep
-    act.ensure_ready(EMBEDDED).done()  # "ready" mode: the cluster-local address does not resolve here
+    act.ensure_ready(EMBEDDED).done()
+    sim.close_route(SVC)  # the address now refuses connections
     with pytest.raises(UpstreamError) as info:
         act.sleep(EMBEDDED)
     assert info.value.status == 502

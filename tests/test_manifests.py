@@ -74,8 +74,11 @@ def test_autoscaling_annotations_only_on_templates_and_one_port(path: str):
 def test_role_grants_only_what_the_requester_uses(path: str):
     docs = render(path)
     (role,) = by_kind(docs, "Role", "fma-requester")
+    # The verbs are checked against what the code does in tests/test_knative.py (the fake enforces this Role).
     assert role["rules"] == [{"apiGroups": ["serving.knative.dev"], "resources": ["services"],
-                              "verbs": ["get", "list", "watch", "create", "patch", "delete"]}]
+                              "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+                             {"apiGroups": ["serving.knative.dev"], "resources": ["revisions"],
+                              "verbs": ["get", "patch"]}]
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     (binding,) = by_kind(docs, "RoleBinding", "fma-requester")
     assert binding["subjects"][0]["name"] == "fma-requester"

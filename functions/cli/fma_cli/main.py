@@ -79,21 +79,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _example_file(name: str) -> str | None:
+    """``knative/base/NAME`` of the deployed example, from a source checkout (the current folder or ours)."""
+    from pathlib import Path
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        candidate = root / "knative" / "base" / name
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
 def cmd_manifests(args: argparse.Namespace) -> int:
-    """Print the worker Service YAML the requester would create (no cluster access)."""
+    """Print the worker Services the deployed requester would create (no cluster access)."""
     import yaml
 
     from fma_common.settings import SettingsError
-    from fma_requester.knative import KnativeSettings
+    from fma_requester.knative import KnativeSettings, check_models
     from fma_requester.knative_spec import render_worker_service
     from fma_requester.registry import ModelRegistry
 
+    models = args.models or os.environ.get("FMA_MODELS") or _example_file("models.yaml")
+    template = args.worker_template or os.environ.get("FMA_WORKER_TEMPLATE") or _example_file("worker-template.yaml")
+    env = {**os.environ, **({"FMA_NAMESPACE": args.namespace} if args.namespace else {}),
+           **({"FMA_WORKER_TEMPLATE": template} if template else {})}
     try:
-        registry = ModelRegistry.load(args.models or os.environ.get("FMA_MODELS"))
-        kn = KnativeSettings.from_env({**os.environ, **({"FMA_NAMESPACE": args.namespace} if args.namespace else {})})
+        registry = ModelRegistry.load(models)
+        kn = KnativeSettings.from_env(env)
+        check_models(registry, kn)
     except SettingsError as exc:
         print(f"fma manifests: {exc}", file=sys.stderr)
         return 2
+    print(f"fma manifests: models from {registry.origin}; worker template from {template or 'the built-in defaults'}",
+          file=sys.stderr)
     names = [args.model] if args.model else registry.names()
     docs = []
     for name in names:
@@ -104,6 +122,7 @@ def cmd_manifests(args: argparse.Namespace) -> int:
             return 2
         # The owner reference (the requester's uid) and, for shared GPUs, the
         # requester's node and GPU UUIDs are only known inside the cluster.
+        assert kn.template is not None
         docs.append(render_worker_service(spec, kn.template, node_name=kn.node_name))
     print(yaml.safe_dump_all(docs, sort_keys=False), end="")
     return 0
@@ -274,7 +293,10 @@ def build_parser(prog: str = "fma") -> argparse.ArgumentParser:
 
     p = sub.add_parser("manifests", help="print the worker Knative Service YAML for a model (or all)")
     p.add_argument("model", nargs="?")
-    p.add_argument("--models", help="models YAML file (default: FMA_MODELS or the built-in default)")
+    p.add_argument("--models", help="models YAML file (default: FMA_MODELS, else knative/base/models.yaml, else the "
+                                    "built-in default)")
+    p.add_argument("--worker-template", help="worker template YAML (default: FMA_WORKER_TEMPLATE, else "
+                                             "knative/base/worker-template.yaml)")
     p.add_argument("--namespace")
     p.set_defaults(func=cmd_manifests)
 

@@ -37,21 +37,27 @@ import yaml
 from pydantic import model_validator
 
 from fma_common.errors import ApiError
-from fma_common.settings import Duration, EnvSettings, Lower, setting
+from fma_common.settings import Duration, EnvSettings, Lower, SettingsError, setting
 
 from .control import WorkerControl
 from .effects import Effects, WorkerHandle
 from .gpus import gpu_uuids
 from .knative_spec import (
     ANNOTATION_MODEL,
+    ANNOTATION_RELEASED,
     LABEL_MANAGED_BY,
     MANAGED_BY,
     MANAGED_SELECTOR,
+    RETENTION_MAX_S,
     WorkerTemplate,
+    adoption_patch,
+    parse_go_duration,
+    pin_patch,
+    release_patch,
     render_worker_service,
     worker_service_name,
 )
-from .kube import AlreadyExists, KnativeError, KubeClient, load_api
+from .kube import AlreadyExists, KnativeConfigError, KnativeError, KubeClient, WatchStream, load_api
 from .lifecycle import EventSink, Lifecycle, LifecycleConfig
 from .metrics import RequesterMetrics
 from .registry import ModelRegistry, ModelSpec
@@ -61,7 +67,8 @@ log = logging.getLogger("fma.requester.knative")
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 ReleasePolicy = Annotated[Literal["scale-to-zero", "delete"], Lower]
 
-__all__ = ["KnativeActuator", "KnativeEffects", "KnativeError", "KnativeSettings", "condition", "readiness"]
+__all__ = ["KnativeActuator", "KnativeConfigError", "KnativeEffects", "KnativeError", "KnativeSettings", "condition",
+           "readiness"]
 
 
 class KnativeSettings(EnvSettings):
@@ -81,6 +88,8 @@ class KnativeSettings(EnvSettings):
     kube_timeout_s: Duration = setting("FMA_KUBE_TIMEOUT", "30s", "longest wait for one Kubernetes API call")
     node_name: str | None = setting("NODE_NAME", None, "the requester's node, for `gpu_binding: shared` (downward "
                                     "API)", shown="unset")
+    max_timeout_s: int = setting("FMA_KNATIVE_MAX_TIMEOUT", "600", "the cluster's `max-revision-timeout-seconds` "
+                                 "(config-defaults); worker `timeout_seconds` must not exceed it", ge=1)
     template: WorkerTemplate | None = None  # derived: the file, then FMA_WORKER_IMAGE, then the defaults
 
     @model_validator(mode="after")
@@ -100,8 +109,40 @@ class KnativeSettings(EnvSettings):
             fields_.update(data)
         if self.worker_image:
             fields_["image"] = self.worker_image
-        return self.model_copy(update={"namespace": namespace,
-                                       "template": WorkerTemplate(namespace=namespace, **fields_)})
+        template = WorkerTemplate(namespace=namespace, **fields_)
+        check_template(template, self.max_timeout_s)
+        return self.model_copy(update={"namespace": namespace, "template": template})
+
+
+def check_template(tmpl: WorkerTemplate, max_timeout_s: int) -> None:
+    """The worker template within what Knative's webhook accepts (``revision_validation.go``)."""
+    where = "FMA_WORKER_TEMPLATE"
+    if not 0 < tmpl.timeout_seconds <= max_timeout_s:
+        raise ValueError(f"{where}: timeout_seconds {tmpl.timeout_seconds} must be within 1..{max_timeout_s}, the "
+                         f"cluster's max-revision-timeout-seconds (FMA_KNATIVE_MAX_TIMEOUT)")
+    if not 0 < tmpl.response_start_timeout_seconds <= tmpl.timeout_seconds:
+        raise ValueError(f"{where}: response_start_timeout_seconds {tmpl.response_start_timeout_seconds} must be "
+                         f"within 1..timeout_seconds ({tmpl.timeout_seconds})")
+    for key in ("progress_deadline", "scale_to_zero_retention"):
+        value = getattr(tmpl, key)
+        seconds = parse_go_duration(value)
+        if key == "progress_deadline" and (seconds <= 0 or round(seconds) != seconds):
+            raise ValueError(f"{where}: progress_deadline {value!r} must be a positive whole number of seconds")
+        if key == "scale_to_zero_retention" and not 0 <= seconds <= RETENTION_MAX_S:
+            raise ValueError(f"{where}: scale_to_zero_retention {value!r} must be within 0s..1h")
+
+
+def check_models(registry: ModelRegistry, kn: KnativeSettings) -> None:
+    """Each model's waiting fits inside the worker's timeout, so clients get our 503 + Retry-After
+    before Knative's 504: a request to a worker is cut at its ``timeoutSeconds``, even mid-stream."""
+    assert kn.template is not None
+    limit = kn.template.timeout_seconds
+    for spec in registry:
+        wait = spec.queue_timeout if spec.queue_timeout is not None else 120.0
+        if wait >= limit:
+            raise SettingsError(f"{registry.origin}: models.{spec.name}.queue_timeout: {wait:.0f}s must be below "
+                                f"the worker's timeoutSeconds ({limit}s), or Knative answers 504 before we answer "
+                                f"503 with Retry-After")
 
 
 def condition(obj: Mapping[str, Any], kind: str = "Ready") -> dict[str, Any] | None:
@@ -151,6 +192,9 @@ class KnativeEffects(Effects):
         self._handles: dict[str, WorkerHandle] = {}  # model -> the incarnation the machine holds
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._watch: WatchStream | None = None
+        self.watch_window_s = 60.0  # one watch request's length (the server ends it; we watch again)
+        self.watch_grace_s = 10.0  # how much longer than the server's own watch timeout a silent read may wait
 
     # ---- the Service ------------------------------------------------------------------------
 
@@ -173,8 +217,8 @@ class KnativeEffects(Effects):
                                      gpu_uuids=gpu_uuids() if shared else None,
                                      node_name=self.kn.node_name if shared else None)
 
-    def _create_or_adopt(self, spec: ModelSpec) -> dict[str, Any]:
-        body = self.manifest(spec)
+    def _ensure_service(self, spec: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
+        """Create the worker Service, or adopt ours and bring it up to date (no write if it is)."""
         name = body["metadata"]["name"]
         try:
             return self.kube.create(body)
@@ -185,53 +229,89 @@ class KnativeEffects(Effects):
             return self.kube.create(body)
         meta = existing.get("metadata", {})
         if (meta.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY:
-            raise KnativeError(f"a Service named {name} already exists in namespace {self.kube.namespace} and is "
-                               f"not managed by {MANAGED_BY}; refusing to touch it (rename or delete it)",
-                               code="foreign_service")
+            raise KnativeConfigError(f"a Service named {name} already exists in namespace {self.kube.namespace} "
+                                     f"and is not managed by {MANAGED_BY}; refusing to touch it (rename or delete "
+                                     f"it)", code="foreign_service")
         other = (meta.get("annotations") or {}).get(ANNOTATION_MODEL)
         if other and other != spec.name:
-            raise KnativeError(f"Service {name} serves model {other!r}, not {spec.name!r}: the two names map to "
-                               f"the same Service name; rename one of the models", code="name_collision")
-        patch = {"metadata": {"labels": body["metadata"]["labels"], "annotations": body["metadata"]["annotations"]},
-                 "spec": body["spec"]}
-        if "ownerReferences" in body["metadata"]:
-            patch["metadata"]["ownerReferences"] = body["metadata"]["ownerReferences"]
-        log.info("adopting existing worker Service %s for %s", name, spec.name)
+            raise KnativeConfigError(f"Service {name} serves model {other!r}, not {spec.name!r}: the two names map "
+                                     f"to the same Service name; rename one of the models", code="name_collision")
+        patch = adoption_patch(existing, body)
+        if patch is None:
+            return existing  # already what we want: no write, so no new Revision
+        log.info("adopting worker Service %s for %s", name, spec.name)
         return self.kube.patch(name, patch)
 
+    def _unschedulable(self, obj: dict[str, Any]) -> str | None:
+        """Why the latest Revision's pod is not scheduled yet, if that is why the Service is not Ready.
+
+        Knative marks the Revision ResourcesAvailable=False as soon as a pod is
+        PodScheduled=False (``reconcileDeployment``), which fails the Service;
+        on a GPU node pool that scales up it is minutes of waiting, not an error.
+        """
+        name = (obj.get("status") or {}).get("latestCreatedRevisionName")
+        revision = self.kube.get_revision(name) if name else None
+        cond = condition(revision or {}, "ResourcesAvailable")
+        if cond and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            return cond.get("message") or "Unschedulable"
+        return None
+
     def _wait_ready(self, name: str, handle: WorkerHandle, obj: dict[str, Any], deadline: float) -> dict[str, Any]:
-        """Follow the Service with a watch until it is ready at its generation."""
+        """Follow the Service with a watch until it is ready at its generation.
+
+        A pod waiting to be scheduled keeps the start waiting (until the
+        deadline) with the reason as its progress; any other ``Ready=False``
+        fails it at once with Knative's message. The watch is bounded (a
+        half-open connection is abandoned) and closed by a stop.
+        """
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError as TransportError
 
         while True:
             verdict, text = readiness(obj)
+            if verdict == "failed":
+                waiting = self._unschedulable(obj)
+                if waiting is None:
+                    raise RuntimeError(f"worker Service {name} failed: {text}")
+                verdict, text = "pending", f"waiting for a node: {waiting}"
             handle.progress = text
             if verdict == "ready":
                 return obj
-            if verdict == "failed":
-                raise RuntimeError(f"worker Service {name} failed: {text}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"worker Service {name} not ready after the deadline; last condition: {text}")
             if handle.cancelled:
                 raise RuntimeError(f"start of {name} cancelled")
             try:
-                for event in self.kube.watch(field_selector=f"metadata.name={name}",
-                                             resource_version=obj["metadata"].get("resourceVersion"),
-                                             timeout_s=min(remaining, 60)):
+                stream = self.kube.watch(field_selector=f"metadata.name={name}",
+                                         timeout_s=min(remaining, self.watch_window_s),
+                                         resource_version=obj["metadata"].get("resourceVersion"),
+                                         read_grace_s=self.watch_grace_s)
+                with handle.lock:
+                    if handle.cancelled:
+                        stream.close()
+                    handle.data["watch"] = stream
+                for event in stream:
                     if event["type"] == "DELETED":
                         raise RuntimeError(f"worker Service {name} was deleted while starting")
                     obj = event["object"]
-                    if readiness(obj)[0] != "pending" or time.monotonic() >= deadline or handle.cancelled:
+                    if readiness(obj)[0] != "pending" or time.monotonic() >= deadline:
                         break
+                stream.close()
             except ApiException as exc:
                 if exc.status != 410:
                     raise
                 log.info("watch on %s expired (410); re-reading", name)  # our resourceVersion is gone
-                fresh = self.kube.get(name)
-                if fresh is None:
-                    raise RuntimeError(f"worker Service {name} disappeared while starting") from None
-                obj = fresh
+                obj = self._reread(name)
+            except TransportError as exc:  # a watch that went silent or broke: read again, watch again
+                log.warning("watch on %s broke (%s); re-reading", name, exc)
+                obj = self._reread(name)
+
+    def _reread(self, name: str) -> dict[str, Any]:
+        fresh = self.kube.get(name)
+        if fresh is None:
+            raise RuntimeError(f"worker Service {name} disappeared while starting")
+        return fresh
 
     # ---- Effects ------------------------------------------------------------------------------
 
@@ -239,12 +319,12 @@ class KnativeEffects(Effects):
         deadline = time.monotonic() + timeout
         name = worker_service_name(spec.name)
         handle.data["service"] = name
+        body = self.manifest(spec)
         try:
-            obj = self._create_or_adopt(spec)
+            obj = self._ensure_service(spec, body)
             obj = self._wait_ready(name, handle, obj, deadline)
-        except ApiError:
-            raise
-        except (RuntimeError, TimeoutError):
+            self._pin(obj, body)
+        except (ApiError, RuntimeError, TimeoutError):
             raise
         except Exception as exc:  # ApiException and friends: keep the status in the message
             status = getattr(exc, "status", None)
@@ -255,11 +335,33 @@ class KnativeEffects(Effects):
             raise RuntimeError(f"worker Service {name} is ready but has no address")
         with self._lock:
             self._handles[spec.name] = handle
-        log.info("worker Service %s for %s ready at %s", name, spec.name, url)
+        log.info("worker Service %s for %s ready at %s (revision %s)", name, spec.name, url,
+                 (obj.get("status") or {}).get("latestReadyRevisionName"))
         return url
 
+    def _pin(self, obj: dict[str, Any], body: dict[str, Any]) -> None:
+        """Give the ready Revision the model's own scaling back (a release set it to zero)."""
+        name = (obj.get("status") or {}).get("latestReadyRevisionName")
+        revision = self.kube.get_revision(name) if name else None
+        if revision is None:
+            return
+        patch = pin_patch(revision, body["spec"]["template"]["metadata"]["annotations"])
+        if patch is not None:
+            log.info("re-pinning revision %s to the model's scaling", name)
+            self.kube.patch_revision(name, patch)
+
     def stop(self, spec: ModelSpec, handle: WorkerHandle, grace: float) -> None:
+        """Release: scale the worker's Revisions to zero (or delete the Service), never touching its template.
+
+        A template change would make a new Revision, and a new Revision starts
+        a pod (initial scale 1): the Revision's own annotations are what its
+        PodAutoscaler follows (``reconcile_resources.go``), and they are mutable.
+        """
         handle.cancel()
+        with handle.lock:
+            stream = handle.data.get("watch")
+        if stream is not None:
+            stream.close()  # a start still watching gives up now
         name = worker_service_name(spec.name)
         with self._lock:
             if self._handles.get(spec.name) is handle:
@@ -267,13 +369,19 @@ class KnativeEffects(Effects):
         try:
             if self.kn.release_policy == "delete":
                 self.kube.delete(name)
-            elif self.kube.get(name) is not None:
-                # No pods from now on: the next start re-applies the model's own template.
-                self.kube.patch(name, {"spec": {"template": {"metadata": {"annotations": {
-                    "autoscaling.knative.dev/min-scale": "0",
-                    "autoscaling.knative.dev/scale-to-zero-pod-retention-period": "0s",
-                    "autoscaling.knative.dev/scale-down-delay": "0s"}}}}})
-        except Exception as exc:  # never raise; the Service stays as it was and Knative scales it by itself
+                return
+            svc = self.kube.get(name)
+            if svc is None:
+                return
+            if (svc["metadata"].get("annotations") or {}).get(ANNOTATION_RELEASED) != "true":
+                self.kube.patch(name, {"metadata": {"annotations": {ANNOTATION_RELEASED: "true"}}})
+            status = svc.get("status") or {}
+            for revision in {status.get("latestReadyRevisionName"), status.get("latestCreatedRevisionName")} - {None}:
+                obj = self.kube.get_revision(revision)
+                patch = release_patch(obj) if obj else None
+                if patch is not None:
+                    self.kube.patch_revision(revision, patch)
+        except Exception as exc:  # never raise; Knative scales an idle Revision down by itself anyway
             log.error("could not release %s: %s", name, getattr(exc, "message", None) or exc)
 
     def sleep(self, spec: ModelSpec, handle: WorkerHandle, level: int, timeout: float) -> None:
@@ -309,8 +417,14 @@ class KnativeEffects(Effects):
             return
         verdict, text = readiness(obj)
         if verdict == "failed" and handle is not None:
+            waiting = self._unschedulable(obj)
+            if waiting is not None:
+                log.warning("worker Service for %s is waiting for a node: %s", model, waiting)
+                return
             self.listener.worker_exited(handle, f"worker Service failed: {text}")
         elif verdict == "ready" and handle is None and kind == "ADDED":
+            if (obj["metadata"].get("annotations") or {}).get(ANNOTATION_RELEASED) == "true":
+                return  # released: it is cold, however Ready its Service still says it is
             # Found at start-up (e.g. after a requester restart): offer it for adoption.
             found = WorkerHandle(model)
             found.url = _address(obj)
@@ -330,11 +444,15 @@ class KnativeEffects(Effects):
                     for item in listing.get("items", []):
                         self._sync("ADDED", item)
                     rv = listing.get("metadata", {}).get("resourceVersion")
-                for event in self.kube.watch(label_selector=MANAGED_SELECTOR, resource_version=rv, timeout_s=60):
+                stream = self.kube.watch(label_selector=MANAGED_SELECTOR, resource_version=rv, timeout_s=60,
+                                         read_grace_s=self.watch_grace_s)
+                self._watch = stream
+                for event in stream:
                     if self._closing.is_set():
                         break
                     rv = event["object"].get("metadata", {}).get("resourceVersion", rv)
                     self._sync(event["type"], event["object"])
+                stream.close()
             except ApiException as exc:
                 if exc.status == 410:
                     rv = None  # expired: re-list
@@ -344,12 +462,14 @@ class KnativeEffects(Effects):
             except ApiError as exc:
                 log.warning("watching worker Services failed: %s; retrying in 5 s", exc.message)
                 self._closing.wait(5)
-            except Exception as exc:  # transport errors: keep watching
+            except Exception as exc:  # transport errors, a half-open watch: keep watching
                 log.warning("watching worker Services failed: %s; retrying in 5 s", exc)
                 self._closing.wait(5)
 
     def close(self) -> None:
         self._closing.set()
+        if self._watch is not None:
+            self._watch.close()
         self._control.close()
 
 
@@ -359,6 +479,7 @@ class KnativeActuator(Lifecycle):
     def __init__(self, registry: ModelRegistry, metrics: RequesterMetrics, kn: KnativeSettings, *,
                  api: Any = None, emit: EventSink | None = None, config: LifecycleConfig | None = None) -> None:
         config = config or LifecycleConfig()
+        check_models(registry, kn)
         self.kn = kn
         self.kn_effects = KnativeEffects(registry, kn, api=api, control_timeout_s=config.control_timeout_s)
         super().__init__(registry, metrics, self.kn_effects, emit=emit, config=config)

@@ -20,12 +20,14 @@ Rules followed (design.md, notes/knative.md):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .registry import ModelSpec
+if TYPE_CHECKING:  # the registry validates with this module's bounds
+    from .registry import ModelSpec
 
 GROUP, VERSION, PLURAL = "serving.knative.dev", "v1", "services"
 MANAGED_BY = "fma-requester"
@@ -34,7 +36,22 @@ LABEL_MODEL = "llm-d.ai/model"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_VISIBILITY = "networking.knative.dev/visibility"
 ANNOTATION_MODEL = "fma.llm-d.ai/model"
+# On the Service's own metadata (which makes no new Revision): the worker was released by the requester,
+# so a requester that restarts and lists Services must not adopt it as ready.
+ANNOTATION_RELEASED = "fma.llm-d.ai/released"
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_ROLE}=decode"
+AUTOSCALING_PREFIX = "autoscaling.knative.dev/"
+MIN_SCALE = "autoscaling.knative.dev/min-scale"
+RETENTION = "autoscaling.knative.dev/scale-to-zero-pod-retention-period"
+# What a release writes on the Revision: no pod kept, and none kept after traffic stops.
+RELEASE_ANNOTATIONS = {MIN_SCALE: "0", RETENTION: "0s"}
+# Pod-spec keys the requester may render; one it rendered before and no longer does is removed on adoption.
+OWNED_POD_KEYS = ("containerConcurrency", "timeoutSeconds", "responseStartTimeoutSeconds", "containers", "volumes",
+                  "nodeSelector", "affinity", "tolerations", "serviceAccountName", "automountServiceAccountToken")
+# Knative's defaults and limits (config/core/configmaps/defaults.yaml, pkg/apis/...): see registry validation.
+RESERVED_ENV = ("PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION")
+CONTAINER_CONCURRENCY_MAX = 1000
+RETENTION_MAX_S = 3600.0
 
 NAME_PREFIX = "fma-worker-"
 MAX_NAME = 50
@@ -151,6 +168,8 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     pod_spec: dict[str, Any] = {
+        # A worker never talks to the API server: no token in its pods.
+        "automountServiceAccountToken": False,
         "containerConcurrency": kn.container_concurrency,
         "timeoutSeconds": tmpl.timeout_seconds,
         "responseStartTimeoutSeconds": tmpl.response_start_timeout_seconds,
@@ -173,3 +192,93 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
                                            "annotations": template_annotations},
                               "spec": pod_spec}},
     }
+
+
+_GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a duration as Knative reads it (Go's ``time.ParseDuration``: "5m", "1h30m", "300ms")."""
+    sign = -1.0 if text[:1] == "-" else 1.0
+    body = text[1:] if text[:1] in "+-" else text
+    if body == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    for m in _GO_PART.finditer(body):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    if pos == 0 or pos != len(body):
+        raise ValueError(f"{text!r} is not a duration Knative reads (like 30s, 5m or 1h30m)")
+    return sign * total
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """Apply an RFC 7386 merge patch (what the API server will do with ours)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _with_removals(existing: dict[str, Any] | None, desired: dict[str, Any], keys: Any = None) -> dict[str, Any]:
+    """``desired`` plus ``None`` for each key of ``existing`` (among ``keys``, when given) it no longer has."""
+    out: dict[str, Any] = dict(desired)
+    for key in existing or {}:
+        if key not in desired and (keys is None or key in keys):
+            out[key] = None
+    return out
+
+
+def adoption_patch(existing: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that makes an existing worker Service what ``desired`` says, or None if it already is.
+
+    RFC 7386 keeps every key a patch does not mention, so a key the requester
+    set before and no longer sets is sent as ``null``: template annotations
+    and labels (all the requester's own), owned pod-spec keys, and the
+    release marker on the Service's metadata.
+    """
+    meta, tmpl = existing.get("metadata", {}), existing.get("spec", {}).get("template", {})
+    want_meta, want_tmpl = desired["metadata"], desired["spec"]["template"]
+    annotations = dict(want_meta.get("annotations") or {})
+    if ANNOTATION_RELEASED in (meta.get("annotations") or {}):
+        annotations[ANNOTATION_RELEASED] = None
+    patch: dict[str, Any] = {
+        "metadata": {"labels": want_meta["labels"], "annotations": annotations},
+        "spec": {"template": {
+            "metadata": {
+                "labels": _with_removals(tmpl.get("metadata", {}).get("labels"), want_tmpl["metadata"]["labels"]),
+                "annotations": _with_removals(tmpl.get("metadata", {}).get("annotations"),
+                                              want_tmpl["metadata"]["annotations"])},
+            "spec": _with_removals(tmpl.get("spec"), want_tmpl["spec"], OWNED_POD_KEYS)}},
+    }
+    if "ownerReferences" in want_meta:
+        patch["metadata"]["ownerReferences"] = want_meta["ownerReferences"]
+    return patch if merge_patch(existing, patch) != existing else None
+
+
+def pin_patch(revision: dict[str, Any], template_annotations: dict[str, str]) -> dict[str, Any] | None:
+    """The Revision annotations that restore the model's own scaling (after a release), or None.
+
+    The Revision's autoscaling annotations are what its PodAutoscaler follows,
+    so they are set to the template's, and any the template lacks are removed.
+    """
+    have = revision.get("metadata", {}).get("annotations") or {}
+    want = {k: v for k, v in template_annotations.items() if k.startswith(AUTOSCALING_PREFIX)}
+    patch: dict[str, Any] = {k: v for k, v in want.items() if have.get(k) != v}
+    patch.update({k: None for k in have if k.startswith(AUTOSCALING_PREFIX) and k not in want})
+    return {"metadata": {"annotations": patch}} if patch else None
+
+
+def release_patch(revision: dict[str, Any]) -> dict[str, Any] | None:
+    """The Revision annotations that scale it to zero and keep it there, or None if they are set."""
+    have = revision.get("metadata", {}).get("annotations") or {}
+    patch = {k: v for k, v in RELEASE_ANNOTATIONS.items() if have.get(k) != v}
+    return {"metadata": {"annotations": patch}} if patch else None

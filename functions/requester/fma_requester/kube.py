@@ -1,20 +1,26 @@
-"""The requester's Kubernetes client: Knative Services in one namespace, every call bounded.
+"""The requester's Kubernetes client: Knative Services and Revisions in one namespace, every call bounded.
 
 One place for every API call the Knative actuator makes, through the
 official ``kubernetes`` client's ``CustomObjectsApi``:
 
 * each call carries ``_request_timeout`` (a hung API server is a failed
-  call, not a hung thread); a watch also asks the server to end it
-  (``timeoutSeconds``) and bounds each read a little beyond that;
+  call, not a hung thread); a watch asks the server to end it
+  (``timeoutSeconds``), bounds every read a little beyond that (a half-open
+  connection is abandoned, not waited on), and can be closed from another
+  thread (a release stops the start's watch at once);
 * ``ApiException.status`` is kept: 403 becomes an error naming the missing
   RBAC verb, 5xx/429 and transport errors are retried with bounded
-  backoff, 404 and 409 are answers (``None`` / :class:`AlreadyExists`),
-  anything else is raised as it is.
+  backoff, 404 and 409 are answers (``None`` / :class:`AlreadyExists`), a
+  4xx from an admission webhook is a permanent :class:`Rejected`, anything
+  else is raised as it is.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,16 +30,113 @@ from fma_common.errors import ApiError
 log = logging.getLogger("fma.requester.kube")
 
 GROUP, VERSION, PLURAL = "serving.knative.dev", "v1", "services"
+REVISIONS = "revisions"
 
 
 class KnativeError(ApiError):
+    """The platform did not do what the requester asked: worth retrying later."""
+
     status = 503
     type = "service_unavailable_error"
     code = "knative_error"
 
 
+class KnativeConfigError(KnativeError):
+    """What the requester asks for is refused as such (RBAC, a name taken, the webhook):
+    retrying the same request fails the same way until someone changes the setup."""
+
+    status = 500
+    type = "server_error"
+    code = "knative_config_error"
+
+
 class AlreadyExists(Exception):
     """A create found an object of that name (HTTP 409)."""
+
+
+def _status_message(exc: Any) -> str:
+    """The ``message`` of a Kubernetes Status body, else the exception's reason."""
+    try:
+        return str(json.loads(exc.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(getattr(exc, "reason", None) or exc)
+
+
+def _socket_of(resp: Any) -> socket.socket | None:
+    """The socket under a streaming urllib3 response (urllib3 exposes it in one of these places)."""
+    for path in (("connection", "sock"), ("_fp", "fp", "raw", "_sock")):
+        obj = resp
+        for attr in path:
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, socket.socket):
+            return obj
+    return None
+
+
+class WatchStream:
+    """One watch request: events as dicts, stoppable from another thread.
+
+    ``close`` from another thread shuts the socket down, which wakes the
+    read blocked in the iterating thread (closing the response there would
+    wait for that read's lock); the iterating thread then releases it.
+    """
+
+    def __init__(self, resp: Any) -> None:
+        self._resp = resp
+        self._closed = False
+        self._reading = False
+        self._released = False
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from kubernetes.client.exceptions import ApiException
+
+        pending = b""
+        self._reading = True
+        try:
+            for chunk in self._resp.stream(4096, decode_content=False):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        obj = event.get("object") or {}
+                        raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: "
+                                                                          f"{obj.get('message')}")
+                    yield event
+                if self._closed:
+                    return
+        except Exception:
+            if self._closed:
+                return  # stopped on purpose: the interrupted read is not an error
+            raise
+        finally:
+            self._reading = False
+            self._release()
+
+    def close(self) -> None:
+        self._closed = True
+        sock = _socket_of(self._resp)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if not self._reading:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        try:
+            self._resp.close()
+            self._resp.release_conn()
+        except Exception:  # releasing is best effort
+            pass
 
 
 def load_api() -> Any:
@@ -54,7 +157,7 @@ class KubeClient:
         self.retries = retries
         self.timeout_s = timeout_s
 
-    def _call(self, verb: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _call(self, verb: str, fn: Callable[..., Any], *args: Any, resource: str = PLURAL, **kwargs: Any) -> Any:
         """One API call with RBAC errors named and transient failures retried."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError as TransportError
@@ -66,10 +169,13 @@ class KubeClient:
                 return fn(*args, **kwargs)
             except ApiException as exc:
                 if exc.status == 403:
-                    raise KnativeError(
-                        f"RBAC: the requester's ServiceAccount may not {verb} services.serving.knative.dev in "
-                        f"namespace {self.namespace} (403 Forbidden); grant the verb {verb!r} in the "
-                        f"fma-requester Role", code="forbidden") from None
+                    raise KnativeConfigError(
+                        f"RBAC: the requester's ServiceAccount may not {verb} {resource}.serving.knative.dev in "
+                        f"namespace {self.namespace} (403 Forbidden); grant the verb {verb!r} on {resource!r} in "
+                        f"the fma-requester Role", code="forbidden") from None
+                if exc.status in (400, 422) and "admission webhook" in _status_message(exc):
+                    raise KnativeConfigError(f"Knative refused the worker Service: {_status_message(exc)}",
+                                             code="webhook_rejected") from None
                 if ((exc.status or 0) >= 500 or exc.status == 429) and attempt < self.retries:
                     log.warning("kube %s failed with %s (attempt %d); retrying in %.2f s", verb, exc.status,
                                 attempt, delay)
@@ -130,32 +236,40 @@ class KubeClient:
         return self._call("list", self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
                           label_selector=label_selector)
 
-    def watch(self, *, resource_version: str | None, timeout_s: float, field_selector: str | None = None,
-              label_selector: str | None = None) -> Iterator[dict[str, Any]]:
-        """Events from ``resource_version`` on, for at most ``timeout_s`` (raises ApiException 410 when expired).
-
-        403 is named like any other call's; the stream stops when the
-        generator is closed.
-        """
-        from kubernetes import watch
+    def get_revision(self, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
+        try:
+            return self._call("get", self.api.get_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                              REVISIONS, name, resource=REVISIONS)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_revision(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch of a Revision (its metadata: a Revision's spec is immutable)."""
+        return self._call("patch", self.api.patch_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                          REVISIONS, name, patch, resource=REVISIONS)
+
+    def watch(self, *, resource_version: str | None, timeout_s: float, field_selector: str | None = None,
+              label_selector: str | None = None, read_grace_s: float = 10.0) -> WatchStream:
+        """Events from ``resource_version`` on, for at most ``timeout_s``.
+
+        The server is asked to end the watch then (``timeoutSeconds``), and no
+        read may wait longer than that plus ``read_grace_s``: a connection that
+        went half-open raises instead of hanging. An expired resourceVersion
+        raises ApiException 410; 403 is named like any other call's.
+        """
         seconds = max(1, int(timeout_s))
-        kwargs: dict[str, Any] = {"resource_version": resource_version, "timeout_seconds": seconds,
-                                  # connect like any call; each read may wait for the server's own timeout
-                                  "_request_timeout": (min(self.timeout_s, 10.0), seconds + 10)}
+        kwargs: dict[str, Any] = {"watch": True, "_preload_content": False, "timeout_seconds": seconds,
+                                  "_request_timeout": (min(self.timeout_s, 10.0), seconds + read_grace_s)}
+        if resource_version:
+            kwargs["resource_version"] = resource_version
         if field_selector:
             kwargs["field_selector"] = field_selector
         if label_selector:
             kwargs["label_selector"] = label_selector
-        w = watch.Watch()
-        try:
-            yield from w.stream(self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
-                                **kwargs)
-        except ApiException as exc:
-            if exc.status == 403:
-                raise KnativeError(f"RBAC: the requester's ServiceAccount may not watch services.serving.knative.dev "
-                                   f"in namespace {self.namespace} (403)", code="forbidden") from None
-            raise
-        finally:
-            w.stop()
+        resp = self._call("watch", self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                          PLURAL, **kwargs)
+        return WatchStream(resp)

@@ -43,6 +43,7 @@ drive the machine step by step with a manual executor and a fake clock.
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import threading
@@ -263,6 +264,7 @@ class Slot:
     overdue_logged: bool = False
     waiting_for: str = ""  # why a wanted model has not started yet (the budget)
     sleep_after_start: list[tuple[int, Op]] = field(default_factory=list)  # asked to sleep while starting
+    failure: ApiError | None = None  # the typed error of the last failure, if it had one
 
     @property
     def name(self) -> str:
@@ -313,9 +315,14 @@ class Lifecycle(Actuator):
 
     def _status(self, slot: Slot) -> WorkerStatus:
         url = slot.handle.url if slot.handle is not None else None
+        detail = None
+        if slot.phase in (Phase.STARTING, Phase.WAKING) and slot.handle is not None:
+            detail = slot.handle.progress  # e.g. Knative's last condition, or "waiting for a node: ..."
+        elif slot.waiting_for and (slot.tickets or slot.wanted):
+            detail = slot.waiting_for
         return WorkerStatus(model=slot.name, state=self._state(slot), phase=slot.phase.value, backend=self.backend,
                             url=url, last_used=slot.last_used, in_flight=slot.in_flight, queued=len(slot.tickets),
-                            last_actuation=slot.last_actuation, error=slot.error)
+                            last_actuation=slot.last_actuation, error=slot.error, detail=detail)
 
     def describe(self, model: str) -> WorkerStatus:
         with self._cond:
@@ -428,8 +435,8 @@ class Lifecycle(Actuator):
             if slot.error is not None and slot.phase in (Phase.FAILED, Phase.STOPPING) and now < slot.retry_at:
                 wait = slot.retry_at - now
                 self.metrics.rejections.labels(model, "backoff").inc()
-                raise WorkerFailed(f"worker for {model} failed to start: {slot.error}; next retry in {wait:.0f} s",
-                                   headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+                raise self._failure_error(slot, f"{slot.error}; next retry in {wait:.0f} s",
+                                          {"Retry-After": str(max(1, int(wait + 0.999)))})
             limit = slot.spec.max_queue if slot.spec.max_queue is not None else 64
             if len(slot.tickets) >= limit:
                 slot.wanted = True  # still start it, so a retry finds it warming
@@ -620,7 +627,7 @@ class Lifecycle(Actuator):
                 raise _StartError(f"{reason}; log tail: {tail}" if tail and tail not in reason else reason) from exc
 
         self._submit(slot, "start", start, lambda url: self._started(slot, handle, url),
-                     lambda exc: self._start_failed(slot, _reason(exc)))
+                     lambda exc: self._start_failed(slot, _reason(exc), cause=exc.__cause__ or exc))
 
     def _started(self, slot: Slot, handle: WorkerHandle, url: str) -> None:
         handle.url = url
@@ -628,20 +635,38 @@ class Lifecycle(Actuator):
         secs = self.clock() - (activation.started if activation else self.clock())
         slot.failures = 0
         slot.error = None
+        slot.failure = None
         slot.last_actuation = Actuation(path="cold", seconds=secs)
         self._touch(slot)
         self._fire(slot, Trigger.STARTED)
         self.metrics.actuation.labels(slot.name, "cold").observe(secs)
         log.info("worker for %s ready in %.2f s (cold start)", slot.name, secs)
 
-    def _start_failed(self, slot: Slot, reason: str) -> None:
-        self._failed(slot, Trigger.START_FAILED, f"worker for {slot.name} failed to start: {reason}")
+    def _start_failed(self, slot: Slot, reason: str, cause: BaseException | None = None) -> None:
+        self._failed(slot, Trigger.START_FAILED, f"worker for {slot.name} failed to start: {reason}", cause)
 
     def _wake_failed(self, slot: Slot, reason: str) -> None:
         self._failed(slot, Trigger.WAKE_FAILED, f"worker for {slot.name} failed to wake: {reason}")
 
-    def _failed(self, slot: Slot, trigger: Trigger, message: str) -> None:
+    def _failure_error(self, slot: Slot, message: str, headers: dict[str, str] | None = None) -> ApiError:
+        """The error waiters and later requests get for the slot's last failure.
+
+        A typed failure (RBAC, a name taken, the platform refusing the worker)
+        keeps its class, status and code, so a permanent one stays permanent
+        (a CloudEvent gets ``completion.failed``, not a retry); anything else
+        is a 503 ``worker_failed``.
+        """
+        proto = slot.failure
+        if proto is None:
+            return WorkerFailed(message, headers=headers)
+        err = copy.copy(proto)
+        err.message, err.args = message, (message,)
+        err.headers = {**proto.headers, **(headers or {})}
+        return err
+
+    def _failed(self, slot: Slot, trigger: Trigger, message: str, cause: BaseException | None = None) -> None:
         """A start or wake failed: answer its waiters now, then clean up and back off."""
+        slot.failure = cause if isinstance(cause, ApiError) else None
         slot.failures += 1
         delay = policy.backoff_delay(slot.failures, self.config.restart_backoff_s, self.config.restart_backoff_max_s)
         slot.retry_at = self.clock() + delay
@@ -649,8 +674,8 @@ class Lifecycle(Actuator):
         attempt = slot.activation.attempt if slot.activation else None
         self.metrics.rejections.labels(slot.name, "start_failed").inc(
             sum(1 for t in slot.tickets if t.attempt == attempt))
-        self._fail_tickets(slot, WorkerFailed(slot.error), only_attempt=attempt)
-        self._cancel_sleep_ops(slot, WorkerFailed(slot.error))
+        self._fail_tickets(slot, self._failure_error(slot, slot.error), only_attempt=attempt)
+        self._cancel_sleep_ops(slot, self._failure_error(slot, slot.error))
         slot.after_stop = Trigger.CLEANED_UP
         if slot.handle is not None:
             slot.handle.cancel()
@@ -718,7 +743,7 @@ class Lifecycle(Actuator):
         if slot.phase == Phase.COLD or slot.phase == Phase.STOPPING:
             return
         if slot.phase == Phase.FAILED:
-            slot.error, slot.failures, slot.retry_at = None, 0, 0.0
+            slot.error, slot.failures, slot.retry_at, slot.failure = None, 0, 0.0, None
             self._fire(slot, Trigger.STOP, why)
             return
         if slot.phase in (Phase.STARTING, Phase.WAKING):

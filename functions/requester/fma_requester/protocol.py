@@ -117,6 +117,7 @@ class WorkerStatus(BaseModel):
     queued: int
     last_actuation: Actuation | None
     error: str | None = None
+    detail: str | None = None  # what a start in progress is waiting for (e.g. "waiting for a node: ...")
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -126,4 +127,6 @@ class WorkerStatus(BaseModel):
         }
         if self.state == "failed":
             out["error"] = self.error or "unknown error"
+        if self.detail:
+            out["detail"] = self.detail
         return out

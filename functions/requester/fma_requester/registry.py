@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fma_common.settings import SettingsError, parse_duration
 
+from .knative_spec import CONTAINER_CONCURRENCY_MAX, RESERVED_ENV, RETENTION_MAX_S, parse_go_duration
+
 DEFAULT_MODELS_YAML = """\
 defaults: {idle_timeout: 300s, max_queue: 64, queue_timeout: 120s}
 budget: {max_loaded: 3, sleepers: 2}
@@ -41,16 +43,37 @@ def _seconds(value: Any) -> float:
 
 
 class KnativeSpec(BaseModel):
+    """How a model's worker Service is shaped; checked against Knative's own bounds here, at load,
+    so a value Knative's webhook would refuse stops the requester with one line instead of failing
+    the first request (``pkg/apis/autoscaling/annotation_validation.go``,
+    ``pkg/apis/serving/metadata_validation.go``)."""
+
     model_config = ConfigDict(extra="forbid")
-    min_scale: int = Field(default=0, ge=0)
-    max_scale: int = Field(default=1, ge=0)
+    min_scale: int = Field(default=0, ge=0, le=2**31 - 1)
+    max_scale: int = Field(default=1, ge=0, le=2**31 - 1)  # 0: no limit, as in Knative
     gpus: int = Field(default=1, ge=0)
     gpu_binding: Literal["dedicated", "shared"] = "dedicated"
-    container_concurrency: int = Field(default=0, ge=0)
+    container_concurrency: int = Field(default=0, ge=0, le=CONTAINER_CONCURRENCY_MAX)
     target: int | None = Field(default=None, ge=1)
     scale_to_zero_retention: str | None = None
     image: str | None = None
     resources: dict[str, dict[str, str]] | None = None
+
+    @field_validator("scale_to_zero_retention")
+    @classmethod
+    def _retention(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        seconds = parse_go_duration(value)
+        if not 0 <= seconds <= RETENTION_MAX_S:
+            raise ValueError(f"{value!r} is outside 0s..1h, Knative's bounds for a retention period")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> KnativeSpec:
+        if self.max_scale and self.min_scale > self.max_scale:
+            raise ValueError(f"min_scale {self.min_scale} is above max_scale {self.max_scale}")
+        return self
 
 
 class Defaults(BaseModel):
@@ -94,6 +117,15 @@ class ModelSpec(BaseModel):
     sleep_memory_mib: int | None = Field(default=None, ge=0)
     env: dict[str, str] = Field(default_factory=dict)
     knative: KnativeSpec = Field(default_factory=KnativeSpec)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(set(value) & set(RESERVED_ENV))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} is set by the platform (Knative reserves "
+                             f"{', '.join(RESERVED_ENV)}); remove it")
+        return value
 
     @field_validator("idle_timeout", "queue_timeout", "start_timeout", mode="before")
     @classmethod
@@ -163,8 +195,14 @@ class ModelRegistry:
             return cls(RegistryFile.model_validate(data), origin)
         except ValidationError as exc:
             first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise SettingsError(f"{origin}: {loc}: {first['msg']}") from None
+            parts = [str(p) for p in first["loc"]]
+            if len(parts) > 1 and parts[0] == "models" and parts[1].isdigit():
+                entry = (data.get("models") or [])[int(parts[1])]
+                name = entry.get("name") if isinstance(entry, dict) else None
+                if name:
+                    parts[1] = f"{name}"  # say which model, not which list index
+            msg = first["msg"].removeprefix("Value error, ")
+            raise SettingsError(f"{origin}: {'.'.join(parts)}: {msg}") from None
 
     @classmethod
     def load(cls, path: str | None) -> ModelRegistry:

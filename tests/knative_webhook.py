@@ -1,0 +1,307 @@
+"""Knative Serving's validating webhook, for the rules the requester's objects meet.
+
+Mirrors knative/serving at ``knative-v1.23.0`` (paths below are in that
+repository). A Service is defaulted first, as the defaulting webhook does
+(``pkg/apis/serving/v1/revision_defaults.go``: ``timeoutSeconds`` from
+``config-defaults``, readiness probe thresholds), then validated; errors are
+rendered as ``knative.dev/pkg/apis.FieldError`` renders them (``message:
+path``), joined as the webhook joins them, and answered like the webhook
+answers (``validation failed: ...``, HTTP 400 through the API server).
+
+What is checked, with its source:
+
+* autoscaling annotations on the Service's own metadata
+  (``pkg/apis/serving/metadata_validation.go``, ``ValidateHasNoAutoscalingAnnotation``);
+* the revision template's autoscaling annotations: min/max scale as
+  non-negative int32 with ``max >= min`` unless max is 0, retention and
+  scale-down delay as Go durations within 0..1h, ``initial-scale`` (0 only
+  with ``allow-zero-initial-scale``), ``target`` >= 0.01, ``target-burst-capacity``
+  >= 0 or -1 (``pkg/apis/autoscaling/annotation_validation.go``); the
+  progress deadline as a positive Go duration at second precision
+  (``pkg/apis/serving/v1/revision_validation.go``);
+* ``timeoutSeconds`` within 0..``max-revision-timeout-seconds``
+  (``revision_validation.go``, ``validateTimeoutSeconds``), ``containerConcurrency``
+  within 0..1000 (``metadata_validation.go``, ``ValidateContainerConcurrency``);
+* PodSpec fields behind ``config-features`` flags (``pkg/apis/serving/fieldmask.go``,
+  ``PodSpecMask``; defaults in ``pkg/apis/config/features.go``): ``nodeSelector``,
+  ``affinity``, ``tolerations``, pod ``securityContext``...; only
+  ``automountServiceAccountToken: false``; env ``valueFrom.fieldRef`` behind
+  ``kubernetes.podspec-fieldref`` (``EnvVarSourceMask``); ``emptyDir`` volumes
+  enabled by default (``VolumeSourceMask``);
+* reserved env names ``PORT``, ``K_SERVICE``, ``K_CONFIGURATION``,
+  ``K_REVISION``; one user port named ``''``/``h2c``/``http1`` that is not
+  reserved (8012, 8013, 8022, 9090, 9091, 8008); a probe's named port must
+  be the container's (``pkg/apis/serving/k8s_validation.go``);
+* on a Revision: ``spec`` is immutable, metadata (its autoscaling
+  annotations) is not, and is validated like a template's
+  (``revision_validation.go``, ``Revision.Validate``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from kube_fake import Rejected
+
+WEBHOOK = "validation.webhook.serving.knative.dev"
+AUTOSCALING = "autoscaling.knative.dev"
+MAX_INT32 = 2**31 - 1
+WINDOW_MAX_S = 3600.0  # pkg/apis/autoscaling/register.go: WindowMax = 1h
+RESERVED_ENV = ("PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION")
+RESERVED_PORTS = (8012, 8013, 8022, 9090, 9091, 8008)
+VALID_PORT_NAMES = ("", "h2c", "http1")
+
+# pkg/apis/config/features.go defaults (Disabled unless said otherwise).
+FEATURE_FIELDS = {
+    "affinity": "kubernetes.podspec-affinity",
+    "topologySpreadConstraints": "kubernetes.podspec-topologyspreadconstraints",
+    "hostAliases": "kubernetes.podspec-hostaliases",
+    "nodeSelector": "kubernetes.podspec-nodeselector",
+    "runtimeClassName": "kubernetes.podspec-runtimeclassname",
+    "tolerations": "kubernetes.podspec-tolerations",
+    "securityContext": "kubernetes.podspec-securitycontext",
+    "shareProcessNamespace": "kubernetes.podspec-shareprocessnamespace",
+    "priorityClassName": "kubernetes.podspec-priorityclassname",
+    "schedulerName": "kubernetes.podspec-schedulername",
+    "initContainers": "kubernetes.podspec-init-containers",
+    "dnsPolicy": "kubernetes.podspec-dnspolicy",
+    "dnsConfig": "kubernetes.podspec-dnsconfig",
+    "hostIPC": "kubernetes.podspec-hostipc",
+    "hostPID": "kubernetes.podspec-hostpid",
+    "hostNetwork": "kubernetes.podspec-hostnetwork",
+}
+ALWAYS_ALLOWED_POD_FIELDS = {"serviceAccountName", "containers", "volumes", "imagePullSecrets", "enableServiceLinks",
+                             "automountServiceAccountToken",
+                             # Knative's own RevisionSpec fields, inlined beside the PodSpec
+                             "containerConcurrency", "timeoutSeconds", "responseStartTimeoutSeconds",
+                             "idleTimeoutSeconds"}
+CONTAINER_FIELDS = {"name", "args", "command", "env", "workingDir", "envFrom", "image", "imagePullPolicy",
+                    "livenessProbe", "ports", "readinessProbe", "resources", "securityContext", "startupProbe",
+                    "terminationMessagePath", "terminationMessagePolicy", "volumeMounts"}
+SECURITY_CONTEXT_FIELDS = {"capabilities", "readOnlyRootFilesystem", "runAsUser", "runAsGroup", "runAsNonRoot",
+                           "allowPrivilegeEscalation", "seccompProfile", "privileged"}
+
+_GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration(text: str) -> float:
+    """Go's ``time.ParseDuration`` ("1h30m", "300ms", "0"), in seconds; ValueError where Go refuses."""
+    sign = -1.0 if text[:1] == "-" else 1.0
+    body = text[1:] if text[:1] in "+-" else text
+    if body == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    for m in _GO_PART.finditer(body):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    if pos == 0 or pos != len(body):
+        raise ValueError(f"time: invalid duration {text!r}")
+    return sign * total
+
+
+@dataclass
+class ClusterConfig:
+    """The cluster's ConfigMaps, as far as the webhook and the controller read them."""
+
+    features: dict[str, str] = field(default_factory=dict)  # config-features: flag -> enabled | disabled
+    max_revision_timeout_seconds: int = 600  # config-defaults (config/core/configmaps/defaults.yaml)
+    revision_timeout_seconds: int = 300
+    container_concurrency_max_limit: int = 1000
+    allow_zero_initial_scale: bool = False  # config-autoscaler
+
+    def enabled(self, flag: str) -> bool:
+        return self.features.get(flag, "disabled").lower() in ("enabled", "allowed")
+
+
+class KnativeWebhook:
+    """An admission hook for ``kube_fake.FakeKube``."""
+
+    def __init__(self, config: ClusterConfig | None = None) -> None:
+        self.config = config or ClusterConfig()
+        self.rejections: list[str] = []
+
+    def __call__(self, verb: str, plural: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+        if plural == "services":
+            errors = self.validate_service(new)
+        elif plural == "revisions" and old is not None:
+            errors = self.validate_revision_update(old, new)
+        else:
+            errors = []
+        if errors:
+            message = "validation failed: " + "\n".join(errors)
+            self.rejections.append(message)
+            raise Rejected(WEBHOOK, message)
+
+    # ---- Service -------------------------------------------------------------------------------
+
+    def defaulted(self, svc: dict[str, Any]) -> dict[str, Any]:
+        """What the defaulting webhook adds before validation (revision_defaults.go)."""
+        out = copy.deepcopy(svc)
+        spec = out.setdefault("spec", {}).setdefault("template", {}).setdefault("spec", {})
+        if not spec.get("timeoutSeconds"):
+            spec["timeoutSeconds"] = self.config.revision_timeout_seconds
+        for c in spec.get("containers") or []:
+            probe = c.get("readinessProbe")
+            if probe is not None:
+                probe.setdefault("successThreshold", 1)
+                if probe.get("periodSeconds"):
+                    probe.setdefault("failureThreshold", 3)
+                    probe.setdefault("timeoutSeconds", 1)
+        return out
+
+    def validate_service(self, svc: dict[str, Any]) -> list[str]:
+        svc = self.defaulted(svc)
+        errors = [f'invalid key name "{k}": metadata.annotations\nautoscaling annotations must be put under '
+                  f'"spec.template.metadata.annotations" to work'
+                  for k in (svc.get("metadata", {}).get("annotations") or {}) if k.startswith(AUTOSCALING)]
+        template = svc.get("spec", {}).get("template", {})
+        errors += self.validate_annotations(template.get("metadata", {}).get("annotations") or {},
+                                            "spec.template.metadata.annotations")
+        errors += self.validate_pod_spec(template.get("spec", {}), "spec.template.spec")
+        return errors
+
+    def validate_annotations(self, ann: dict[str, str], where: str) -> list[str]:
+        errors: list[str] = []
+
+        def int_ge0(key: str) -> int:
+            if key not in ann:
+                return 0
+            value = ann[key]
+            try:
+                number = int(value, 10)
+            except ValueError:
+                errors.append(f"invalid value: {value}: {where}.{key}")
+                return 0
+            if number < 0 or number > MAX_INT32:
+                errors.append(f"expected 0 <= {value} <= {MAX_INT32}: {where}.{key}")
+                return 0
+            return number
+
+        lo, hi = int_ge0(f"{AUTOSCALING}/min-scale"), int_ge0(f"{AUTOSCALING}/max-scale")
+        if hi != 0 and hi < lo:
+            errors.append(f"max-scale={hi} is less than min-scale={lo}: {AUTOSCALING}/max-scale, "
+                          f"{AUTOSCALING}/min-scale")
+        for key in ("scale-to-zero-pod-retention-period", "scale-down-delay"):
+            full = f"{AUTOSCALING}/{key}"
+            if full in ann:
+                try:
+                    seconds = go_duration(ann[full])
+                except ValueError:
+                    errors.append(f"invalid value: {ann[full]}: {full}")
+                    continue
+                if seconds < 0 or seconds > WINDOW_MAX_S:
+                    errors.append(f"expected 0s <= {ann[full]} <= 1h0m0s: {full}")
+        key = f"{AUTOSCALING}/initial-scale"
+        if key in ann:
+            try:
+                initial = int(ann[key])
+            except ValueError:
+                errors.append(f"invalid value: {ann[key]}: {key}")
+            else:
+                if initial < 0:
+                    errors.append(f"invalid value: {ann[key]}: {key} must be greater than 0")
+                elif initial == 0 and not self.config.allow_zero_initial_scale:
+                    errors.append(f"invalid value: {ann[key]}: {key}=0 not allowed by cluster")
+        key = f"{AUTOSCALING}/target"
+        if key in ann:
+            try:
+                if float(ann[key]) < 0.01:
+                    errors.append(f"target {ann[key]} should be at least 0.01: {key}")
+            except ValueError:
+                errors.append(f"invalid value: {ann[key]}: {key}")
+        key = f"{AUTOSCALING}/target-burst-capacity"
+        if key in ann:
+            try:
+                tbc = float(ann[key])
+                if tbc < 0 and tbc != -1:
+                    raise ValueError
+            except ValueError:
+                errors.append(f"invalid value: {ann[key]}: {key}")
+        key = "serving.knative.dev/progress-deadline"
+        if key in ann:
+            try:
+                seconds = go_duration(ann[key])
+            except ValueError:
+                errors.append(f"invalid value: {ann[key]}: {key}")
+            else:
+                if round(seconds) != seconds:
+                    errors.append(f"progress-deadline={ann[key]} is not at second precision: {key}")
+                elif seconds < 0:
+                    errors.append(f"progress-deadline={ann[key]} must be positive: {key}")
+        return errors
+
+    def validate_pod_spec(self, spec: dict[str, Any], where: str) -> list[str]:
+        errors: list[str] = []
+        for key in spec:
+            if key in ALWAYS_ALLOWED_POD_FIELDS:
+                continue
+            flag = FEATURE_FIELDS.get(key)
+            if flag is None or not self.config.enabled(flag):
+                errors.append(f"must not set the field(s): {where}.{key}")
+        if spec.get("automountServiceAccountToken") is True:
+            errors.append(f"must not set the field(s): {where}.automountServiceAccountToken")
+        timeout = spec.get("timeoutSeconds")
+        if timeout is not None and timeout != 0 and not 0 <= timeout <= self.config.max_revision_timeout_seconds:
+            errors.append(f"expected 0 <= {timeout} <= {self.config.max_revision_timeout_seconds}: "
+                          f"{where}.timeoutSeconds")
+        cc = spec.get("containerConcurrency")
+        if cc is not None and not 0 <= cc <= self.config.container_concurrency_max_limit:
+            errors.append(f"expected 0 <= {cc} <= {self.config.container_concurrency_max_limit}: "
+                          f"{where}.containerConcurrency")
+        for i, vol in enumerate(spec.get("volumes") or []):
+            for source in vol:
+                if source == "name":
+                    continue
+                allowed = source in ("secret", "configMap", "projected", "emptyDir")
+                if not allowed:
+                    errors.append(f"must not set the field(s): {where}.volumes[{i}].{source}")
+        containers = spec.get("containers") or []
+        for i, c in enumerate(containers):
+            errors += self._container(c, f"{where}.containers[{i}]")
+        return errors
+
+    def _container(self, c: dict[str, Any], where: str) -> list[str]:
+        errors = [f"must not set the field(s): {where}.{k}" for k in c if k not in CONTAINER_FIELDS]
+        for k in (c.get("securityContext") or {}):
+            if k not in SECURITY_CONTEXT_FIELDS or (k == "privileged" and c["securityContext"][k]):
+                errors.append(f"must not set the field(s): {where}.securityContext.{k}")
+        if (c.get("securityContext") or {}).get("capabilities", {}).get("add") and \
+                not self.config.enabled("kubernetes.containerspec-addcapabilities"):
+            errors.append(f"must not set the field(s): {where}.securityContext.capabilities.add")
+        for j, env in enumerate(c.get("env") or []):
+            if env.get("name") in RESERVED_ENV:
+                errors.append(f'"{env["name"]}" is a reserved environment variable: {where}.env[{j}].name')
+            source = env.get("valueFrom") or {}
+            for k in ("fieldRef", "resourceFieldRef"):
+                if k in source and not self.config.enabled("kubernetes.podspec-fieldref"):
+                    errors.append(f"must not set the field(s): {where}.env[{j}].valueFrom.{k}")
+        ports = c.get("ports") or []
+        if len(ports) > 1:
+            errors.append(f"more than one container port is set: {where}.ports\nOnly a single port is allowed")
+        port = ports[0] if ports else {}
+        if port:
+            if port.get("containerPort") in RESERVED_PORTS:
+                errors.append(f"invalid value: {port['containerPort']} is a reserved port: "
+                              f"{where}.ports.containerPort")
+            if port.get("name", "") not in VALID_PORT_NAMES:
+                errors.append(f"Port name {port.get('name')} is not allowed: {where}.ports")
+        for probe_name in ("readinessProbe", "livenessProbe"):
+            probe = c.get(probe_name) or {}
+            get_port = (probe.get("httpGet") or {}).get("port")
+            if isinstance(get_port, str) and get_port != port.get("name"):
+                errors.append(f"invalid value: {get_port}: {where}.{probe_name}.httpGet.port\n"
+                              f"Probe port must match container port")
+        return errors
+
+    # ---- Revision ------------------------------------------------------------------------------
+
+    def validate_revision_update(self, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+        if old.get("spec") != new.get("spec"):
+            return ["Immutable fields changed (-old +new): spec"]
+        return self.validate_annotations(new.get("metadata", {}).get("annotations") or {}, "metadata.annotations")
