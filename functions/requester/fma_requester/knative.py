@@ -2,17 +2,24 @@
 
 :class:`KnativeEffects` is the state machine's
 :class:`~fma_requester.effects.Effects` on a cluster (every API call through
-``kube.KubeClient``, each bounded by a timeout):
+``kube.KubeClient``, each bounded by a timeout, watches included):
 
-* start = create-or-adopt the worker Service, then follow it with a watch
-  (``fieldSelector=metadata.name=...``, from the object's resourceVersion,
-  not a sleep loop) until ``Ready=True`` at ``observedGeneration >=
-  generation``. ``Ready=False`` at that generation fails at once with
-  Knative's reason and message; the start deadline reports the last
-  condition seen. A Service not labelled ``app.kubernetes.io/managed-by=
-  fma-requester`` (or serving another model) is never touched; ours is
-  adopted with a merge patch;
-* stop = scale to zero (a template patch) or delete, by ``FMA_RELEASE_POLICY``;
+* start = create the worker Service, or adopt ours and bring it up to date
+  (a merge patch with ``null`` for keys the template no longer has, and no
+  write at all when nothing differs - every template change is a new
+  Revision, and a new Revision starts a pod); then follow it with a watch
+  until ``Ready=True`` at ``observedGeneration >= generation``; then re-pin
+  the ready Revision's autoscaling annotations to the model's (a release
+  set them to zero). A pod that cannot be scheduled yet keeps the start
+  waiting, with the reason in the worker's status, until ``start_timeout``;
+  any other ``Ready=False`` fails it at once with Knative's message. A Service
+  not labelled ``app.kubernetes.io/managed-by=fma-requester`` (or serving
+  another model) is never touched;
+* stop (release) = the ready Revision's own annotations set to
+  ``min-scale: "0"`` and a ``0s`` retention (its PodAutoscaler follows them:
+  ``pkg/reconciler/revision/reconcile_resources.go``), and the Service marked
+  released - never ``spec.template``; or delete the Service, by
+  ``FMA_RELEASE_POLICY``;
 * sleep / wake = the worker's vLLM sleep API at its address;
 * probe = the Service is still there and ready; read_log = the last
   condition seen.
@@ -20,8 +27,10 @@
 A background watch on the managed label selector tells the state machine
 what happens behind its back: a Service deleted (the model is cold), a
 revision failing (the worker exited), a ready Service found at start-up
-(adopted). Knative does the pod scaling: requests go to the Service's
-``status.address.url`` and the activator buffers them during scale-from-zero.
+(adopted, unless it was released). Errors that asking again cannot fix (RBAC,
+a name taken, the webhook refusing the worker) are permanent
+(:class:`~fma_requester.kube.KnativeConfigError`, HTTP 500 with their own
+code); the rest are 503.
 """
 
 from __future__ import annotations
