@@ -334,11 +334,15 @@ def test_cli_manifests_prints_the_worker_service(tmp_path: Path):
 
     import yaml
 
-    out = subprocess.run([sys.executable, "-m", "fma_cli.main", "manifests", EMBEDDED, "--namespace", "llm"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-    (svc,) = list(yaml.safe_load_all(out))
+    done = subprocess.run([sys.executable, "-m", "fma_cli.main", "manifests", EMBEDDED, "--namespace", "llm"],
+                          capture_output=True, text=True, timeout=60, check=True, cwd=tmp_path)
+    (svc,) = list(yaml.safe_load_all(done.stdout))
     assert svc["kind"] == "Service" and svc["metadata"]["name"] == "fma-worker-smollm2-135m-instruct"
     assert svc["metadata"]["namespace"] == "llm"
+    # What the deployed example would create: its models file and worker template, and it says so.
+    assert "knative/base/models.yaml" in done.stderr and "knative/base/worker-template.yaml" in done.stderr
+    assert svc["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "16Gi"
+    assert svc["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     bad = subprocess.run([sys.executable, "-m", "fma_cli.main", "manifests", "nope"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "not configured" in bad.stderr
