@@ -46,8 +46,11 @@ at ``knative-v1.23.0`` (paths are in that repository):
   API server's admission hook.
 
 Its clock can run faster than wall time (``speed``), so stable windows and
-timeouts pass quickly in tests. Pods are stand-ins (ready after a delay; the
-route answers for them) or real local worker processes (``process``).
+timeouts pass quickly in tests. Pods are stand-ins (``StandInWorker``: the
+worker's HTTP surface with the sleep API, ready after a delay), real local
+worker processes (``process``), or a server the test runs (``upstream:URL``);
+each is published as a Pod object (labels, IP, port, conditions) and probed
+on its readiness path.
 What is *not* simulated: the activator's load balancing and panic mode,
 multiple containers, DomainMappings, tags and traffic splits, TLS, and the
 defaulted fields a real API server would store.
@@ -121,6 +124,8 @@ class Pod:
     url: str | None = None  # a process pod's address
     in_flight: int = 0
     deleting: bool = False
+    published: tuple | None = None  # what the Pod object last said
+    standin: StandInWorker | None = None
 
 
 @dataclass(eq=False)
@@ -264,6 +269,7 @@ class SimulatedKnative:
             for rev in doomed:
                 for pod in rev.pods:
                     self._kill(pod)
+                    self.kube.delete_object(ns, pod.name, plural="pods")
                 del self.revisions[rev.name]
                 self.kube.delete_object(ns, rev.name, plural="revisions")  # owner references: collected
             route = self._routes.pop(name, None)
@@ -279,6 +285,7 @@ class SimulatedKnative:
                     continue
                 self._scale(rev, obj, now)
                 self._advance_pods(rev, now)
+                self._publish_pods(rev, obj)
                 self._write_revision_status(rev, obj, now)
             for service in {r.service for r in self.revisions.values()}:
                 self._write_service_status(service)
@@ -356,6 +363,7 @@ class SimulatedKnative:
             if pod.deleting:
                 if pod.proc is None or pod.proc.poll() is not None:
                     rev.pods.remove(pod)
+                    self.kube.delete_object(rev.namespace, pod.name, plural="pods")
                 continue
             if not pod.scheduled:
                 if mode == "unschedulable" and arg and now - pod.created >= float(arg):
@@ -365,10 +373,49 @@ class SimulatedKnative:
             if mode == "fail" and now - pod.created >= 1.0:
                 pod.exited = True
                 rev.failed = ("ExitCode1", "Container failed with: model failed to load (exit code 1)")
-            elif mode in ("ready", "unschedulable") and now - pod.created >= self.pod_start_s:
-                self._mark_ready(rev, pod, now)
-            elif mode == "slow" and now - pod.created >= float(arg or 10):
-                self._mark_ready(rev, pod, now)
+            elif mode in ("ready", "unschedulable", "slow") and pod.standin is None:
+                loaded_at = now + (float(arg or 10) if mode == "slow" else self.pod_start_s)
+                pod.standin = StandInWorker(pod, self.clock, loaded_at)
+                pod.url = pod.standin.url
+                threading.Thread(target=self._probe, args=(rev, pod), daemon=True).start()
+
+    def _publish_pods(self, rev: Revision, obj: dict[str, Any]) -> None:
+        """The Pod objects the kubelet would report: labels from the Revision, IP, port, conditions."""
+        container = (obj.get("spec", {}).get("containers") or [{}])[0]
+        for pod in rev.pods:
+            if pod.deleting and (pod.proc is None or pod.proc.poll() is not None):
+                continue
+            port = int(pod.url.rsplit(":", 1)[1]) if pod.url else \
+                (container.get("ports") or [{}])[0].get("containerPort", 8080)
+            state = (pod.scheduled, pod.ready, pod.exited, port, pod.deleting)
+            if state == pod.published:
+                continue
+            first = pod.published is None
+            pod.published = state
+            conds = [_cond("PodScheduled", "True" if pod.scheduled else "False",
+                           None if pod.scheduled else "Unschedulable",
+                           None if pod.scheduled else "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+                     _cond("Ready", "True" if pod.ready else "False")]
+            status = {"phase": "Running" if pod.scheduled and not pod.exited else "Pending",
+                      "conditions": conds}
+            if pod.scheduled:
+                status["podIP"] = "127.0.0.1" if pod.url else f"10.244.0.{hash(pod.name) % 200 + 2}"
+            body = {"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": pod.name, "namespace": rev.namespace,
+                                 "labels": {"serving.knative.dev/revision": rev.name,
+                                            "serving.knative.dev/service": rev.service,
+                                            "serving.knative.dev/configuration": rev.service,
+                                            "app": rev.name},
+                                 **({"deletionTimestamp": "now"} if pod.deleting else {})},
+                    "spec": {"containers": [
+                        {"name": container.get("name") or "user-container", "ports": [{"containerPort": port}]},
+                        {"name": "queue-proxy", "ports": [{"containerPort": 8012}]}]},
+                    "status": status}
+            if first:
+                self.kube.put_object(body, plural="pods")
+            else:
+                self.kube.update_object(rev.namespace, pod.name, lambda o, b=body: o.update(
+                    metadata={**o["metadata"], **b["metadata"]}, status=b["status"]), plural="pods")
 
     def _mark_ready(self, rev: Revision, pod: Pod, now: float) -> None:
         if not pod.ready:
@@ -424,6 +471,8 @@ class SimulatedKnative:
     def _kill(self, pod: Pod) -> None:
         pod.deleting = True
         pod.ready = False
+        if pod.standin is not None:
+            threading.Thread(target=pod.standin.close, daemon=True).start()
         if pod.proc is not None and pod.proc.poll() is None:
             threading.Thread(target=stop_process_group, args=(pod.proc, 10), daemon=True).start()
 
@@ -594,9 +643,6 @@ class SimulatedKnative:
     def _forward(self, h: BaseHTTPRequestHandler, pod: Pod, method: str, body: bytes, started: float,
                  timeout: float, start_timeout: float) -> None:
         """queue-proxy: the request's total time is capped at timeoutSeconds, its start at responseStart."""
-        if pod.url is None:  # a stand-in pod answers for itself
-            payload = json.dumps({"pod": pod.name, "path": h.path}).encode()
-            return _answer(h, 200, payload, "application/json")
         left = started + timeout - self.clock.now()
         first = min(left, start_timeout) if start_timeout else left
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "content-length", "connection")}
@@ -643,11 +689,70 @@ class SimulatedKnative:
         for pod in pods:
             if pod.proc is not None:
                 stop_process_group(pod.proc, 10)
+            if pod.standin is not None:
+                pod.standin.close()
         for server, _ in routes:
             server.shutdown()
             server.server_close()
         if self.webhook in self.kube.admission:
             self.kube.admission.remove(self.webhook)
+
+
+class StandInWorker:
+    """A pod's container when no real worker runs: the worker's HTTP surface, minus the model.
+
+    ``/ready`` is 200 once "loaded" (after the pod's start time) and awake,
+    503 while asleep, like the worker; ``/sleep`` and ``/wake_up`` flip it;
+    completions answer with the pod's name, so tests can see where a request
+    went.
+    """
+
+    def __init__(self, pod: Pod, clock: SimClock, loaded_at: float) -> None:
+        self.pod, self.clock, self.loaded_at = pod, clock, loaded_at
+        self.asleep = False
+        self.calls: list[str] = []
+        worker = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_a: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                worker.calls.append(f"GET {self.path}")
+                path = self.path.split("?")[0]
+                if path == "/health":
+                    return _answer(self, 200, b'{"status": "ok"}', "application/json")
+                loaded = worker.clock.now() >= worker.loaded_at
+                ok = loaded and not worker.asleep
+                return _answer(self, 200 if ok else 503, b"OK\n" if ok else b'{"status": "loading"}')
+
+            def do_POST(self) -> None:
+                worker.calls.append(f"POST {self.path}")
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                if path == "/sleep":
+                    worker.asleep = True
+                    return _answer(self, 200, b'{"is_sleeping": true}', "application/json")
+                if path == "/wake_up":
+                    worker.asleep = False
+                    return _answer(self, 200, b'{"is_sleeping": false}', "application/json")
+                if worker.asleep:
+                    return _answer(self, 503, json.dumps({"error": {"message": "sleeping", "type": "x",
+                                                                    "code": "worker_sleeping", "param": None}})
+                                   .encode(), "application/json")
+                return _answer(self, 200, json.dumps({"pod": worker.pod.name, "path": self.path}).encode(),
+                               "application/json")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _answer(h: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str = "text/plain") -> None:

@@ -1,7 +1,9 @@
 """A faithful HTTP-level fake of the Kubernetes API server, for Knative Serving's resources.
 
 It serves the real REST paths of ``serving.knative.dev/v1`` (``services``,
-``revisions``) so the real ``kubernetes`` client talks to it unchanged:
+``revisions``) and of core ``v1`` ``pods`` (``/api/v1/namespaces/{ns}/pods``,
+written by the simulator as the kubelet would) so the real ``kubernetes``
+client talks to it unchanged:
 
 * ``POST   /apis/serving.knative.dev/v1/namespaces/{ns}/{plural}``          201, 409 AlreadyExists
 * ``GET    .../{plural}[?labelSelector=&fieldSelector=]``                     a ``...List``
@@ -48,9 +50,15 @@ from urllib.parse import parse_qs, urlparse
 import yaml
 
 GROUP, VERSION = "serving.knative.dev", "v1"
-PATH = re.compile(r"^/apis/serving\.knative\.dev/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)"
+PATH = re.compile(r"^/(?:apis/serving\.knative\.dev/v1|api/v1)/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)"
                   r"(?:/(?P<name>[^/]+))?$")
-KINDS = {"services": "Service", "revisions": "Revision", "configurations": "Configuration", "routes": "Route"}
+KINDS = {"services": "Service", "revisions": "Revision", "configurations": "Configuration", "routes": "Route",
+         "pods": "Pod"}
+CORE = {"pods"}  # served under /api/v1, API group ""
+
+
+def api_group(plural: str) -> str:
+    return "" if plural in CORE else GROUP
 
 
 def status_body(code: int, reason: str, message: str, name: str | None = None,
@@ -112,14 +120,15 @@ AdmissionHook = Callable[[str, str, dict[str, Any] | None, dict[str, Any]], None
 
 @dataclass(frozen=True)
 class Rule:
+    groups: frozenset[str]
     resources: frozenset[str]
     verbs: frozenset[str]
 
 
 def load_role(path: Path) -> list[Rule]:
     role = yaml.safe_load(path.read_text())
-    return [Rule(frozenset(r["resources"]), frozenset(r["verbs"])) for r in role["rules"]
-            if GROUP in r.get("apiGroups", [])]
+    return [Rule(frozenset(r.get("apiGroups", [])), frozenset(r["resources"]), frozenset(r["verbs"]))
+            for r in role["rules"]]
 
 
 class FakeKube:
@@ -260,8 +269,9 @@ class FakeKube:
             return False
         if self.role is None:
             return True
-        return any((plural in r.resources or "*" in r.resources) and (verb in r.verbs or "*" in r.verbs)
-                   for r in self.role)
+        group = api_group(plural)
+        return any(group in r.groups and (plural in r.resources or "*" in r.resources)
+                   and (verb in r.verbs or "*" in r.verbs) for r in self.role)
 
     def _admit(self, verb: str, plural: str, old: dict[str, Any] | None, new: dict[str, Any]) -> Rejected | None:
         for hook in self.admission:
@@ -286,10 +296,11 @@ class FakeKube:
         verb = {"GET": "watch" if watching else ("get" if name else "list"), "POST": "create", "PATCH": "patch",
                 "DELETE": "delete", "PUT": "update"}[method]
         if not self._allowed(plural, verb):
+            qualified = f"{plural}.{api_group(plural)}" if api_group(plural) else plural
             return self._send(h, 403, status_body(
-                403, "Forbidden", f'{plural}.{GROUP}{" " + repr(name) if name else ""} is forbidden: '
+                403, "Forbidden", f'{qualified}{" " + repr(name) if name else ""} is forbidden: '
                 f'User "system:serviceaccount:{ns}:fma-requester" cannot {verb} resource "{plural}" in API group '
-                f'"{GROUP}" in the namespace "{ns}"', name, plural))
+                f'"{api_group(plural)}" in the namespace "{ns}"', name, plural))
         if self.fail_next:
             code = self.fail_next.pop(0)
             return self._send(h, code, status_body(code, "InternalError", "etcdserver: request timed out"))
@@ -301,7 +312,8 @@ class FakeKube:
                          if p == plural and n == ns and matches_labels(o, query.get("labelSelector"))
                          and matches_fields(o, query.get("fieldSelector"))]
                 rv = str(self.rv)
-            return self._send(h, 200, {"apiVersion": f"{GROUP}/{VERSION}", "kind": f"{kind}List",
+            return self._send(h, 200, {"apiVersion": "v1" if plural in CORE else f"{GROUP}/{VERSION}",
+                                       "kind": f"{kind}List",
                                        "metadata": {"resourceVersion": rv}, "items": items})
         if method == "POST":
             body = json.loads(raw or b"{}")

@@ -36,7 +36,7 @@ NS = "llm"
 
 
 def registry(**model: str) -> ModelRegistry:
-    extra = "".join(f", {k}: {v}" for k, v in model.items())
+    extra = "".join(f", {k}: {v}" for k, v in model.items())  # e.g. knative="{max_scale: 1}"
     return ModelRegistry.from_text(
         "models:\n"
         f"  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32{extra}}}\n"
@@ -173,6 +173,72 @@ def test_release_starts_no_pod_and_creates_no_revision(kube: FakeKube, sim: Simu
     assert ann["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "5m", "the model's own value back"
     assert "fma.llm-d.ai/released" not in (kube.get_object(NS, SVC)["metadata"].get("annotations") or {})
     assert sim.revisions_created[SVC] == 1
+
+
+# ---- the sleep ladder: warm -> sleeping -> scaled to zero, and back ------------------------------
+
+def test_sleep_then_wake_creates_no_revision_and_keeps_the_same_pod(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube)
+    act.ensure_ready(EMBEDDED).done()
+    (pod,) = sim.live_pods(SVC)
+    assert act.sleep(EMBEDDED, 1).state == "sleeping"
+    assert revision_annotations(kube, f"{SVC}-00001")["autoscaling.knative.dev/min-scale"] == "1", "pinned"
+    assert pod.standin.asleep and "POST /sleep?level=1" in pod.standin.calls, "the sleep reached the pod itself"
+    lease = act.ensure_ready(EMBEDDED)
+    assert lease.actuation.path == "wake"
+    lease.done()
+    assert not pod.standin.asleep and sim.live_pods(SVC) == [pod], "the same pod, woken"
+    assert revision_annotations(kube, f"{SVC}-00001")["autoscaling.knative.dev/min-scale"] == "0", "unpinned"
+    assert sim.revisions_created[SVC] == 1 and sim.pods_started[SVC] == 1
+
+
+def test_a_sleeping_worker_survives_past_the_stable_window_and_retention(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube, reg=registry(knative="{max_scale: 1, scale_to_zero_retention: 10s}"))
+    act.ensure_ready(EMBEDDED).done()
+    act.sleep(EMBEDDED, 2)
+    sim.wait_until(lambda: not any(p.ready for p in sim.live_pods(SVC)), 10, "the pod to fail its probe")
+    time.sleep(sim.clock.real(60 + 10 + 30))  # stable window + retention, and then some
+    assert len(sim.live_pods(SVC)) == 1 and sim.pods_started[SVC] == 1, "kept, though it gets no traffic"
+    assert act.ensure_ready(EMBEDDED).actuation.path == "wake"
+
+
+def test_release_after_sleep_leaves_no_pod_and_no_new_revision(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube)
+    act.ensure_ready(EMBEDDED).done()
+    act.sleep(EMBEDDED, 1)
+    assert act.release(EMBEDDED).state == "cold"
+    sim.wait_until(lambda: not sim.live_pods(SVC), 120, "the pod to go")
+    assert sim.revisions_created[SVC] == 1 and sim.pods_started[SVC] == 1
+
+
+def test_a_wake_reaches_the_pod_while_it_is_not_ready_to_the_route(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube)
+    act.ensure_ready(EMBEDDED).done()
+    (pod,) = sim.live_pods(SVC)
+    act.sleep(EMBEDDED, 1)
+    sim.wait_until(lambda: not pod.ready, 10, "the sleeping pod to fail its readiness probe")
+    # Through the route a request now waits in the activator; the wake does not go that way.
+    lease = act.ensure_ready(EMBEDDED)
+    assert "POST /wake_up" in pod.standin.calls and lease.actuation.path == "wake"
+    import httpx
+
+    answer = httpx.post(f"{lease.url}/v1/completions", json={}, timeout=30).json()
+    assert answer["pod"] == pod.name, "and the completion is served by that pod once it is ready again"
+    lease.done()
+
+
+def test_sleep_of_a_model_that_may_run_several_pods_is_refused_with_409(kube: FakeKube, sim: SimulatedKnative):
+    from fma_common.errors import Conflict
+
+    act = actuator(kube)
+    model = "meta-llama/Llama-3.1-8B-Instruct"  # max_scale: 2
+    reg = ModelRegistry.from_text(f"models:\n  - {{name: {model}, source: 'hf:{model}', knative: {{max_scale: 2}}}}\n")
+    act = actuator(kube, reg=reg)
+    act.ensure_ready(model).done()
+    with pytest.raises(Conflict) as info:
+        act.sleep(model, 1)
+    assert info.value.status == 409 and "max_scale: 1" in info.value.message
+    assert act.describe(model).state == "ready", "refused: it keeps serving"
 
 
 def test_release_by_deletion_and_release_is_idempotent(kube: FakeKube, sim: SimulatedKnative):
@@ -420,6 +486,8 @@ def test_the_role_grants_exactly_what_the_requester_uses(tmp_path: Path):
         act = actuator(kube)
         act.start()
         act.ensure_ready(EMBEDDED).done()
+        act.sleep(EMBEDDED, 1)
+        act.ensure_ready(EMBEDDED).done()  # wakes it
         act.release(EMBEDDED)
         act.ensure_ready(EMBEDDED).done()
         act.shutdown()
@@ -545,8 +613,11 @@ def test_sleep_of_an_unreachable_worker_is_a_502_not_a_crash(kube: FakeKube, sim
     with pytest.raises(Conflict):
         act.sleep(EMBEDDED)  # cold: nothing to put to sleep
     act.ensure_ready(EMBEDDED).done()
-    sim.close_route(SVC)  # the address now refuses connections
+    (pod,) = sim.live_pods(SVC)
+    pod.standin.close()  # the pod now refuses connections
     with pytest.raises(UpstreamError) as info:
         act.sleep(EMBEDDED)
     assert info.value.status == 502
     assert act.describe(EMBEDDED).state == "ready"
+    assert revision_annotations(kube, f"{SVC}-00001")["autoscaling.knative.dev/min-scale"] == "0", \
+        "the sleep did not happen, so the pin is taken back"

@@ -29,30 +29,32 @@ class WorkerControl:
     def __init__(self, timeout_s: float, connect_timeout_s: float) -> None:
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
 
-    def _post(self, handle: WorkerHandle, path: str, timeout: float,
+    def _post(self, url: str | None, path: str, timeout: float,
               params: dict[str, Any] | None = None) -> httpx.Response:
-        if not handle.url:
+        if not url:
             raise EffectRefused("the worker has no address")
         try:
-            return self._http.post(f"{handle.url}{path}", params=params, timeout=timeout)
+            return self._http.post(f"{url}{path}", params=params, timeout=timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise EffectRefused(f"could not reach {handle.url}: {exc}") from None
+            raise EffectRefused(f"could not reach {url}: {exc}") from None
 
-    def sleep(self, handle: WorkerHandle, level: int, timeout: float) -> None:
-        resp = self._post(handle, p.WORKER_SLEEP, timeout, {"level": level})
+    def sleep(self, handle: WorkerHandle, level: int, timeout: float, url: str | None = None) -> None:
+        """``POST /sleep`` at ``url`` (default: the handle's address)."""
+        resp = self._post(url or handle.url, p.WORKER_SLEEP, timeout, {"level": level})
         if resp.status_code != 200:
             raise EffectRefused(f"{resp.status_code}: {error_text(resp)}", status=resp.status_code)
 
-    def wake(self, handle: WorkerHandle, timeout: float) -> None:
-        resp = self._post(handle, p.WORKER_WAKE, timeout)
+    def wake(self, handle: WorkerHandle, timeout: float, url: str | None = None) -> None:
+        resp = self._post(url or handle.url, p.WORKER_WAKE, timeout)
         if resp.status_code != 200:
             raise RuntimeError(f"the worker answered {resp.status_code} to {p.WORKER_WAKE}: {error_text(resp)}")
 
-    def alive(self, handle: WorkerHandle, timeout: float) -> bool:
-        if not handle.url:
+    def alive(self, handle: WorkerHandle, timeout: float, url: str | None = None) -> bool:
+        target = url or handle.url
+        if not target:
             return False
         try:
-            self._http.get(f"{handle.url}{p.PATH_HEALTH}", timeout=timeout).raise_for_status()
+            self._http.get(f"{target}{p.PATH_HEALTH}", timeout=timeout).raise_for_status()
         except httpx.HTTPError:
             return False
         return True

@@ -49,14 +49,17 @@ from fma_common.errors import ApiError
 from fma_common.settings import Duration, EnvSettings, Lower, SettingsError, setting
 
 from .control import WorkerControl
-from .effects import Effects, WorkerHandle
+from .effects import EffectRefused, Effects, WorkerHandle
 from .gpus import gpu_uuids
 from .knative_spec import (
     ANNOTATION_MODEL,
     ANNOTATION_RELEASED,
+    CONTAINER_NAME,
     LABEL_MANAGED_BY,
+    LABEL_REVISION,
     MANAGED_BY,
     MANAGED_SELECTOR,
+    MIN_SCALE,
     RETENTION_MAX_S,
     WorkerTemplate,
     adoption_patch,
@@ -342,6 +345,7 @@ class KnativeEffects(Effects):
         url = _address(obj)
         if not url:
             raise RuntimeError(f"worker Service {name} is ready but has no address")
+        handle.data["revision"] = (obj.get("status") or {}).get("latestReadyRevisionName")
         with self._lock:
             self._handles[spec.name] = handle
         log.info("worker Service %s for %s ready at %s (revision %s)", name, spec.name, url,
@@ -393,11 +397,72 @@ class KnativeEffects(Effects):
         except Exception as exc:  # never raise; Knative scales an idle Revision down by itself anyway
             log.error("could not release %s: %s", name, getattr(exc, "message", None) or exc)
 
+    def _pods(self, handle: WorkerHandle) -> list[str]:
+        """Base URLs of the running pods of the worker's ready Revision (pod IP and the user container's port).
+
+        Control calls go here, never through the route: the route and the
+        activator forward only to pods whose readiness probe passes, and a
+        sleeping worker's does not.
+        """
+        revision = handle.data.get("revision")
+        if not revision:
+            return []
+        urls = []
+        for pod in self.kube.list_pods(f"{LABEL_REVISION}={revision}"):
+            status, meta = pod.get("status") or {}, pod.get("metadata") or {}
+            if status.get("phase") != "Running" or not status.get("podIP") or meta.get("deletionTimestamp"):
+                continue
+            containers = (pod.get("spec") or {}).get("containers") or []
+            user = next((c for c in containers if c.get("name") == CONTAINER_NAME), None) or \
+                next((c for c in containers if c.get("name") != "queue-proxy"), {})
+            port = ((user.get("ports") or [{}])[0]).get("containerPort", 8080)
+            urls.append(f"http://{status['podIP']}:{port}")
+        return urls
+
     def sleep(self, spec: ModelSpec, handle: WorkerHandle, level: int, timeout: float) -> None:
-        self._control.sleep(handle, level, timeout)
+        """Pin the ready Revision at one pod (so Knative keeps it while it gets no traffic), then put that
+        pod's worker to sleep, directly; a Revision that may run more pods than one is refused (409)."""
+        if spec.knative.max_scale != 1:
+            pods = spec.knative.max_scale or "any number of"
+            raise EffectRefused(f"sleep needs knative.max_scale: 1 (this model may run {pods} pods, which scale on "
+                                f"their own); release it instead", status=409)
+        revision = handle.data.get("revision")
+        obj = self.kube.get_revision(revision) if revision else None
+        if obj is None:
+            raise EffectRefused("the worker's revision is gone", status=409)
+        pods = self._pods(handle)
+        if not pods:
+            raise EffectRefused("the worker has no pod running (Knative scaled it to zero): nothing to put to "
+                                "sleep; release it, or send it a request first", status=409)
+        pin = pin_patch(obj, {**self._scaling(spec), MIN_SCALE: "1"})
+        if pin is not None:
+            self.kube.patch_revision(revision, pin)
+        try:
+            for url in pods:
+                self._control.sleep(handle, level, timeout, url=url)
+        except BaseException:
+            self._unpin(spec, handle)  # it did not sleep: back to the model's own scaling
+            raise
 
     def wake(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> None:
-        self._control.wake(handle, timeout)
+        """Wake the pod directly, then give its Revision the model's own scaling back."""
+        pods = self._pods(handle)
+        if not pods:
+            raise RuntimeError("the sleeping worker's pod is gone; it will start cold")
+        for url in pods:
+            self._control.wake(handle, timeout, url=url)
+        self._unpin(spec, handle)
+
+    def _scaling(self, spec: ModelSpec) -> dict[str, str]:
+        """The model's own autoscaling annotations, as the template renders them."""
+        return self.manifest(spec)["spec"]["template"]["metadata"]["annotations"]
+
+    def _unpin(self, spec: ModelSpec, handle: WorkerHandle) -> None:
+        revision = handle.data.get("revision")
+        obj = self.kube.get_revision(revision) if revision else None
+        patch = pin_patch(obj, self._scaling(spec)) if obj else None
+        if patch is not None:
+            self.kube.patch_revision(revision, patch)
 
     def probe(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> bool:
         obj = self.kube.get(worker_service_name(spec.name))
@@ -438,6 +503,7 @@ class KnativeEffects(Effects):
             found = WorkerHandle(model)
             found.url = _address(obj)
             found.data["service"] = obj["metadata"]["name"]
+            found.data["revision"] = (obj.get("status") or {}).get("latestReadyRevisionName")
             with self._lock:
                 self._handles.setdefault(model, found)
             self.listener.worker_found(model, found)

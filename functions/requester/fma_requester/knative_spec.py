@@ -40,6 +40,8 @@ ANNOTATION_MODEL = "fma.llm-d.ai/model"
 # so a requester that restarts and lists Services must not adopt it as ready.
 ANNOTATION_RELEASED = "fma.llm-d.ai/released"
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_ROLE}=decode"
+LABEL_REVISION = "serving.knative.dev/revision"  # Knative labels a Revision's pods with it
+CONTAINER_NAME = "worker"
 AUTOSCALING_PREFIX = "autoscaling.knative.dev/"
 MIN_SCALE = "autoscaling.knative.dev/min-scale"
 RETENTION = "autoscaling.knative.dev/scale-to-zero-pod-retention-period"
@@ -152,7 +154,7 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
         requests.update(kn.resources.get("requests", {}))
 
     container: dict[str, Any] = {
-        "name": "worker",
+        "name": CONTAINER_NAME,
         "image": kn.image or tmpl.image,
         "ports": [{"containerPort": tmpl.port}],
         "env": [{"name": k, "value": v} for k, v in env.items()],

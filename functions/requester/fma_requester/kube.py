@@ -169,8 +169,9 @@ class KubeClient:
                 return fn(*args, **kwargs)
             except ApiException as exc:
                 if exc.status == 403:
+                    group = "" if resource == "pods" else ".serving.knative.dev"
                     raise KnativeConfigError(
-                        f"RBAC: the requester's ServiceAccount may not {verb} {resource}.serving.knative.dev in "
+                        f"RBAC: the requester's ServiceAccount may not {verb} {resource}{group} in "
                         f"namespace {self.namespace} (403 Forbidden); grant the verb {verb!r} on {resource!r} in "
                         f"the fma-requester Role", code="forbidden") from None
                 if exc.status in (400, 422) and "admission webhook" in _status_message(exc):
@@ -251,6 +252,15 @@ class KubeClient:
         """A merge patch of a Revision (its metadata: a Revision's spec is immutable)."""
         return self._call("patch", self.api.patch_namespaced_custom_object, GROUP, VERSION, self.namespace,
                           REVISIONS, name, patch, resource=REVISIONS)
+
+    def list_pods(self, label_selector: str) -> list[dict[str, Any]]:
+        """Pods by label (core v1), as plain dicts."""
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.api.api_client)
+        resp = self._call("list", core.list_namespaced_pod, self.namespace, label_selector=label_selector,
+                          _preload_content=False, resource="pods")
+        return list(json.loads(resp.data).get("items", []))
 
     def watch(self, *, resource_version: str | None, timeout_s: float, field_selector: str | None = None,
               label_selector: str | None = None, read_grace_s: float = 10.0) -> WatchStream:
