@@ -464,3 +464,16 @@ def test_design_md_shows_the_transition_table_as_it_is():
     from fma_cli.docs import diagram_block, diagram_in
 
     assert diagram_in((REPO / "docs" / "design.md").read_text()) == diagram_block(), "run `make docs`"
+
+
+def test_a_waiter_can_wait_a_while_and_give_up_without_leaking_its_place_or_lease():
+    h = harness(ONE)
+    ticket = h.machine.admit("a")
+    assert h.machine.wait_for(ticket, timeout=0) is None, "not ready yet: no answer, no error"
+    h.machine.abandon(ticket)
+    assert h.machine.describe("a").queued == 0
+    h.executor.deliver_next("start", "a")
+    assert h.machine.describe("a").in_flight == 0, "nobody waits for it any more"
+    late = h.machine.admit("a")
+    h.machine.abandon(late)  # leased at once, then abandoned: the lease goes back
+    assert h.machine.describe("a").in_flight == 0

@@ -26,6 +26,9 @@ class FakeActuator(Actuator):
         self.states = dict.fromkeys(MODELS, "cold")
         self.refuse_with: Exception | None = None
         self.worker_url = "http://127.0.0.1:9"
+        self.gate = threading.Event()  # cleared: the worker is "starting" until it is set
+        self.gate.set()
+        self.fail_after_gate: Exception | None = None
 
     def _check(self, model: str) -> None:
         if model not in self.states:
@@ -42,6 +45,22 @@ class FakeActuator(Actuator):
 
     def worker_unreachable(self, lease: WorkerLease) -> None:
         self.calls.append(("unreachable", lease.model))
+
+    def admit(self, model: str):
+        self._check(model)
+        if self.refuse_with:
+            raise self.refuse_with
+        return {"model": model}
+
+    def wait_for(self, ticket, timeout=None):
+        if not self.gate.wait(timeout):
+            return None
+        if self.fail_after_gate:
+            raise self.fail_after_gate
+        return self.ensure_ready(ticket["model"])
+
+    def abandon(self, ticket) -> None:
+        self.calls.append(("abandon", ticket["model"]))
 
     def release(self, model: str) -> WorkerStatus:
         self._check(model)
@@ -274,3 +293,66 @@ def test_an_unreachable_worker_is_a_502_and_is_reported_to_the_actuator(client, 
     resp = client.post("/v1/completions", json={"model": "model-b", "prompt": "x"})
     assert resp.status_code == 502 and resp.get_json()["error"]["code"] == "worker_unreachable"
     assert ("unreachable", "model-b") in fake.calls
+
+
+# ---- a stream that waits for a cold start ------------------------------------------------------
+
+SSE = b'data: {"choices": [{"text": "Hi"}]}\n\ndata: [DONE]\n\n'
+
+
+@pytest.fixture()
+def keepalive_client(fake: FakeActuator):
+    registry = ModelRegistry.from_text(
+        "models:\n" + "".join(f"  - {{name: {m}, source: 'embedded:smollm2-135m-instruct'}}\n" for m in MODELS))
+    app = create_app(RequesterSettings.from_env({"FMA_LOG_LEVEL": "warning", "FMA_STREAM_KEEPALIVE": "50ms"}),
+                     registry=registry, actuator=fake)
+    return app.test_client()
+
+
+def test_a_stream_waiting_for_a_cold_start_gets_keepalives_then_its_tokens(keepalive_client, fake, worker):
+    worker.answer = (200, "text/event-stream", SSE)
+    fake.gate.clear()
+    resp = keepalive_client.post("/v1/completions", json={"model": "model-b", "prompt": "x", "stream": True},
+                                 buffered=False)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    chunks = iter(resp.response)
+    assert next(chunks) == b": keepalive\n\n"
+    assert next(chunks) == b": keepalive\n\n", "one every FMA_STREAM_KEEPALIVE while it waits"
+    fake.gate.set()  # the worker is ready
+    rest = b"".join(chunks)
+    assert rest.startswith(b": fma-actuation cold;dur=") and rest.endswith(SSE)
+    resp.close()
+    assert ("done", "model-b") in fake.calls
+
+
+def test_a_start_that_fails_after_keepalives_ends_the_stream_with_an_error_event(keepalive_client, fake):
+    from fma_common.errors import WorkerFailed
+
+    fake.gate.clear()
+    fake.fail_after_gate = WorkerFailed("worker for model-b failed to start: out of memory")
+    resp = keepalive_client.post("/v1/completions", json={"model": "model-b", "prompt": "x", "stream": True},
+                                 buffered=False)
+    chunks = iter(resp.response)
+    assert next(chunks) == b": keepalive\n\n"
+    fake.gate.set()
+    last = b"".join(chunks).strip().rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"data: ") and json.loads(last[6:])["error"]["code"] == "worker_failed"
+    assert b"[DONE]" not in last
+
+
+def test_a_client_that_leaves_during_the_wait_gives_up_its_place(keepalive_client, fake):
+    fake.gate.clear()
+    resp = keepalive_client.post("/v1/completions", json={"model": "model-b", "prompt": "x", "stream": True},
+                                 buffered=False)
+    assert next(iter(resp.response)) == b": keepalive\n\n"
+    resp.close()
+    assert ("abandon", "model-b") in fake.calls
+
+
+def test_a_stream_served_at_once_or_refused_at_once_has_its_usual_status(keepalive_client, fake, worker):
+    worker.answer = (200, "text/event-stream", SSE)
+    resp = keepalive_client.post("/v1/completions", json={"model": "model-b", "prompt": "x", "stream": True})
+    assert resp.status_code == 200 and resp.data == SSE and resp.headers["X-FMA-Actuation"].startswith("cold;")
+    fake.refuse_with = QueueFull("64 requests already wait", retry_after=5)
+    resp = keepalive_client.post("/v1/completions", json={"model": "model-b", "prompt": "x", "stream": True})
+    assert resp.status_code == 429 and resp.headers["Retry-After"] == "5"

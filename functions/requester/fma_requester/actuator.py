@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from .protocol import Actuation, ActuationPath, State, WorkerStatus
 
@@ -45,6 +46,17 @@ class WorkerLease:
         self._on_done(self)
 
 
+class _Answered:
+    """A ticket that already has its lease."""
+
+    def __init__(self, lease: WorkerLease) -> None:
+        self.lease = lease
+        self.done = True
+
+    def result(self) -> WorkerLease:
+        return self.lease
+
+
 class Actuator(abc.ABC):
     """Lifecycle of per-model workers. Every method is safe to call concurrently."""
 
@@ -74,6 +86,24 @@ class Actuator(abc.ABC):
     @abc.abstractmethod
     def list(self) -> list[WorkerStatus]:
         """One status per configured model, cold ones included."""
+
+    def admit(self, model: str) -> Any:
+        """Register a request without waiting for its worker; refusals (429, backoff) are raised at once.
+
+        The default waits (an actuator without queues needs nothing more);
+        the state machine answers at once and lets :meth:`wait_for` wait.
+        """
+        return _Answered(self.ensure_ready(model))
+
+    def wait_for(self, ticket: Any, timeout: float | None = None) -> WorkerLease | None:
+        """The ticket's lease; None if ``timeout`` passed first; raises if its start failed or timed out."""
+        return ticket.result()
+
+    def abandon(self, ticket: Any) -> None:
+        """The client left: stop waiting, and give back the lease if one was given."""
+        lease = getattr(ticket, "lease", None)
+        if lease is not None:
+            lease.done()
 
     def worker_unreachable(self, lease: WorkerLease) -> None:  # noqa: B027 - optional hook
         """A request could not reach its worker: check whether the worker is still there."""

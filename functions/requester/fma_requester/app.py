@@ -73,7 +73,7 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     actuator = actuator or build_actuator(settings, registry, metrics, emit)
     proxy = WorkerProxy(metrics, settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s,
                         max_connections=settings.connections)
-    plane = DataPlane(actuator, proxy, metrics)
+    plane = DataPlane(actuator, proxy, metrics, keepalive_s=settings.stream_keepalive_s)
     log.info("requester settings: %s; models from %s: %s", describe(settings), registry.origin,
              ", ".join(registry.names()))
     ready = threading.Event()

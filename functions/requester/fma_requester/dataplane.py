@@ -13,16 +13,22 @@ activator answers 503 in plain text); failures before the worker answers
 are the actuator's and the proxy's typed errors. Whether a failure is
 transient (429, 502, 503, 504: retry) or permanent is
 :func:`fma_requester.protocol.is_transient`, for both edges.
+
+A streamed request that would wait longer than ``FMA_STREAM_KEEPALIVE`` for
+its worker becomes a :class:`KeepaliveStream`: its 200 goes out, SSE comments
+keep the connection alive through the cold start, and its tokens follow.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fma_common.errors import ApiError, UpstreamAnswer, UpstreamError, error_envelope
+from fma_common.http import sse_error
 
 from . import protocol as p
 from .actuator import Actuator
@@ -39,9 +45,9 @@ class Completion:
 
     status: int
     headers: dict[str, str]
-    actuation: Actuation
+    actuation: Actuation | None  # None for a stream that began before its worker was ready
     body: bytes | None = None
-    stream: RelayStream | None = None
+    stream: RelayStream | KeepaliveStream | None = None
 
     def json(self) -> Any:
         return json.loads(self.body or b"")
@@ -69,20 +75,88 @@ def upstream_envelope(status: int, body: bytes | None) -> dict[str, Any]:
     return error_envelope(f"the worker answered {status}: {text}", type_, f"upstream_{status}")
 
 
+KEEPALIVE = b": keepalive\n\n"
+
+
+class KeepaliveStream:
+    """A streamed request whose worker is not ready yet: SSE comments until it is, then its tokens.
+
+    A client (or a proxy in front of it) that sees nothing for long gives up;
+    an SSE comment line (``: keepalive``) is ignored by SSE parsers and keeps
+    the connection alive through a long cold start. The status (200) is sent
+    with the first keepalive, so anything that goes wrong afterwards - the
+    start fails, its deadline passes, the worker refuses the request - ends
+    the stream with one ``data: {"error": ...}`` event, as a stream that fails
+    after it started does (design.md). Closing it (the client left) gives up
+    the place in the queue, or the lease, and the upstream connection.
+    """
+
+    def __init__(self, plane: DataPlane, ticket: Any, model: str, path: str, body: bytes, every_s: float) -> None:
+        self._plane, self._ticket, self._model, self._path, self._body = plane, ticket, model, path, body
+        self._every = every_s
+        self._relay: RelayStream | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._run()
+
+    def _run(self) -> Iterator[bytes]:
+        plane = self._plane
+        try:
+            yield KEEPALIVE
+            while True:
+                try:
+                    lease = plane.actuator.wait_for(self._ticket, timeout=self._every)
+                except ApiError as err:
+                    yield sse_error(err)
+                    return
+                if lease is not None:
+                    break
+                yield KEEPALIVE
+            plane.log_lease(self._model, lease.actuation)
+            yield f": fma-actuation {lease.actuation.header()}\n\n".encode()
+            try:
+                upstream = plane.forward(lease, self._model, self._path, self._body, True)
+            except ApiError as err:
+                yield sse_error(err)
+                return
+            if upstream.stream is None:  # the worker answered whole: an error, or no stream after all
+                if upstream.status >= 400:
+                    yield sse_error(UpstreamAnswer(upstream.status, upstream_envelope(upstream.status, upstream.body)))
+                else:
+                    yield upstream.body or b""
+                return
+            self._relay = upstream.stream
+            yield from upstream.stream
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._relay is not None:
+            self._relay.close()
+        else:
+            self._plane.actuator.abandon(self._ticket)
+
+
 class DataPlane:
-    def __init__(self, actuator: Actuator, proxy: WorkerProxy, metrics: RequesterMetrics) -> None:
+    def __init__(self, actuator: Actuator, proxy: WorkerProxy, metrics: RequesterMetrics,
+                 keepalive_s: float = 0.0) -> None:
         self.actuator = actuator
         self.proxy = proxy
         self.metrics = metrics
+        self.keepalive_s = keepalive_s  # 0: no keepalives, a stream waits like any request
 
-    def complete(self, model: str, path: str, body: bytes, stream: bool) -> Completion:
-        """Serve one request: raises a typed :class:`ApiError` (an :class:`UpstreamAnswer`
-        for the worker's own error answers) or returns the worker's success."""
-        lease = self.actuator.ensure_ready(model)
-        if lease.actuation.path == "warm":
-            log.info("%s: warm, worker leased in %.2f ms", model, lease.actuation.seconds * 1000)
+    def log_lease(self, model: str, actuation: Actuation) -> None:
+        if actuation.path == "warm":
+            log.info("%s: warm, worker leased in %.2f ms", model, actuation.seconds * 1000)
         else:
-            log.info("%s served after a %s start of %.2f s", model, lease.actuation.path, lease.actuation.seconds)
+            log.info("%s served after a %s start of %.2f s", model, actuation.path, actuation.seconds)
+
+    def forward(self, lease: Any, model: str, path: str, body: bytes, stream: bool) -> Any:
+        """Send to the worker and count the answer; a worker that cannot be reached is reported."""
         try:
             upstream = self.proxy.forward(lease, path, body, stream)
         except UpstreamError as exc:
@@ -94,6 +168,25 @@ class DataPlane:
             self.metrics.requests.labels(model, path, str(exc.status)).inc()
             raise
         self.metrics.requests.labels(model, path, str(upstream.status)).inc()
+        return upstream
+
+    def complete(self, model: str, path: str, body: bytes, stream: bool) -> Completion:
+        """Serve one request: raises a typed :class:`ApiError` (an :class:`UpstreamAnswer`
+        for the worker's own error answers) or returns the worker's success.
+
+        A stream whose worker is not ready within ``keepalive_s`` becomes a
+        :class:`KeepaliveStream` (200 at once, comments while it waits)."""
+        if stream and self.keepalive_s > 0:
+            ticket = self.actuator.admit(model)  # a full queue or a backoff is still a proper 429/503
+            lease = self.actuator.wait_for(ticket, timeout=self.keepalive_s)
+            if lease is None:
+                log.info("%s: the worker is not ready; keeping the stream alive while it starts", model)
+                return Completion(200, {"Content-Type": "text/event-stream"}, None,
+                                  stream=KeepaliveStream(self, ticket, model, path, body, self.keepalive_s))
+        else:
+            lease = self.actuator.ensure_ready(model)
+        self.log_lease(model, lease.actuation)
+        upstream = self.forward(lease, model, path, body, stream)
         headers = {**upstream.headers, "X-FMA-Actuation": lease.actuation.header()}
         if upstream.status >= 400:
             if upstream.stream is not None:  # an error answer is never streamed; read and close it

@@ -452,18 +452,37 @@ class Lifecycle(Actuator):
             return ticket
 
     def ensure_ready(self, model: str) -> WorkerLease:
-        return self.wait_for(self.admit(model))
+        lease = self.wait_for(self.admit(model))
+        assert lease is not None  # no timeout: a lease or an exception
+        return lease
 
-    def wait_for(self, ticket: Ticket) -> WorkerLease:
-        """Block until the ticket is answered or its deadline passes."""
+    def wait_for(self, ticket: Ticket, timeout: float | None = None) -> WorkerLease | None:  # type: ignore[override]
+        """Block until the ticket is answered or its deadline passes (or ``timeout``: then None)."""
         with self._cond:
+            until = None if timeout is None else self.clock() + timeout
             while not ticket.done:
-                remaining = ticket.deadline - self.clock()
-                if remaining <= 0:
+                now = self.clock()
+                if now >= ticket.deadline:
                     self._expire(ticket)
                     break
-                self._cond.wait(remaining)
+                if until is not None and now >= until:
+                    return None
+                self._cond.wait(min(ticket.deadline, until if until is not None else ticket.deadline) - now)
             return ticket.result()
+
+    def abandon(self, ticket: Ticket) -> None:  # type: ignore[override]
+        """The client left while it waited: its place in the queue goes, and a lease it got is given back."""
+        with self._cond:
+            slot = self._slots[ticket.model]
+            if ticket in slot.tickets:
+                slot.tickets.remove(ticket)
+                self.metrics.queued.labels(slot.name).set(len(slot.tickets))
+            if not ticket.done:
+                ticket.error = WorkerNotReady("the client went away")
+            lease = ticket.lease
+            self._settle()
+        if lease is not None:
+            lease.done()
 
     def _expire(self, ticket: Ticket) -> None:
         slot = self._slots[ticket.model]

@@ -63,6 +63,10 @@ class RequesterSettings(EnvSettings):
                                                 "worker while waiting for a response")
     control_timeout_s: Duration = setting("FMA_CONTROL_TIMEOUT", "120s", "longest wait for one sleep call to a "
                                           "worker")
+    stream_keepalive_s: Duration = setting("FMA_STREAM_KEEPALIVE", "5s", "a streamed request whose worker is not "
+                                           "ready after this long gets `200` and an SSE comment (`: keepalive`) "
+                                           "this often until its first token, so clients and proxies do not give "
+                                           "up on a long cold start; `0` turns it off")
     drain_timeout_s: Duration = setting("FMA_DRAIN_TIMEOUT", "30s", "how long in-flight requests may finish: on "
                                         "SIGTERM, before a worker sleeps, and when a worker is stopped")
     max_body_bytes: int = setting("FMA_MAX_BODY_BYTES", "1048576", "largest request body; larger gets 413",
