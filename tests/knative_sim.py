@@ -415,7 +415,7 @@ class SimulatedKnative:
                 self.kube.put_object(body, plural="pods")
             else:
                 self.kube.update_object(rev.namespace, pod.name, lambda o, b=body: o.update(
-                    metadata={**o["metadata"], **b["metadata"]}, status=b["status"]), plural="pods")
+                    metadata={**o["metadata"], **b["metadata"]}, spec=b["spec"], status=b["status"]), plural="pods")
 
     def _mark_ready(self, rev: Revision, pod: Pod, now: float) -> None:
         if not pod.ready:

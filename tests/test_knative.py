@@ -520,16 +520,18 @@ def _raises(fn):
 # ---- end to end: a requester process in knative mode ---------------------------------------
 
 @pytest.mark.process
-def test_requester_in_knative_mode_serves_a_real_completion(kube: FakeKube, tmp_path: Path,
-                                                           converted_model_dir: Path):
-    """The requester (gunicorn, gevent) finds the fake cluster through a kubeconfig, creates the
-    worker Service; the simulated controller runs it as a real worker; the answer is real."""
+def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kube: FakeKube, tmp_path: Path,
+                                                                          converted_model_dir: Path):
+    """The requester (gunicorn, gevent) finds the fake cluster through a kubeconfig and creates the worker
+    Service; the simulator runs its pod as a real worker behind a simulated activator and queue-proxy. A
+    streamed cold start gets keepalives before its first token; then a completion, a sleep, a wake (the
+    same pod: no revision, no pod started), another completion, and a release."""
     import httpx
     import openai
 
     from conftest import requester, worker_state
 
-    sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process")
+    sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10)
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "fake",
@@ -540,23 +542,37 @@ def test_requester_in_knative_mode_serves_a_real_completion(kube: FakeKube, tmp_
     models.write_text(f"models:\n  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32}}\n")
     try:
         with requester(tmp_path, models, FMA_ACTUATOR="knative", KUBECONFIG=str(kubeconfig),
-                       FMA_NAMESPACE=NS) as req:
+                       FMA_NAMESPACE=NS, FMA_STREAM_KEEPALIVE="0.5s") as req:
             assert worker_state(req.spi)["state"] == "cold"
+            lines: list[str] = []
+            with httpx.stream("POST", f"{req.spi}/v1/completions", timeout=180, json={
+                    "model": EMBEDDED, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0,
+                    "stream": True}) as resp:
+                assert resp.status_code == 200
+                lines = [line for line in resp.iter_lines() if line]
+            first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+            assert lines[0] == ": keepalive" and first_data > 0, "keepalives before the first token"
+            assert any(line.startswith(": fma-actuation cold;") for line in lines[:first_data])
+            assert lines[-1] == "data: [DONE]"
             client = openai.OpenAI(base_url=f"{req.spi}/v1", api_key="x", max_retries=0, timeout=180)
             chat = client.chat.completions.create(model=EMBEDDED, temperature=0, max_tokens=30, messages=[
                 {"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
             assert "Paris" in chat.choices[0].message.content
             status = worker_state(req.spi)
             assert status["state"] == "ready" and status["backend"] == "knative"
-            assert status["last_actuation"]["path"] == "cold"
-            svc = kube.get_object(NS, "fma-worker-smollm2-135m-instruct")
+            svc = kube.get_object(NS, SVC)
             assert svc["metadata"]["ownerReferences"][0]["name"] == "fma-requester"
-            assert svc["metadata"]["labels"]["llm-d.ai/role"] == "decode"
-            streamed = list(client.completions.create(model=EMBEDDED, prompt="Once upon a time", max_tokens=10,
-                                                      temperature=0, stream=True))
-            assert "".join(c.choices[0].text for c in streamed).startswith(", the city of Nova Haven")
+            slept = httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/sleep", params={"level": 1}, timeout=60)
+            assert slept.status_code == 200 and slept.json()["state"] == "sleeping", slept.text
+            woke = httpx.post(f"{req.spi}/v1/completions", timeout=120, json={
+                "model": EMBEDDED, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0})
+            assert woke.status_code == 200 and woke.headers["X-FMA-Actuation"].startswith("wake;")
+            assert woke.json()["choices"][0]["text"].startswith(", the city of Nova Haven")
+            assert sim.revisions_created[SVC] == 1 and sim.pods_started[SVC] == 1, "sleep and wake kept the pod"
             released = httpx.delete(f"{req.spi}/v1/workers/{EMBEDDED}", timeout=30).json()
             assert released["state"] == "cold"
+            sim.wait_until(lambda: not sim.live_pods(SVC), 200, "the released pod to go")
+            assert sim.revisions_created[SVC] == 1 and sim.pods_started[SVC] == 1
             for pid in req.requester_pids():
                 rss_kib = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text()
                                    .splitlines() if line.startswith("VmRSS")))
