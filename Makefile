@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run worker test test-fast lint docs bench bench-throughput bench-actuation prepare clean venv
+.PHONY: run worker test test-fast lint docs bench bench-throughput bench-actuation prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -57,3 +57,30 @@ clean:
 
 bench-actuation: prepare
 	$(BIN)/python bench/actuation.py --out bench/results/actuation.json
+
+# ---- Knative: build, push, deploy (REGISTRY=registry.example.com/me TAG=0.1.0) ----------------
+# The requester's image is the one setting: workers run the same registry and tag, named fma-worker.
+TAG ?= latest
+ENGINE ?= $(shell command -v docker || command -v podman)
+EXAMPLE := knative/overlays/examples/fma-requester
+
+images:
+	@test -n "$(REGISTRY)" || { echo "make images: set REGISTRY=registry.example.com/you (and TAG=...)"; exit 2; }
+	@test -n "$(ENGINE)" || { echo "make images: neither docker nor podman is installed; install one of them"; exit 2; }
+	$(ENGINE) build -f functions/requester/Dockerfile -t $(REGISTRY)/fma-requester:$(TAG) .
+	$(ENGINE) build -f functions/worker/Dockerfile -t $(REGISTRY)/fma-worker:$(TAG) .
+	$(ENGINE) push $(REGISTRY)/fma-requester:$(TAG)
+	$(ENGINE) push $(REGISTRY)/fma-worker:$(TAG)
+
+# Render the example with your registry (an overlay in a temporary folder), then apply it.
+deploy-manifests:
+	@test -n "$(REGISTRY)" || { echo "make deploy: set REGISTRY=registry.example.com/you (and TAG=...)"; exit 2; }
+	@tmp=$$(mktemp -d) && \
+	  { printf 'resources:\n  - %s\nimages:\n' "$$(realpath --relative-to=$$tmp $(CURDIR)/$(EXAMPLE))"; \
+	    for image in fma-requester fma-worker; do \
+	      printf '  - name: ghcr.io/llm-d-incubation/%s\n    newName: %s/%s\n    newTag: "%s"\n' \
+	        "$$image" "$(REGISTRY)" "$$image" "$(TAG)"; done; } > $$tmp/kustomization.yaml && \
+	  kubectl kustomize --load-restrictor LoadRestrictionsNone $$tmp; status=$$?; rm -rf $$tmp; exit $$status
+
+deploy:
+	$(MAKE) --no-print-directory -s deploy-manifests REGISTRY=$(REGISTRY) TAG=$(TAG) | kubectl apply -f -

@@ -131,7 +131,10 @@ def test_shared_gpu_binding_requests_no_gpu_and_pins_to_the_requesters_node():
     (container,) = pod["containers"]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "GPU-aaa,GPU-bbb"} in container["env"]
-    assert pod["nodeSelector"] == {"kubernetes.io/hostname": "gpu-node-7"}
+    assert "nodeSelector" not in pod, "the hostname label is not the node's name under --hostname-override"
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term == {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["gpu-node-7"]}]}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert svc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] == "2"
 
 
@@ -310,14 +313,16 @@ def test_rbac_403_names_the_missing_verb_and_keeps_its_code(kube: FakeKube, sim:
 
 def test_a_webhook_rejection_fails_the_first_request_with_its_message_and_is_not_retried(tmp_path: Path):
     kube = FakeKube(role=load_role(ROLE)).start()
-    sim = SimulatedKnative(kube, tmp_path, speed=SPEED)  # nodeSelector is behind a flag that is off
+    sim = SimulatedKnative(kube, tmp_path, speed=SPEED)  # affinity and tolerations are behind flags that are off
     try:
         act = actuator(kube, NODE_NAME="gpu-node-1")
-        model = "meta-llama/Llama-3.1-8B-Instruct"  # gpu_binding: shared renders a nodeSelector
+        model = "meta-llama/Llama-3.1-8B-Instruct"  # gpu_binding: shared renders affinity and tolerations
         with pytest.raises(ApiError) as info:
             act.ensure_ready(model)
         assert info.value.code == "webhook_rejected" and not protocol.is_transient(info.value.status)
-        assert "must not set the field(s): spec.template.spec.nodeSelector" in info.value.message
+        assert "must not set the field(s): spec.template.spec.affinity" in info.value.message
+        assert "enable kubernetes.podspec-affinity, kubernetes.podspec-tolerations in the config-features" \
+            in info.value.message, "it says which flags would let it through"
         assert kube.count("POST") == 1, "a permanent 4xx is not retried"
         with pytest.raises(ApiError) as again:
             act.ensure_ready(model)  # within the backoff: refused at once, still permanent

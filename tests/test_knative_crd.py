@@ -17,9 +17,10 @@ from fma_requester.knative_spec import WorkerTemplate, render_worker_service
 from fma_requester.registry import ModelRegistry
 
 KUSTOMIZATIONS = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "knative").rglob("kustomization.yaml"))
-# What each deployment needs enabled in config-features (the README says so too).
-FLAGS = {"knative/overlays/shared-gpu": {"kubernetes.podspec-fieldref": "enabled"}}
-SHARED = {"kubernetes.podspec-nodeselector": "enabled", "kubernetes.podspec-tolerations": "enabled"}
+# What the deployments need enabled in config-features: knative/cluster/config-features.yaml.
+CLUSTER = yaml.safe_load((REPO / "knative" / "cluster" / "config-features.yaml").read_text())["data"]
+FLAGS = {path: {"kubernetes.podspec-fieldref": "enabled"} for path in KUSTOMIZATIONS}
+SHARED = {"kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "enabled"}
 
 MODELS = """
 models:
@@ -73,8 +74,9 @@ def test_deployed_knative_services_validate_against_the_crd_and_the_webhook(path
 @pytest.mark.parametrize("label, svc", worker_services(), ids=[label for label, _ in worker_services()])
 def test_every_worker_service_the_requester_creates_validates(label: str, svc: dict):
     assert errors(svc) == []
-    shared = "nodeSelector" in svc["spec"]["template"]["spec"]
+    shared = "affinity" in svc["spec"]["template"]["spec"]
     assert KnativeWebhook(ClusterConfig(features=SHARED if shared else {})).validate_service(svc) == []
+    assert KnativeWebhook(ClusterConfig(features=CLUSTER)).validate_service(svc) == [], "the shipped flags suffice"
     if shared:  # without the flag, the webhook refuses it: the README names the flag
         assert KnativeWebhook().validate_service(svc)
 

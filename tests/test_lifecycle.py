@@ -477,3 +477,50 @@ def test_a_waiter_can_wait_a_while_and_give_up_without_leaking_its_place_or_leas
     late = h.machine.admit("a")
     h.machine.abandon(late)  # leased at once, then abandoned: the lease goes back
     assert h.machine.describe("a").in_flight == 0
+
+
+def test_a_reloaded_models_file_adds_changes_and_removes_models_without_a_second_worker():
+    from fma_common.errors import ModelNotFound
+    from fma_requester.registry import ModelRegistry
+
+    h = harness(TWO)
+    ready(h, "a")
+    waiting = h.machine.admit("b")  # b waits for a to go to sleep (max_loaded 1)
+    changes = h.machine.reload(ModelRegistry.from_text(
+        "budget: {max_loaded: 1, sleepers: 1}\nmodels:\n"
+        "  - {name: a, source: 'embedded:smollm2-135m-instruct', idle_timeout: 5s}\n"
+        "  - {name: c, source: 'embedded:smollm2-135m-instruct'}\n"))
+    assert changes == ["changed a", "removed b", "added c"]
+    with pytest.raises(ModelNotFound, match="no longer served"):
+        waiting.result()
+    assert [s.model for s in h.machine.list()] == ["a", "c"]
+    assert h.machine._slots["a"].spec.idle_timeout == 5, "the new settings apply to the running worker"
+    with pytest.raises(ModelNotFound):
+        h.machine.admit("b")
+
+
+def test_a_removed_model_still_holds_its_place_until_its_worker_has_stopped():
+    from fma_requester.registry import ModelRegistry
+
+    h = harness(TWO)
+    ready(h, "a")
+    h.machine.reload(ModelRegistry.from_text(
+        "budget: {max_loaded: 1, sleepers: 1}\nmodels:\n  - {name: b, source: 'embedded:smollm2-135m-instruct'}\n"))
+    h.machine.admit("b")
+    assert ("start", "b") not in h.effects.calls, "a's worker is still stopping: b must wait for it"
+    h.executor.deliver_next("stop", "a")
+    assert h.effects.calls[-1] == ("start", "b")
+
+
+def test_a_model_added_back_while_its_worker_stops_gets_the_same_slot():
+    from fma_requester.registry import ModelRegistry
+
+    h = harness(ONE)
+    ready(h)
+    none = ModelRegistry.from_text("models:\n  - {name: z, source: 'embedded:smollm2-135m-instruct'}\n")
+    h.machine.reload(none)
+    h.machine.reload(ModelRegistry.from_text(ONE))
+    h.machine.admit("a")
+    assert h.phase("a") == "stopping" and h.effects.calls.count(("start", "a")) == 1
+    h.executor.deliver_next("stop", "a")
+    assert h.effects.calls.count(("start", "a")) == 2 and h.effects.alive("a") == 1

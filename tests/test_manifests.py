@@ -78,7 +78,8 @@ def test_role_grants_only_what_the_requester_uses(path: str):
     assert role["rules"] == [{"apiGroups": ["serving.knative.dev"], "resources": ["services"],
                               "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
                              {"apiGroups": ["serving.knative.dev"], "resources": ["revisions"],
-                              "verbs": ["get", "patch"]}]
+                              "verbs": ["get", "patch"]},
+                             {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     (binding,) = by_kind(docs, "RoleBinding", "fma-requester")
     assert binding["subjects"][0]["name"] == "fma-requester"
@@ -123,7 +124,46 @@ def test_example_overlay_deploys_into_its_namespace():
     assert all(d["metadata"].get("namespace") == "fma-example" for d in docs if d["kind"] != "Namespace")
 
 
-def test_shared_gpu_overlay_gives_the_requester_its_node_name():
-    (svc,) = by_kind(render("knative/overlays/shared-gpu"), "Service", "fma-requester")
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_the_requester_knows_its_node_so_shared_workers_run_beside_it(path: str):
+    (svc,) = by_kind(render(path), "Service", "fma-requester")
     env = {e["name"]: e for e in containers(svc)[0]["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_the_example_shares_the_requesters_gpu_and_the_dedicated_overlay_does_not(tmp_path: Path):
+    def models(path: str) -> ModelRegistry:
+        (cm,) = [d for d in by_kind(render(path), "ConfigMap") if d["metadata"]["name"] == "fma-requester-config"]
+        return ModelRegistry.from_text(cm["data"]["models.yaml"], path)
+
+    example = models("knative/overlays/examples/fma-requester")
+    assert all(s.knative.gpu_binding == "shared" for s in example)
+    assert example.budget.memory_mib, "the budget is the shared GPU's memory"
+    assert all(s.knative.gpu_binding == "dedicated" for s in models("knative/overlays/dedicated-gpu"))
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_the_config_map_has_no_name_hash_so_a_models_edit_rolls_out_nothing(path: str):
+    docs = render(path)
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("fma-requester-config")]
+    assert cm["metadata"]["name"] == "fma-requester-config"
+
+
+def test_the_cluster_flags_file_enables_what_the_example_needs():
+    data = yaml.safe_load((REPO / "knative" / "cluster" / "config-features.yaml").read_text())["data"]
+    assert data == {"kubernetes.podspec-fieldref": "enabled", "kubernetes.podspec-affinity": "enabled",
+                    "kubernetes.podspec-tolerations": "enabled"}
+
+
+def test_a_custom_registry_leaves_no_ghcr_image_anywhere():
+    import subprocess
+
+    out = subprocess.run(["make", "-s", "deploy-manifests", "REGISTRY=registry.example.com/me", "TAG=1.2.3"],
+                         cwd=REPO, capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "ghcr.io" not in out, "the worker template included"
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    (svc,) = by_kind(docs, "Service", "fma-requester")
+    assert containers(svc)[0]["image"] == "registry.example.com/me/fma-requester:1.2.3"
+    (cm,) = by_kind(docs, "ConfigMap", "fma-requester-config")
+    assert "image:" not in "".join(line.split("#")[0] for line in cm["data"]["worker-template.yaml"].splitlines()), \
+        "the worker image follows the requester's own"

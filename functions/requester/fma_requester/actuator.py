@@ -105,6 +105,10 @@ class Actuator(abc.ABC):
         if lease is not None:
             lease.done()
 
+    def reload(self, registry: Any) -> list[str]:
+        """Serve what a changed models file lists, without a restart; returns what changed."""
+        raise NotImplementedError(f"the {self.backend} actuator cannot reload its models")
+
     def worker_unreachable(self, lease: WorkerLease) -> None:  # noqa: B027 - optional hook
         """A request could not reach its worker: check whether the worker is still there."""
 

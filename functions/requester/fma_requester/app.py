@@ -14,7 +14,9 @@ neither torch nor transformers.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from pathlib import Path
 
 from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -41,6 +43,7 @@ from .gpus import nvidia_smi
 from .metrics import RequesterMetrics
 from .proxy import WorkerProxy
 from .registry import ModelRegistry
+from .reload import FileWatcher
 from .settings import RequesterSettings
 
 log = logging.getLogger("fma.requester")
@@ -175,6 +178,18 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
         incoming = events.parse_event(dict(request.headers), request.get_data())
         return handle_event(incoming, actuator, plane)
 
+    if settings.models_file and settings.models_reload_s > 0:
+        paths = [Path(settings.models_file)]
+        if settings.actuator == "knative" and os.environ.get("FMA_WORKER_TEMPLATE"):
+            paths.append(Path(os.environ["FMA_WORKER_TEMPLATE"]))
+
+        def reload_models() -> None:
+            changes = actuator.reload(ModelRegistry.load(settings.models_file))
+            app.extensions["fma"]["registry"] = actuator.registry if hasattr(actuator, "registry") else registry
+            log.info("models now: %s (%s)", ", ".join(s.model for s in actuator.list()),
+                     "; ".join(changes) or "no model changed")
+
+        app.extensions["fma"]["watcher"] = FileWatcher(paths, settings.models_reload_s, reload_models).start()
     actuator.start()
     _LIVE.append(app)
     return app
@@ -213,5 +228,7 @@ def shutdown_all(timeout: float) -> None:
     while _LIVE:
         app = _LIVE.pop()
         fma = app.extensions["fma"]
+        if fma.get("watcher"):
+            fma["watcher"].stop()
         fma["actuator"].shutdown(timeout)
         fma["proxy"].close()

@@ -30,7 +30,7 @@ import itertools
 import threading
 from typing import Any, Protocol
 
-from .registry import ModelSpec
+from .registry import ModelRegistry, ModelSpec
 
 _serials = itertools.count(1)
 
@@ -126,6 +126,9 @@ class Effects(abc.ABC):
 
     def open(self) -> None:  # noqa: B027 - optional hook
         """Begin background work (pre-warming, watching the cluster)."""
+
+    def reload(self, registry: ModelRegistry) -> None:  # noqa: B027 - optional hook
+        """The models file changed (called under the machine's lock: must not block)."""
 
     def housekeeping(self) -> None:  # noqa: B027 - optional hook
         """Periodic upkeep outside the machine's lock (log rotation)."""

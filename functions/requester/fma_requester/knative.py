@@ -35,6 +35,7 @@ code); the rest are 503.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -103,6 +104,7 @@ class KnativeSettings(EnvSettings):
     max_timeout_s: int = setting("FMA_KNATIVE_MAX_TIMEOUT", "600", "the cluster's `max-revision-timeout-seconds` "
                                  "(config-defaults); worker `timeout_seconds` must not exceed it", ge=1)
     template: WorkerTemplate | None = None  # derived: the file, then FMA_WORKER_IMAGE, then the defaults
+    image_explicit: bool = False  # derived: the worker image was set (else it follows the requester's own)
 
     @model_validator(mode="after")
     def _derive(self) -> KnativeSettings:
@@ -123,7 +125,20 @@ class KnativeSettings(EnvSettings):
             fields_["image"] = self.worker_image
         template = WorkerTemplate(namespace=namespace, **fields_)
         check_template(template, self.max_timeout_s)
-        return self.model_copy(update={"namespace": namespace, "template": template})
+        return self.model_copy(update={"namespace": namespace, "template": template,
+                                       "image_explicit": "image" in fields_})
+
+
+def worker_image_for(requester_image: str) -> str:
+    """The worker image beside a requester image: same registry, path and tag, named ``fma-worker``.
+
+    ``registry.example.com/me/fma-requester:0.1.0`` -> ``registry.example.com/me/fma-worker:0.1.0``. A
+    digest (``@sha256:...``) belongs to the requester's image only, so the worker gets ``:latest``.
+    """
+    name, _, digest = requester_image.partition("@")
+    path, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
+    head = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
+    return f"{head}fma-worker:{tag if tag and not digest else 'latest'}"
 
 
 def check_template(tmpl: WorkerTemplate, max_timeout_s: int) -> None:
@@ -199,7 +214,7 @@ class KnativeEffects(Effects):
         self.kube = KubeClient(api if api is not None else load_api(), kn.namespace or "default",
                                retries=kn.retries, timeout_s=kn.kube_timeout_s)
         self._control = WorkerControl(control_timeout_s, 10.0)
-        self._owner: dict[str, Any] | None = None
+        self._own: dict[str, Any] | None = None
         self._by_service = {worker_service_name(spec.name): spec.name for spec in registry}
         self._handles: dict[str, WorkerHandle] = {}  # model -> the incarnation the machine holds
         self._lock = threading.Lock()
@@ -210,22 +225,38 @@ class KnativeEffects(Effects):
 
     # ---- the Service ------------------------------------------------------------------------
 
+    def _own_service(self) -> dict[str, Any] | None:
+        """The requester's own Knative Service (read once): the workers' owner, and their image's source."""
+        if self._own is None and self.kn.owner_service:
+            self._own = self.kube.get(self.kn.owner_service) or {}
+            if not self._own:
+                log.warning("the requester's own Service %s was not found: workers get no ownerReference and the "
+                            "default image", self.kn.owner_service)
+        return self._own or None
+
     def owner_reference(self) -> dict[str, Any] | None:
         """The requester's own Service as owner, so deleting it collects the workers."""
-        if self._owner is not None or not self.kn.owner_service:
-            return self._owner
-        obj = self.kube.get(self.kn.owner_service)
-        if obj is None:
-            log.warning("owner Service %s not found; workers get no ownerReference", self.kn.owner_service)
+        obj = self._own_service()
+        if not obj:
             return None
-        self._owner = {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": obj["metadata"]["name"],
-                       "uid": obj["metadata"]["uid"]}
-        return self._owner
+        return {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": obj["metadata"]["name"],
+                "uid": obj["metadata"]["uid"]}
+
+    def worker_image(self) -> str:
+        """The image in worker Services: as configured, else the requester's own registry and tag."""
+        assert self.kn.template is not None
+        if self.kn.image_explicit:
+            return self.kn.template.image
+        obj = self._own_service() or {}
+        containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+        image = next((c.get("image") for c in containers if c.get("image")), None)
+        return worker_image_for(image) if image else self.kn.template.image
 
     def manifest(self, spec: ModelSpec) -> dict[str, Any]:
         shared = spec.knative.gpu_binding == "shared"
         assert self.kn.template is not None
-        return render_worker_service(spec, self.kn.template, owner=self.owner_reference(),
+        tmpl = dataclasses.replace(self.kn.template, image=self.worker_image())
+        return render_worker_service(spec, tmpl, owner=self.owner_reference(),
                                      gpu_uuids=gpu_uuids() if shared else None,
                                      node_name=self.kn.node_name if shared else None)
 
@@ -473,6 +504,11 @@ class KnativeEffects(Effects):
 
     # ---- keeping in step with the cluster -----------------------------------------------------
 
+    def reload(self, registry: ModelRegistry) -> None:
+        with self._lock:
+            self.registry = registry
+            self._by_service = {worker_service_name(spec.name): spec.name for spec in registry}
+
     def services(self) -> list[dict[str, Any]]:
         """The worker Services we manage, by label selector."""
         return list(self.kube.list(MANAGED_SELECTOR).get("items", []))
@@ -561,6 +597,13 @@ class KnativeActuator(Lifecycle):
 
     def services(self) -> list[dict[str, Any]]:
         return self.kn_effects.services()
+
+    def reload(self, registry: ModelRegistry) -> list[str]:
+        """A new models file, and the worker template beside it (the same ConfigMap): both checked first."""
+        kn = KnativeSettings.from_env()
+        check_models(registry, kn)
+        self.kn = self.kn_effects.kn = kn
+        return super().reload(registry)
 
     def manifest(self, spec: ModelSpec) -> dict[str, Any]:
         return self.kn_effects.manifest(spec)

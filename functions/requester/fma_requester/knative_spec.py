@@ -14,8 +14,10 @@ Rules followed (design.md, notes/knative.md):
 * one container port, an httpGet readiness probe on ``/ready`` (a TCP probe
   would pass before the model is loaded), timeouts sized for a cold GPU start;
 * GPU binding ``dedicated`` (its own ``nvidia.com/gpu``) or ``shared``
-  (0 GPUs, pinned to the requester's node, the requester's GPU UUIDs in
-  ``NVIDIA_VISIBLE_DEVICES``; needs ``kubernetes.podspec-nodeselector``).
+  (0 GPUs, on the requester's node by ``nodeAffinity`` on the Node's
+  ``metadata.name``, tolerating the ``nvidia.com/gpu`` taint, the requester's
+  GPU UUIDs in ``NVIDIA_VISIBLE_DEVICES``; needs the ``kubernetes.podspec-affinity``
+  and ``kubernetes.podspec-tolerations`` flags).
 """
 
 from __future__ import annotations
@@ -148,7 +150,14 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
         if gpu_uuids:
             env["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_uuids)
         if node_name:
-            pod_extra["nodeSelector"] = {"kubernetes.io/hostname": node_name}
+            # By the Node object's name, not its hostname label: the two differ under a kubelet
+            # --hostname-override, and matchFields on metadata.name cannot.
+            pod_extra["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In",
+                                                        "values": [node_name]}]}]}}}
+        # A pod that asks for no nvidia.com/gpu gets no automatic toleration of the GPU nodes' taint
+        # (ExtendedResourceToleration adds it only for pods that request the resource).
+        pod_extra["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if kn.resources:
         limits.update(kn.resources.get("limits", {}))
         requests.update(kn.resources.get("requests", {}))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -52,6 +53,33 @@ class KnativeConfigError(KnativeError):
 
 class AlreadyExists(Exception):
     """A create found an object of that name (HTTP 409)."""
+
+
+# Pod-spec fields Knative allows only behind a config-features flag (knative/serving pkg/apis/serving/fieldmask.go,
+# pkg/apis/config/features.go), as its webhook names them in "must not set the field(s): ...".
+FEATURE_FLAGS = {
+    "nodeSelector": "kubernetes.podspec-nodeselector", "affinity": "kubernetes.podspec-affinity",
+    "tolerations": "kubernetes.podspec-tolerations", "fieldRef": "kubernetes.podspec-fieldref",
+    "resourceFieldRef": "kubernetes.podspec-fieldref", "runtimeClassName": "kubernetes.podspec-runtimeclassname",
+    "topologySpreadConstraints": "kubernetes.podspec-topologyspreadconstraints",
+    "priorityClassName": "kubernetes.podspec-priorityclassname", "schedulerName": "kubernetes.podspec-schedulername",
+    "initContainers": "kubernetes.podspec-init-containers", "hostAliases": "kubernetes.podspec-hostaliases",
+}
+
+
+def feature_hint(message: str) -> str:
+    """Which config-features flags would let a refused field through, as a sentence to append."""
+    flags = []
+    for fields in re.findall(r"must not set the field\(s\): ([^\n]+)", message):
+        for path in fields.split(","):
+            flag = FEATURE_FLAGS.get(path.strip().rsplit(".", 1)[-1])
+            if flag and flag not in flags:
+                flags.append(flag)
+    if not flags:
+        return ""
+    return (f"; enable {', '.join(flags)} in the config-features ConfigMap of knative-serving "
+            f"(kubectl patch configmap config-features -n knative-serving --type merge "
+            f"--patch-file knative/cluster/config-features.yaml)")
 
 
 def _status_message(exc: Any) -> str:
@@ -175,7 +203,9 @@ class KubeClient:
                         f"namespace {self.namespace} (403 Forbidden); grant the verb {verb!r} on {resource!r} in "
                         f"the fma-requester Role", code="forbidden") from None
                 if exc.status in (400, 422) and "admission webhook" in _status_message(exc):
-                    raise KnativeConfigError(f"Knative refused the worker Service: {_status_message(exc)}",
+                    text = _status_message(exc)
+                    one_line = " ".join(text.split())  # the webhook joins its errors with newlines
+                    raise KnativeConfigError(f"Knative refused the worker Service: {one_line}{feature_hint(text)}",
                                              code="webhook_rejected") from None
                 if ((exc.status or 0) >= 500 or exc.status == 429) and attempt < self.retries:
                     log.warning("kube %s failed with %s (attempt %d); retrying in %.2f s", verb, exc.status,

@@ -289,6 +289,8 @@ class Lifecycle(Actuator):
         self.executor = executor or ThreadExecutor()
         self._cond = threading.Condition()
         self._slots: dict[str, Slot] = {spec.name: Slot(spec, last_used_mono=clock()) for spec in registry}
+        # Models removed from the models file whose workers are still stopping: they hold what they hold.
+        self._retiring: dict[str, Slot] = {}
         self._closing = False
         self._closed = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -334,7 +336,7 @@ class Lifecycle(Actuator):
 
     def _views(self) -> list[policy.WorkerView]:
         out = []
-        for s in self._slots.values():
+        for s in (*self._slots.values(), *self._retiring.values()):
             memory = s.spec.memory_mib or 0
             asleep = s.spec.sleep_memory_mib if s.spec.sleep_memory_mib is not None else memory
             out.append(policy.WorkerView(s.name, s.phase.value, s.in_flight, len(s.tickets) + (1 if s.wanted else 0),
@@ -560,6 +562,9 @@ class Lifecycle(Actuator):
     def _reconcile_once(self) -> bool:
         changed = False
         now = self.clock()
+        for name, slot in list(self._retiring.items()):
+            if slot.phase in (Phase.COLD, Phase.FAILED):
+                del self._retiring[name]  # its worker is gone: nothing of it is held any more
         for slot in self._slots.values():
             if slot.phase == Phase.READY:
                 slot.wanted = False
@@ -863,6 +868,49 @@ class Lifecycle(Actuator):
     def warm(self, model: str) -> WorkerStatus:
         self.ensure_ready(model).done()
         return self.describe(model)
+
+    # ==== a new models file ==========================================================================
+
+    def reload(self, registry: ModelRegistry) -> list[str]:
+        """Serve what a changed models file lists, without a restart; returns what changed.
+
+        A new model is cold; a changed one keeps its worker, and its next
+        start uses the new settings; a removed one stops serving at once (its
+        waiters get 404) and its worker is stopped - it still counts against
+        the budget until it has stopped, and a model added back meanwhile gets
+        the same slot, so there is never a second worker for one name.
+        """
+        with self._cond:
+            wanted = {spec.name: spec for spec in registry}
+            changes: list[str] = []
+            for name, slot in list(self._slots.items()):
+                if name in wanted:
+                    if wanted[name] != slot.spec:
+                        slot.spec = wanted[name]
+                        changes.append(f"changed {name}")
+                    continue
+                del self._slots[name]
+                self._retiring[name] = slot
+                self._fail_tickets(slot, ModelNotFound(f"model {name!r} is no longer served here", param="model"))
+                slot.wanted = False
+                self._begin_stop(slot, "removed from the models file")
+                changes.append(f"removed {name}")
+            for name, spec in wanted.items():
+                if name in self._slots:
+                    continue
+                slot = self._retiring.pop(name, None) or Slot(spec, last_used_mono=self.clock())
+                slot.spec = spec
+                self._slots[name] = slot
+                self.metrics.set_worker_state(name, self._state(slot), slot.phase)
+                changes.append(f"added {name}")
+            self.registry = registry
+            budget = registry.budget
+            self._budget = policy.Budget(budget.max_loaded, budget.sleepers, budget.memory_mib)
+            self.effects.reload(registry)
+            self._settle()
+        if changes:
+            log.info("models file reloaded: %s", "; ".join(changes))
+        return changes
 
     # ==== what the world tells us (EffectsListener) ==================================================
 

@@ -39,6 +39,9 @@ class RequesterSettings(EnvSettings):
         "FMA_ACTUATOR", "local", "`local` (child processes) or `knative` (one Knative Service per model)")
     models_file: str | None = setting("FMA_MODELS", None, "YAML file listing the served models (see Models file)",
                                       shown="built-in default")
+    models_reload_s: Duration = setting("FMA_MODELS_RELOAD", "5s", "how often the models file (and the worker "
+                                        "template) are checked for changes, which are applied without a restart; "
+                                        "`0` turns it off")
     cache_dir: Path | None = setting("FMA_CACHE_DIR", None, "where converted models are kept (passed to local "
                                      "workers)", shown="`$XDG_CACHE_HOME/fma` or `~/.cache/fma`")
     worker_host: str = setting("FMA_WORKER_HOST", "127.0.0.1", "address local workers bind")
