@@ -63,13 +63,14 @@ def floor() -> dict[str, float]:
 
 
 class Requester:
-    def __init__(self, workdir: Path, launcher: bool) -> None:
+    def __init__(self, workdir: Path, launcher: bool, extra_env: dict[str, str] | None = None) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir / f"requester-{uuid.uuid4().hex[:6]}.log"
         env = {**os.environ, "FMA_BIND": f"127.0.0.1:{port}", "FMA_LAUNCHER": "true" if launcher else "false",
                "FMA_WORKER_LOG_DIR": str(workdir / "logs"), "FMA_LOG_LEVEL": "info"}
         env.pop("FMA_MODELS", None)
+        env.update(extra_env or {})
         self.proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", env, self.log)
         wait_ready(self.url, self.proc, 60, self.log)
         if launcher:  # measure cold starts from a launcher that has finished pre-warming
@@ -94,10 +95,64 @@ class Requester:
         stop_process_group(self.proc, 60)
 
 
+def knative_section(workdir: Path, runs: int) -> dict[str, object]:
+    """Cold and wake through the Knative path: a requester in knative mode, the fake API server and the
+    Knative simulator (tests/), whose pods are real worker processes behind its activator and queue-proxy."""
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from knative_sim import SimulatedKnative
+    from kube_fake import FakeKube
+
+    results: dict[str, list[float]] = {k: [] for k in ("cold_new_service", "cold", "wake_l1", "wake_l2", "warm")}
+    kube = FakeKube().start()
+    kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                     "metadata": {"name": "fma-requester", "namespace": "bench"}, "spec": {}})
+    cache = ensure_embedded_converted(MODEL, "float32", default_cache_dir()).parents[2]
+    speed = 10.0
+    sim = SimulatedKnative(kube, workdir, cache_dir=cache, default="process", speed=speed)
+    service = "fma-worker-smollm2-135m-instruct"
+    kubeconfig = workdir / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sim",
+        "clusters": [{"name": "sim", "cluster": {"server": kube.url}}], "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "sim", "context": {"cluster": "sim", "user": "u", "namespace": "bench"}}]}))
+    models = workdir / "models.yaml"
+    models.write_text(f"models:\n  - {{name: {MODEL}, source: 'embedded:{MODEL}', dtype: float32}}\n")
+    env = {"FMA_ACTUATOR": "knative", "KUBECONFIG": str(kubeconfig), "FMA_NAMESPACE": "bench",
+           "FMA_MODELS": str(models)}
+    req = Requester(workdir, launcher=False, extra_env=env)
+    try:
+        results["cold_new_service"].append(req.ttft())  # creates the Service, its Revision and first pod
+        for _ in range(runs):
+            for _ in range(2):
+                results["warm"].append(req.ttft())
+            for level in (1, 2):
+                req.sleep(level)
+                results[f"wake_l{level}"].append(req.ttft())
+            req.release()
+            sim.wait_until(lambda: not sim.live_pods(service), 600, "the released pod to go")
+            results["cold"].append(req.ttft())  # re-pinned, then scaled from zero by the activator
+        counts = {"revisions_created": sim.revisions_created.get(service, 0),
+                  "pods_started": sim.pods_started.get(service, 0)}
+    finally:
+        req.close()
+        sim.stop()
+        kube.stop()
+    for name, values in results.items():
+        print(f"knative {name:16} " + " ".join(f"{v:.3f}" for v in values), file=sys.stderr)
+    return {"metric": "time to first token through the requester in knative mode, seconds",
+            "setup": f"fake API server + Knative simulator (clock x{speed:g}); each pod is a real worker process "
+                     "(a plain process: no pre-warmed launcher on this path) behind the simulated activator and "
+                     "queue-proxy; a real cluster adds scheduling, image pulls and network hops",
+            "results": {name: summary(values) for name, values in results.items()}, **counts}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--overhead-runs", type=int, default=20)
+    parser.add_argument("--skip-knative", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/actuation.json"))
     args = parser.parse_args()
     results: dict[str, list[float]] = {k: [] for k in ("naive_cold", "cold", "wake_l1", "wake_l2", "warm")}
@@ -135,6 +190,7 @@ def main() -> int:
             req.close()
         for name, values in results.items():
             print(f"{name:10} " + " ".join(f"{v:.3f}" for v in values), file=sys.stderr)
+        knative = None if args.skip_knative else knative_section(workdir, args.runs)
 
     report = {"machine": machine(), "model": MODEL, "runs": args.runs,
               "metric": "time to first token through the requester, seconds",
@@ -144,9 +200,12 @@ def main() -> int:
                   "direct": summary(overhead["direct"]), "via_requester": summary(overhead["via_requester"]),
                   "median_ms": round((statistics.median(overhead["via_requester"])
                                       - statistics.median(overhead["direct"])) * 1000, 2)}}
+    if knative is not None:
+        report["knative"] = knative
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("results", "floor", "proxy_overhead")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("results", "floor", "proxy_overhead", "knative") if k in report},
+                     indent=2))
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from knative_sim import SimulatedKnative
+from knative_webhook import ClusterConfig
 from kube_fake import FakeKube, load_role
 from kubernetes import client
 
@@ -642,3 +643,39 @@ def test_sleep_of_an_unreachable_worker_is_a_502_not_a_crash(kube: FakeKube, sim
     assert act.describe(EMBEDDED).state == "ready"
     assert revision_annotations(kube, f"{SVC}-00001")["autoscaling.knative.dev/min-scale"] == "0", \
         "the sleep did not happen, so the pin is taken back"
+
+
+def test_workers_run_the_requesters_own_registry_and_tag(kube: FakeKube, sim: SimulatedKnative):
+    kube.update_object(NS, "fma-requester", lambda o: o.update(spec={"template": {"spec": {"containers": [
+        {"name": "requester", "image": "registry.example.com/me/fma-requester:1.2.3"}]}}}))
+    actuator(kube).ensure_ready(EMBEDDED).done()
+    image = kube.get_object(NS, SVC)["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "registry.example.com/me/fma-worker:1.2.3"
+    explicit = actuator(kube, FMA_WORKER_IMAGE="other/worker:7")
+    assert explicit.manifest(registry().get(EMBEDDED))["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        "other/worker:7", "an explicit image wins"
+
+
+def test_workers_sharing_the_requesters_gpu_are_governed_by_its_budget(kube: FakeKube, tmp_path: Path):
+    """Two models on one shared GPU that fits one: the second puts the first to sleep, through its pod."""
+    sim = SimulatedKnative(kube, tmp_path, speed=SPEED, config=ClusterConfig(features={
+        "kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "enabled"}))
+    try:
+        reg = ModelRegistry.from_text(
+            "budget: {max_loaded: 2, sleepers: 1, memory_mib: 10000}\nmodels:\n"
+            "  - {name: a, source: 'hf:org/a', memory_mib: 6000, sleep_memory_mib: 500,"
+            " knative: {gpu_binding: shared}}\n"
+            "  - {name: b, source: 'hf:org/b', memory_mib: 6000, sleep_memory_mib: 500,"
+            " knative: {gpu_binding: shared}}\n")
+        act = actuator(kube, reg=reg, NODE_NAME="gpu-node-1")
+        act.ensure_ready("a").done()
+        act.ensure_ready("b").done()
+        assert act.describe("a").state == "sleeping" and act.describe("b").state == "ready"
+        (pod_a,) = sim.live_pods("fma-worker-a")
+        assert pod_a.standin.asleep, "a's pod itself was put to sleep"
+        assert revision_annotations(kube, "fma-worker-a-00001")["autoscaling.knative.dev/min-scale"] == "1"
+        svc = kube.get_object(NS, "fma-worker-b")["spec"]["template"]["spec"]
+        assert svc["affinity"]["nodeAffinity"] and "nvidia.com/gpu" not in \
+            svc["containers"][0]["resources"]["limits"], "placed beside the requester, asking for no GPU"
+    finally:
+        sim.stop()
