@@ -62,7 +62,8 @@ bench-actuation: prepare
 # The requester's image is the one setting: workers run the same registry and tag, named fma-worker.
 TAG ?= latest
 ENGINE ?= $(shell command -v docker || command -v podman)
-EXAMPLE := knative/overlays/examples/fma-requester
+# OVERLAY=knative/overlays/dedicated-gpu for a GPU pool (each worker on a GPU of its own)
+OVERLAY ?= knative/overlays/examples/fma-requester
 
 images:
 	@test -n "$(REGISTRY)" || { echo "make images: set REGISTRY=registry.example.com/you (and TAG=...)"; exit 2; }
@@ -76,11 +77,11 @@ images:
 deploy-manifests:
 	@test -n "$(REGISTRY)" || { echo "make deploy: set REGISTRY=registry.example.com/you (and TAG=...)"; exit 2; }
 	@tmp=$$(mktemp -d) && \
-	  { printf 'resources:\n  - %s\nimages:\n' "$$(realpath --relative-to=$$tmp $(CURDIR)/$(EXAMPLE))"; \
+	  { printf 'resources:\n  - %s\nimages:\n' "$$(realpath --relative-to=$$tmp $(CURDIR)/$(OVERLAY))"; \
 	    for image in fma-requester fma-worker; do \
 	      printf '  - name: ghcr.io/llm-d-incubation/%s\n    newName: %s/%s\n    newTag: "%s"\n' \
 	        "$$image" "$(REGISTRY)" "$$image" "$(TAG)"; done; } > $$tmp/kustomization.yaml && \
 	  kubectl kustomize --load-restrictor LoadRestrictionsNone $$tmp; status=$$?; rm -rf $$tmp; exit $$status
 
 deploy:
-	$(MAKE) --no-print-directory -s deploy-manifests REGISTRY=$(REGISTRY) TAG=$(TAG) | kubectl apply -f -
+	$(MAKE) --no-print-directory -s deploy-manifests REGISTRY=$(REGISTRY) TAG=$(TAG) OVERLAY=$(OVERLAY) | kubectl apply -f -

@@ -679,3 +679,43 @@ def test_workers_sharing_the_requesters_gpu_are_governed_by_its_budget(kube: Fak
             svc["containers"][0]["resources"]["limits"], "placed beside the requester, asking for no GPU"
     finally:
         sim.stop()
+
+
+def test_a_health_probe_asks_the_pod_itself_and_a_revision_at_zero_is_alive(kube: FakeKube, sim: SimulatedKnative):
+    act = actuator(kube, reg=registry(knative="{max_scale: 1, scale_to_zero_retention: 0s}"))
+    spec = registry().get(EMBEDDED)
+    lease = act.ensure_ready(EMBEDDED)
+    lease.done()
+    (pod,) = sim.live_pods(SVC)
+    assert act.kn_effects.probe(spec, lease.handle, 2.0)
+    assert any(call.startswith("GET /health") for call in pod.standin.calls), "asked on the pod's own address"
+    sim.wait_until(lambda: not sim.live_pods(SVC), 60 + 30, "Knative to scale the idle Revision to zero")
+    assert act.kn_effects.probe(spec, lease.handle, 2.0), "no pod: the next request brings one up"
+
+
+def test_a_pod_that_stops_answering_makes_the_worker_cold_after_a_failed_request(kube: FakeKube,
+                                                                                 sim: SimulatedKnative):
+    act = actuator(kube)
+    lease = act.ensure_ready(EMBEDDED)
+    lease.done()
+    (pod,) = sim.live_pods(SVC)
+    pod.standin.close()  # its Service still reads Ready: only the pod can say it is gone
+    act.worker_unreachable(lease)
+    deadline = time.monotonic() + 10
+    while act.describe(EMBEDDED).state == "ready" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert act.describe(EMBEDDED).state != "ready"
+
+
+def test_an_eviction_of_a_model_that_may_run_several_pods_releases_it(kube: FakeKube, sim: SimulatedKnative):
+    reg = ModelRegistry.from_text(
+        "budget: {max_loaded: 1, sleepers: 1}\nmodels:\n"
+        "  - {name: a, source: 'hf:org/a', knative: {max_scale: 2}}\n"
+        "  - {name: b, source: 'hf:org/b'}\n")
+    act = actuator(kube, reg=reg)
+    act.ensure_ready("a").done()
+    act.ensure_ready("b").done()
+    assert act.describe("a").state == "cold" and act.describe("b").state == "ready"
+    assert revision_annotations(kube, "fma-worker-a-00001")["autoscaling.knative.dev/min-scale"] == "0"
+    sim.wait_until(lambda: not sim.live_pods("fma-worker-a"), 120, "a's pods to go")
+    assert sim.revisions_created["fma-worker-a"] == 1

@@ -155,10 +155,12 @@ def test_the_cluster_flags_file_enables_what_the_example_needs():
                     "kubernetes.podspec-tolerations": "enabled"}
 
 
-def test_a_custom_registry_leaves_no_ghcr_image_anywhere():
+@pytest.mark.parametrize("overlay", ["knative/overlays/examples/fma-requester", "knative/overlays/dedicated-gpu"])
+def test_a_custom_registry_leaves_no_ghcr_image_anywhere(overlay: str):
     import subprocess
 
-    out = subprocess.run(["make", "-s", "deploy-manifests", "REGISTRY=registry.example.com/me", "TAG=1.2.3"],
+    out = subprocess.run(["make", "-s", "deploy-manifests", "REGISTRY=registry.example.com/me", "TAG=1.2.3",
+                          f"OVERLAY={overlay}"],
                          cwd=REPO, capture_output=True, text=True, check=True, timeout=120).stdout
     assert "ghcr.io" not in out, "the worker template included"
     docs = [d for d in yaml.safe_load_all(out) if d]

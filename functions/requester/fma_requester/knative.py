@@ -20,9 +20,14 @@
   ``pkg/reconciler/revision/reconcile_resources.go``), and the Service marked
   released - never ``spec.template``; or delete the Service, by
   ``FMA_RELEASE_POLICY``;
-* sleep / wake = the worker's vLLM sleep API at its address;
-* probe = the Service is still there and ready; read_log = the last
-  condition seen.
+* sleep = pin the ready Revision at ``min-scale: "1"`` (its PodAutoscaler
+  keeps the pod although it gets no traffic), then the vLLM sleep API on the
+  pod itself (pod IP, found by the ``serving.knative.dev/revision`` label):
+  the route and the activator forward only to ready pods, and a sleeping
+  worker is not ready. A Revision that may run more pods than one is refused
+  (409). wake = the pod's ``/wake_up``, then the model's own scaling back;
+* probe = the Service is still there and ready, and its running pod answers
+  ``/health`` directly; read_log = the last condition seen.
 
 A background watch on the managed label selector tells the state machine
 what happens behind its back: a Service deleted (the model is cold), a
@@ -87,8 +92,10 @@ __all__ = ["KnativeActuator", "KnativeConfigError", "KnativeEffects", "KnativeEr
 class KnativeSettings(EnvSettings):
     namespace: str | None = setting("FMA_NAMESPACE", None, "namespace of the requester and its worker Services",
                                     shown="the pod's namespace, else `default`")
-    worker_image: str | None = setting("FMA_WORKER_IMAGE", None, "worker container image",
-                                       shown="ghcr.io/llm-d-incubation/fma-worker:latest")
+    worker_image: str | None = setting(
+        "FMA_WORKER_IMAGE", None, "worker container image (wins over the worker template's `image`); unset: the "
+        "requester's own image's registry, path and tag, named `fma-worker`",
+        shown="`<requester's registry>/fma-worker:<its tag>`")
     worker_template_file: Path | None = setting(
         "FMA_WORKER_TEMPLATE", None, "YAML file with worker template defaults (image, cpu, memory, timeouts, env)",
         shown="unset")
@@ -496,8 +503,17 @@ class KnativeEffects(Effects):
             self.kube.patch_revision(revision, patch)
 
     def probe(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> bool:
+        """The Service is there and ready, and when its Revision has pods running, one answers ``/health``.
+
+        The pod is asked directly (a route answers for a Revision even with no
+        pod, through the activator); a Revision scaled to zero by Knative is
+        alive: the next request brings a pod up.
+        """
         obj = self.kube.get(worker_service_name(spec.name))
-        return obj is not None and readiness(obj)[0] == "ready"
+        if obj is None or readiness(obj)[0] != "ready":
+            return False
+        pods = self._pods(handle)
+        return not pods or any(self._control.alive(handle, timeout, url=url) for url in pods)
 
     def read_log(self, spec: ModelSpec, handle: WorkerHandle, limit: int) -> str:
         return handle.progress[:limit]
