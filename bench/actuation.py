@@ -95,6 +95,15 @@ class Requester:
         stop_process_group(self.proc, 60)
 
 
+def warm_then_wakes(req: Requester, results: dict[str, list[float]]) -> None:
+    """One round on a running worker: two warm requests, then a wake from each sleep level."""
+    for _ in range(2):
+        results["warm"].append(req.ttft())
+    for level in (1, 2):
+        req.sleep(level)
+        results[f"wake_l{level}"].append(req.ttft())
+
+
 def knative_section(workdir: Path, runs: int) -> dict[str, object]:
     """Cold and wake through the Knative path: a requester in knative mode, the fake API server and the
     Knative simulator (tests/), whose pods are real worker processes behind its activator and queue-proxy."""
@@ -125,11 +134,7 @@ def knative_section(workdir: Path, runs: int) -> dict[str, object]:
     try:
         results["cold_new_service"].append(req.ttft())  # creates the Service, its Revision and first pod
         for _ in range(runs):
-            for _ in range(2):
-                results["warm"].append(req.ttft())
-            for level in (1, 2):
-                req.sleep(level)
-                results[f"wake_l{level}"].append(req.ttft())
+            warm_then_wakes(req, results)
             req.release()
             sim.wait_until(lambda: not sim.live_pods(service), 600, "the released pod to go")
             results["cold"].append(req.ttft())  # re-pinned, then scaled from zero by the activator
@@ -172,11 +177,7 @@ def main() -> int:
         try:
             for _ in range(args.runs):
                 results["cold"].append(req.ttft())
-                for _ in range(2):
-                    results["warm"].append(req.ttft())
-                for level in (1, 2):
-                    req.sleep(level)
-                    results[f"wake_l{level}"].append(req.ttft())
+                warm_then_wakes(req, results)
                 req.release()
             # What the requester adds to a warm request: the same stream sent
             # straight to the worker and through the requester, interleaved.
