@@ -597,7 +597,7 @@ def test_lifecycle_events_reach_k_sink_as_cloudevents(kube: FakeKube, sim: Simul
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from fma_requester.events import SinkEmitter
+    from fma_requester.events import EmitterConfig, SinkEmitter
 
     received: list[dict[str, str]] = []
     got = threading.Event()
@@ -618,7 +618,7 @@ def test_lifecycle_events_reach_k_sink_as_cloudevents(kube: FakeKube, sim: Simul
     try:
         kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS})
         act = KnativeActuator(registry(), RequesterMetrics(), kn, api=api_for(kube),
-                              emit=SinkEmitter(f"http://127.0.0.1:{server.server_address[1]}"))
+                              emit=SinkEmitter(EmitterConfig(f"http://127.0.0.1:{server.server_address[1]}")))
         act.ensure_ready(EMBEDDED).done()
         assert got.wait(10)
         event = received[0]

@@ -39,7 +39,7 @@ def test_concurrent_first_requests_join_one_cold_start():
     leases = [t.result() for t in tickets]
     assert {lease.actuation.path for lease in leases} == {"cold"}
     assert leases[0].actuation.seconds == pytest.approx(0.8)
-    assert h.machine.describe("a").in_flight == 5 and h.event_types() == ["started"]
+    assert h.machine.describe("a").in_flight == 5 and h.event_types() == ["started", "ready"]
 
 
 def test_a_waiter_reports_the_activation_it_waited_for_never_warm_with_a_cold_duration():
@@ -68,7 +68,7 @@ def test_a_failed_start_is_counted_once_answers_its_waiters_at_once_and_backs_of
     assert status.state == "failed" and status.phase == "stopping", "the failed worker is cleaned up first"
     h.executor.deliver_next("stop", "a")
     assert h.phase("a") == "failed" and h.effects.alive("a") == 0
-    assert h.event_types() == ["failed"]
+    assert h.event_types() == ["started", "failed"]
     assert h.machine._slots["a"].failures == 1
     with pytest.raises(WorkerFailed) as info:
         h.machine.admit("a")
@@ -105,7 +105,7 @@ def test_a_start_that_never_answers_fails_at_its_deadline_and_its_worker_is_stop
     h.executor.deliver_next("stop", "a")
     assert h.phase("a") == "failed" and h.effects.alive("a") == 0
     h.executor.deliver_next("start", "a")  # the hung start answers after all: too late, ignored
-    assert h.phase("a") == "failed" and h.event_types() == ["failed"]
+    assert h.phase("a") == "failed" and h.event_types() == ["started", "failed"]
 
 
 def test_queue_timeout_zero_starts_the_model_and_answers_at_once():
@@ -150,7 +150,7 @@ def test_release_during_start_cancels_it_and_the_next_start_waits_for_the_stop()
     assert h.phase("a") == "starting"
     h.executor.deliver_next("start", "a")
     assert again.result().actuation.path == "cold"
-    assert h.event_types() == ["released", "started"]
+    assert h.event_types() == ["started", "released", "started", "ready"]
 
 
 def test_release_is_idempotent_and_clears_a_failure():
@@ -174,7 +174,7 @@ def test_crash_during_start_fails_once():
         ticket.result()
     h.executor.deliver_next("stop", "a")
     h.executor.deliver_next("start", "a")  # the start job notices the exit too: stale
-    assert h.phase("a") == "failed" and h.event_types() == ["failed"] and h.machine._slots["a"].failures == 1
+    assert h.phase("a") == "failed" and h.event_types() == ["started", "failed"] and h.machine._slots["a"].failures == 1
 
 
 def test_crash_of_a_ready_worker_is_cleaned_up_and_restarted_on_the_next_request_at_once():
@@ -189,7 +189,7 @@ def test_crash_of_a_ready_worker_is_cleaned_up_and_restarted_on_the_next_request
     assert h.phase("a") == "starting"
     h.executor.deliver_next("start", "a")
     assert ticket.result().actuation.path == "cold"
-    assert h.event_types() == ["started", "failed", "started"]
+    assert h.event_types() == ["started", "ready", "failed", "started", "ready"]
 
 
 def test_an_unreachable_worker_that_is_gone_is_replaced():
@@ -210,7 +210,7 @@ def test_a_worker_removed_behind_our_back_is_cold():
     h = harness(ONE)
     ready(h)
     h.machine.worker_gone(h.handle("a"), "a")
-    assert h.phase("a") == "cold" and h.handle("a") is None and h.event_types() == ["started", "released"]
+    assert h.phase("a") == "cold" and h.handle("a") is None and h.event_types() == ["started", "ready", "released"]
 
 
 # ---- sleep and wake ----------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_manual_sleep_waits_for_requests_in_flight():
     assert h.phase("a") == "waking"
     h.executor.deliver_next("wake", "a")
     assert late.result().actuation.path == "wake"
-    assert h.event_types() == ["started", "sleeping", "ready"]
+    assert h.event_types() == ["started", "ready", "sleeping", "ready"]
 
 
 def test_manual_sleep_with_requests_still_running_at_the_drain_deadline_is_refused():

@@ -86,8 +86,9 @@ def parse_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
 
 
 def make_event(type_: str, source: str, data: Any, *, subject: str | None = None,
-               requestid: str | None = None) -> CloudEvent:
-    attrs: dict[str, Any] = {"type": type_, "source": source, "datacontenttype": "application/json"}
+               requestid: str | None = None, extensions: Mapping[str, str] | None = None) -> CloudEvent:
+    attrs: dict[str, Any] = {**(extensions or {}), "type": type_, "source": source,
+                             "datacontenttype": "application/json"}
     if subject:
         attrs["subject"] = subject
     if requestid:
@@ -100,7 +101,17 @@ def encode_event(event: CloudEvent, structured: bool) -> tuple[bytes, dict[str, 
     return msg.body, dict(msg.headers)
 
 
+# Knative Eventing's RequestReply (eventing.knative.dev/v1alpha1) puts a signed id in this extension of the
+# request and matches a reply by the same value in the reply attribute (the resource's defaults:
+# pkg/apis/eventing/v1alpha1/requestreply_defaults.go); echoing it is what lets a reply find its caller.
+CORRELATION_ATTRIBUTE = "correlationid"
+REPLY_ATTRIBUTE = "replyid"
+
+
 def reply_to(incoming: IncomingEvent, type_: str, source: str, data: Any,
              subject: str | None = None) -> tuple[bytes, dict[str, str]]:
-    event = make_event(type_, source, data, subject=subject or incoming.subject, requestid=incoming.id)
+    correlation = incoming.event.get_extension(CORRELATION_ATTRIBUTE)
+    extensions = {REPLY_ATTRIBUTE: str(correlation)} if correlation else None
+    event = make_event(type_, source, data, subject=subject or incoming.subject, requestid=incoming.id,
+                       extensions=extensions)
     return encode_event(event, incoming.structured)

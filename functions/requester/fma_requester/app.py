@@ -38,7 +38,7 @@ from fma_common.settings import describe
 from . import protocol as p
 from .actuator import Actuator
 from .dataplane import DataPlane
-from .events import SinkEmitter
+from .events import EmitterConfig, SinkEmitter, parse_overrides
 from .gpus import nvidia_smi
 from .metrics import RequesterMetrics
 from .proxy import WorkerProxy
@@ -72,7 +72,10 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     setup_logging(settings.log_level)
     registry = registry or ModelRegistry.load(settings.models_file)
     metrics = metrics or RequesterMetrics()
-    emit = SinkEmitter(settings.sink)
+    emit = SinkEmitter(EmitterConfig(settings.sink, parse_overrides(settings.ce_overrides),
+                                     max_pending=settings.events_queue, timeout_s=settings.events_timeout_s,
+                                     retries=settings.events_retries),
+                       sent=metrics.events_sent, dropped=metrics.events_dropped)
     actuator = actuator or build_actuator(settings, registry, metrics, emit)
     proxy = WorkerProxy(metrics, settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s,
                         max_connections=settings.connections)
@@ -85,7 +88,7 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     app = Flask("fma_requester")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["fma"] = {"actuator": actuator, "proxy": proxy, "metrics": metrics, "settings": settings,
-                             "registry": registry, "ready": ready, "dataplane": plane}
+                             "registry": registry, "ready": ready, "dataplane": plane, "events": emit}
     register_error_handlers(app)
     install_access_log(app, "fma.requester.access")
 
@@ -210,7 +213,7 @@ def handle_event(incoming: events.IncomingEvent, actuator: Actuator, plane: Data
             outcome = plane.complete_event(model, data)
             reply_type, payload = (p.COMPLETION_SUCCEEDED, outcome.data) if outcome.ok else \
                 (p.COMPLETION_FAILED, outcome.data)
-        elif kind == p.WORKER_WARM_REQUESTED:
+        elif kind in (p.WORKER_WARM_REQUESTED, p.PING_TYPE):
             actuator.ensure_ready(model).done()
             reply_type, payload = p.WORKER_READY_EVENT, actuator.describe(model).as_dict()
         else:
@@ -232,3 +235,4 @@ def shutdown_all(timeout: float) -> None:
             fma["watcher"].stop()
         fma["actuator"].shutdown(timeout)
         fma["proxy"].close()
+        fma["events"].close(fma["settings"].events_timeout_s)  # the last released events, within a bound

@@ -103,10 +103,11 @@ class Transition:
 
 _RUNNING = (Phase.READY, Phase.GOING_TO_SLEEP, Phase.SLEEPING)
 TRANSITIONS: dict[tuple[Phase, Trigger], Transition] = {
-    (Phase.COLD, Trigger.ACTIVATE): Transition(Phase.STARTING),
-    (Phase.FAILED, Trigger.ACTIVATE): Transition(Phase.STARTING),
+    # started: a start has begun (a cold start's first sign, for dashboards); ready: it can serve.
+    (Phase.COLD, Trigger.ACTIVATE): Transition(Phase.STARTING, p.WORKER_STARTED),
+    (Phase.FAILED, Trigger.ACTIVATE): Transition(Phase.STARTING, p.WORKER_STARTED),
     (Phase.COLD, Trigger.ADOPT): Transition(Phase.READY, p.WORKER_READY_EVENT),
-    (Phase.STARTING, Trigger.STARTED): Transition(Phase.READY, p.WORKER_STARTED),
+    (Phase.STARTING, Trigger.STARTED): Transition(Phase.READY, p.WORKER_READY_EVENT),
     (Phase.STARTING, Trigger.START_FAILED): Transition(Phase.STOPPING, p.WORKER_FAILED),
     (Phase.STARTING, Trigger.STOP): Transition(Phase.STOPPING),
     (Phase.READY, Trigger.SLEEP): Transition(Phase.GOING_TO_SLEEP),

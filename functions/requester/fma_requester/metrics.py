@@ -36,6 +36,10 @@ class RequesterMetrics:
                                   ["model", "phase"], registry=r)
         self.upstream_errors = Counter("fma_upstream_errors", "Failures talking to a worker", ["model", "kind"],
                                        registry=r)
+        self.events_sent = Counter("fma_events_sent", "Lifecycle CloudEvents the sink accepted", ["type"],
+                                   registry=r)
+        self.events_dropped = Counter("fma_events_dropped", "Lifecycle CloudEvents not delivered, by reason "
+                                      "(queue_full, timeout, unreachable, rejected, error)", ["reason"], registry=r)
         self.ttfb = Histogram("fma_upstream_first_byte_seconds", "Worker response start, as seen by the requester",
                               ["model"], buckets=_ACTUATION_BUCKETS, registry=r)
 

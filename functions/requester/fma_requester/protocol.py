@@ -47,7 +47,14 @@ WORKER_RELEASED = events.WORKER_RELEASED
 WORKER_STARTED = events.WORKER_STARTED
 WORKER_FAILED = events.WORKER_FAILED
 WORKER_SLEEPING = events.WORKER_SLEEPING
-REQUEST_TYPES = (COMPLETION_REQUESTED, WORKER_WARM_REQUESTED, WORKER_RELEASE_REQUESTED)
+# A PingSource cannot choose its events' type (knative/eventing pkg/adapter/mtping/runner.go, makeEvent, sets
+# it to this), so a scheduled pre-warm arrives as a ping whose data names the model, and is read as a warm.
+PING_TYPE = "dev.knative.sources.ping"
+REQUEST_TYPES = (COMPLETION_REQUESTED, WORKER_WARM_REQUESTED, WORKER_RELEASE_REQUESTED, PING_TYPE)
+# What the requester sends: replies (back into the Broker, so no request Trigger may match them) and lifecycle
+# events (to K_SINK).
+REPLY_TYPES = (COMPLETION_SUCCEEDED, COMPLETION_FAILED, WORKER_READY_EVENT, WORKER_RELEASED, WORKER_FAILED)
+LIFECYCLE_TYPES = (WORKER_STARTED, WORKER_READY_EVENT, WORKER_SLEEPING, WORKER_RELEASED, WORKER_FAILED)
 EVENT_SOURCE = "/fma/requester"
 
 # ---- error classes ------------------------------------------------------------

@@ -81,6 +81,14 @@ class RequesterSettings(EnvSettings):
                                "worker_connections); the pool to workers is as large", ge=16)
     sink: str | None = setting("K_SINK", None, "where lifecycle CloudEvents are sent (Knative SinkBinding sets it)",
                                shown="unset")
+    ce_overrides: str | None = setting("K_CE_OVERRIDES", None, "`{\"extensions\": {...}}` added to every lifecycle "
+                                       "event (SinkBinding sets it from its `ceOverrides`)", shown="unset")
+    events_queue: int = setting("FMA_EVENTS_QUEUE", "256", "lifecycle events waiting to be sent; when the sink "
+                                "falls this far behind, new events are dropped and counted", ge=1, le=100_000)
+    events_timeout_s: Duration = setting("FMA_EVENTS_TIMEOUT", "2s", "longest wait for the sink to answer one "
+                                         "lifecycle event")
+    events_retries: int = setting("FMA_EVENTS_RETRIES", "2", "retries of a lifecycle event the sink did not "
+                                  "take (5xx, 404, 408, 409, 429, no answer), before it is dropped", ge=0, le=10)
 
     @field_validator("binds", mode="before")
     @classmethod
