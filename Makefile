@@ -83,5 +83,13 @@ deploy-manifests:
 	        "$$image" "$(REGISTRY)" "$$image" "$(TAG)"; done; } > $$tmp/kustomization.yaml && \
 	  kubectl kustomize --load-restrictor LoadRestrictionsNone $$tmp; status=$$?; rm -rf $$tmp; exit $$status
 
+# Eventing first, and the requester once the Broker is ready: the SinkBinding then writes K_SINK into the
+# requester as it is created (on an existing requester it is a new Revision, which needs a second GPU).
+# EVENTING=false: the requester alone (a cluster without Knative Eventing).
+EVENTING ?= true
 deploy:
+	@if [ "$(EVENTING)" = true ]; then \
+	  $(MAKE) --no-print-directory -s deploy-manifests REGISTRY=$(REGISTRY) TAG=$(TAG) OVERLAY=knative/eventing \
+	    | kubectl apply -f - && \
+	  kubectl wait --for=condition=Ready broker/fma -n fma-example --timeout=180s; fi
 	$(MAKE) --no-print-directory -s deploy-manifests REGISTRY=$(REGISTRY) TAG=$(TAG) OVERLAY=$(OVERLAY) | kubectl apply -f -

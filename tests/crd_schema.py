@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 DATA = Path(__file__).parent / "data" / "knative-serving-v1.23.0"
+EVENTING = Path(__file__).parent / "data" / "knative-eventing-v1.22.2"
 
 
 def to_json_schema(node: Any) -> Any:
@@ -40,14 +41,20 @@ def to_json_schema(node: Any) -> Any:
 
 
 @cache
-def schema(kind: str) -> dict[str, Any]:
-    crd = yaml.safe_load((DATA / f"{kind}.yaml").read_text())
+def schema(kind: str, data: Path = DATA) -> dict[str, Any]:
+    crd = yaml.safe_load((data / f"{kind}.yaml").read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return to_json_schema(version["schema"]["openAPIV3Schema"])
+    root = to_json_schema(version["schema"]["openAPIV3Schema"])
+    # The API server always accepts these at the root, listed in a CRD's schema or not (Eventing's omit them).
+    root.setdefault("properties", {})
+    root["properties"].setdefault("apiVersion", {"type": "string"})
+    root["properties"].setdefault("kind", {"type": "string"})
+    root["properties"].setdefault("metadata", {"type": "object"})
+    return root
 
 
-def errors(obj: dict[str, Any], kind: str = "service") -> list[str]:
+def errors(obj: dict[str, Any], kind: str = "service", data: Path = DATA) -> list[str]:
     """Every schema violation of ``obj``, each as ``path: message``."""
-    validator = jsonschema.Draft7Validator(schema(kind))
+    validator = jsonschema.Draft7Validator(schema(kind, data))
     return [f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
             for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]

@@ -14,6 +14,8 @@ from fma_requester.knative import KnativeSettings
 from fma_requester.registry import ModelRegistry
 
 KUSTOMIZATIONS = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "knative").rglob("kustomization.yaml"))
+# Those that deploy the requester (knative/eventing is applied beside them: tests/test_eventing.py).
+REQUESTER = [k for k in KUSTOMIZATIONS if not k.startswith("knative/eventing")]
 KUBECTL = shutil.which("kubectl")
 
 
@@ -39,13 +41,13 @@ def test_there_is_a_base_and_the_example_overlay():
     assert "knative/overlays/examples/fma-requester" in KUSTOMIZATIONS
 
 
-@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+@pytest.mark.parametrize("path", REQUESTER)
 def test_decode_deployment_is_kept_at_zero(path: str):
     (decode,) = by_kind(render(path), "Deployment", "modelservice-decode")
     assert decode["spec"]["replicas"] == 0
 
 
-@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+@pytest.mark.parametrize("path", REQUESTER)
 def test_requester_is_pinned_with_its_gpu(path: str):
     (svc,) = by_kind(render(path), "Service", "fma-requester")
     assert svc["apiVersion"] == "serving.knative.dev/v1"
@@ -70,7 +72,7 @@ def test_autoscaling_annotations_only_on_templates_and_one_port(path: str):
             assert len(ports) == 1, "Knative allows exactly one container port"
 
 
-@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+@pytest.mark.parametrize("path", REQUESTER)
 def test_role_grants_only_what_the_requester_uses(path: str):
     docs = render(path)
     (role,) = by_kind(docs, "Role", "fma-requester")
@@ -103,7 +105,7 @@ def test_every_container_runs_locked_down(path: str):
             assert sc.get("seccompProfile") == {"type": "RuntimeDefault"}, c["name"]
 
 
-@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+@pytest.mark.parametrize("path", REQUESTER)
 def test_config_map_is_mounted_and_parses(path: str, tmp_path: Path):
     docs = render(path)
     (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("fma-requester-config")]
@@ -124,7 +126,7 @@ def test_example_overlay_deploys_into_its_namespace():
     assert all(d["metadata"].get("namespace") == "fma-example" for d in docs if d["kind"] != "Namespace")
 
 
-@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+@pytest.mark.parametrize("path", REQUESTER)
 def test_the_requester_knows_its_node_so_shared_workers_run_beside_it(path: str):
     (svc,) = by_kind(render(path), "Service", "fma-requester")
     env = {e["name"]: e for e in containers(svc)[0]["env"]}
@@ -142,7 +144,7 @@ def test_the_example_shares_the_requesters_gpu_and_the_dedicated_overlay_does_no
     assert all(s.knative.gpu_binding == "dedicated" for s in models("knative/overlays/dedicated-gpu"))
 
 
-@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+@pytest.mark.parametrize("path", REQUESTER)
 def test_the_config_map_has_no_name_hash_so_a_models_edit_rolls_out_nothing(path: str):
     docs = render(path)
     (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("fma-requester-config")]
@@ -155,7 +157,8 @@ def test_the_cluster_flags_file_enables_what_the_example_needs():
                     "kubernetes.podspec-tolerations": "enabled"}
 
 
-@pytest.mark.parametrize("overlay", ["knative/overlays/examples/fma-requester", "knative/overlays/dedicated-gpu"])
+@pytest.mark.parametrize("overlay", ["knative/overlays/examples/fma-requester", "knative/overlays/dedicated-gpu",
+                                     "knative/eventing"])
 def test_a_custom_registry_leaves_no_ghcr_image_anywhere(overlay: str):
     import subprocess
 
@@ -164,6 +167,10 @@ def test_a_custom_registry_leaves_no_ghcr_image_anywhere(overlay: str):
                          cwd=REPO, capture_output=True, text=True, check=True, timeout=120).stdout
     assert "ghcr.io" not in out, "the worker template included"
     docs = [d for d in yaml.safe_load_all(out) if d]
+    if overlay == "knative/eventing":
+        (log,) = by_kind(docs, "Service", "fma-event-log")
+        assert containers(log)[0]["image"] == "registry.example.com/me/fma-requester:1.2.3"
+        return
     (svc,) = by_kind(docs, "Service", "fma-requester")
     assert containers(svc)[0]["image"] == "registry.example.com/me/fma-requester:1.2.3"
     (cm,) = by_kind(docs, "ConfigMap", "fma-requester-config")

@@ -18,11 +18,13 @@ from fma_common.settings import EnvSettings, markdown_table
 
 
 def settings_classes() -> dict[str, type[EnvSettings]]:
+    from fma_requester.eventlog import EventLogSettings
     from fma_requester.knative import KnativeSettings
     from fma_requester.settings import RequesterSettings
     from fma_worker.settings import WorkerSettings
 
-    return {"worker": WorkerSettings, "requester": RequesterSettings, "knative": KnativeSettings}
+    return {"worker": WorkerSettings, "requester": RequesterSettings, "knative": KnativeSettings,
+            "eventlog": EventLogSettings}
 
 
 BLOCK = re.compile(r"(<!-- settings:(?P<name>[a-z]+) -->\n)(?P<body>.*?)(<!-- /settings:(?P=name) -->)", re.S)

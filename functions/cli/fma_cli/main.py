@@ -153,6 +153,20 @@ def cmd_model_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_event_log(args: argparse.Namespace) -> int:
+    from fma_common.settings import SettingsError
+    from fma_requester.eventlog import EventLogSettings
+
+    try:
+        settings = EventLogSettings.from_env()
+    except SettingsError as exc:
+        print(f"fma event-log: {exc}", file=sys.stderr)
+        return 2
+    print(f"fma event-log: on http://{settings.address()} (POST /, POST /dead-letter, GET /events)", file=sys.stderr)
+    _exec_gunicorn("fma_requester.eventlog_conf", "fma_requester.eventlog:create_app()", {})
+    return 0  # not reached
+
+
 def cmd_settings(args: argparse.Namespace) -> int:
     """Every setting of a service: variable, default, meaning (the README's tables are this output)."""
     from fma_cli.docs import settings_classes
@@ -282,6 +296,10 @@ def build_parser(prog: str = "fma") -> argparse.ArgumentParser:
     p.add_argument("--actuator", choices=["local", "knative"])
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("event-log", help="log the CloudEvents sent to it (the Broker's dead letters, lifecycle "
+                                         "events): the example's event-display")
+    p.set_defaults(func=cmd_event_log)
+
     p = sub.add_parser("worker", help="serve one model (OpenAI API + vLLM-style sleep API)")
     p.add_argument("--model", default=os.environ.get("FMA_MODEL", "smollm2-135m-instruct"))
     p.add_argument("--source", help="embedded:NAME, hf:ORG/NAME or path:/folder")
@@ -311,7 +329,8 @@ def build_parser(prog: str = "fma") -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_model_path)
 
     p = sub.add_parser("settings", help="list a service's settings (what it would use now, or --markdown)")
-    p.add_argument("service", nargs="?", choices=["requester", "worker", "knative"], default="requester")
+    p.add_argument("service", nargs="?", choices=["requester", "worker", "knative", "eventlog"],
+                   default="requester")
     p.add_argument("--markdown", action="store_true", help="the table of variables, defaults and meanings")
     p.set_defaults(func=cmd_settings)
 

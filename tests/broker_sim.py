@@ -1,0 +1,357 @@
+"""A Knative Eventing Broker (the MT channel-based one) simulated at the HTTP level, for tests.
+
+Read from knative/eventing ``knative-v1.22.2``; each behaviour names the file it mirrors:
+
+* **Ingress** (``pkg/broker/ingress/ingress_handler.go``): ``POST /<namespace>/<broker>`` with a binary or
+  structured CloudEvent; a malformed event is 400; the event gets ``knativearrivaltime`` and the TTL
+  extension ``knativebrokerttl`` (``pkg/broker/ttl.go``, ``TTLDefaulter``: absent -> 255, the ingress's
+  ``MAX_TTL``; present -> one less, at least 0), and an event whose TTL is 0 is dropped with 400: the loop
+  guard. Accepted events are answered 202 and fanned out to every Trigger.
+* **Filters** (``pkg/broker/filter/filter_handler.go``, ``filterEvent``): ``spec.filters`` when set
+  (``exact``, ``prefix``, ``suffix``, ``all``, ``any``, ``not``: ``pkg/eventfilter/subscriptionsapi``), else
+  the legacy ``spec.filter.attributes``, where every attribute must be present and equal, ``""`` meaning
+  any value (``pkg/eventfilter/attributes/filter.go``).
+* **Delivery** to the subscriber (``handleDispatchToSubscriberRequest``): the TTL extension removed, headers
+  ``Prefer: reply`` (``pkg/kncloudevents/event_dispatcher.go``) and ``Kn-Namespace``, binary mode unless the
+  Trigger's ``delivery.format`` says ``json``. Retries follow the Trigger's ``delivery``, or the Broker's when
+  the Trigger has none - the whole spec, not field by field (``pkg/reconciler/broker/trigger/trigger.go``):
+  ``SelectiveRetry`` retries no answer, 5xx, 404, 408, 409 and 429 and nothing else; the wait before retry
+  ``i`` (from 0) is ``backoffDelay * 2**i`` (exponential) or ``backoffDelay * i`` (linear), and - only when
+  ``retryAfterMax`` is set, which needs the alpha flag ``delivery-retryafter`` - at least the 429/503
+  ``Retry-After``, capped by ``retryAfterMax`` (``pkg/kncloudevents/retries.go``; the attempt counter is
+  go-retryablehttp's, starting at 0). ``delivery.timeout`` bounds each attempt.
+* **Replies** (``writeResponse``): a 2xx whose body is a CloudEvent is sent back into the Broker with the
+  TTL it was delivered with, so the ingress takes one off; a 2xx with a non-empty body that is not a
+  CloudEvent is a failed delivery (502), retried like any other; an empty 2xx is done.
+* **Dead letters** (``event_dispatcher.go``, ``dispatchExecutionInfoTransformers``): after the last attempt
+  the original event goes to ``deadLetterSink`` with ``knativeerrordest`` (the subscriber's URL),
+  ``knativeerrorcode`` and ``knativeerrordata`` (the last answer's body, base64, cut at 1024 characters:
+  ``pkg/kncloudevents/attributes/knative_error.go``).
+
+Not simulated: the channel's own persistence (delivery here is in memory, one thread per event and
+Trigger), OIDC, TLS, CESQL filters, EventTypes. Waits run ``speed`` times faster than wall time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event, to_structured_event
+from cloudevents.core.v1.event import CloudEvent
+
+TTL_ATTRIBUTE = "knativebrokerttl"
+MAX_TTL = 255
+ERROR_DATA_MAX = 1024
+
+_PERIOD = re.compile(r"^P(?!$)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?"
+                     r"(?:T(?=\d)(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+
+
+def iso8601_seconds(text: str) -> float:
+    """An ISO 8601 period as Knative parses it (rickb777/date ``period.Parse``), in seconds."""
+    m = _PERIOD.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not an ISO 8601 duration")
+    y, mo, w, d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return ((((y * 365.2425 + mo * 30.436875 + w * 7 + d) * 24 + h) * 60 + mi) * 60) + s
+
+
+@dataclass(frozen=True)
+class Delivery:
+    retry: int = 0
+    backoff_policy: str | None = None
+    backoff_delay_s: float | None = None
+    timeout_s: float | None = None
+    retry_after_max_s: float | None = None
+    dead_letter: str | None = None
+    format: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None, resolve: Callable[[Mapping[str, Any]], str]) -> Delivery:
+        spec = spec or {}
+        return cls(retry=int(spec.get("retry", 0)), backoff_policy=spec.get("backoffPolicy"),
+                   backoff_delay_s=iso8601_seconds(spec["backoffDelay"]) if "backoffDelay" in spec else None,
+                   timeout_s=iso8601_seconds(spec["timeout"]) if "timeout" in spec else None,
+                   retry_after_max_s=iso8601_seconds(spec["retryAfterMax"]) if "retryAfterMax" in spec else None,
+                   dead_letter=resolve(spec["deadLetterSink"]) if spec.get("deadLetterSink") else None,
+                   format=spec.get("format"))
+
+    def backoff(self, attempt: int, status: int | None, retry_after: str | None) -> float:
+        """retries.go: generateBackoffFn over RetryConfigFromDeliverySpec."""
+        wait = 0.0
+        if self.backoff_policy and self.backoff_delay_s is not None:
+            wait = self.backoff_delay_s * (2 ** attempt if self.backoff_policy == "exponential" else attempt)
+        if self.retry_after_max_s is not None and status in (429, 503) and retry_after:
+            try:
+                after = float(int(retry_after))
+            except ValueError:
+                after = 0.0
+            wait = max(wait, min(after, self.retry_after_max_s))
+        return wait
+
+
+def should_retry(status: int | None) -> bool:
+    """retries.go: SelectiveRetry (``None``: no answer at all)."""
+    return status is None or status >= 500 or status in (404, 408, 409, 429)
+
+
+# ---- filters ------------------------------------------------------------------------------
+
+def _attribute(attrs: Mapping[str, Any], name: str) -> Any:
+    return attrs.get(name)
+
+
+def _dialect(expr: Mapping[str, Any], attrs: Mapping[str, Any]) -> bool:
+    (kind, arg), = expr.items()
+    if kind in ("exact", "prefix", "suffix"):
+        for name, want in arg.items():
+            value = _attribute(attrs, name)
+            if value is None:
+                return False
+            value = str(value)
+            if (kind == "exact" and value != want) or (kind == "prefix" and not value.startswith(want)) or \
+                    (kind == "suffix" and not value.endswith(want)):
+                return False
+        return True
+    if kind == "all":
+        return all(_dialect(e, attrs) for e in arg)
+    if kind == "any":
+        return any(_dialect(e, attrs) for e in arg)
+    if kind == "not":
+        return not _dialect(arg, attrs)
+    raise NotImplementedError(f"filter dialect {kind!r} is not simulated")
+
+
+def trigger_matches(spec: Mapping[str, Any], attrs: Mapping[str, Any]) -> bool:
+    """filter_handler.go filterEvent: ``filters`` if any, else the legacy attributes filter."""
+    if spec.get("filters"):
+        return all(_dialect(f, attrs) for f in spec["filters"])
+    wanted = ((spec.get("filter") or {}).get("attributes")) or {}
+    for name, value in wanted.items():
+        have = _attribute(attrs, name)
+        if have is None or (value == "" and have == ""):
+            return False
+        if value != "" and str(have) != value:
+            return False
+    return True
+
+
+def attribute_view(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes as filters see them: strings (``time`` as RFC 3339)."""
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in attrs.items()}
+
+
+# ---- the broker ---------------------------------------------------------------------------
+
+@dataclass
+class Attempt:
+    status: int | None
+    retry_after: str | None
+    at: float
+
+
+@dataclass
+class DeliveryRecord:
+    trigger: str
+    event_type: str
+    event_id: str
+    attempts: list[Attempt] = field(default_factory=list)
+    outcome: str = "pending"  # delivered | replied | dead-lettered | failed
+    request_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SimTrigger:
+    name: str
+    spec: dict[str, Any]
+    subscriber: str
+    delivery: Delivery
+
+
+class SimulatedBroker:
+    """One Broker with its Triggers, taken from rendered manifests; ``resolve`` maps a Destination to a URL."""
+
+    def __init__(self, broker: Mapping[str, Any], triggers: list[Mapping[str, Any]],
+                 resolve: Callable[[Mapping[str, Any]], str], *, speed: float = 1.0) -> None:
+        self.name = broker["metadata"]["name"]
+        self.namespace = broker["metadata"].get("namespace", "default")
+        self.speed = speed
+        self.resolve = resolve
+        broker_delivery = (broker.get("spec") or {}).get("delivery")
+        self.triggers = [
+            SimTrigger(t["metadata"]["name"], t["spec"], resolve(t["spec"]["subscriber"]),
+                       Delivery.from_spec(t["spec"].get("delivery") or broker_delivery, resolve))
+            for t in triggers if t["spec"].get("broker") == self.name]
+        self.records: list[DeliveryRecord] = []
+        self.received: list[dict[str, Any]] = []  # every event the ingress accepted, attributes only
+        self.dropped_ttl: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._http = httpx.Client(timeout=None)
+        broker_sim = self
+
+        class Ingress(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_a: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status = broker_sim._ingress(self.path, dict(self.headers), body)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Ingress)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/{self.namespace}/{self.name}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._http.close()
+
+    # ---- ingress ----------------------------------------------------------------------------
+
+    def _ingress(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        if path.rstrip("/") != f"/{self.namespace}/{self.name}":
+            return 404
+        try:
+            event = from_http_event(HTTPMessage(headers, body))
+        except Exception:
+            return 400
+        attrs = dict(event.get_attributes())
+        ttl_raw = attrs.get(TTL_ATTRIBUTE)
+        try:
+            ttl = MAX_TTL if ttl_raw is None else max(0, int(ttl_raw) - 1)
+        except (TypeError, ValueError):
+            ttl = MAX_TTL
+        attrs[TTL_ATTRIBUTE] = ttl
+        attrs["knativearrivaltime"] = datetime.now(timezone.utc).isoformat()
+        view = attribute_view(attrs)
+        if ttl <= 0:
+            with self._lock:
+                self.dropped_ttl.append(view)
+            return 400
+        with self._lock:
+            self.received.append(view)
+        data = event.get_data()
+        for trigger in self.triggers:
+            if trigger_matches(trigger.spec, view):
+                thread = threading.Thread(target=self._dispatch, args=(trigger, attrs, data), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return 202
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    def _dispatch(self, trigger: SimTrigger, attrs: dict[str, Any], data: Any) -> None:
+        ttl = attrs[TTL_ATTRIBUTE]
+        delivered = {k: v for k, v in attrs.items() if k != TTL_ATTRIBUTE}
+        event = CloudEvent(delivered, data)
+        structured = trigger.delivery.format == "json"
+        msg = to_structured_event(event) if structured else to_binary_event(event)
+        headers = {**dict(msg.headers), "Prefer": "reply", "Kn-Namespace": self.namespace}
+        record = DeliveryRecord(trigger.name, attrs["type"], attrs["id"], request_headers=headers)
+        with self._lock:
+            self.records.append(record)
+        d = trigger.delivery
+        last_body, last_status = b"", None
+        for attempt in range(d.retry + 1):
+            status, retry_after, resp_headers, body = self._post(trigger.subscriber, headers, msg.body, d.timeout_s)
+            if status is not None and 200 <= status < 300:
+                reply = _reply_event(resp_headers, body)
+                if reply is _NOT_AN_EVENT:
+                    status = 502  # writeResponse: a non-empty answer that is not a CloudEvent
+                else:
+                    record.attempts.append(Attempt(status, retry_after, time.monotonic()))
+                    if reply is None:
+                        record.outcome = "delivered"
+                    else:
+                        record.outcome = "replied"
+                        self._reenqueue(reply, ttl)
+                    return
+            record.attempts.append(Attempt(status, retry_after, time.monotonic()))
+            last_body, last_status = body, status
+            if not should_retry(status) or attempt == d.retry:
+                break
+            time.sleep(d.backoff(attempt, status, retry_after) / self.speed)
+        if d.dead_letter:
+            self._dead_letter(d.dead_letter, trigger, delivered, data, last_status, last_body)
+            record.outcome = "dead-lettered"
+        else:
+            record.outcome = "failed"
+
+    def _post(self, url: str, headers: Mapping[str, str], body: bytes, timeout: float | None
+              ) -> tuple[int | None, str | None, dict[str, str], bytes]:
+        try:
+            resp = self._http.post(url, content=body, headers=dict(headers),
+                                   timeout=None if timeout is None else timeout / self.speed)
+        except httpx.HTTPError:
+            return None, None, {}, b""
+        return resp.status_code, resp.headers.get("Retry-After"), dict(resp.headers), resp.content
+
+    def _reenqueue(self, reply: CloudEvent, ttl: int) -> None:
+        attrs = {**reply.get_attributes(), TTL_ATTRIBUTE: ttl}
+        msg = to_binary_event(CloudEvent(attrs, reply.get_data()))
+        self._ingress(f"/{self.namespace}/{self.name}", dict(msg.headers), msg.body)
+
+    def _dead_letter(self, url: str, trigger: SimTrigger, attrs: dict[str, Any], data: Any, status: int | None,
+                     body: bytes) -> None:
+        encoded = base64.b64encode(body).decode()[:ERROR_DATA_MAX]
+        extra = {"knativeerrordest": trigger.subscriber, "knativeerrorcode": str(status if status else -1)}
+        if encoded:
+            extra["knativeerrordata"] = encoded
+        msg = to_binary_event(CloudEvent({**attrs, **extra}, data))
+        try:
+            self._http.post(url, content=msg.body, headers=dict(msg.headers), timeout=10)
+        except httpx.HTTPError:
+            pass
+
+    # ---- for tests --------------------------------------------------------------------------
+
+    def wait(self, predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; deliveries: {self.summary()}")
+
+    def summary(self) -> list[str]:
+        with self._lock:
+            return [f"{r.trigger} {r.event_type} {r.outcome} {[a.status for a in r.attempts]}" for r in self.records]
+
+    def deliveries(self, trigger: str) -> list[DeliveryRecord]:
+        with self._lock:
+            return [r for r in self.records if r.trigger == trigger]
+
+
+_NOT_AN_EVENT = object()
+
+
+def _reply_event(headers: Mapping[str, str], body: bytes) -> Any:
+    """None: no reply; a CloudEvent; or _NOT_AN_EVENT (a body that is not one)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    if "ce-specversion" not in lower and not lower.get("content-type", "").startswith("application/cloudevents"):
+        return None if not body else _NOT_AN_EVENT
+    try:
+        return from_http_event(HTTPMessage(dict(headers), body))
+    except Exception:
+        return _NOT_AN_EVENT
+
+
+def load_json(body: bytes) -> Any:
+    return json.loads(body)
