@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -239,7 +239,7 @@ class SimulatedBroker:
         except (TypeError, ValueError):
             ttl = MAX_TTL
         attrs[TTL_ATTRIBUTE] = ttl
-        attrs["knativearrivaltime"] = datetime.now(timezone.utc).isoformat()
+        attrs["knativearrivaltime"] = datetime.now(UTC).isoformat()
         view = attribute_view(attrs)
         if ttl <= 0:
             with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -106,7 +107,8 @@ def test_legacy_attribute_filters_are_exact_and_empty_means_present():
     assert trigger_matches(spec, {"type": "a.b", "ext": "x"})
     assert not trigger_matches(spec, {"type": "a.b"}), "an empty value still needs the attribute"
     assert not trigger_matches(spec, {"type": "a.b.c", "ext": "x"})
-    new = {"filters": [{"any": [{"exact": {"type": "a"}}, {"prefix": {"type": "b."}}]}, {"not": {"suffix": {"type": ".x"}}}],
+    new = {"filters": [{"any": [{"exact": {"type": "a"}}, {"prefix": {"type": "b."}}]},
+                       {"not": {"suffix": {"type": ".x"}}}],
            "filter": {"attributes": {"type": "never"}}}
     assert trigger_matches(new, {"type": "a"}) and trigger_matches(new, {"type": "b.y"})
     assert not trigger_matches(new, {"type": "b.x"}), "filters win over filter when both are set"
@@ -152,7 +154,7 @@ def test_retries_then_the_dead_letter_sink_with_knatives_error_extensions(subs):
         b.wait(lambda: subs["dls"].requests, 10, "the dead letter")
         times = [t for _, _, t in subs["s"].requests]
         assert len(times) == 3, "1 attempt + 2 retries"
-        gaps = [(b2 - a) * SPEED for a, b2 in zip(times, times[1:], strict=False)]
+        gaps = [(b2 - a) * SPEED for a, b2 in itertools.pairwise(times)]
         assert gaps[0] >= 0.9 and gaps[1] >= 1.9, f"waited delay*2^i: {gaps}"
         headers, _, _ = subs["dls"].requests[0]
         lower = {k.lower(): v for k, v in headers.items()}
