@@ -73,17 +73,17 @@ class Delivery:
     backoff_delay_s: float | None = None
     timeout_s: float | None = None
     retry_after_max_s: float | None = None
-    dead_letter: str | None = None
+    dead_letter: Mapping[str, Any] | None = None  # a Destination, resolved when used
     format: str | None = None
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | None, resolve: Callable[[Mapping[str, Any]], str]) -> Delivery:
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> Delivery:
         spec = spec or {}
         return cls(retry=int(spec.get("retry", 0)), backoff_policy=spec.get("backoffPolicy"),
                    backoff_delay_s=iso8601_seconds(spec["backoffDelay"]) if "backoffDelay" in spec else None,
                    timeout_s=iso8601_seconds(spec["timeout"]) if "timeout" in spec else None,
                    retry_after_max_s=iso8601_seconds(spec["retryAfterMax"]) if "retryAfterMax" in spec else None,
-                   dead_letter=resolve(spec["deadLetterSink"]) if spec.get("deadLetterSink") else None,
+                   dead_letter=spec.get("deadLetterSink"),
                    format=spec.get("format"))
 
     def backoff(self, attempt: int, status: int | None, retry_after: str | None) -> float:
@@ -174,12 +174,12 @@ class DeliveryRecord:
 class SimTrigger:
     name: str
     spec: dict[str, Any]
-    subscriber: str
     delivery: Delivery
 
 
 class SimulatedBroker:
-    """One Broker with its Triggers, taken from rendered manifests; ``resolve`` maps a Destination to a URL."""
+    """One Broker with its Triggers, taken from rendered manifests; ``resolve`` maps a Destination to a URL
+    (when an event is delivered, so subscribers may start after the Broker, as on a cluster)."""
 
     def __init__(self, broker: Mapping[str, Any], triggers: list[Mapping[str, Any]],
                  resolve: Callable[[Mapping[str, Any]], str], *, speed: float = 1.0) -> None:
@@ -189,8 +189,8 @@ class SimulatedBroker:
         self.resolve = resolve
         broker_delivery = (broker.get("spec") or {}).get("delivery")
         self.triggers = [
-            SimTrigger(t["metadata"]["name"], t["spec"], resolve(t["spec"]["subscriber"]),
-                       Delivery.from_spec(t["spec"].get("delivery") or broker_delivery, resolve))
+            SimTrigger(t["metadata"]["name"], t["spec"],
+                       Delivery.from_spec(t["spec"].get("delivery") or broker_delivery))
             for t in triggers if t["spec"].get("broker") == self.name]
         self.records: list[DeliveryRecord] = []
         self.received: list[dict[str, Any]] = []  # every event the ingress accepted, attributes only
@@ -268,9 +268,10 @@ class SimulatedBroker:
         with self._lock:
             self.records.append(record)
         d = trigger.delivery
+        subscriber = self.resolve(trigger.spec["subscriber"])
         last_body, last_status = b"", None
         for attempt in range(d.retry + 1):
-            status, retry_after, resp_headers, body = self._post(trigger.subscriber, headers, msg.body, d.timeout_s)
+            status, retry_after, resp_headers, body = self._post(subscriber, headers, msg.body, d.timeout_s)
             if status is not None and 200 <= status < 300:
                 reply = _reply_event(resp_headers, body)
                 if reply is _NOT_AN_EVENT:
@@ -289,7 +290,7 @@ class SimulatedBroker:
                 break
             time.sleep(d.backoff(attempt, status, retry_after) / self.speed)
         if d.dead_letter:
-            self._dead_letter(d.dead_letter, trigger, delivered, data, last_status, last_body)
+            self._dead_letter(self.resolve(d.dead_letter), subscriber, delivered, data, last_status, last_body)
             record.outcome = "dead-lettered"
         else:
             record.outcome = "failed"
@@ -308,10 +309,10 @@ class SimulatedBroker:
         msg = to_binary_event(CloudEvent(attrs, reply.get_data()))
         self._ingress(f"/{self.namespace}/{self.name}", dict(msg.headers), msg.body)
 
-    def _dead_letter(self, url: str, trigger: SimTrigger, attrs: dict[str, Any], data: Any, status: int | None,
+    def _dead_letter(self, url: str, subscriber: str, attrs: dict[str, Any], data: Any, status: int | None,
                      body: bytes) -> None:
         encoded = base64.b64encode(body).decode()[:ERROR_DATA_MAX]
-        extra = {"knativeerrordest": trigger.subscriber, "knativeerrorcode": str(status if status else -1)}
+        extra = {"knativeerrordest": subscriber, "knativeerrorcode": str(status if status else -1)}
         if encoded:
             extra["knativeerrordata"] = encoded
         msg = to_binary_event(CloudEvent({**attrs, **extra}, data))

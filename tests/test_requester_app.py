@@ -189,6 +189,40 @@ def test_cloudevent_transient_failure_is_429_without_an_event(client, fake):
     assert resp.status_code == 429 and "ce-type" not in resp.headers
 
 
+def test_a_pingsource_ping_naming_a_model_warms_it(client, fake):
+    """A PingSource cannot set its events' type (knative/eventing pkg/adapter/mtping/runner.go)."""
+    resp = client.post("/", data=b'{"model": "model-b"}', headers={
+        "ce-specversion": "1.0", "ce-type": "dev.knative.sources.ping", "ce-id": "p1",
+        "ce-source": "/apis/v1/namespaces/fma-example/pingsources/fma-prewarm", "ce-fmaprewarm": "true",
+        "Content-Type": "application/json"})
+    assert resp.status_code == 200 and resp.headers["ce-type"] == "ai.llm-d.fma.worker.ready"
+    assert resp.headers["ce-requestid"] == "p1" and resp.get_json()["state"] == "ready"
+    resp = client.post("/", data=b"", headers={"ce-specversion": "1.0", "ce-type": "dev.knative.sources.ping",
+                                               "ce-id": "p2", "ce-source": "/apis/v1/namespaces/x/pingsources/y"})
+    assert resp.status_code == 200 and resp.headers["ce-type"] == "ai.llm-d.fma.worker.failed", \
+        "a ping that names no model fails permanently (a reply, not a retry), not guessed at"
+    assert resp.get_json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_reply_carries_request_replys_correlation_id_back(client):
+    """Knative's RequestReply matches a reply by its replyid = the request's correlationid."""
+    resp = client.post("/", json={"model": "model-b"}, headers={
+        "ce-specversion": "1.0", "ce-type": "ai.llm-d.fma.worker.warm.requested", "ce-source": "/t", "ce-id": "w9",
+        "ce-correlationid": "abc:signed"})
+    assert resp.headers["ce-replyid"] == "abc:signed" and resp.headers["ce-requestid"] == "w9"
+    plain = client.post("/", json={"model": "model-b"}, headers={
+        "ce-specversion": "1.0", "ce-type": "ai.llm-d.fma.worker.warm.requested", "ce-source": "/t", "ce-id": "w10"})
+    assert "ce-replyid" not in plain.headers
+
+
+def test_an_event_larger_than_the_body_limit_is_413(client):
+    big = b'{"model": "model-b", "prompt": "' + b"x" * (2 << 20) + b'"}'
+    resp = client.post("/", data=big, headers={
+        "ce-specversion": "1.0", "ce-type": "ai.llm-d.fma.completion.requested", "ce-source": "/t", "ce-id": "b1",
+        "Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.get_json()["error"]["type"] == "invalid_request_error"
+
+
 def test_unknown_and_malformed_events_are_400(client):
     resp = client.post("/", json={}, headers={"ce-specversion": "1.0", "ce-type": "x.y", "ce-source": "/t",
                                               "ce-id": "1"})
