@@ -388,6 +388,42 @@ def test_idle_workers_scale_to_zero_after_their_timeout():
     assert h.phase("a") == "cold" and h.effects.alive("a") == 0
 
 
+def test_status_counts_down_the_idle_time_left_and_says_nothing_while_busy_or_cold():
+    h = harness("models:\n  - {name: a, source: 'embedded:smollm2-135m-instruct', idle_timeout: 5s}\n")
+    assert h.machine.describe("a").idle_left_s is None
+    ready(h)
+    h.clock.advance(2)
+    assert h.machine.describe("a").idle_left_s == pytest.approx(3.0)
+    busy = h.machine.admit("a").result()
+    assert h.machine.describe("a").idle_left_s is None, "a worker with a request in flight is not idling"
+    h.clock.advance(1)
+    busy.done()
+    assert h.machine.describe("a").idle_left_s == pytest.approx(5.0), "the clock restarts after the last request"
+
+
+def test_metrics_time_to_ready_counts_from_the_first_request_once_and_queue_wait_every_request():
+    h = harness(TWO)
+    ready(h, "a")
+    first = h.machine.admit("b")  # a must go to sleep first: b's start waits for room
+    h.clock.advance(1.0)
+    h.executor.deliver_next("sleep", "a")
+    h.clock.advance(0.5)
+    h.executor.deliver_next("start", "b")
+    first.result().done()
+    second = h.machine.admit("b").result()  # warm: its own observation, path warm
+    second.done()
+    registry = h.machine.metrics.registry
+    cold = {"model": "b", "path": "cold"}
+    assert registry.get_sample_value("fma_actuation_seconds_sum", cold) == pytest.approx(1.5), \
+        "from the request's arrival (it waited for room), not from when the worker was asked to start"
+    assert registry.get_sample_value("fma_actuation_seconds_count", cold) == 1
+    assert registry.get_sample_value("fma_last_time_to_ready_seconds", cold) == pytest.approx(1.5)
+    assert registry.get_sample_value("fma_queue_wait_seconds_count", {"model": "b"}) == 2
+    assert registry.get_sample_value("fma_queue_wait_seconds_sum", {"model": "b"}) == pytest.approx(1.5)
+    assert registry.get_sample_value("fma_workers", {"state": "ready"}) == 1
+    assert registry.get_sample_value("fma_workers", {"state": "sleeping"}) == 1
+
+
 # ---- the whole machine ----------------------------------------------------------------------------
 
 def test_shutdown_answers_every_waiter_and_stops_every_worker():

@@ -1,20 +1,412 @@
 """The ``fma`` command (also installed as ``kn-fma``, so ``kn fma ...`` works).
 
+Built on click: it is already in every install (Flask depends on it), starts
+fast, and gives nested help, shell completion and a test runner without
+another layer (typer would add rich and a second way to declare options).
+
 Server commands exec gunicorn with the checked-in configuration; client
-commands talk HTTP to ``--url`` (env ``FMA_URL``, default
-``http://localhost:8081``). Nothing heavy is imported until a command needs it.
+commands talk HTTP to the requester (see :mod:`fma_cli.client` for where it
+is found). Nothing heavy is imported until a command needs it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-DEFAULT_URL = "http://localhost:8081"
+import click
+from click.core import ParameterSource
+
+from .client import (
+    EXIT_HTTP_ERROR,
+    EXIT_USAGE,
+    CliError,
+    RequesterClient,
+    resolve,
+)
+from .render import (
+    OUTPUTS,
+    dump,
+    models_table,
+    paint,
+    progress_line,
+    seconds,
+    state_text,
+    use_colour,
+    workers_table,
+)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class FmaGroup(click.Group):
+    """Expected failures end as one line on stderr and a documented exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CliError as exc:
+            click.echo(f"{ctx.find_root().info_name}: {exc}", err=True)
+            ctx.exit(exc.code)
+        except KeyboardInterrupt:
+            ctx.exit(130)
+
+
+def _kn_plugin(ctx: click.Context) -> bool:
+    return (ctx.find_root().info_name or "").startswith("kn")
+
+
+@click.group(cls=FmaGroup, context_settings=CONTEXT)
+@click.version_option(package_name="fma", prog_name="fma")
+def cli() -> None:
+    """Fast model actuation: serverless LLM serving with scale to zero.
+
+    \b
+    Run the requester here:        fma serve
+    Ask it for a completion:       fma complete smollm2-135m-instruct "Hello" --stream
+    See every model's worker:      fma workers
+    On Knative, as a kn plugin:    kn fma workers -n fma-example
+
+    Client commands find the requester with --url (env FMA_URL); as `kn fma`, or given
+    --namespace, with no URL they read the fma-requester Knative Service's URL from the
+    cluster in your kubeconfig; else http://localhost:8081.
+
+    \b
+    Exit codes: 0 success, 1 the requester answered an error, 2 bad usage or settings,
+    3 requester unreachable, 4 unknown model.
+    """
+
+
+# ---- client plumbing ----------------------------------------------------------------
+
+
+def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--url", envvar="FMA_URL", metavar="URL",
+                     help="the requester [env FMA_URL; default: the cluster's fma-requester as `kn fma`, "
+                          "else http://localhost:8081]"),
+        click.option("-n", "--namespace", metavar="NS",
+                     help="find the requester in this namespace of the kubeconfig's cluster"),
+        click.option("--api-key", envvar="FMA_API_KEY", metavar="KEY", show_envvar=True,
+                     help="sent as `Authorization: Bearer KEY` when the requester has API keys"),
+        click.option("--timeout", type=float, default=600.0, show_default=True,
+                     help="seconds to wait for an answer (a cold start can take minutes on a cluster)"),
+    ]
+    for option in reversed(options):  # decorators apply inside out; --help lists them in this order
+        f = option(f)
+    return f
+
+
+def output_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("-o", "--output", type=click.Choice(OUTPUTS), default="table", show_default=True,
+                        help="table for people; json or yaml (the API's own objects) for scripts")(f)
+
+
+def connect(ctx: click.Context, url: str | None, namespace: str | None, api_key: str | None,
+            timeout: float) -> RequesterClient:
+    given = url if ctx.get_parameter_source("url") in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT) \
+        else None
+    target = resolve(given, namespace, _kn_plugin(ctx), {} if given else os.environ)
+    if not target.explicit and target.how != "the default":
+        click.echo(f"{ctx.find_root().info_name}: using {target.url} ({target.how})", err=True)
+    return RequesterClient(target, timeout=timeout, api_key=api_key)
+
+
+def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of model names: asks the requester quickly, offers nothing if it is not there."""
+    import httpx
+
+    url = ctx.params.get("url") or os.environ.get("FMA_URL") or "http://localhost:8081"
+    try:
+        names = [m["id"] for m in httpx.get(f"{url.rstrip('/')}/v1/models", timeout=1.0).json()["data"]]
+    except Exception:
+        return []
+    return [n for n in names if n.startswith(incomplete)]
+
+
+MODEL = click.argument("model", shell_complete=complete_model)
+
+
+# ---- client commands -------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT)
+@client_options
+@output_option
+@click.pass_context
+def models(ctx: click.Context, url: str | None, namespace: str | None, api_key: str | None, timeout: float,
+           output: str) -> None:
+    """List the served models and their worker state.
+
+    \b
+    Examples:
+      fma models
+      fma models -o json | jq -r '.data[].id'
+    """
+    with connect(ctx, url, namespace, api_key, timeout) as client:
+        data = client.json("GET", "/v1/models")
+    click.echo(models_table(data["data"], use_colour()) if output == "table" else dump(data, output))
+
+
+@cli.command(context_settings=CONTEXT)
+@client_options
+@output_option
+@click.option("-w", "--watch", is_flag=True, help="refresh until interrupted (Ctrl-C)")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="seconds between refreshes with --watch")
+@click.pass_context
+def workers(ctx: click.Context, url: str | None, namespace: str | None, api_key: str | None, timeout: float,
+            output: str, watch: bool, interval: float) -> None:
+    """Show every model's worker: state, in-flight and queued requests, last actuation, idle time left.
+
+    \b
+    Examples:
+      fma workers
+      fma workers --watch
+      fma workers -o yaml
+      kn fma workers -n fma-example
+    """
+    with connect(ctx, url, namespace, api_key, timeout) as client:
+        if not watch:
+            data = client.json("GET", "/v1/workers")
+            click.echo(_render_workers(data, output))
+            return
+        _watch(client, output, interval)
+
+
+def _render_workers(data: dict[str, Any], output: str, colour: bool | None = None) -> str:
+    if output != "table":
+        return dump(data, output)
+    return workers_table(data["data"], time.time(), use_colour() if colour is None else colour)
+
+
+def _watch(client: RequesterClient, output: str, interval: float) -> None:
+    terminal = sys.stdout.isatty()
+    last = None
+    try:
+        while True:
+            data = client.json("GET", "/v1/workers")
+            text = _render_workers(data, output)
+            if terminal:
+                click.clear()
+                click.echo(f"Every {interval:g}s: {client.target.url}   {time.strftime('%H:%M:%S')}\n")
+                click.echo(text)
+            elif text != last:  # piped: a new block only when something changed
+                click.echo(("\n" if last is not None else "") + f"# {time.strftime('%H:%M:%S')}\n{text}")
+            last = text
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return  # the way to stop a watch: not an error
+
+
+@cli.command(context_settings=CONTEXT)
+@MODEL
+@client_options
+@output_option
+@click.pass_context
+def warm(ctx: click.Context, model: str, url: str | None, namespace: str | None, api_key: str | None,
+         timeout: float, output: str) -> None:
+    """Start (or wake) MODEL's worker now and wait until it can serve.
+
+    Progress goes to stderr: a spinner with the elapsed time and the worker's state on a
+    terminal, a line per change otherwise. Exits non-zero with the reason if it fails.
+
+    \b
+    Examples:
+      fma warm smollm2-135m-instruct
+      fma warm smollm2-135m-instruct -o json
+    """
+    with connect(ctx, url, namespace, api_key, timeout) as client:
+        status = _warm_with_progress(client, model, sys.stderr.isatty() and os.environ.get("TERM") != "dumb")
+    if output != "table":
+        click.echo(dump(status, output))
+        return
+    act = status.get("last_actuation")
+    how = f" ({act['path']} {seconds(act['seconds'])})" if act else ""
+    click.echo(f"{model}: {paint(state_text(status), 'green', use_colour())}{how}")
+
+
+_SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+
+def _warm_with_progress(client: RequesterClient, model: str, terminal: bool) -> dict[str, Any]:
+    """POST warm on one thread; poll the worker's status on this one, and show it."""
+    outcome: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            outcome["status"] = client.json("POST", f"/v1/workers/{model}/warm", model=model)
+        except CliError as exc:
+            outcome["error"] = exc
+
+    asker = threading.Thread(target=ask, name="fma-warm", daemon=True)
+    started = time.monotonic()
+    asker.start()
+    poller = RequesterClient(client.target, timeout=5.0, api_key=client.api_key)
+    shown, current, frame, next_poll = None, None, 0, 0.0
+    try:
+        while asker.is_alive():
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + 0.25
+                try:
+                    current = poller.json("GET", f"/v1/workers/{model}", model=model)
+                except CliError:
+                    pass  # the warm call itself reports the real failure
+            line = progress_line(model, current, now - started)
+            if terminal:
+                click.echo(f"\r\x1b[2K{_SPINNER[frame % len(_SPINNER)]} {line}", err=True, nl=False)
+                frame += 1
+            else:
+                key = (current or {}).get("phase"), (current or {}).get("detail")
+                if key != shown:
+                    click.echo(line, err=True)
+                    shown = key
+            asker.join(0.1)
+    finally:
+        poller.__exit__()
+        if terminal:
+            click.echo("\r\x1b[2K", err=True, nl=False)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["status"]
+
+
+@cli.command(context_settings=CONTEXT)
+@MODEL
+@click.option("--level", type=click.IntRange(1, 2), default=1, show_default=True,
+              help="1: weights to host memory (fast wake); 2: weights dropped (memory freed, reloaded on wake)")
+@client_options
+@output_option
+@click.pass_context
+def sleep(ctx: click.Context, model: str, level: int, url: str | None, namespace: str | None, api_key: str | None,
+          timeout: float, output: str) -> None:
+    """Put MODEL's worker to sleep: it keeps its process, frees the accelerator.
+
+    \b
+    Examples:
+      fma sleep smollm2-135m-instruct
+      fma sleep smollm2-135m-instruct --level 2
+    """
+    with connect(ctx, url, namespace, api_key, timeout) as client:
+        status = client.json("POST", f"/v1/workers/{model}/sleep", model=model, params={"level": level})
+    click.echo(dump(status, output) if output != "table" else f"{model}: {state_text(status)} (level {level})")
+
+
+@cli.command(context_settings=CONTEXT)
+@MODEL
+@client_options
+@output_option
+@click.pass_context
+def release(ctx: click.Context, model: str, url: str | None, namespace: str | None, api_key: str | None,
+            timeout: float, output: str) -> None:
+    """Scale MODEL's worker to zero now.
+
+    \b
+    Examples:
+      fma release smollm2-135m-instruct
+    """
+    with connect(ctx, url, namespace, api_key, timeout) as client:
+        status = client.json("DELETE", f"/v1/workers/{model}", model=model)
+    click.echo(dump(status, output) if output != "table" else f"{model}: {state_text(status)}")
+
+
+@cli.command(context_settings=CONTEXT)
+@MODEL
+@click.argument("prompt")
+@click.option("--stream", is_flag=True, help="print tokens as they arrive")
+@click.option("--chat", is_flag=True, help="send PROMPT as a user message to /v1/chat/completions")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True)
+@click.option("--seed", type=int)
+@client_options
+@click.option("-o", "--output", type=click.Choice(("text", "json")), default="text", show_default=True,
+              help="the text alone, or the whole response object (not with --stream)")
+@click.pass_context
+def complete(ctx: click.Context, model: str, prompt: str, stream: bool, chat: bool, max_tokens: int,
+             temperature: float, seed: int | None, url: str | None, namespace: str | None, api_key: str | None,
+             timeout: float, output: str) -> None:
+    """Send one completion of PROMPT to MODEL (starting its worker if needed).
+
+    \b
+    Examples:
+      fma complete smollm2-135m-instruct "Once upon a time" --stream
+      fma complete smollm2-135m-instruct "What is 2+2?" --chat --max-tokens 16
+    """
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": temperature}
+    body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+    if seed is not None:
+        body["seed"] = seed
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    with connect(ctx, url, namespace, api_key, timeout) as client:
+        if not stream:
+            data = client.json("POST", path, model=model, json=body)
+            if output == "json":
+                click.echo(dump(data, "json"))
+            else:
+                choice = data["choices"][0]
+                click.echo(choice["message"]["content"] if chat else choice["text"])
+            return
+        _stream(client, path, {**body, "stream": True}, model, chat)
+
+
+def _stream(client: RequesterClient, path: str, body: dict[str, Any], model: str, chat: bool) -> None:
+    import json
+
+    import httpx
+
+    try:
+        with client.http.stream("POST", path, json=body) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise client.error(resp, model)
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue  # keepalive comments and blank separators
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    click.echo()
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    click.echo()
+                    raise CliError(f"the stream failed: {event['error'].get('message')}", EXIT_HTTP_ERROR)
+                for choice in event.get("choices", []):
+                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if text:
+                        click.echo(text, nl=False)
+                        sys.stdout.flush()
+    except httpx.HTTPError as exc:
+        raise CliError(f"the stream from {client.target.url} broke off: {exc}", EXIT_HTTP_ERROR) from exc
+    raise CliError("the stream ended without [DONE]: the answer may be cut short", EXIT_HTTP_ERROR)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("shell", type=click.Choice(("bash", "zsh", "fish")))
+@click.pass_context
+def completion(ctx: click.Context, shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    \b
+    Examples:
+      eval "$(fma completion bash)"                 # in ~/.bashrc
+      fma completion zsh > "${fpath[1]}/_fma"
+      fma completion fish > ~/.config/fish/completions/fma.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    prog = ctx.find_root().info_name or "fma"
+    var = f"_{prog.replace('-', '_').replace(' ', '_').upper()}_COMPLETE"
+    cls = get_completion_class(shell)
+    assert cls is not None  # the choice above lists only shells click knows
+    click.echo(cls(cli, {}, prog.replace(" ", "-"), var).source())
+
+
+# ---- server and tooling commands -------------------------------------------------------
 
 
 def _exec_gunicorn(config_module: str, app: str, env: dict[str, str]) -> None:
@@ -25,39 +417,28 @@ def _exec_gunicorn(config_module: str, app: str, env: dict[str, str]) -> None:
     os.execv(sys.executable, argv)
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    env = {"FMA_MODEL": args.model}
-    if args.source:
-        env["FMA_MODEL_SOURCE"] = args.source
-    if args.port:
-        env["PORT"] = str(args.port)
-    if args.host:
-        env["FMA_HOST"] = args.host
-    if args.device:
-        env["FMA_DEVICE"] = args.device
-    if args.dtype:
-        env["FMA_DTYPE"] = args.dtype
-    # Validate before exec so a typo is one clear line, not a gunicorn traceback.
-    from fma_common.settings import SettingsError
-    from fma_worker.settings import WorkerSettings
+@cli.command(context_settings=CONTEXT)
+@click.option("--bind", multiple=True, metavar="HOST:PORT",
+              help="repeatable (env FMA_BIND, comma-separated; default 127.0.0.1:8080 and 127.0.0.1:8081)")
+@click.option("--models", "models_file", metavar="FILE", help="models YAML file (default: the built-in embedded "
+                                                                "model) [env FMA_MODELS]")
+@click.option("--actuator", type=click.Choice(("local", "knative")), help="[env FMA_ACTUATOR; default local]")
+def serve(bind: Sequence[str], models_file: str | None, actuator: str | None) -> None:
+    """Run the requester: the main job. Workers start on the first request.
 
-    try:
-        WorkerSettings.from_env({**os.environ, **env})
-    except SettingsError as exc:
-        print(f"fma worker: {exc}", file=sys.stderr)
-        return 2
-    _exec_gunicorn("fma_worker.gunicorn_conf", "fma_worker.app:create_app()", env)
-    return 0  # not reached
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
+    \b
+    Examples:
+      fma serve
+      fma serve --bind 0.0.0.0:8081 --models models.yaml
+    Every setting: `fma settings requester`.
+    """
     env: dict[str, str] = {}
-    if args.bind:
-        env["FMA_BIND"] = ",".join(args.bind)
-    if args.models:
-        env["FMA_MODELS"] = args.models
-    if args.actuator:
-        env["FMA_ACTUATOR"] = args.actuator
+    if bind:
+        env["FMA_BIND"] = ",".join(bind)
+    if models_file:
+        env["FMA_MODELS"] = models_file
+    if actuator:
+        env["FMA_ACTUATOR"] = actuator
     from fma_common.settings import SettingsError
     from fma_requester.registry import ModelRegistry
     from fma_requester.settings import RequesterSettings
@@ -66,17 +447,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = RequesterSettings.from_env({**os.environ, **env})
         registry = ModelRegistry.load(settings.models_file)
     except SettingsError as exc:
-        print(f"fma serve: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(str(exc), EXIT_USAGE) from exc
     first = settings.binds[-1].replace("0.0.0.0", "localhost")
-    print(f"fma serve: requester on {', '.join('http://' + b for b in settings.binds)}", file=sys.stderr)
-    print(f"fma serve: models: {', '.join(registry.names())}", file=sys.stderr)
-    print("fma serve: try\n"
-          f"  curl -X POST http://{first}/v1/completions -H 'Content-Type: application/json' \\\n"
-          f"    -d '{{\"model\": \"{registry.names()[0]}\", \"prompt\": \"Hello, world!\", \"max_tokens\": 50}}'",
-          file=sys.stderr)
+    say = lambda text: click.echo(f"fma serve: {text}", err=True)  # noqa: E731
+    say(f"requester on {', '.join('http://' + b for b in settings.binds)}")
+    say(f"models: {', '.join(registry.names())}")
+    say(f"status page: http://{first}/ui")
+    say("try\n"
+        f"  curl -X POST http://{first}/v1/completions -H 'Content-Type: application/json' \\\n"
+        f"    -d '{{\"model\": \"{registry.names()[0]}\", \"prompt\": \"Hello, world!\", \"max_tokens\": 50}}'")
     _exec_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", env)
-    return 0  # not reached
+
+
+@cli.command("event-log", context_settings=CONTEXT)
+def event_log() -> None:
+    """Log the CloudEvents sent to it (the Broker's dead letters, lifecycle events).
+
+    The example's event-display: POST / and POST /dead-letter take events, GET /events
+    lists the recent ones. Settings: `fma settings eventlog`.
+    """
+    from fma_common.settings import SettingsError
+    from fma_requester.eventlog import EventLogSettings
+
+    try:
+        settings = EventLogSettings.from_env()
+    except SettingsError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    click.echo(f"fma event-log: on http://{settings.address()} (POST /, POST /dead-letter, GET /events)", err=True)
+    _exec_gunicorn("fma_requester.eventlog_conf", "fma_requester.eventlog:create_app()", {})
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--model", default=lambda: os.environ.get("FMA_MODEL", "smollm2-135m-instruct"), show_default=True,
+              help="the served model name [env FMA_MODEL]")
+@click.option("--source", help="embedded:NAME, hf:ORG/NAME or path:/folder [env FMA_MODEL_SOURCE]")
+@click.option("--port", type=click.IntRange(1, 65535), help="[env PORT; default 8000]")
+@click.option("--host", help="[env FMA_HOST]")
+@click.option("--device", help="cpu, cuda, cuda:N or auto [env FMA_DEVICE]")
+@click.option("--dtype", help="float32, bfloat16, float16 or auto [env FMA_DTYPE]")
+def worker(model: str, source: str | None, port: int | None, host: str | None, device: str | None,
+           dtype: str | None) -> None:
+    """Serve one model: the OpenAI API and the vLLM-style sleep API.
+
+    \b
+    Examples:
+      fma worker --model smollm2-135m-instruct --port 8000
+      fma worker --model my-model --source path:/models/my-model --device cuda
+    Every setting: `fma settings worker`.
+    """
+    env = {"FMA_MODEL": model}
+    for key, value in (("FMA_MODEL_SOURCE", source), ("PORT", port), ("FMA_HOST", host), ("FMA_DEVICE", device),
+                       ("FMA_DTYPE", dtype)):
+        if value:
+            env[key] = str(value)
+    # Validate before exec so a typo is one clear line, not a gunicorn traceback.
+    from fma_common.settings import SettingsError
+    from fma_worker.settings import WorkerSettings
+
+    try:
+        WorkerSettings.from_env({**os.environ, **env})
+    except SettingsError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    _exec_gunicorn("fma_worker.gunicorn_conf", "fma_worker.app:create_app()", env)
 
 
 def _example_file(name: str) -> str | None:
@@ -90,8 +522,22 @@ def _example_file(name: str) -> str | None:
     return None
 
 
-def cmd_manifests(args: argparse.Namespace) -> int:
-    """Print the worker Services the deployed requester would create (no cluster access)."""
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("--models", "models_file", metavar="FILE",
+              help="models YAML file (default: FMA_MODELS, else knative/base/models.yaml, else the built-in default)")
+@click.option("--worker-template", metavar="FILE",
+              help="worker template YAML (default: FMA_WORKER_TEMPLATE, else knative/base/worker-template.yaml)")
+@click.option("-n", "--namespace", metavar="NS")
+def manifests(model: str | None, models_file: str | None, worker_template: str | None,
+              namespace: str | None) -> None:
+    """Print the worker Knative Services the deployed requester would create (no cluster access).
+
+    \b
+    Examples:
+      fma manifests
+      fma manifests smollm2-135m-instruct -n llm | kubectl apply --dry-run=server -f -
+    """
     import yaml
 
     from fma_common.settings import SettingsError
@@ -99,292 +545,94 @@ def cmd_manifests(args: argparse.Namespace) -> int:
     from fma_requester.knative_spec import render_worker_service
     from fma_requester.registry import ModelRegistry
 
-    models = args.models or os.environ.get("FMA_MODELS") or _example_file("models.yaml")
-    template = args.worker_template or os.environ.get("FMA_WORKER_TEMPLATE") or _example_file("worker-template.yaml")
-    env = {**os.environ, **({"FMA_NAMESPACE": args.namespace} if args.namespace else {}),
+    models_path = models_file or os.environ.get("FMA_MODELS") or _example_file("models.yaml")
+    template = worker_template or os.environ.get("FMA_WORKER_TEMPLATE") or _example_file("worker-template.yaml")
+    env = {**os.environ, **({"FMA_NAMESPACE": namespace} if namespace else {}),
            **({"FMA_WORKER_TEMPLATE": template} if template else {})}
     try:
-        registry = ModelRegistry.load(models)
+        registry = ModelRegistry.load(models_path)
         kn = KnativeSettings.from_env(env)
         check_models(registry, kn)
     except SettingsError as exc:
-        print(f"fma manifests: {exc}", file=sys.stderr)
-        return 2
-    print(f"fma manifests: models from {registry.origin}; worker template from {template or 'the built-in defaults'}",
-          file=sys.stderr)
-    names = [args.model] if args.model else registry.names()
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    click.echo(f"fma manifests: models from {registry.origin}; worker template from "
+               f"{template or 'the built-in defaults'}", err=True)
     docs = []
-    for name in names:
+    for name in [model] if model else registry.names():
         spec = registry.get(name)
         if spec is None:
-            print(f"fma manifests: model {name!r} is not configured; configured: {', '.join(registry.names())}",
-                  file=sys.stderr)
-            return 2
+            raise CliError(f"model {name!r} is not configured; configured: {', '.join(registry.names())}",
+                           EXIT_USAGE)
         # The owner reference (the requester's uid) and, for shared GPUs, the
         # requester's node and GPU UUIDs are only known inside the cluster.
         assert kn.template is not None
         docs.append(render_worker_service(spec, kn.template, node_name=kn.node_name))
-    print(yaml.safe_dump_all(docs, sort_keys=False), end="")
-    return 0
+    click.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    """Convert an embedded model into the cache now, with progress on stderr."""
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", default="smollm2-135m-instruct")
+@click.option("--dtype", default="float32", show_default=True)
+def prepare(model: str, dtype: str) -> None:
+    """Convert an embedded model into the cache now, with progress on stderr; print its folder."""
     from fma_worker.model_store import EMBEDDED_MODELS, default_cache_dir, ensure_embedded_converted
 
-    if args.model not in EMBEDDED_MODELS:
-        print(f"fma prepare: {args.model!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)})",
-              file=sys.stderr)
-        return 2
-    folder = ensure_embedded_converted(args.model, args.dtype, default_cache_dir(),
-                                       progress=lambda msg: print(f"fma prepare: {msg}", file=sys.stderr))
-    print(folder)
-    return 0
+    if model not in EMBEDDED_MODELS:
+        raise CliError(f"{model!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)})", EXIT_USAGE)
+    folder = ensure_embedded_converted(model, dtype, default_cache_dir(),
+                                       progress=lambda msg: click.echo(f"fma prepare: {msg}", err=True))
+    click.echo(folder)
 
 
-def cmd_model_path(args: argparse.Namespace) -> int:
-    """Print the converted folder of an embedded model (it may not exist yet)."""
+@cli.command("model-path", context_settings=CONTEXT)
+@click.argument("model", default="smollm2-135m-instruct")
+@click.option("--dtype", default="float32", show_default=True)
+def model_path(model: str, dtype: str) -> None:
+    """Print the folder of a converted embedded model (it may not exist yet)."""
     from fma_worker.model_store import default_cache_dir, embedded_cache_dir, is_converted
 
-    folder = embedded_cache_dir(args.model, args.dtype, default_cache_dir())
-    print(folder)
+    folder = embedded_cache_dir(model, dtype, default_cache_dir())
+    click.echo(folder)
     if not is_converted(folder):
-        print("(not converted yet: run `fma prepare`)", file=sys.stderr)
-    return 0
+        click.echo("(not converted yet: run `fma prepare`)", err=True)
 
 
-def cmd_event_log(args: argparse.Namespace) -> int:
-    from fma_common.settings import SettingsError
-    from fma_requester.eventlog import EventLogSettings
+@cli.command(context_settings=CONTEXT)
+@click.argument("service", type=click.Choice(("requester", "worker", "knative", "eventlog")), default="requester")
+@click.option("--markdown", is_flag=True, help="the table of variables, defaults and meanings")
+def settings(service: str, markdown: bool) -> None:
+    """List a service's settings: what it would use now (VAR=value), or --markdown.
 
-    try:
-        settings = EventLogSettings.from_env()
-    except SettingsError as exc:
-        print(f"fma event-log: {exc}", file=sys.stderr)
-        return 2
-    print(f"fma event-log: on http://{settings.address()} (POST /, POST /dead-letter, GET /events)", file=sys.stderr)
-    _exec_gunicorn("fma_requester.eventlog_conf", "fma_requester.eventlog:create_app()", {})
-    return 0  # not reached
-
-
-def cmd_settings(args: argparse.Namespace) -> int:
-    """Every setting of a service: variable, default, meaning (the README's tables are this output)."""
+    \b
+    Examples:
+      fma settings requester
+      FMA_IDLE_TIMEOUT=30s fma settings
+      fma settings worker --markdown
+    """
     from fma_cli.docs import settings_classes
     from fma_common.settings import SettingsError, describe, markdown_table
 
-    cls = settings_classes()[args.service]
-    if args.markdown:
-        print(markdown_table(cls), end="")
-        return 0
+    cls = settings_classes()[service]
+    if markdown:
+        click.echo(markdown_table(cls), nl=False)
+        return
     try:
         current = describe(cls.from_env())
     except SettingsError as exc:
-        print(f"fma settings: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(str(exc), EXIT_USAGE) from exc
     names = cls.env_names()
     for field, value in current.items():
         if field in names and (cls.model_fields[field].json_schema_extra or {}):
-            print(f"{names[field]}={'' if value is None else value}")
-    return 0
-
-
-# ---- client commands --------------------------------------------------------
-
-def _client(args: argparse.Namespace) -> Any:
-    import httpx
-
-    return httpx.Client(base_url=args.url.rstrip("/"), timeout=httpx.Timeout(args.timeout, connect=5.0))
-
-
-def _show_error(resp: Any) -> int:
-    try:
-        err = resp.json()["error"]
-        print(f"error {resp.status_code} ({err.get('code')}): {err.get('message')}", file=sys.stderr)
-    except (ValueError, KeyError, TypeError):
-        print(f"error {resp.status_code}: {resp.text[:500]}", file=sys.stderr)
-    return 1
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        resp = client.get("/v1/models")
-    if resp.status_code != 200:
-        return _show_error(resp)
-    print(json.dumps(resp.json(), indent=2))
-    return 0
-
-
-def _print_or_error(resp: Any) -> int:
-    if resp.status_code != 200:
-        return _show_error(resp)
-    print(json.dumps(resp.json(), indent=2))
-    return 0
-
-
-def cmd_workers(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        resp = client.get("/v1/workers")
-    if resp.status_code != 200:
-        return _show_error(resp)
-    rows = resp.json()["data"]
-    print(f"{'MODEL':40} {'STATE':9} {'IN-FLIGHT':>9} {'QUEUED':>6}  LAST ACTUATION")
-    for w in rows:
-        act = w.get("last_actuation")
-        last = f"{act['path']} {act['seconds']:.2f}s" if act else "-"
-        state = w["state"] if w.get("phase", w["state"]) == w["state"] else f"{w['state']} ({w['phase']})"
-        print(f"{w['model']:40} {state:9} {w['in_flight']:>9} {w['queued']:>6}  {last}"
-              + (f"  error: {w['error'][:80]}" if w.get("error") else ""))
-    return 0
-
-
-def cmd_warm(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        return _print_or_error(client.post(f"/v1/workers/{args.model}/warm"))
-
-
-def cmd_sleep(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        return _print_or_error(client.post(f"/v1/workers/{args.model}/sleep", params={"level": args.level}))
-
-
-def cmd_release(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        return _print_or_error(client.delete(f"/v1/workers/{args.model}"))
-
-
-def cmd_complete(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens,
-                            "temperature": args.temperature}
-    if args.seed is not None:
-        body["seed"] = args.seed
-    with _client(args) as client:
-        if not args.stream:
-            resp = client.post("/v1/completions", json=body)
-            if resp.status_code != 200:
-                return _show_error(resp)
-            print(resp.json()["choices"][0]["text"])
-            return 0
-        body["stream"] = True
-        with client.stream("POST", "/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                return _show_error(resp)
-            for line in resp.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    print(f"\nerror: {event['error'].get('message')}", file=sys.stderr)
-                    return 1
-                for choice in event.get("choices", []):
-                    sys.stdout.write(choice.get("text", ""))
-                    sys.stdout.flush()
-        print()
-    return 0
-
-
-def build_parser(prog: str = "fma") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Fast model actuation: serverless LLM serving.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("serve", help="run the requester (local actuator by default): the main job")
-    p.add_argument("--bind", action="append", help="HOST:PORT, repeatable (default 127.0.0.1:8080 and :8081)")
-    p.add_argument("--models", help="models YAML file (default: the built-in embedded model)")
-    p.add_argument("--actuator", choices=["local", "knative"])
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("event-log", help="log the CloudEvents sent to it (the Broker's dead letters, lifecycle "
-                                         "events): the example's event-display")
-    p.set_defaults(func=cmd_event_log)
-
-    p = sub.add_parser("worker", help="serve one model (OpenAI API + vLLM-style sleep API)")
-    p.add_argument("--model", default=os.environ.get("FMA_MODEL", "smollm2-135m-instruct"))
-    p.add_argument("--source", help="embedded:NAME, hf:ORG/NAME or path:/folder")
-    p.add_argument("--port", type=int)
-    p.add_argument("--host")
-    p.add_argument("--device")
-    p.add_argument("--dtype")
-    p.set_defaults(func=cmd_worker)
-
-    p = sub.add_parser("manifests", help="print the worker Knative Service YAML for a model (or all)")
-    p.add_argument("model", nargs="?")
-    p.add_argument("--models", help="models YAML file (default: FMA_MODELS, else knative/base/models.yaml, else the "
-                                    "built-in default)")
-    p.add_argument("--worker-template", help="worker template YAML (default: FMA_WORKER_TEMPLATE, else "
-                                             "knative/base/worker-template.yaml)")
-    p.add_argument("--namespace")
-    p.set_defaults(func=cmd_manifests)
-
-    p = sub.add_parser("prepare", help="convert an embedded model into the cache now")
-    p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", default="float32")
-    p.set_defaults(func=cmd_prepare)
-
-    p = sub.add_parser("model-path", help="print the folder of a converted embedded model")
-    p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", default="float32")
-    p.set_defaults(func=cmd_model_path)
-
-    p = sub.add_parser("settings", help="list a service's settings (what it would use now, or --markdown)")
-    p.add_argument("service", nargs="?", choices=["requester", "worker", "knative", "eventlog"],
-                   default="requester")
-    p.add_argument("--markdown", action="store_true", help="the table of variables, defaults and meanings")
-    p.set_defaults(func=cmd_settings)
-
-    def client_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=os.environ.get("FMA_URL", DEFAULT_URL))
-        p.add_argument("--timeout", type=float, default=600.0, help="seconds (cold starts can be slow)")
-
-    p = sub.add_parser("models", help="list the served models")
-    client_args(p)
-    p.set_defaults(func=cmd_models)
-
-    p = sub.add_parser("workers", help="show every model's worker state")
-    client_args(p)
-    p.set_defaults(func=cmd_workers)
-
-    for name, func, text in (("warm", cmd_warm, "start (or wake) a model's worker now"),
-                             ("release", cmd_release, "scale a model's worker to zero now")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("model")
-        client_args(p)
-        p.set_defaults(func=func)
-
-    p = sub.add_parser("sleep", help="put a model's worker to sleep")
-    p.add_argument("model")
-    p.add_argument("--level", type=int, choices=[1, 2], default=1)
-    client_args(p)
-    p.set_defaults(func=cmd_sleep)
-
-    p = sub.add_parser("complete", help="send one completion")
-    p.add_argument("model")
-    p.add_argument("prompt")
-    p.add_argument("--stream", action="store_true")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int)
-    client_args(p)
-    p.set_defaults(func=cmd_complete)
-    return parser
+            click.echo(f"{names[field]}={'' if value is None else value}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "kn fma" if os.path.basename(sys.argv[0]).startswith("kn-") else "fma"
-    args = build_parser(prog).parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # a CLI prints one line, not a traceback, for expected failures
-        import httpx
-
-        if isinstance(exc, httpx.HTTPError):
-            print(f"{prog}: cannot reach {getattr(args, 'url', '?')}: {exc}", file=sys.stderr)
-            return 1
-        raise
+        cli.main(args=list(argv) if argv is not None else None, prog_name=prog, standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from fma_common.logs import setup_logging
 from fma_common.settings import describe
 
 from . import protocol as p
+from . import ui
 from .actuator import Actuator
 from .dataplane import DataPlane
 from .events import EmitterConfig, SinkEmitter, parse_overrides
@@ -175,6 +176,22 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     @app.get(f"{p.PATH_WORKERS}/<path:model>")
     def describe_worker(model: str) -> Response:
         return json_response(actuator.describe(model).as_dict())
+
+    @app.get(p.PATH_UI)
+    def status_page() -> Response:
+        return ui.page()
+
+    @app.get(f"{p.PATH_UI}/<name>")
+    def status_page_asset(name: str) -> Response:
+        return ui.asset(name)
+
+    @app.get(p.PATH_CLOUDEVENTS)
+    def index() -> Response:
+        # A browser at the root gets the status page; a program gets where things are.
+        if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
+            return ui.page()
+        return json_response({"object": "fma.requester", "status_page": p.PATH_UI, "workers": p.PATH_WORKERS,
+                              "models": p.PATH_MODELS, "metrics": p.PATH_METRICS, "cloudevents": "POST /"})
 
     @app.post(p.PATH_CLOUDEVENTS)
     def cloudevent() -> Response:

@@ -325,7 +325,8 @@ class Lifecycle(Actuator):
             detail = slot.waiting_for
         return WorkerStatus(model=slot.name, state=self._state(slot), phase=slot.phase.value, backend=self.backend,
                             url=url, last_used=slot.last_used, in_flight=slot.in_flight, queued=len(slot.tickets),
-                            last_actuation=slot.last_actuation, error=slot.error, detail=detail)
+                            last_actuation=slot.last_actuation, error=slot.error, detail=detail,
+                            idle_left_s=policy.idle_left(self._view(slot), self.clock()))
 
     def describe(self, model: str) -> WorkerStatus:
         with self._cond:
@@ -336,13 +337,14 @@ class Lifecycle(Actuator):
             return [self._status(s) for s in self._slots.values()]
 
     def _views(self) -> list[policy.WorkerView]:
-        out = []
-        for s in (*self._slots.values(), *self._retiring.values()):
-            memory = s.spec.memory_mib or 0
-            asleep = s.spec.sleep_memory_mib if s.spec.sleep_memory_mib is not None else memory
-            out.append(policy.WorkerView(s.name, s.phase.value, s.in_flight, len(s.tickets) + (1 if s.wanted else 0),
-                                         s.last_used_mono, s.spec.idle_timeout or 0.0, s.holds, memory, asleep))
-        return out
+        return [self._view(s) for s in (*self._slots.values(), *self._retiring.values())]
+
+    @staticmethod
+    def _view(s: Slot) -> policy.WorkerView:
+        memory = s.spec.memory_mib or 0
+        asleep = s.spec.sleep_memory_mib if s.spec.sleep_memory_mib is not None else memory
+        return policy.WorkerView(s.name, s.phase.value, s.in_flight, len(s.tickets) + (1 if s.wanted else 0),
+                                 s.last_used_mono, s.spec.idle_timeout or 0.0, s.holds, memory, asleep)
 
     # ==== transitions ==================================================================================
 
@@ -530,6 +532,7 @@ class Lifecycle(Actuator):
         slot.in_flight += 1
         self._touch(slot)
         self.metrics.in_flight.labels(slot.name).set(slot.in_flight)
+        self.metrics.queue_wait.labels(slot.name).observe(now - ticket.created)
         if ticket.joined is not None:
             actuation = Actuation(path=ticket.joined, seconds=now - ticket.created)
         else:
@@ -662,6 +665,7 @@ class Lifecycle(Actuator):
         slot.error = None
         slot.failure = None
         slot.last_actuation = Actuation(path="cold", seconds=secs)
+        self.metrics.last_time_to_ready.labels(slot.name, "cold").set(secs)
         self._touch(slot)
         self._fire(slot, Trigger.STARTED)
         self.metrics.actuation.labels(slot.name, "cold").observe(secs)
@@ -712,6 +716,7 @@ class Lifecycle(Actuator):
         activation = slot.activation
         secs = self.clock() - (activation.started if activation else self.clock())
         slot.last_actuation = Actuation(path="wake", seconds=secs)
+        self.metrics.last_time_to_ready.labels(slot.name, "wake").set(secs)
         self._touch(slot)
         self._fire(slot, Trigger.WOKE)
         self.metrics.actuation.labels(slot.name, "wake").observe(secs)

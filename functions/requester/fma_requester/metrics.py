@@ -40,6 +40,17 @@ class RequesterMetrics:
                                    registry=r)
         self.events_dropped = Counter("fma_events_dropped", "Lifecycle CloudEvents not delivered, by reason "
                                       "(queue_full, timeout, unreachable, rejected, error)", ["reason"], registry=r)
+        self.queue_wait = Histogram("fma_queue_wait_seconds",
+                                    "Time a request waited in the requester for a ready worker (every path)",
+                                    ["model"], buckets=_ACTUATION_BUCKETS, registry=r)
+        # fma_actuation_seconds{path=cold|wake} is observed once per actuation, from the first request (or
+        # warm call) that found the worker cold or asleep; this is its latest value, for a per-model table.
+        self.last_time_to_ready = Gauge("fma_last_time_to_ready_seconds",
+                                        "The latest actuation's time from the first request to ready, by path",
+                                        ["model", "path"], registry=r)
+        self.workers = Gauge("fma_workers", "Models whose worker is in each state now (awake = ready)", ["state"],
+                             registry=r)
+        self._states: dict[str, str] = {}
         self.ttfb = Histogram("fma_upstream_first_byte_seconds", "Worker response start, as seen by the requester",
                               ["model"], buckets=_ACTUATION_BUCKETS, registry=r)
 
@@ -48,3 +59,6 @@ class RequesterMetrics:
             self.worker_state.labels(model, s).set(1 if s == state else 0)
         for ph in PHASES:
             self.worker_phase.labels(model, ph).set(1 if ph == (phase or state) else 0)
+        self._states[model] = state
+        for s in STATES:
+            self.workers.labels(s).set(sum(1 for v in self._states.values() if v == s))

@@ -154,6 +154,13 @@ def idle_expired(workers: Iterable[WorkerView], now: float) -> list[str]:
             if w.phase in ("ready", "sleeping") and w.idle and now - w.last_used >= w.idle_timeout]
 
 
+def idle_left(w: WorkerView, now: float) -> float | None:
+    """Seconds until ``idle_expired`` picks this worker if nothing uses it; None while busy or not up."""
+    if w.phase not in ("ready", "sleeping") or not w.idle:
+        return None
+    return max(0.0, w.last_used + w.idle_timeout - now)
+
+
 def excess_sleepers(workers: Iterable[WorkerView], sleepers: int) -> list[str]:
     """Idle sleeping workers beyond the budget, least recently used first.
 

@@ -25,6 +25,7 @@ PATH_CHAT = "/v1/chat/completions"
 PATH_MODELS = "/v1/models"
 PATH_WORKERS = "/v1/workers"
 PATH_CLOUDEVENTS = "/"
+PATH_UI = "/ui"
 PATH_BECOME_READY = "/v1/become-ready"
 PATH_BECOME_UNREADY = "/v1/become-unready"
 PATH_ACCELERATORS = "/v1/dual-pods/accelerators"
@@ -125,12 +126,14 @@ class WorkerStatus(BaseModel):
     last_actuation: Actuation | None
     error: str | None = None
     detail: str | None = None  # what a start in progress is waiting for (e.g. "waiting for a node: ...")
+    idle_left_s: float | None = None  # seconds before an idle worker scales to zero; None while busy or cold
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "model": self.model, "state": self.state, "phase": self.phase, "backend": self.backend,
             "url": self.url, "last_used": self.last_used, "in_flight": self.in_flight, "queued": self.queued,
             "last_actuation": self.last_actuation.as_dict() if self.last_actuation else None,
+            "idle_left_s": None if self.idle_left_s is None else round(self.idle_left_s, 1),
         }
         if self.state == "failed":
             out["error"] = self.error or "unknown error"
