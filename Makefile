@@ -35,6 +35,7 @@ worker: prepare
 	FMA_HOST=127.0.0.1 $(BIN)/fma worker --model $(MODEL) --port $(PORT)
 
 test: $(STAMP)
+	@bash tests/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

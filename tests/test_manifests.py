@@ -14,8 +14,9 @@ from fma_requester.knative import KnativeSettings
 from fma_requester.registry import ModelRegistry
 
 KUSTOMIZATIONS = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "knative").rglob("kustomization.yaml"))
-# Those that deploy the requester (knative/eventing is applied beside them: tests/test_eventing.py).
-REQUESTER = [k for k in KUSTOMIZATIONS if not k.startswith("knative/eventing")]
+# Those that deploy the requester (knative/eventing and knative/monitoring are applied beside them:
+# tests/test_eventing.py, tests/test_monitoring.py).
+REQUESTER = [k for k in KUSTOMIZATIONS if not k.startswith(("knative/eventing", "knative/monitoring"))]
 KUBECTL = shutil.which("kubectl")
 
 

@@ -304,30 +304,6 @@ def test_client_disconnect_closes_the_upstream_stream(shared: Requester):
     wait_for(lambda: worker_state(shared.spi)["in_flight"] == 0, 5, "the requester to release its lease")
 
 
-def test_cli_talks_to_the_requester(shared: Requester):
-    import subprocess
-    import sys
-
-    def fma(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fma_cli.main", *args, "--url", shared.spi],
-                              capture_output=True, text=True, timeout=180)
-
-    warm = fma("warm", EMBEDDED)
-    assert warm.returncode == 0 and '"state": "ready"' in warm.stdout
-    listing = fma("workers")
-    assert listing.returncode == 0 and EMBEDDED in listing.stdout and "ready" in listing.stdout
-    streamed = fma("complete", EMBEDDED, "Once upon a time", "--stream", "--max-tokens", "8")
-    assert streamed.returncode == 0 and streamed.stdout.startswith(", the city")
-    missing = fma("complete", "nope", "hi")
-    assert missing.returncode == 1 and "model_not_found" in missing.stderr
-    slept = fma("sleep", EMBEDDED, "--level", "2")
-    assert slept.returncode == 0 and '"state": "sleeping"' in slept.stdout
-    released = fma("release", EMBEDDED)
-    assert released.returncode == 0 and '"state": "cold"' in released.stdout
-    models = fma("models")
-    assert models.returncode == 0 and '"broken"' in models.stdout
-
-
 def test_cli_manifests_prints_the_worker_service(tmp_path: Path):
     import subprocess
     import sys

@@ -21,7 +21,7 @@ function seconds(v) {
   if (v === null || v === undefined) return "–";
   if (v < 10) return v.toFixed(2) + "s";
   if (v < 60) return v.toFixed(1) + "s";
-  const m = Math.floor(v / 60), s = Math.round(v % 60);
+  const t = Math.round(v), m = Math.floor(t / 60), s = t % 60;
   if (m < 60) return m + "m" + String(s).padStart(2, "0") + "s";
   return Math.floor(m / 60) + "h" + String(m % 60).padStart(2, "0") + "m";
 }
