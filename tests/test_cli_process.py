@@ -53,8 +53,7 @@ def test_every_command_has_help_with_examples():
     for command in commands:
         done = run(command, "--help")
         assert done.returncode == 0 and f"Usage: fma {command}" in done.stdout, command
-        if command in ("models", "workers", "warm", "sleep", "release", "complete", "manifests", "completion"):
-            assert "Examples:" in done.stdout, command
+        assert "Examples:" in done.stdout, command
     assert "Usage: kn fma" in run("--help", exe=KN_FMA).stdout, "as a kn plugin it names itself kn fma"
 
 
@@ -101,6 +100,31 @@ def test_warm_shows_progress_lines_then_ready_and_the_table_shows_the_cold_start
     assert " ready " in row and " cold " in row and ("just now" in row or "s ago" in row)
     status = json.loads(run("warm", EMBEDDED, *url, "-o", "json").stdout)
     assert status["state"] == "ready" and status["last_actuation"]["path"] in ("cold", "warm")
+
+
+def test_warm_on_a_terminal_shows_a_spinner_with_the_elapsed_time(shared: Requester):
+    import pty
+
+    run("release", EMBEDDED, "--url", shared.spi)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([FMA, "warm", EMBEDDED, "--url", shared.spi], stdin=follower, stdout=follower,
+                            stderr=follower, env={**ENV, "TERM": "xterm"}, close_fds=True)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the command is done
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert proc.wait(60) == 0
+    text = out.decode(errors="replace")
+    assert "\r\x1b[2K" in text and any(frame in text for frame in "⠋⠙⠹⠸"), "a spinner redrawn in place"
+    assert f"{EMBEDDED}: 0." in text and "starting" in text, "the elapsed time and the state"
+    assert "\x1b[32mready\x1b[0m" in text, "the final state coloured on a terminal"
 
 
 def test_complete_streams_tokens_and_answers_chat(shared: Requester):

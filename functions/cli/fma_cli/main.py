@@ -465,6 +465,11 @@ def event_log() -> None:
 
     The example's event-display: POST / and POST /dead-letter take events, GET /events
     lists the recent ones. Settings: `fma settings eventlog`.
+
+    \b
+    Examples:
+      fma event-log
+      PORT=8090 FMA_EVENTLOG_DATA=true fma event-log
     """
     from fma_common.settings import SettingsError
     from fma_requester.eventlog import EventLogSettings
@@ -574,7 +579,13 @@ def manifests(model: str | None, models_file: str | None, worker_template: str |
 @click.argument("model", default="smollm2-135m-instruct")
 @click.option("--dtype", default="float32", show_default=True)
 def prepare(model: str, dtype: str) -> None:
-    """Convert an embedded model into the cache now, with progress on stderr; print its folder."""
+    """Convert an embedded model into the cache now, with progress on stderr; print its folder.
+
+    \b
+    Examples:
+      fma prepare
+      fma prepare smollm2-135m-instruct --dtype bfloat16
+    """
     from fma_worker.model_store import EMBEDDED_MODELS, default_cache_dir, ensure_embedded_converted
 
     if model not in EMBEDDED_MODELS:
@@ -588,7 +599,13 @@ def prepare(model: str, dtype: str) -> None:
 @click.argument("model", default="smollm2-135m-instruct")
 @click.option("--dtype", default="float32", show_default=True)
 def model_path(model: str, dtype: str) -> None:
-    """Print the folder of a converted embedded model (it may not exist yet)."""
+    """Print the folder of a converted embedded model (it may not exist yet).
+
+    \b
+    Examples:
+      fma model-path
+      ls "$(fma model-path)"
+    """
     from fma_worker.model_store import default_cache_dir, embedded_cache_dir, is_converted
 
     folder = embedded_cache_dir(model, dtype, default_cache_dir())
