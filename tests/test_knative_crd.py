@@ -16,7 +16,9 @@ from fma_requester.knative import KnativeSettings
 from fma_requester.knative_spec import WorkerTemplate, render_worker_service
 from fma_requester.registry import ModelRegistry
 
-KUSTOMIZATIONS = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "knative").rglob("kustomization.yaml"))
+# Every kustomization that deploys a Knative Service (knative/monitoring deploys none).
+KUSTOMIZATIONS = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "knative").rglob("kustomization.yaml")
+                        if "knative/monitoring" not in str(p))
 # What the deployments need enabled in config-features: knative/cluster/config-features.yaml.
 CLUSTER = yaml.safe_load((REPO / "knative" / "cluster" / "config-features.yaml").read_text())["data"]
 FLAGS = {path: {"kubernetes.podspec-fieldref": "enabled"} for path in KUSTOMIZATIONS}
