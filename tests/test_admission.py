@@ -9,7 +9,7 @@ from fma_worker.admission import Admission
 
 
 def test_full_queue_is_refused_at_once_with_retry_after():
-    adm = Admission(slots=1, max_queue=0, timeout_s=5)
+    adm = Admission(rows=1, max_queue=0, timeout_s=5)
     lease = adm.acquire()
     with pytest.raises(QueueFull) as info:
         adm.acquire()
@@ -20,7 +20,7 @@ def test_full_queue_is_refused_at_once_with_retry_after():
 
 
 def test_waiter_times_out_with_429():
-    adm = Admission(slots=1, max_queue=1, timeout_s=0.05)
+    adm = Admission(rows=1, max_queue=1, timeout_s=0.05)
     lease = adm.acquire()
     with pytest.raises(QueueFull):
         adm.acquire()
@@ -29,7 +29,7 @@ def test_waiter_times_out_with_429():
 
 
 def test_release_is_idempotent():
-    adm = Admission(slots=1, max_queue=0, timeout_s=1)
+    adm = Admission(rows=1, max_queue=0, timeout_s=1)
     lease = adm.acquire()
     lease.release()
     lease.release()
@@ -37,7 +37,7 @@ def test_release_is_idempotent():
 
 
 def test_waiters_are_served_in_arrival_order():
-    adm = Admission(slots=1, max_queue=5, timeout_s=10)
+    adm = Admission(rows=1, max_queue=5, timeout_s=10)
     first = adm.acquire()
     order: list[int] = []
     queued = threading.Semaphore(0)
@@ -59,3 +59,45 @@ def test_waiters_are_served_in_arrival_order():
     for t in threads:
         t.join(5)
     assert order == [0, 1, 2]
+
+
+def test_rows_and_tokens_are_both_budgets_and_a_big_request_runs_alone():
+    adm = Admission(rows=4, max_queue=2, timeout_s=0.05, tokens=1000)
+    a = adm.acquire(rows=3, tokens=300)
+    with pytest.raises(QueueFull):
+        adm.acquire(rows=2, tokens=10)  # rows: 3 + 2 > 4
+    b = adm.acquire(rows=1, tokens=600)
+    with pytest.raises(QueueFull):
+        adm.acquire(rows=0, tokens=200)  # tokens: 900 + 200 > 1000
+    a.release()
+    b.release()
+    huge = adm.acquire(rows=8, tokens=5000)  # larger than the whole budget: alone, it runs
+    assert adm.busy == 1 and adm.busy_rows == 8
+    with pytest.raises(QueueFull):
+        adm.acquire()
+    huge.release()
+
+
+def test_a_big_request_at_the_head_is_not_overtaken_by_small_ones():
+    adm = Admission(rows=4, max_queue=5, timeout_s=5)
+    running = adm.acquire(rows=2)
+    order: list[str] = []
+
+    def take(name: str, rows: int) -> None:
+        lease = adm.acquire(rows=rows)
+        order.append(name)
+        lease.release()
+
+    big = threading.Thread(target=take, args=("big", 4))
+    big.start()
+    while adm.waiting < 1:
+        threading.Event().wait(0.001)
+    small = threading.Thread(target=take, args=("small", 1))
+    small.start()
+    while adm.waiting < 2:
+        threading.Event().wait(0.001)
+    assert order == [], "1 row is free, but the big request came first"
+    running.release()
+    big.join(5)
+    small.join(5)
+    assert order == ["big", "small"]

@@ -29,7 +29,7 @@ models:
   - {name: smollm2-135m-instruct, source: 'embedded:smollm2-135m-instruct'}
   - name: org/Big-Model_v2.5
     source: hf:org/Big-Model_v2.5
-    env: {FMA_MAX_CONCURRENCY: '8'}
+    env: {FMA_MAX_BATCH: '8'}
     knative: {min_scale: 1, max_scale: 4, gpus: 2, container_concurrency: 16, target: 8,
               scale_to_zero_retention: 10m, image: 'registry.local/worker:2',
               resources: {limits: {memory: 40Gi}, requests: {cpu: '8'}}}

@@ -25,13 +25,13 @@ def settings(tmp_path: Path, **env: str) -> RequesterSettings:
 
 def test_a_models_own_env_wins_over_the_requesters_defaults(tmp_path: Path):
     reg = ModelRegistry.from_text("models:\n  - {name: m, source: 'embedded:smollm2-135m-instruct',"
-                                  " env: {HF_HUB_OFFLINE: '0', HF_HOME: /models/hf, FMA_MAX_CONCURRENCY: '4'}}\n")
+                                  " env: {HF_HUB_OFFLINE: '0', HF_HOME: /models/hf, FMA_MAX_BATCH: '4'}}\n")
     effects = LocalEffects(settings(tmp_path), worker_env={"FMA_BIND": "0.0.0.0:1", "FMA_MODELS": "/x.yaml"})
     try:
         env = effects.worker_environment(reg.get("m"), 9999)
     finally:
         effects.close()
-    assert env["HF_HUB_OFFLINE"] == "0" and env["HF_HOME"] == "/models/hf" and env["FMA_MAX_CONCURRENCY"] == "4"
+    assert env["HF_HUB_OFFLINE"] == "0" and env["HF_HOME"] == "/models/hf" and env["FMA_MAX_BATCH"] == "4"
     assert env["PORT"] == "9999" and env["FMA_MODEL"] == "m"
     assert "FMA_BIND" not in env and "FMA_MODELS" not in env, "requester settings must not leak into a worker"
     assert env["FMA_LIFELINE_FD"].isdigit()

@@ -227,7 +227,7 @@ def test_requester_holds_256_concurrent_streams(tmp_path: Path, tiny_model_dir: 
         "  - name: tiny\n"
         f"    source: path:{tiny_model_dir}\n"
         "    max_queue: 300\n"
-        "    env: {FMA_MAX_CONCURRENCY: '4', FMA_MAX_QUEUE: '300', FMA_WORKER_THREADS: '320',"
+        "    env: {FMA_MAX_BATCH: '4', FMA_MAX_QUEUE: '300', FMA_WORKER_THREADS: '320',"
         " FMA_QUEUE_TIMEOUT: '300s', FMA_TORCH_THREADS: '1'}\n")
     with requester(tmp_path, models) as req:
         outcomes: list[bool] = []

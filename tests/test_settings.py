@@ -20,7 +20,7 @@ def test_defaults_serve_the_embedded_model():
 
 
 def test_derived_defaults_follow_the_values_they_come_from():
-    s = WorkerSettings.from_env({"FMA_MAX_CONCURRENCY": "4", "FMA_MAX_QUEUE": "10", "XDG_CACHE_HOME": "/x"})
+    s = WorkerSettings.from_env({"FMA_MAX_BATCH": "4", "FMA_MAX_QUEUE": "10", "XDG_CACHE_HOME": "/x"})
     assert s.worker_threads == 4 + 10 + 8 and s.torch_threads >= 1
     assert str(s.cache_dir) == "/x/fma"
     assert str(WorkerSettings.from_env({"FMA_CACHE_DIR": "/c", "XDG_CACHE_HOME": "/x"}).cache_dir) == "/c"

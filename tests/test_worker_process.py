@@ -153,7 +153,7 @@ def test_metrics_after_traffic(server):
 
 
 def test_full_queue_is_429_with_retry_after(tmp_path: Path, converted_model_dir: Path):
-    with gunicorn_worker(tmp_path, worker_env(FMA_MAX_QUEUE="0")) as srv, \
+    with gunicorn_worker(tmp_path, worker_env(FMA_MAX_BATCH="1", FMA_MAX_QUEUE="0")) as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as http, \
             http.stream("POST", "/v1/completions", json={"model": EMBEDDED, "prompt": "Count slowly",
                                                         "max_tokens": 200, "stream": True}) as busy:
@@ -172,7 +172,8 @@ def test_sigterm_drains_the_request_in_flight(tmp_path: Path, converted_model_di
         def call() -> None:
             with httpx.Client(base_url=srv.url, timeout=120) as http, \
                     http.stream("POST", "/v1/completions", json={"model": EMBEDDED, "prompt": "Once upon a time",
-                                                                "max_tokens": 60, "stream": True}) as resp:
+                                                                "max_tokens": 60, "temperature": 0,
+                                                                "stream": True}) as resp:
                 result["status"] = resp.status_code
                 chunks = []
                 for line in resp.iter_lines():

@@ -1,9 +1,13 @@
-"""Bounded admission to generation slots.
+"""Bounded admission to the running batch.
 
-``slots`` generations run at once; up to ``max_queue`` more wait (FIFO by
-arrival, woken in order by the condition variable) for at most ``timeout_s``.
-Anything beyond that is refused at once with :class:`QueueFull` (429 +
-``Retry-After``) so gunicorn threads stay free for ``/health`` and ``/ready``.
+The batch holds at most ``rows`` sequences (a request with ``n`` choices takes
+``n``) and ``tokens`` KV tokens (each request's prompt + ``max_tokens``, times
+``n``). A request that does not fit waits, FIFO by arrival (a big request at
+the head is not overtaken by small ones behind it, so nothing starves), for at
+most ``timeout_s``; beyond ``max_queue`` waiting it is refused at once with
+:class:`QueueFull` (429 + ``Retry-After``), so gunicorn threads stay free for
+``/health`` and ``/ready``. A request larger than the whole budget runs when
+the batch is empty rather than never.
 """
 
 from __future__ import annotations
@@ -16,61 +20,91 @@ from fma_common.errors import QueueFull
 
 
 class Lease:
-    """One held slot. ``release`` is idempotent: both the stream's ``finally``
+    """Held capacity. ``release`` is idempotent: both the stream's ``finally``
     and the response's ``close`` call it, whichever runs first wins."""
 
-    def __init__(self, admission: Admission, waited_s: float) -> None:
+    def __init__(self, admission: Admission, rows: int, tokens: int, waited_s: float) -> None:
         self._admission = admission
         self._released = False
+        self.rows = rows
+        self.tokens = tokens
         self.waited_s = waited_s
 
     def release(self) -> None:
-        with self._admission._cond:
+        adm = self._admission
+        with adm._cond:
             if self._released:
                 return
             self._released = True
-            self._admission._busy -= 1
-            self._admission._cond.notify_all()
+            adm._rows -= self.rows
+            adm._tokens -= self.tokens
+            adm._running -= 1
+            adm._cond.notify_all()
 
 
 class Admission:
-    def __init__(self, slots: int, max_queue: int, timeout_s: float) -> None:
-        self.slots = slots
+    def __init__(self, rows: int, max_queue: int, timeout_s: float, tokens: int = 0) -> None:
+        self.rows = rows
+        self.tokens = tokens  # 0: no token budget
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self._cond = threading.Condition()
-        self._busy = 0
+        self._rows = 0
+        self._tokens = 0
+        self._running = 0
         self._waiters: deque[object] = deque()
 
     @property
     def busy(self) -> int:
-        return self._busy
+        """Requests admitted and not yet released."""
+        return self._running
+
+    @property
+    def busy_rows(self) -> int:
+        return self._rows
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def acquire(self) -> Lease:
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about what the queue ahead needs, 1-60."""
+        return int(min(60, max(1, self.timeout_s / 4 if self._waiters else 1)))
+
+    def _fits(self, rows: int, tokens: int) -> bool:
+        if self._running == 0:
+            return True  # alone, anything that passed validation runs
+        if self._rows + rows > self.rows:
+            return False
+        return not self.tokens or self._tokens + tokens <= self.tokens
+
+    def acquire(self, rows: int = 1, tokens: int = 0) -> Lease:
         started = time.monotonic()
         with self._cond:
-            if self._busy < self.slots and not self._waiters:
-                self._busy += 1
-                return Lease(self, 0.0)
+            if not self._waiters and self._fits(rows, tokens):
+                return self._grant(rows, tokens, 0.0)
             if len(self._waiters) >= self.max_queue:
-                raise QueueFull(f"worker is busy: {self._busy} running and {len(self._waiters)} waiting; retry later",
-                                retry_after=2)
+                raise QueueFull(f"worker is busy: {self._running} request(s) generating ({self._rows} of "
+                                f"{self.rows} sequences) and {len(self._waiters)} waiting; retry later",
+                                retry_after=self.retry_after())
             ticket = object()
             self._waiters.append(ticket)
             deadline = started + self.timeout_s
             try:
-                while not (self._busy < self.slots and self._waiters[0] is ticket):
+                while not (self._waiters[0] is ticket and self._fits(rows, tokens)):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise QueueFull(f"no generation slot became free within {self.timeout_s:.0f} s; retry later",
-                                        retry_after=5)
+                        raise QueueFull(f"no room in the batch within {self.timeout_s:.0f} s; retry later",
+                                        retry_after=self.retry_after())
                     self._cond.wait(remaining)
-                self._busy += 1
+                lease = self._grant(rows, tokens, time.monotonic() - started)
             finally:
                 self._waiters.remove(ticket)
                 self._cond.notify_all()
-            return Lease(self, time.monotonic() - started)
+            return lease
+
+    def _grant(self, rows: int, tokens: int, waited: float) -> Lease:
+        self._rows += rows
+        self._tokens += tokens
+        self._running += 1
+        return Lease(self, rows, tokens, waited)

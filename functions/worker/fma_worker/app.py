@@ -48,7 +48,8 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
     log.info("worker settings: %s", describe(settings))
     metrics = metrics or WorkerMetrics(settings.model)
     engine = engine or Engine(settings, metrics)
-    admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s)
+    admission = Admission(settings.max_batch, settings.max_queue, settings.queue_timeout_s,
+                          tokens=settings.max_batch_tokens)
     service = CompletionService(settings, engine, admission, metrics)
 
     app = Flask("fma_worker")

@@ -1,8 +1,9 @@
 """The engine: one model's state - load, sleep, wake - and its tokenizer.
 
-Generation itself (the decoding loop, the sampler, incremental
-detokenization) is in ``generation.py``; the engine hands it the loaded
-model and keeps track of who is using it.
+Generation itself runs in ``batching.py`` (one scheduler thread, every
+running request in one forward pass per step; the sampler is in
+``generation.py``); the engine hands it the loaded model and keeps track of
+who is using it.
 
 Concurrency model
 -----------------
@@ -12,9 +13,9 @@ Concurrency model
 * Loading runs on a background thread started by :meth:`start`, so the HTTP
   server answers ``/health`` (and ``/ready`` with 503) while weights load.
 * A generation calls :meth:`begin_use` (refused unless ``ready``), runs, and
-  calls :meth:`end_use`. Several generations may run at once on different
-  gunicorn threads: forward passes in inference mode share read-only weights
-  and each has its own KV cache. How many is decided by the admission slots.
+  calls :meth:`end_use`. Request threads only wait on their stream; the
+  batcher's thread runs the forward passes for all of them. How many run at
+  once is decided by admission (rows and tokens of the batch).
 * :meth:`sleep` and :meth:`wake` are the only writers of the weights. Sleep
   first flips the state so no new generation starts, then waits (bounded) for
   in-flight ones to end before it touches the weights, so a generation never
@@ -31,15 +32,15 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fma_common.errors import Conflict, InvalidRequest, WorkerFailed, WorkerNotReady, WorkerSleeping
 
-from . import generation, runtime_env
-from .generation import ChoiceDelta, LoadedModel
+from . import runtime_env
+from .batching import Batcher, BatchStream
+from .generation import LoadedModel
 from .metrics import WorkerMetrics
 from .model_store import ensure_embedded_converted, parse_source
 from .protocol import SamplingParams
@@ -102,6 +103,10 @@ class Engine:
         self.last_load: LoadReport | None = None
         self.created = int(time.time())
         metrics.set_state(self._state, STATES)
+        self._lm: LoadedModel | None = None
+        # Every generation runs on this one scheduler: concurrent requests share forward passes.
+        self.batcher = Batcher(self._loaded, max_rows=settings.max_batch, prefill_chunk=settings.prefill_chunk,
+                               on_step=self._stepped)
 
     # ---- state ------------------------------------------------------------
 
@@ -394,15 +399,34 @@ class Engine:
 
     # ---- generation -------------------------------------------------------
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[list[ChoiceDelta]]:
-        """Yield, per decoding step, the new text of every unfinished choice (see ``generation``).
+    def _loaded(self) -> LoadedModel | None:
+        """The model as the batcher runs it; rebuilt when the weights object changes (load, level-2 wake)."""
+        model = self._model
+        if model is None:
+            return None
+        if self._lm is None or self._lm.model is not model:
+            self._lm = LoadedModel(torch=self._torch, model=model,
+                                   backend_tokenizer=self._tokenizer.backend_tokenizer, device=self.device,
+                                   vocab_size=self.vocab_size, eos_ids=self._eos_ids, cache_kw=self._cache_kw,
+                                   forward_extra=self._forward_extra)
+        return self._lm
+
+    def _stepped(self, rows: int) -> None:
+        self.metrics.batch_rows.labels(self.settings.model).observe(rows)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> BatchStream:
+        """The steps of one generation, run in the shared batch; closing the stream leaves the batch.
 
         The caller holds :meth:`begin_use`, so the weights cannot move meanwhile.
         """
-        lm = LoadedModel(torch=self._torch, model=self._model, backend_tokenizer=self._tokenizer.backend_tokenizer,
-                         device=self.device, vocab_size=self.vocab_size, eos_ids=self._eos_ids,
-                         cache_kw=self._cache_kw, forward_extra=self._forward_extra)
-        return generation.generate(lm, prompt_ids, params)
+        lm = self._loaded()
+        if lm is None:
+            self.check_serving()
+            raise WorkerNotReady(f"model {self.settings.model} has no weights loaded")
+        return self.batcher.submit(lm, prompt_ids, params)
+
+    def close(self) -> None:
+        self.batcher.stop()
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

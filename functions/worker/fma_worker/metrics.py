@@ -38,6 +38,8 @@ class WorkerMetrics:
         self.state = Gauge("fma_worker_state", "1 for the current engine state", ["model", "state"], registry=r)
         self.in_flight = Gauge("fma_worker_in_flight", "Generations running now", ["model"], registry=r)
         self.queued = Gauge("fma_worker_queued", "Requests waiting for a generation slot", ["model"], registry=r)
+        self.batch_rows = Histogram("fma_worker_batch_rows", "Sequences in each decode step's forward pass",
+                                    ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.rejected = Counter("fma_worker_rejected", "Requests rejected before generation", ["model", "reason"],
                                 registry=r)
 

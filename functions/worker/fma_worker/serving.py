@@ -22,6 +22,7 @@ from fma_common.http import SSE_DONE, sse_error, sse_event
 
 from .admission import Admission, Lease
 from .engine import Engine
+from .generation import ChoiceDelta
 from .metrics import WorkerMetrics
 from .protocol import (
     AssistantMessage,
@@ -107,9 +108,9 @@ class CompletionService:
         return ModelList(data=[ModelCard(id=self.settings.model, created=self.engine.created,
                                          max_model_len=self.engine.context_length or None)])
 
-    def _admit(self) -> Lease:
+    def _admit(self, rows: int, tokens: int) -> Lease:
         try:
-            lease = self.admission.acquire()
+            lease = self.admission.acquire(rows, tokens)
         except ApiError:
             self.metrics.rejected.labels(self.settings.model, "queue_full").inc()
             raise
@@ -122,6 +123,14 @@ class CompletionService:
             raise
         self.metrics.queue_wait.labels(self.settings.model).observe(lease.waited_s)
         return lease
+
+    def _steps(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[list[ChoiceDelta]]:
+        """The engine's steps; however the caller stops (done, error, client gone), the batch is left."""
+        stream = self.engine.generate(prompt_ids, params)
+        try:
+            yield from stream
+        finally:
+            stream.close()
 
     def _finish(self, lease: Lease) -> None:
         self.engine.end_use()
@@ -166,7 +175,8 @@ class CompletionService:
         self.check_model(req.model)
         self.engine.check_serving()
         prepared = self._prepare_completion(req)
-        lease = self._admit()
+        # Prompts of one request run one after another: the batch holds the largest of them.
+        lease = self._admit(req.n, max(req.n * (len(p.prompt_ids) + p.params.max_tokens) for p in prepared))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
@@ -187,7 +197,7 @@ class CompletionService:
             texts = [prep.echo_text] * n
             reasons: list[str | None] = [None] * n
             counts = [0] * n
-            for step in self.engine.generate(prep.prompt_ids, prep.params):
+            for step in self._steps(prep.prompt_ids, prep.params):
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                     self.metrics.ttft.labels(self.settings.model).observe(first_token_at - started)
@@ -223,7 +233,7 @@ class CompletionService:
                 if prep.echo_text:
                     for i in range(n):
                         yield chunk(p_index * n + i, prep.echo_text, None)
-                for step in self.engine.generate(prep.prompt_ids, prep.params):
+                for step in self._steps(prep.prompt_ids, prep.params):
                     if first_token_at is None:
                         first_token_at = time.monotonic()
                         self.metrics.ttft.labels(self.settings.model).observe(first_token_at - started)
@@ -257,7 +267,7 @@ class CompletionService:
         messages = req.chat_messages()
         prompt_ids = self.engine.render_chat(messages)
         params = req.to_sampling_params(len(prompt_ids), self.limits(), self.engine.vocab_size)
-        lease = self._admit()
+        lease = self._admit(params.n, params.n * (len(prompt_ids) + params.max_tokens))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
@@ -269,7 +279,7 @@ class CompletionService:
             reasons: list[str | None] = [None] * n
             counts = [0] * n
             first_token_at: float | None = None
-            for step in self.engine.generate(prompt_ids, params):
+            for step in self._steps(prompt_ids, params):
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                     self.metrics.ttft.labels(self.settings.model).observe(first_token_at - started)
@@ -308,7 +318,7 @@ class CompletionService:
         try:
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                          for i in range(n)])
-            for step in self.engine.generate(prompt_ids, params):
+            for step in self._steps(prompt_ids, params):
                 if first_token_at is None:
                     first_token_at = time.monotonic()
                     self.metrics.ttft.labels(self.settings.model).observe(first_token_at - started)

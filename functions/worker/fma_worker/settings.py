@@ -47,14 +47,20 @@ class WorkerSettings(EnvSettings):
                                          "above the model's", shown="the model's", ge=1)
     max_body_bytes: int = setting("FMA_MAX_BODY_BYTES", "1048576", "largest request body; larger gets 413",
                                   ge=1024)
-    max_concurrency: int = setting("FMA_MAX_CONCURRENCY", "1", "generations that run at the same time; the rest "
-                                   "wait in the queue", ge=1, le=64)
+    max_batch: int = setting("FMA_MAX_BATCH", "16", "sequences generated together, one forward pass per step "
+                             "(a request with `n` choices counts `n`); the rest wait in the queue", ge=1, le=256)
+    max_batch_tokens: int = setting("FMA_MAX_BATCH_TOKENS", "32768", "tokens the running batch may hold (prompt + "
+                                    "`max_tokens`, times `n`, summed): bounds the KV cache; a request larger than "
+                                    "this runs alone", ge=64)
+    prefill_chunk: int = setting("FMA_PREFILL_CHUNK", "256", "prompt tokens prefilled per step: a longer prompt is "
+                                 "prefilled in chunks between decode steps, so running streams wait at most one "
+                                 "chunk", ge=1)
     max_queue: int = setting("FMA_MAX_QUEUE", "32", "requests that may wait for a generation slot; more get 429 "
                              "with `Retry-After`", ge=0, le=10_000)
     queue_timeout_s: Duration = setting("FMA_QUEUE_TIMEOUT", "60s", "how long a request may wait for a slot "
                                         "before a 429")
-    torch_threads: int | None = setting("FMA_TORCH_THREADS", None, "torch intra-op threads",
-                                        shown="cores / `FMA_MAX_CONCURRENCY`", ge=1)
+    torch_threads: int | None = setting("FMA_TORCH_THREADS", None, "torch intra-op threads (one scheduler thread "
+                                        "runs every forward pass)", shown="cores", ge=1)
     sleep_drain_timeout_s: Duration = setting("FMA_SLEEP_DRAIN_TIMEOUT", "30s", "how long `/sleep` waits for "
                                               "in-flight generations to finish")
     log_prompts: Flag = setting("FMA_LOG_PROMPTS", "false", "log prompt text (off by default: prompts are user "
@@ -63,7 +69,7 @@ class WorkerSettings(EnvSettings):
     port: int = setting("PORT", "8000", "port gunicorn binds (Knative sets it)", ge=1, le=65535)
     host: str = setting("FMA_HOST", "0.0.0.0", "address gunicorn binds")
     worker_threads: int | None = setting("FMA_WORKER_THREADS", None, "gunicorn gthread threads",
-                                         shown="`FMA_MAX_CONCURRENCY` + `FMA_MAX_QUEUE` + 8", ge=2)
+                                         shown="`FMA_MAX_BATCH` + `FMA_MAX_QUEUE` + 8", ge=2)
     graceful_timeout_s: Duration = setting("FMA_GRACEFUL_TIMEOUT", "60s", "how long SIGTERM waits for in-flight "
                                            "requests")
     hub_offline: Flag = setting("HF_HUB_OFFLINE", "1", "never reach the Hugging Face hub at run time; only "
@@ -93,6 +99,6 @@ class WorkerSettings(EnvSettings):
         return self.model_copy(update={
             "source": source,
             "cache_dir": self.cache_dir.expanduser() if self.cache_dir else default_cache_dir(env),
-            "torch_threads": self.torch_threads or max(1, cores // self.max_concurrency),
-            "worker_threads": self.worker_threads or self.max_concurrency + self.max_queue + 8,
+            "torch_threads": self.torch_threads or cores,
+            "worker_threads": self.worker_threads or self.max_batch + self.max_queue + 8,
         })

@@ -1,0 +1,141 @@
+"""Continuous batching on the real embedded model, in process: alone and batched must agree.
+
+Each test runs requests one at a time, then the same requests at once (threads,
+as gunicorn's would), and compares. The batcher's step hook records how many
+rows each forward pass carried, so a test knows the requests did share steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+from fma_worker.engine import Engine
+from fma_worker.metrics import WorkerMetrics
+from fma_worker.protocol import SamplingParams
+from fma_worker.settings import WorkerSettings
+from fma_worker.text import StopTextTracker
+
+PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
+           "A long, long time ago, in a galaxy far away, there was a small planet whose people"]
+
+
+@pytest.fixture(scope="module")
+def engine(converted_model_dir: Path):
+    settings = WorkerSettings.from_env({"FMA_MODEL": "smollm2-135m-instruct", "FMA_LOG_LEVEL": "warning",
+                                        "FMA_MODEL_SOURCE": f"path:{converted_model_dir}",
+                                        "FMA_PREFILL_CHUNK": "8"})
+    eng = Engine(settings, WorkerMetrics("smollm2-135m-instruct"))
+    eng.load()
+    yield eng
+    eng.close()
+
+
+def run(engine: Engine, prompt: str, params: SamplingParams, *, close_after: int | None = None) -> list[str]:
+    texts = [""] * params.n
+    stream = engine.generate(engine.encode(prompt), params)
+    for i, step in enumerate(stream):
+        for d in step:
+            texts[d.index] += d.text
+        if close_after is not None and i + 1 >= close_after:
+            stream.close()
+            break
+    return texts
+
+
+def together(engine: Engine, jobs: list[tuple[str, SamplingParams]]) -> tuple[list[list[str]], int]:
+    """Run every job at once; the answers, and the most rows one step carried."""
+    widest = [0]
+    engine.batcher._on_step = lambda rows: widest.__setitem__(0, max(widest[0], rows))
+    results: list[list[str] | BaseException] = [[] for _ in jobs]
+    start = threading.Barrier(len(jobs))
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = run(engine, *jobs[i])
+        except BaseException as exc:  # surfaced below
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    engine.batcher._on_step = lambda rows: None
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results, widest[0]  # type: ignore[return-value]
+
+
+def test_greedy_text_is_the_same_alone_and_batched(engine: Engine):
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    alone = [run(engine, p, params) for p in PROMPTS]
+    batched, widest = together(engine, [(p, params) for p in PROMPTS])
+    assert widest >= 3, "the requests shared forward passes"
+    assert batched == alone
+
+
+def test_each_request_keeps_its_own_parameters_in_one_batch(engine: Engine):
+    jobs = [
+        ("Once upon a time", SamplingParams(max_tokens=40, temperature=0.0, stop=(",",))),
+        ("The capital of France is", SamplingParams(max_tokens=3, temperature=0.0)),
+        ("def fibonacci(n):", SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=1234)),
+        ("A small planet", SamplingParams(max_tokens=16, temperature=1.0, seed=7, n=3)),
+        ("Hello", SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5,
+                                 logit_bias={11: -100.0})),
+    ]
+    alone = [run(engine, p, params) for p, params in jobs]
+    batched, widest = together(engine, jobs)
+    assert widest >= 4
+    assert batched == alone, "stop, max_tokens, seeds, n and penalties each honoured, batched or not"
+    assert "," not in batched[0][0]
+    assert len(engine.encode(batched[1][0])) <= 4
+    assert len(set(batched[3])) > 1, "n=3 sampled choices differ"
+    assert "," not in "".join(batched[4]), "logit_bias -100 on ',' keeps it out"
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(engine: Engine):
+    long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # ~60 tokens, chunk is 8
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    alone = [run(engine, p, params) for p in (long_prompt, "Once upon a time")]
+    batched, _ = together(engine, [(long_prompt, params), ("Once upon a time", params)])
+    assert batched == alone
+
+
+def test_a_client_that_leaves_frees_its_rows_at_the_next_step(engine: Engine):
+    params = SamplingParams(max_tokens=200, temperature=0.0)
+    run(engine, "Tell me a story", params, close_after=2)
+    wait_for(lambda: engine.batcher.rows == 0, 5, "the rows of a stream closed after two steps to go")
+
+
+def test_a_request_that_fails_fails_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    original = StopTextTracker.push
+
+    def push(self, piece, *, final=False):
+        if "BOOM" in self.stops:
+            raise RuntimeError("a broken stop tracker")
+        return original(self, piece, final=final)
+
+    monkeypatch.setattr(StopTextTracker, "push", push)
+    good = SamplingParams(max_tokens=24, temperature=0.0)
+    expected = run(engine, "Once upon a time", good)
+    outcome: dict[str, object] = {}
+
+    def bad() -> None:
+        try:
+            run(engine, "The capital of France is", SamplingParams(max_tokens=24, temperature=0.0, stop=("BOOM",)))
+        except Exception as exc:
+            outcome["bad"] = exc
+
+    t = threading.Thread(target=bad)
+    t.start()
+    assert run(engine, "Once upon a time", good) == expected
+    t.join(60)
+    assert "generation failed" in str(outcome["bad"])
+    assert engine.batcher.alive
+    wait_for(lambda: engine.batcher.rows == 0, 5, "the batch to empty")
