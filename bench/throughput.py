@@ -1,17 +1,19 @@
-"""Worker benchmark: start-up, load throughput, time to first token, decode speed.
+"""Throughput benchmark: the worker under load, the requester hop, many models on one machine.
 
-Starts real worker processes (gunicorn, the checked-in config) for the embedded
-model and measures from the outside, over HTTP, the way a user would:
+Everything runs as real servers driven over HTTP, the way users drive them:
 
-* ``process_ready_s``  - spawn -> ``/ready`` 200 (interpreter, imports, weights, warm-up)
-* ``load_s``           - the worker's own load time (``fma_worker_load_seconds{phase="total"}``)
-* ``weights_s`` / ``load_mb_per_s`` - the weight-loading phase and its throughput
-* ``ttft_s``           - request sent -> first streamed token (prompt of 5 tokens)
-* ``decode_tok_s``     - completion tokens / wall time, one greedy stream of 128 tokens
-* ``concurrent_tok_s`` - total tokens/s with ``--clients`` simultaneous requests,
-                          with ``FMA_MAX_CONCURRENCY`` = clients and 1 torch thread each
+* ``worker``: our worker (defaults: continuous batching on), chat requests of
+  ``--new-tokens`` greedy tokens, one at a time, then from 1, 2, 4, 8 and 16
+  concurrent clients (tokens/s over the wall time, time to first token p50/p99).
+* ``peers``: the same load against ``transformers serve`` on the same converted
+  folder, without and with ``--continuous-batching`` (fewer requests: the
+  batching peer makes a lone request crawl).
+* ``requester_hop``: the same streaming load sent directly to a worker and
+  through the requester, interleaved in rounds, in one run.
+* ``many_models``: a requester with 12 copies of the embedded model and a
+  budget of 3 awake; many clients pick models at random (seeded, a few hot).
 
-Writes ``bench/results/throughput.json``: ``{"machine", "model", "runs", "results": {NAME: {min, median, max}}}``.
+Writes ``bench/results/throughput.json`` and ``throughput.png`` beside it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,92 +32,336 @@ import time
 from pathlib import Path
 
 import httpx
-from common import machine, stream_once, summary
+from common import machine
 
 from fma_common.procs import WORKER_APP, WORKER_CONFIG, free_port, start_gunicorn, stop_process_group, wait_ready
 
 MODEL = "smollm2-135m-instruct"
-PROMPT = "Once upon a time"
+MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to paint, with many details."}]
+LEVELS = (1, 2, 4, 8, 16)
+REPO = Path(__file__).resolve().parents[1]
 
 
-def metric(text: str, name: str, labels: str) -> float:
-    match = re.search(rf"^{re.escape(name)}\{{{labels}\}} ([0-9.e+-]+)$", text, flags=re.M)
-    if not match:
-        raise KeyError(f"{name}{{{labels}}} not in /metrics")
-    return float(match.group(1))
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_worker(env_extra: dict[str, str], workdir: Path):
-    port = free_port()
-    env = {**os.environ, "PORT": str(port), "FMA_HOST": "127.0.0.1", "FMA_LOG_LEVEL": "warning",
-           "FMA_MODEL": MODEL, **env_extra}
-    log = workdir / f"worker-{port}.log"
+class Counter:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def chat_stream(http: httpx.Client, model: str, new_tokens: int, ours: bool) -> tuple[float, str, float]:
+    """One greedy streamed chat: (time to first token, text, wall seconds)."""
+    body: dict = {"model": model, "messages": MESSAGES, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    if ours:
+        body["logit_bias"] = {"2": -100}  # <|im_end|>: every request makes exactly new_tokens tokens
+    started = time.perf_counter()
+    ttft = None
+    text = ""
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            raise RuntimeError(f"{resp.status_code}: {resp.text[:300]}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            for choice in event.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+                    text += piece
+    return ttft or 0.0, text, time.perf_counter() - started
+
+
+def load(url: str, model: str, clients: int, requests: int, new_tokens: int, count: Counter, ours: bool) -> dict:
+    """``requests`` chats from ``clients`` threads at once; tokens/s over the wall time."""
+    ttfts: list[float] = []
+    tokens: list[int] = []
+    errors: list[str] = []
+    left = [requests]
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while True:
+                with lock:
+                    if left[0] == 0:
+                        return
+                    left[0] -= 1
+                try:
+                    ttft, text, _ = chat_stream(http, model, new_tokens, ours)
+                except Exception as exc:
+                    errors.append(str(exc))
+                    continue
+                with lock:
+                    ttfts.append(ttft)
+                    tokens.append(count.tokens(text))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]}")
+    return {"tokens_per_s": round(sum(tokens) / wall, 2), "ttft_p50_s": round(pct(ttfts, 0.5), 4),
+            "ttft_p99_s": round(pct(ttfts, 0.99), 4), "requests": len(tokens),
+            "mean_tokens": round(statistics.mean(tokens), 1)}
+
+
+def start_worker(workdir: Path, env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "FMA_HOST": "127.0.0.1", "FMA_LOG_LEVEL": "warning", "FMA_MODEL": MODEL,
+           **(env_extra or {})}
+    log = workdir / f"worker-{port}.log"
     proc = start_gunicorn(WORKER_CONFIG, WORKER_APP, env, log)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, 300, log, interval=0.01)
-    return proc, url, time.perf_counter() - t0
+    wait_ready(url, proc, 300, log, interval=0.05)
+    return proc, url
+
+
+def start_peer(folder: Path, workdir: Path, batching: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = Path(sys.executable).parent / "transformers"
+    args = [str(exe), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+            "--dtype", "float32", "--log-level", "warning"]
+    if batching:
+        args.append("--continuous-batching")
+    log = (workdir / f"peer-{port}.log").open("w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"transformers serve exited: {(workdir / f'peer-{port}.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("transformers serve did not start")
+
+
+def bench_server(url: str, model: str, count: Counter, new_tokens: int, sequential: int, levels: tuple[int, ...],
+                 per_client: int, ours: bool, label: str) -> dict:
+    chat_stream(httpx.Client(base_url=url, timeout=600), model, 4, ours)  # warm: kernels, allocator
+    seq = load(url, model, 1, sequential, new_tokens, count, ours)
+    out = {"sequential": {"tokens_per_s": seq["tokens_per_s"], "requests": seq["requests"]}, "concurrency": {}}
+    print(f"{label}: one at a time {seq['tokens_per_s']} tok/s", file=sys.stderr)
+    for c in levels:
+        r = load(url, model, c, max(c * per_client, 4 if c == 1 else c), new_tokens, count, ours)
+        out["concurrency"][str(c)] = r
+        print(f"{label}: {c} clients {r['tokens_per_s']} tok/s, ttft p50 {r['ttft_p50_s']}s p99 {r['ttft_p99_s']}s",
+              file=sys.stderr)
+    return out
+
+
+# ---- the requester hop ---------------------------------------------------------------------------
+
+def start_requester(workdir: Path, models_yaml: str, **env: str) -> tuple[subprocess.Popen, str]:
+    models = workdir / f"models-{free_port()}.yaml"
+    models.write_text(models_yaml)
+    p1, p2 = free_port(), free_port()
+    full = {**os.environ, "FMA_BIND": f"127.0.0.1:{p1},127.0.0.1:{p2}", "FMA_MODELS": str(models),
+            "FMA_WORKER_LOG_DIR": str(workdir / "logs"), "FMA_LOG_LEVEL": "warning", **env}
+    log = workdir / f"requester-{p1}.log"
+    proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", full, log, cwd=REPO)
+    wait_ready(f"http://127.0.0.1:{p1}", proc, 60, log)
+    return proc, f"http://127.0.0.1:{p2}"
+
+
+def bench_hop(workdir: Path, count: Counter, new_tokens: int, rounds: int, clients: int) -> dict:
+    proc, req = start_requester(workdir, f"models:\n  - {{name: {MODEL}, source: 'embedded:{MODEL}'}}\n")
+    try:
+        httpx.post(f"{req}/v1/workers/{MODEL}/warm", timeout=300).raise_for_status()
+        direct = httpx.get(f"{req}/v1/workers/{MODEL}").json()["url"]
+        chat_stream(httpx.Client(base_url=direct, timeout=600), MODEL, 4, True)
+        tput = {"direct": [], "via": []}
+        for _ in range(rounds):  # interleaved: the machine's drift hits both alike
+            for name, url in (("direct", direct), ("via", req)):
+                tput[name].append(load(url, MODEL, clients, clients * 2, new_tokens, count, True)["tokens_per_s"])
+        lat = {"direct": [], "via": []}
+        with httpx.Client(base_url=direct, timeout=60) as d, httpx.Client(base_url=req, timeout=60) as v:
+            for _ in range(40):
+                for name, http in (("direct", d), ("via", v)):
+                    lat[name].append(chat_stream(http, MODEL, 2, True)[0])
+    finally:
+        stop_process_group(proc)
+    d_tps, v_tps = statistics.median(tput["direct"]), statistics.median(tput["via"])
+    return {"direct_tokens_per_s": round(d_tps, 2), "via_requester_tokens_per_s": round(v_tps, 2),
+            "ratio": round(v_tps / d_tps, 3),
+            "added_p50_ms": round((pct(lat["via"], 0.5) - pct(lat["direct"], 0.5)) * 1000, 2),
+            "added_p99_ms": round((pct(lat["via"], 0.99) - pct(lat["direct"], 0.99)) * 1000, 2),
+            "clients": clients, "rounds": rounds, "latency_pairs": len(lat["via"])}
+
+
+# ---- many models -----------------------------------------------------------------------------------
+
+AWAKE_PHASES = {"starting", "ready", "going_to_sleep", "waking"}
+
+
+def metric_sum(text: str, name: str, label: str = "") -> float:
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*{label}[^}}]*\}} ([0-9.e+-]+)$", text,
+                                                       flags=re.M))
+
+
+def bench_many(workdir: Path, models: int, clients: int, per_client: int, max_loaded: int, seed: int) -> dict:
+    names = [f"smollm2-copy-{i:02d}" for i in range(models)]
+    yaml = (f"defaults: {{idle_timeout: 600s, max_queue: 64, queue_timeout: 300s}}\n"
+            f"budget: {{max_loaded: {max_loaded}, sleepers: 2}}\nmodels:\n"
+            + "".join(f"  - {{name: {n}, source: 'embedded:{MODEL}'}}\n" for n in names))
+    proc, req = start_requester(workdir, yaml)
+    statuses: list[int] = []
+    max_awake = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        with httpx.Client(base_url=req, timeout=10) as http:
+            while not stop.is_set():
+                try:
+                    rows = http.get("/v1/workers").json()["data"]
+                    max_awake[0] = max(max_awake[0], sum(1 for w in rows if w["phase"] in AWAKE_PHASES))
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) for i in range(models)]  # a few hot models, a long tail
+    plans = [[rng.choices(names, weights)[0] for _ in range(per_client)] for _ in range(clients)]
+
+    def client(plan: list[str]) -> None:
+        with httpx.Client(base_url=req, timeout=600) as http:
+            for name in plan:
+                try:
+                    r = http.post("/v1/chat/completions", json={"model": name, "messages": MESSAGES,
+                                                                "max_tokens": 8, "temperature": 0})
+                    statuses.append(r.status_code)
+                except httpx.HTTPError:
+                    statuses.append(0)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        threads = [threading.Thread(target=client, args=(p,)) for p in plans]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        stop.set()
+        text = httpx.get(f"{req}/metrics").text
+    finally:
+        stop.set()
+        stop_process_group(proc)
+    return {"models": models, "requests": len(statuses), "ok": statuses.count(200),
+            "rejected_429": statuses.count(429), "failed": len(statuses) - statuses.count(200) - statuses.count(429),
+            "cold_starts": int(metric_sum(text, "fma_actuation_seconds_count", 'path="cold"')),
+            "wakes": int(metric_sum(text, "fma_actuation_seconds_count", 'path="wake"')),
+            "evictions": int(metric_sum(text, "fma_evictions_total")), "max_awake": max_awake[0],
+            "budget_max_loaded": max_loaded, "clients": clients, "wall_s": round(wall, 1)}
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    series = [("fma worker", report["worker"])] + [(name, data) for name, data in report.get("peers", {}).items()]
+    for label, data in series:
+        levels = sorted(int(c) for c in data["concurrency"])
+        ax.plot(levels, [data["concurrency"][str(c)]["tokens_per_s"] for c in levels], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(LEVELS), [str(c) for c in LEVELS])
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("tokens / s (all clients)")
+    m = report["machine"]
+    ax.set_title(f"{report['model']}, {report['new_tokens']} greedy tokens, {m.get('cpus')} CPU cores, CPU only",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--sequential", type=int, default=8)
+    parser.add_argument("--per-client", type=int, default=2, help="requests per client at each concurrency")
+    parser.add_argument("--peers", default="plain,batching", help="transformers serve modes to run ('' for none)")
+    parser.add_argument("--peer-levels", default="1,8,16")
+    parser.add_argument("--hop-rounds", type=int, default=3)
+    parser.add_argument("--many-clients", type=int, default=16)
+    parser.add_argument("--many-per-client", type=int, default=6)
+    parser.add_argument("--skip", default="", help="comma-separated: worker,peers,hop,many")
     parser.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
 
-    results: dict[str, list[float]] = {k: [] for k in (
-        "process_ready_s", "load_s", "weights_s", "load_mb_per_s", "ttft_s", "decode_tok_s", "concurrent_tok_s")}
+    from transformers import AutoTokenizer
+
+    from fma_worker.model_store import default_cache_dir, ensure_embedded_converted
+
+    folder = ensure_embedded_converted(MODEL, "float32", default_cache_dir())
+    count = Counter(AutoTokenizer.from_pretrained(str(folder)))
+    report: dict = {"machine": machine(), "model": MODEL, "new_tokens": args.new_tokens,
+                    "label": "CPU only, float32, warm caches (model converted and in the page cache), greedy chat "
+                             "requests; tokens/s = generated tokens of all clients / wall time"}
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for run in range(args.runs):
-            proc, url, ready = run_worker({}, workdir)
+        if "worker" not in skip:
+            proc, url = start_worker(workdir)
             try:
-                with httpx.Client(base_url=url, timeout=300) as http:
-                    text = http.get("/metrics").text
-                    results["process_ready_s"].append(ready)
-                    results["load_s"].append(metric(text, "fma_worker_load_seconds_sum",
-                                                    f'model="{MODEL}",phase="total"'))
-                    results["weights_s"].append(metric(text, "fma_worker_load_seconds_sum",
-                                                       f'model="{MODEL}",phase="weights"'))
-                    results["load_mb_per_s"].append(
-                        metric(text, "fma_worker_load_bytes_per_second", f'model="{MODEL}"') / 1e6)
-                    ttft, tokens, wall = stream_once(http, MODEL, PROMPT, args.max_tokens)
-                    results["ttft_s"].append(ttft)
-                    results["decode_tok_s"].append(tokens / wall)
+                report["worker"] = bench_server(url, MODEL, count, args.new_tokens, args.sequential, LEVELS,
+                                                args.per_client, True, "fma worker")
             finally:
                 stop_process_group(proc)
-            print(f"run {run + 1}: ready {ready:.2f}s, ttft {ttft * 1000:.0f} ms, {tokens / wall:.1f} tok/s",
-                  file=sys.stderr)
-
-        clients = args.clients
-        proc, url, _ = run_worker({"FMA_MAX_CONCURRENCY": str(clients), "FMA_TORCH_THREADS": "1"}, workdir)
-        try:
-            with httpx.Client(base_url=url, timeout=300) as http:
-                stream_once(http, MODEL, PROMPT, 8)  # warm
-                for _ in range(args.runs):
-                    totals: list[int] = []
-
-                    def one(http: httpx.Client = http, totals: list[int] = totals) -> None:
-                        totals.append(stream_once(http, MODEL, PROMPT, args.max_tokens)[1])
-
-                    threads = [threading.Thread(target=one) for _ in range(clients)]
-                    t0 = time.perf_counter()
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
-                    results["concurrent_tok_s"].append(sum(totals) / (time.perf_counter() - t0))
-        finally:
-            stop_process_group(proc)
-
-    report = {"machine": machine(), "model": MODEL, "runs": args.runs,
-              "settings": {"max_tokens": args.max_tokens, "clients": clients, "prompt": PROMPT},
-              "results": {name: summary(values) for name, values in results.items()}}
+        elif "worker" in previous:
+            report["worker"] = previous["worker"]
+        if "peers" not in skip and args.peers:
+            report["peers"] = {}
+            levels = tuple(int(c) for c in args.peer_levels.split(","))
+            for mode in args.peers.split(","):
+                name = "transformers serve" + (" --continuous-batching" if mode == "batching" else "")
+                proc, url = start_peer(folder, workdir, mode == "batching")
+                try:
+                    report["peers"][name] = bench_server(url, str(folder), count, args.new_tokens,
+                                                         3, levels, 1, False, name)
+                finally:
+                    stop_process_group(proc)
+        elif "peers" in previous:
+            report["peers"] = previous["peers"]
+        if "hop" not in skip:
+            report["requester_hop"] = bench_hop(workdir, count, args.new_tokens, args.hop_rounds, 4)
+            print(f"requester hop: {report['requester_hop']}", file=sys.stderr)
+        elif "requester_hop" in previous:
+            report["requester_hop"] = previous["requester_hop"]
+        if "many" not in skip:
+            report["many_models"] = bench_many(workdir, 12, args.many_clients, args.many_per_client, 3, seed=7)
+            print(f"many models: {report['many_models']}", file=sys.stderr)
+        elif "many_models" in previous:
+            report["many_models"] = previous["many_models"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["results"], indent=2))
+    if "worker" in report:
+        chart(report, args.out.with_suffix(".png"))
+    print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
     return 0
 
 

@@ -73,6 +73,15 @@ def test_openai_client_through_the_requester_streaming_and_not(shared: Requester
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
 
 
+def test_a_relayed_stream_has_each_header_once(shared: Requester):
+    body = {"model": EMBEDDED, "prompt": "Once upon a time", "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{shared.spi}/v1/completions", json=body, timeout=120) as resp:
+        resp.read()
+    for name in ("cache-control", "x-accel-buffering", "content-type"):
+        assert len(resp.headers.get_list(name)) == 1, (name, resp.headers.get_list(name))
+    assert resp.headers["x-accel-buffering"] == "no" and resp.headers["cache-control"] == "no-cache"
+
+
 def test_unknown_model_is_404_naming_the_available_ones(shared: Requester):
     client = openai.OpenAI(base_url=f"{shared.spi}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.NotFoundError) as info:

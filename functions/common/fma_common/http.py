@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from flask import Flask, Response, g, request
 from pydantic import BaseModel, ValidationError
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .errors import (
@@ -139,6 +141,18 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
     "Connection": "keep-alive",
 }
+
+
+def merged_headers(base: Mapping[str, str], overrides: Mapping[str, str]) -> Headers:
+    """``base`` with ``overrides`` replacing any header of the same name, whatever its case.
+
+    A relayed worker answer arrives with lower-case names (httpx); a plain dict
+    merge would send ``Cache-Control`` twice and a proxy would read ``no, no``.
+    """
+    out = Headers(list(base.items()))
+    for name, value in overrides.items():
+        out.set(name, value)
+    return out
 
 
 def install_access_log(app: Flask, logger_name: str) -> None:

@@ -27,6 +27,7 @@ from fma_common.http import (
     SSE_HEADERS,
     install_access_log,
     json_response,
+    merged_headers,
     parse_json,
     parse_model,
     query_args,
@@ -98,7 +99,7 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
         routed = parse_model(p.RoutedRequest, parse_json(raw))
         done = plane.complete(routed.model, path, raw, routed.stream)
         if done.stream is not None:
-            resp = Response(done.stream, status=done.status, headers={**done.headers, **SSE_HEADERS})
+            resp = Response(done.stream, status=done.status, headers=merged_headers(done.headers, SSE_HEADERS))
             resp.call_on_close(done.stream.close)  # client gone: close upstream so the worker stops
             return resp
         return Response(done.body, status=done.status, headers=done.headers)

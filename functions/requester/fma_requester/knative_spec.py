@@ -135,6 +135,7 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
         "HF_HOME": "/tmp/hf",
         "HF_HUB_OFFLINE": "1",
         **tmpl.env,
+        **spec.admission_env(),
         **spec.env,
     }
     limits: dict[str, str] = {"cpu": tmpl.cpu, "memory": tmpl.memory}

@@ -49,6 +49,7 @@ class LocalEffects(Effects):
         for key in _REQUESTER_ONLY:
             env.pop(key, None)
         env.setdefault("HF_HUB_OFFLINE", "1")
+        env.update(spec.admission_env())
         env.update(spec.env)
         env.update({
             "FMA_MODEL": spec.name, "FMA_MODEL_SOURCE": spec.source, "FMA_DTYPE": spec.dtype,

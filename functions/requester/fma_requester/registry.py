@@ -118,6 +118,20 @@ class ModelSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     knative: KnativeSpec = Field(default_factory=KnativeSpec)
 
+    def admission_env(self) -> dict[str, str]:
+        """The worker's own queue gets the model's limits: one story for a request, whichever side queues it.
+
+        The requester queues while the worker starts or wakes; the worker queues
+        once it serves. Both refuse past ``max_queue`` waiting or ``queue_timeout``
+        with 429 and ``Retry-After``. A model's ``env`` may still set them apart.
+        """
+        out = {}
+        if self.max_queue is not None:
+            out["FMA_MAX_QUEUE"] = str(self.max_queue)
+        if self.queue_timeout is not None:
+            out["FMA_QUEUE_TIMEOUT"] = f"{self.queue_timeout:g}s"
+        return out
+
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
