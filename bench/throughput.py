@@ -304,7 +304,7 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--peers", default="plain,batching", help="transformers serve modes to run ('' for none)")
-    parser.add_argument("--peer-levels", default="1,8,16")
+    parser.add_argument("--peer-levels", default="1,8,16", help="concurrency levels for the peers")
     parser.add_argument("--hop-rounds", type=int, default=3)
     parser.add_argument("--many-clients", type=int, default=16)
     parser.add_argument("--many-per-client", type=int, default=6)
@@ -342,7 +342,7 @@ def main() -> int:
                 proc, url = start_peer(folder, workdir, mode == "batching")
                 try:
                     report["peers"][name] = bench_server(url, str(folder), count, args.new_tokens,
-                                                         3, levels, 1, False, name)
+                                                         args.sequential, levels, args.per_client, False, name)
                 finally:
                     stop_process_group(proc)
         elif "peers" in previous:

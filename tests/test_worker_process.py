@@ -213,3 +213,77 @@ def test_sleep_wake_cycle_over_http(tmp_path: Path, converted_model_dir: Path, l
             assert after == before
         log = srv.log()
         assert f"asleep at level {level}" in log and f"awake from level {level}" in log
+
+
+# ---- continuous batching over HTTP -------------------------------------------------------------------
+
+
+def _stream(url: str, prompt: str, max_tokens: int, out: list, started: threading.Event | None = None) -> None:
+    body = {"model": EMBEDDED, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=url, timeout=120) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        lines = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line)
+                if started is not None:
+                    started.set()
+        out.append((r.status_code, sse_events("\n\n".join(lines))))
+
+
+def test_concurrent_openai_requests_share_steps_and_answer_as_they_would_alone(server, client: openai.OpenAI):
+    prompts = ["Once upon a time", "The capital of France is", "My favourite food is", "In the year 2050,"]
+    alone = [client.completions.create(model=EMBEDDED, prompt=p, max_tokens=24, temperature=0).choices[0].text
+             for p in prompts]
+    before = httpx.get(f"{server.url}/metrics").text
+    answers: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        answers[i] = client.completions.create(model=EMBEDDED, prompt=prompts[i], max_tokens=24,
+                                               temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [answers[i] for i in range(len(prompts))] == alone
+    after = httpx.get(f"{server.url}/metrics").text
+
+    def wide_steps(text: str) -> float:
+        le1 = float(next(line.split()[-1] for line in text.splitlines()
+                         if line.startswith(f'fma_worker_batch_rows_bucket{{le="1.0",model="{EMBEDDED}"}}')))
+        total = float(next(line.split()[-1] for line in text.splitlines()
+                           if line.startswith(f'fma_worker_batch_rows_count{{model="{EMBEDDED}"}}')))
+        return total - le1
+
+    assert wide_steps(after) - wide_steps(before) >= 10, "decode steps carried more than one request"
+
+
+def test_sleep_during_a_batch_waits_for_it_to_drain(tmp_path: Path, converted_model_dir: Path):
+    with gunicorn_worker(tmp_path, worker_env()) as srv:
+        results: list = []
+        started = [threading.Event() for _ in range(3)]
+        threads = [threading.Thread(target=_stream, args=(srv.url, p, 40, results, started[i]))
+                   for i, p in enumerate(["Once upon a time", "The sea was", "Dear diary,"])]
+        for t in threads:
+            t.start()
+        assert all(e.wait(60) for e in started)
+        slept = httpx.post(f"{srv.url}/sleep", params={"level": 1}, timeout=120)
+        assert slept.status_code == 200 and slept.json()["is_sleeping"] is True
+        assert len(results) == 3, "sleep answered only once the batch had drained"
+        for status, events in results:
+            assert status == 200 and events[-1] == "[DONE]"
+            assert events[-2]["choices"][0]["finish_reason"] == "length"
+        for t in threads:
+            t.join(10)
+
+
+def test_a_client_that_disconnects_frees_its_rows(server):
+    body = {"model": EMBEDDED, "prompt": "Tell me a long story", "max_tokens": 300, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        assert next(line for line in r.iter_lines() if line.startswith("data: "))
+    deadline = time.monotonic() + 10
+    gauge = f'fma_worker_in_flight{{model="{EMBEDDED}"}} 0.0'
+    while gauge not in httpx.get(f"{server.url}/metrics").text:
+        assert time.monotonic() < deadline, "the generation went on for a client that left"
+        time.sleep(0.05)
