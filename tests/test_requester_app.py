@@ -140,6 +140,22 @@ def test_bad_bodies_are_400_before_any_actuation(client, fake):
     assert not [c for c in fake.calls if c[0] == "ensure_ready"]
 
 
+@pytest.mark.parametrize("raw", [b'{"model": "model-b", "prompt": "\\ud800"}',
+                                 b'{"model": "model-b", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                 b'{"model": "model-b", "x": ' + b'{"a": ' * 70 + b"1" + b"}" * 70 + b"}"],
+                         ids=["lone-surrogate", "5000-deep", "70-deep"])
+def test_hostile_json_is_400_at_the_edge_and_never_reaches_a_worker(client, fake, raw: bytes):
+    resp = client.post("/v1/completions", data=raw, content_type="application/json")
+    assert resp.status_code == 400 and resp.get_json()["error"]["type"] == "invalid_request_error"
+    event = client.post("/", data=raw, headers={"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t",
+                                                "ce-type": "ai.llm-d.fma.completion.requested",
+                                                "content-type": "application/json"})
+    assert event.status_code in (200, 400)
+    if event.status_code == 200:  # a permanent failure is a completion.failed reply
+        assert event.headers["ce-type"] == "ai.llm-d.fma.completion.failed"
+    assert not [c for c in fake.calls if c[0] == "ensure_ready"]
+
+
 def test_full_queue_is_429_with_retry_after(client, fake):
     fake.refuse_with = QueueFull("64 requests already wait", retry_after=5)
     resp = client.post("/v1/completions", json={"model": "model-b", "prompt": "x"})

@@ -286,3 +286,23 @@ def test_cloudevent_of_unknown_type_or_malformed_is_400(client):
     assert_envelope(resp, 400)
     assert_envelope(client.post("/", data=b"{oops", content_type="application/cloudevents+json"), 400)
     assert_envelope(client.post("/", json={"no": "headers"}), 400)
+
+
+HOSTILE = [
+    (b'{"model": "tiny", "prompt": "\\ud800"}', "surrogate"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\udfffb"}]}', "surrogate"),
+    (b'{"model": "tiny", "prompt": "x", "stop": ["\\ud83d"]}', "surrogate"),
+    (b'{"model": "tiny", "prompt": "x", "user": ' + b"[" * 1500 + b"]" * 1500 + b"}", "nested too deeply"),
+    (b'{"model": "tiny", "prompt": "x", "metadata": ' + b'{"a": ' * 70 + b"1" + b"}" * 70 + b"}", "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("raw", "why"), HOSTILE, ids=["lone-surrogate-prompt", "lone-surrogate-chat",
+                                                       "lone-surrogate-stop", "1500-deep", "70-deep"])
+def test_hostile_json_is_a_clear_400_never_a_500(client, raw: bytes, why: str):
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+    resp = client.post(path, data=raw, content_type="application/json")
+    err = assert_envelope(resp, 400)
+    assert why in err["message"]
+    # a valid surrogate pair is fine: it is one character
+    assert complete(client, prompt="\U0001f600 hi", max_tokens=2).status_code == 200

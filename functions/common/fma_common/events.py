@@ -7,7 +7,6 @@ extension ``requestid`` = the incoming event's ``id`` (design.md).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_bina
 from cloudevents.core.v1.event import CloudEvent
 
 from .errors import InvalidRequest
+from .http import check_json_tree, loads_checked
 
 COMPLETION_REQUESTED = "ai.llm-d.fma.completion.requested"
 COMPLETION_SUCCEEDED = "ai.llm-d.fma.completion.succeeded"
@@ -51,16 +51,10 @@ class IncomingEvent:
     def data_object(self) -> dict[str, Any]:
         """The event data as a JSON object, or :class:`InvalidRequest`."""
         data = self.event.get_data()
-        if isinstance(data, (bytes, bytearray)):
-            try:
-                data = json.loads(data)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InvalidRequest(f"event data is not JSON: {exc}") from None
-        if isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"event data is not JSON: {exc}") from None
+        if isinstance(data, (bytes, bytearray, str)):
+            data = loads_checked(data, "event data")
+        else:
+            check_json_tree(data, "event data")
         if not isinstance(data, dict):
             raise InvalidRequest("event data must be a JSON object")
         return data

@@ -86,15 +86,51 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(InternalError(f"internal error ({type(err).__name__}); see the server log"))
 
 
+MAX_JSON_DEPTH = 64  # an OpenAI body nests a handful of levels; a hostile one nests thousands
+
+
+def loads_checked(body: bytes | str, what: str = "request body") -> Any:
+    """JSON that the rest of the code can trust, or :class:`InvalidRequest` (never a 500).
+
+    Refused: invalid JSON, nesting deeper than :data:`MAX_JSON_DEPTH` (the
+    parser itself would raise ``RecursionError`` past about a thousand), and
+    strings holding a lone UTF-16 surrogate (``"\\ud800"`` is valid JSON but
+    not text: a tokenizer, or any UTF-8 encoder, fails on it).
+    """
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(f"{what} is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    check_json_tree(value, what)
+    return value
+
+
+def check_json_tree(value: Any, what: str = "request body") -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"{what} holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                                     "text; send valid Unicode") from None
+            continue
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidRequest(f"{what} is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
 def parse_json(raw: bytes | None = None) -> Any:
     """The request body as JSON, or :class:`InvalidRequest` saying why not."""
     body = request.get_data(cache=True) if raw is None else raw
     if not body:
         raise InvalidRequest("request body is empty; send a JSON object")
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    return loads_checked(body)
 
 
 def validation_error(exc: ValidationError) -> InvalidRequest:
