@@ -154,17 +154,40 @@ def start_peer(folder: Path, workdir: Path, batching: bool) -> tuple[subprocess.
     raise RuntimeError("transformers serve did not start")
 
 
-def bench_server(url: str, model: str, count: Counter, new_tokens: int, sequential: int, levels: tuple[int, ...],
-                 per_client: int, ours: bool, label: str) -> dict:
-    chat_stream(httpx.Client(base_url=url, timeout=600), model, 4, ours)  # warm: kernels, allocator
-    seq = load(url, model, 1, sequential, new_tokens, count, ours)
-    out = {"sequential": {"tokens_per_s": seq["tokens_per_s"], "requests": seq["requests"]}, "concurrency": {}}
-    print(f"{label}: one at a time {seq['tokens_per_s']} tok/s", file=sys.stderr)
-    for c in levels:
-        r = load(url, model, c, max(c * per_client, 4 if c == 1 else c), new_tokens, count, ours)
-        out["concurrency"][str(c)] = r
-        print(f"{label}: {c} clients {r['tokens_per_s']} tok/s, ttft p50 {r['ttft_p50_s']}s p99 {r['ttft_p99_s']}s",
-              file=sys.stderr)
+def bench_servers(servers: list[tuple[str, str, str, bool, tuple[int, ...]]], count: Counter, new_tokens: int,
+                  sequential: int, per_client: int, rounds: int) -> dict[str, dict]:
+    """Every measurement on every server in turn, ``rounds`` times (the median is kept): the machine's drift
+    over the run then falls on all of them alike. ``servers``: (label, url, model name, ours?, levels)."""
+    samples: dict[str, dict[str, list[dict]]] = {label: {} for label, *_ in servers}
+    for _label, url, model, ours, _levels in servers:
+        chat_stream(httpx.Client(base_url=url, timeout=600), model, 4, ours)  # warm: kernels, allocator
+    for r in range(rounds):
+        for label, url, model, ours, _levels in servers:
+            samples[label].setdefault("sequential", []).append(load(url, model, 1, sequential, new_tokens, count,
+                                                                    ours))
+            print(f"round {r + 1} {label}: one at a time {samples[label]['sequential'][-1]['tokens_per_s']} tok/s",
+                  file=sys.stderr)
+        for c in LEVELS:
+            for label, url, model, ours, levels in servers:
+                if c not in levels:
+                    continue
+                res = load(url, model, c, max(c * per_client, 4 if c == 1 else c), new_tokens, count, ours)
+                samples[label].setdefault(str(c), []).append(res)
+                print(f"round {r + 1} {label}: {c} clients {res['tokens_per_s']} tok/s, ttft p50 {res['ttft_p50_s']}s "
+                      f"p99 {res['ttft_p99_s']}s", file=sys.stderr)
+
+    def median_run(runs: list[dict]) -> dict:
+        ordered = sorted(runs, key=lambda x: x["tokens_per_s"])
+        mid = dict(ordered[(len(ordered) - 1) // 2])
+        mid["tokens_per_s_runs"] = [x["tokens_per_s"] for x in runs]
+        return mid
+
+    out = {}
+    for label, runs in samples.items():
+        seq = median_run(runs.pop("sequential"))
+        out[label] = {"sequential": {"tokens_per_s": seq["tokens_per_s"], "tokens_per_s_runs": seq["tokens_per_s_runs"],
+                                     "requests": seq["requests"]},
+                      "concurrency": {c: median_run(v) for c, v in runs.items()}}
     return out
 
 
@@ -304,11 +327,13 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--peers", default="plain,batching", help="transformers serve modes to run ('' for none)")
-    parser.add_argument("--peer-levels", default="1,8,16", help="concurrency levels for the peers")
+    parser.add_argument("--peer-levels", default="1,8", help="levels for plain transformers serve (it does not "
+                                                              "batch: its rate is flat); the batching one gets all")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every measurement; the median is kept")
     parser.add_argument("--hop-rounds", type=int, default=3)
     parser.add_argument("--many-clients", type=int, default=16)
     parser.add_argument("--many-per-client", type=int, default=6)
-    parser.add_argument("--skip", default="", help="comma-separated: worker,peers,hop,many")
+    parser.add_argument("--skip", default="", help="comma-separated: worker (with the peers), hop, many")
     parser.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -326,27 +351,29 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if "worker" not in skip:
-            proc, url = start_worker(workdir)
+            # Our worker and the peers, all up at once and measured in turn (see bench_servers).
+            procs = []
             try:
-                report["worker"] = bench_server(url, MODEL, count, args.new_tokens, args.sequential, LEVELS,
-                                                args.per_client, True, "fma worker")
+                proc, url = start_worker(workdir)
+                procs.append(proc)
+                servers = [("fma worker", url, MODEL, True, LEVELS)]
+                peer_levels = tuple(int(c) for c in args.peer_levels.split(","))
+                for mode in filter(None, args.peers.split(",")):
+                    proc, url = start_peer(folder, workdir, mode == "batching")
+                    procs.append(proc)
+                    name = "transformers serve" + (" --continuous-batching" if mode == "batching" else "")
+                    servers.append((name, url, str(folder), False, LEVELS if mode == "batching" else peer_levels))
+                measured = bench_servers(servers, count, args.new_tokens, args.sequential, args.per_client,
+                                         args.rounds)
             finally:
-                stop_process_group(proc)
-        elif "worker" in previous:
-            report["worker"] = previous["worker"]
-        if "peers" not in skip and args.peers:
-            report["peers"] = {}
-            levels = tuple(int(c) for c in args.peer_levels.split(","))
-            for mode in args.peers.split(","):
-                name = "transformers serve" + (" --continuous-batching" if mode == "batching" else "")
-                proc, url = start_peer(folder, workdir, mode == "batching")
-                try:
-                    report["peers"][name] = bench_server(url, str(folder), count, args.new_tokens,
-                                                         args.sequential, levels, args.per_client, False, name)
-                finally:
+                for proc in procs:
                     stop_process_group(proc)
-        elif "peers" in previous:
-            report["peers"] = previous["peers"]
+            report["worker"] = measured.pop("fma worker")
+            report["peers"] = measured
+        else:
+            for key in ("worker", "peers"):
+                if key in previous:
+                    report[key] = previous[key]
         if "hop" not in skip:
             report["requester_hop"] = bench_hop(workdir, count, args.new_tokens, args.hop_rounds, 4)
             print(f"requester hop: {report['requester_hop']}", file=sys.stderr)
