@@ -50,7 +50,9 @@ docs: $(STAMP)
 
 bench: bench-throughput bench-actuation
 
+# The chart and the peer (transformers serve) need packages the project does not: installed here only.
 bench-throughput: prepare
+	$(BIN)/python -m pip install --quiet "matplotlib>=3.8" fastapi uvicorn
 	$(BIN)/python bench/throughput.py --out bench/results/throughput.json
 
 clean:
