@@ -230,6 +230,36 @@ def test_sleep_refuses_inference_and_wake_serves_again(tiny_model_dir: Path, lev
     assert f'fma_worker_wake_seconds_count{{level="{level}",model="tiny"}} 1.0' in metrics
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_wake_that_brings_back_damaged_weights_fails_with_the_reason(tiny_model_dir: Path, tmp_path: Path,
+                                                                       level: int):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    app = make_app(folder)
+    engine = app.extensions["fma"]["engine"]
+    c = app.test_client()
+    assert c.post(f"/sleep?level={level}").status_code == 200
+    if level == 1:  # the weights kept in memory get damaged while asleep
+        with torch.no_grad():
+            next(engine._model.parameters()).mul_(-3.0)
+    else:  # the folder a level-2 wake reloads from changed under the worker
+        shard = next(folder.glob("*.safetensors"))
+        tensors = load_file(shard)
+        save_file({k: (v * -3.0 if v.dim() == 2 else v) for k, v in tensors.items()}, shard,
+                  metadata={"format": "pt"})
+    resp = c.post("/wake_up")
+    err = assert_envelope(resp, 503, code="worker_failed")
+    assert f"wake from level {level} failed verification" in err["message"]
+    assert "canary predictions changed" in err["message"]
+    assert c.get("/ready").status_code == 503 and engine.state == "failed"
+    assert_envelope(complete(c, max_tokens=2), 503, code="worker_failed")
+
+
 def test_bad_sleep_level_is_400(client):
     assert_envelope(client.post("/sleep?level=3"), 400, param="level")
 

@@ -200,8 +200,12 @@ def test_sleep_wake_cycle_over_http(tmp_path: Path, converted_model_dir: Path, l
             httpx.Client(base_url=srv.url, timeout=120) as http:
         body = {"model": EMBEDDED, "prompt": "The best thing about Paris is", "max_tokens": 24, "temperature": 0}
         before = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        awake_rss = float(next(line.split()[-1] for line in http.get("/metrics").text.splitlines()
+                               if line.startswith("fma_worker_resident_bytes ")))
         slept = http.post("/sleep", params={"level": level}).json()
         assert slept["is_sleeping"] is True and slept["level"] == level
+        if level == 2:  # the 538 MB of weights are given back to the OS, and the reply says so
+            assert awake_rss - slept["resident_bytes"] > 400e6, (awake_rss, slept["resident_bytes"])
         assert http.get("/is_sleeping").json() == {"is_sleeping": True}
         assert http.get("/ready").status_code == 503
         refused = http.post("/v1/completions", json=body)

@@ -32,7 +32,7 @@ from fma_common.settings import describe
 from . import protocol as p
 from .admission import Admission
 from .engine import Engine
-from .metrics import WorkerMetrics
+from .metrics import WorkerMetrics, resident_bytes
 from .serving import CompletionService, SSEStream
 from .settings import WorkerSettings
 
@@ -104,13 +104,17 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
     def sleep() -> Response:
         query = parse_model(p.SleepQuery, query_args(request.args))
         seconds = engine.sleep(query.level)
+        # What the sleep gave back, measured: this process's resident memory and torch's device memory.
         return json_response({"is_sleeping": True, "level": query.level, "seconds": round(seconds, 4),
-                              "device_memory_allocated": engine.device_memory_allocated()})
+                              "device_memory_allocated": engine.device_memory_allocated(),
+                              "resident_bytes": resident_bytes()})
 
     @app.post(p.PATH_WAKE)
     def wake_up() -> Response:
         seconds = engine.wake()
-        return json_response({"is_sleeping": False, "seconds": round(seconds, 4)})
+        return json_response({"is_sleeping": False, "seconds": round(seconds, 4),
+                              "device_memory_allocated": engine.device_memory_allocated(),
+                              "resident_bytes": resident_bytes()})
 
     @app.get(p.PATH_IS_SLEEPING)
     def is_sleeping() -> Response:

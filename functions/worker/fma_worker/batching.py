@@ -139,6 +139,7 @@ class Batcher:
         self._tokens: Any = None  # [B], the token each row feeds next
         self._positions: Any = None  # [B], that token's position
         self._stopping = False
+        self._busy = False  # in a step (it may hold the model); False only while waiting for work
         self._thread = threading.Thread(target=self._loop, name="fma-batcher", daemon=True)
         self._thread.start()
 
@@ -184,11 +185,25 @@ class Batcher:
 
     # ---- the loop ----------------------------------------------------------------------
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Until the scheduler holds no request and no model (a level-2 sleep then frees the weights)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy or self._pending or self._running:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
     def _loop(self) -> None:
         while True:
             with self._cond:
+                self._busy = False
+                self._cond.notify_all()
                 while not self._stopping and not self._pending and not self._running:
                     self._cond.wait()
+                self._busy = True
                 if self._stopping:
                     self._fail_all(InternalError("the worker is shutting down"))
                     return
@@ -212,6 +227,8 @@ class Batcher:
                 log.exception("batch step failed")
                 self._fail_all(InternalError("generation failed; see the worker log"))
                 self._reset_batch()
+            # Hold no model while idle: a level-2 sleep must be able to free the weights.
+            lm = group = None
 
     def _take_prefill_group(self) -> list[BatchRequest]:
         """Pending requests to prefill now: FIFO, a long prompt alone (in chunks), short ones together."""

@@ -76,6 +76,22 @@ def resolve_dtype_name(requested: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
+# A fixed text whose next-token predictions (every position, greedy) are recorded at load and checked
+# after each wake: a wake that brings back damaged weights (users of vLLM's level 2 have met silent garbage)
+# fails with the reason instead of serving.
+CANARY_TEXT = "The quick brown fox jumps over the lazy dog. One, two, three, four, five."
+
+
+@dataclass(frozen=True)
+class Canary:
+    tokens: list[int]
+    peaks: Any  # the top logit at each position (a CPU tensor)
+
+
+class WakeCorrupted(RuntimeError):
+    pass
+
+
 class Engine:
     def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics) -> None:
         self.settings = settings
@@ -104,6 +120,8 @@ class Engine:
         self.created = int(time.time())
         metrics.set_state(self._state, STATES)
         self._lm: LoadedModel | None = None
+        self._canary_ids: list[int] = []
+        self._reference: Canary | None = None  # the canary's answer at load; every wake must give it again
         # Every generation runs on this one scheduler: concurrent requests share forward passes.
         self.batcher = Batcher(self._loaded, max_rows=settings.max_batch, prefill_chunk=settings.prefill_chunk,
                                on_step=self._stepped)
@@ -209,7 +227,7 @@ class Engine:
         phases["weights"] = self._last_weights_s
 
         t = time.monotonic()
-        self._warm_up()
+        self._reference = self._warm_up()
         phases["warmup"] = time.monotonic() - t
 
         cfg = self._model.config
@@ -261,15 +279,34 @@ class Engine:
             return None
         return int(torch.cuda.memory_allocated(torch.device(self.device)))
 
-    def _warm_up(self) -> None:
-        # One tiny forward pass so the first real request does not pay for
-        # kernel selection and allocator growth.
+    def _warm_up(self) -> Canary:
+        """One short forward pass: the first real request does not pay for kernel selection and allocator
+        growth, and its predictions are the canary a wake is checked against."""
         torch = self._torch
+        if not self._canary_ids:
+            self._canary_ids = self.encode(CANARY_TEXT)[:16] or [self._tokenizer.eos_token_id or 0]
         with torch.inference_mode():
-            ids = torch.tensor([[self._tokenizer.eos_token_id or 0]], device=self.device)
-            self._model(input_ids=ids, use_cache=False)
+            ids = torch.tensor([self._canary_ids], device=self.device)
+            logits = self._model(input_ids=ids, use_cache=False).logits[0].float()
+            canary = Canary(logits.argmax(-1).tolist(), logits.max(-1).values.cpu())
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
+        return canary
+
+    def _verify(self, level: int) -> None:
+        """After a wake: the same predictions as at load, or the worker fails rather than serve garbage."""
+        got = self._warm_up()
+        ref = self._reference
+        if ref is None:
+            self._reference = got
+            return
+        differ = sum(1 for a, b in zip(ref.tokens, got.tokens, strict=True) if a != b)
+        drift = float((ref.peaks - got.peaks).abs().max())
+        tolerance = 1e-3 if self.dtype_name == "float32" else 5e-2
+        if differ or drift > tolerance * max(1.0, float(ref.peaks.abs().max())):
+            raise WakeCorrupted(f"wake from level {level} failed verification: {differ} of {len(ref.tokens)} "
+                                f"canary predictions changed, peak logit off by {drift:.4g}; the weights did not "
+                                "come back intact (release the worker and start it again)")
 
     # ---- sleep / wake -----------------------------------------------------
 
@@ -314,7 +351,10 @@ class Engine:
                 torch.cuda.empty_cache()
         else:
             self._model = None
+            self._lm = None  # the batcher's view holds the model too
+            self.batcher.wait_idle(5.0)  # its last step may still hold it for a moment
             gc.collect()
+            _trim_heap()
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
         secs = time.monotonic() - started
@@ -336,7 +376,7 @@ class Engine:
                     torch.cuda.synchronize()
             else:
                 self._load_weights()
-            self._warm_up()
+            self._verify(level)
         except Exception as exc:
             log.exception("wake failed for %s", self.settings.model)
             with self._cond:
@@ -427,6 +467,16 @@ class Engine:
 
     def close(self) -> None:
         self.batcher.stop()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise: the weights' RSS would stay)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -6,7 +6,18 @@ apps in one process and keeps ``/metrics`` free of unrelated collectors.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux ``/proc/self/statm``), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -40,6 +51,9 @@ class WorkerMetrics:
         self.queued = Gauge("fma_worker_queued", "Requests waiting for a generation slot", ["model"], registry=r)
         self.batch_rows = Histogram("fma_worker_batch_rows", "Sequences in each decode step's forward pass",
                                     ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.resident = Gauge("fma_worker_resident_bytes", "Resident memory of the worker process (weights "
+                              "included while awake)", registry=r)
+        self.resident.set_function(lambda: resident_bytes() or 0)
         self.rejected = Counter("fma_worker_rejected", "Requests rejected before generation", ["model", "reason"],
                                 registry=r)
 
