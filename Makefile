@@ -59,6 +59,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 bench-actuation: prepare
+	$(BIN)/python -m pip install --quiet "matplotlib>=3.8"
 	$(BIN)/python bench/actuation.py --out bench/results/actuation.json
 
 # ---- Knative: build, push, deploy (REGISTRY=registry.example.com/me TAG=0.1.0) ----------------

@@ -4,8 +4,12 @@ Runs a real requester (gunicorn + gevent, local actuator) and measures, from
 the client, the seconds from sending a streamed completion to receiving its
 first token when the model's worker is:
 
-* ``naive_cold`` - not running, started as a plain new process (``FMA_LAUNCHER=false``):
-                   interpreter start, torch/transformers import, weights, warm-up;
+* ``naive_cold`` - what a user would write without this project: a fresh Python process that imports
+                   transformers, loads the converted folder with ``from_pretrained`` and generates one
+                   token (wall time from spawning it to that token; no server);
+* ``cold_plain_process`` - our worker started as a plain new process (``FMA_LAUNCHER=false``);
+* ``cold_after_start`` - the first request sent right after ``fma serve`` started (the launcher may
+                   still be pre-warming, as for a ``make run`` user);
 * ``cold``       - not running, forked from the pre-warmed launcher (the default);
 * ``wake_l1``    - asleep at level 1 (weights in host memory);
 * ``wake_l2``    - asleep at level 2 (weights dropped, reloaded from the converted cache);
@@ -15,7 +19,8 @@ first token when the model's worker is:
 through the requester, interleaved. ``floor`` gives what no actuation can beat
 on this machine: host memory copy bandwidth and the time to read the converted
 weights from the page cache.
-Writes ``bench/results/actuation.json`` (design.md's format).
+Writes ``bench/results/actuation.json`` (design.md's format, with labels, ratios and the raw runs) and a
+bar chart ``actuation.png`` beside it.
 """
 
 from __future__ import annotations
@@ -62,8 +67,32 @@ def floor() -> dict[str, float]:
             "weights_bytes": weights.stat().st_size}
 
 
+NAIVE = """
+import time, sys
+t0 = float(sys.argv[2])
+import torch, transformers
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = tok("Once upon a time", return_tensors="pt")
+model.generate(**ids, max_new_tokens=1, do_sample=False)
+print(time.time() - t0)
+"""
+
+
+def naive_cold() -> float:
+    """The plain script, in a fresh interpreter: spawn to first token, wall time."""
+    import subprocess
+
+    folder = ensure_embedded_converted(MODEL, "float32", default_cache_dir())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    out = subprocess.run([sys.executable, "-c", NAIVE, str(folder), repr(time.time())], capture_output=True,
+                         text=True, env=env, timeout=300, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 class Requester:
-    def __init__(self, workdir: Path, launcher: bool, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, launcher: bool, extra_env: dict[str, str] | None = None,
+                 wait_prewarm: bool = True) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir / f"requester-{uuid.uuid4().hex[:6]}.log"
@@ -73,7 +102,7 @@ class Requester:
         env.update(extra_env or {})
         self.proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", env, self.log)
         wait_ready(self.url, self.proc, 60, self.log)
-        if launcher:  # measure cold starts from a launcher that has finished pre-warming
+        if launcher and wait_prewarm:  # measure cold starts from a launcher that has finished pre-warming
             deadline = time.monotonic() + 120
             while "pre-warmed" not in self.log.read_text(errors="replace"):
                 if time.monotonic() > deadline:
@@ -153,25 +182,57 @@ def knative_section(workdir: Path, runs: int) -> dict[str, object]:
             "results": {name: summary(values) for name, values in results.items()}, **counts}
 
 
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("naive_cold", "cold_plain_process", "cold_after_start", "cold", "wake_l2", "wake_l1",
+                         "warm") if n in report["results"]]
+    medians = [report["results"][n]["median"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
+    bars = ax.barh(names[::-1], medians[::-1], color=["#888" if n == "naive_cold" else "#1f77b4"
+                                                     for n in names[::-1]])
+    for bar, value in zip(bars, medians[::-1], strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.3f} s", va="center", fontsize=8)
+    ax.set_xlabel("time to first token, seconds (median)")
+    ax.set_title(f"{report['model']}, {report['labels']['device']}, local actuator, page cache warm, "
+                 f"{report['runs']} runs", fontsize=9)
+    ax.set_xlim(0, max(medians) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--overhead-runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--overhead-runs", type=int, default=40)
     parser.add_argument("--skip-knative", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/actuation.json"))
     args = parser.parse_args()
-    results: dict[str, list[float]] = {k: [] for k in ("naive_cold", "cold", "wake_l1", "wake_l2", "warm")}
+    results: dict[str, list[float]] = {k: [] for k in ("naive_cold", "cold_plain_process", "cold_after_start",
+                                                         "cold", "wake_l1", "wake_l2", "warm")}
     overhead: dict[str, list[float]] = {"direct": [], "via_requester": []}
+    floor_now = floor()  # also reads the weights once: every row below runs with a warm page cache
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        naive = Requester(workdir, launcher=False)
+        for _ in range(args.runs):
+            results["naive_cold"].append(naive_cold())
+        plain = Requester(workdir, launcher=False)
         try:
             for _ in range(args.runs):
-                results["naive_cold"].append(naive.ttft())
-                naive.release()
+                results["cold_plain_process"].append(plain.ttft())
+                plain.release()
         finally:
-            naive.close()
+            plain.close()
+        for _ in range(args.runs):
+            fresh = Requester(workdir, launcher=True, wait_prewarm=False)
+            try:
+                results["cold_after_start"].append(fresh.ttft())
+            finally:
+                fresh.close()
 
         req = Requester(workdir, launcher=True)
         try:
@@ -193,20 +254,40 @@ def main() -> int:
             print(f"{name:10} " + " ".join(f"{v:.3f}" for v in values), file=sys.stderr)
         knative = None if args.skip_knative else knative_section(workdir, args.runs)
 
+    import torch
+
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    diffs = sorted(v - d for d, v in zip(overhead["direct"], overhead["via_requester"], strict=True))
     report = {"machine": machine(), "model": MODEL, "runs": args.runs,
               "metric": "time to first token through the requester, seconds",
+              "labels": {"actuator": "local", "device": device, "page_cache": "warm (weights read once first)",
+                         "wake_l1": "on a CPU device level 1 moves no weights (they stay in host memory)"
+                                    if device == "cpu" else "weights to pinned host memory and back",
+                         "naive_cold": "plain script in a fresh process: import transformers, from_pretrained, "
+                                       "generate 1 token (no server)"},
               "results": {name: summary(values) for name, values in results.items()},
-              "floor": floor(),
+              "raw": {name: [round(v, 4) for v in values] for name, values in results.items()},
+              "floor": floor_now,
+              "ratios": {"naive_over_cold": round(medians["naive_cold"] / medians["cold"], 2),
+                         "naive_over_cold_after_start": round(medians["naive_cold"] / medians["cold_after_start"], 2),
+                         "cold_over_weights_read": round(medians["cold"] / floor_now["weights_read_s"], 2),
+                         "wake_l2_over_weights_read": round(medians["wake_l2"] / floor_now["weights_read_s"], 2)},
               "proxy_overhead": {
                   "direct": summary(overhead["direct"]), "via_requester": summary(overhead["via_requester"]),
                   "median_ms": round((statistics.median(overhead["via_requester"])
-                                      - statistics.median(overhead["direct"])) * 1000, 2)}}
+                                      - statistics.median(overhead["direct"])) * 1000, 2),
+                  "paired_ms": {"p10": round(diffs[len(diffs) // 10] * 1000, 2),
+                                "p50": round(diffs[len(diffs) // 2] * 1000, 2),
+                                "p90": round(diffs[(9 * len(diffs)) // 10] * 1000, 2)}}}
+    print(f"ratios: {report['ratios']}", file=sys.stderr)
     if knative is not None:
         report["knative"] = knative
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("results", "floor", "proxy_overhead", "knative") if k in report},
-                     indent=2))
+    chart(report, args.out.with_suffix(".png"))
+    print(json.dumps({k: report[k] for k in ("results", "floor", "ratios", "proxy_overhead", "knative")
+                      if k in report}, indent=2))
     return 0
 
 
