@@ -139,3 +139,18 @@ def test_a_request_that_fails_fails_alone(engine: Engine, monkeypatch: pytest.Mo
     assert "generation failed" in str(outcome["bad"])
     assert engine.batcher.alive
     wait_for(lambda: engine.batcher.rows == 0, 5, "the batch to empty")
+
+
+def test_weights_mapped_from_the_file_answer_like_from_pretrained(engine: Engine, converted_model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert "skeleton" in engine.last_load.phases, "the CPU load mapped the safetensors file (no from_pretrained)"
+    reference = AutoModelForCausalLM.from_pretrained(str(converted_model_dir), dtype=torch.float32).eval()
+    ids = engine.encode("Once upon a time")
+    with torch.inference_mode():
+        want = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    got = run(engine, "Once upon a time", SamplingParams(max_tokens=16, temperature=0.0))[0]
+    assert got == engine.decode(want)
+    for (name, a), (_, b) in zip(engine._model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -151,6 +151,18 @@ def test_sleep_and_release_say_the_new_state(shared: Requester):
     assert released.returncode == 0 and json.loads(released.stdout)["state"] == "cold"
 
 
+def test_warm_to_a_sleep_level_parks_the_worker_and_the_next_request_only_wakes_it(shared: Requester):
+    import httpx
+
+    url = ["--url", shared.spi]
+    run("release", EMBEDDED, *url)
+    parked = run("warm", EMBEDDED, "--level", "sleep1", *url)
+    assert parked.returncode == 0 and parked.stdout.startswith(f"{EMBEDDED}: sleeping"), parked
+    resp = httpx.post(f"{shared.spi}/v1/completions", timeout=120,
+                      json={"model": EMBEDDED, "prompt": "Hi", "max_tokens": 2})
+    assert resp.status_code == 200 and resp.headers["X-FMA-Actuation"].startswith("wake;")
+
+
 def test_exit_codes_and_one_line_reasons(shared: Requester):
     url = ["--url", shared.spi]
     unknown = run("warm", "nope", *url)

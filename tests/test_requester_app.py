@@ -119,6 +119,15 @@ def test_warm_sleep_and_release_accept_model_names_with_slashes(client, fake):
     assert client.delete("/v1/workers/org/model-a").get_json()["state"] == "cold"
 
 
+@pytest.mark.parametrize(("level", "sleeps"), [("sleep1", "1"), ("sleep2", "2")])
+def test_warm_to_a_sleep_level_starts_then_parks_the_worker(client, fake, level: str, sleeps: str):
+    resp = client.post(f"/v1/workers/model-b/warm?level={level}")
+    assert resp.status_code == 200 and resp.get_json()["state"] == "sleeping"
+    calls = [c for c in fake.calls if c[1] == "model-b"]
+    assert calls.index(("ensure_ready", "model-b")) < calls.index(("sleep", "model-b", sleeps))
+    assert client.post("/v1/workers/model-b/warm?level=sleep3").status_code == 400
+
+
 def test_sleep_of_a_cold_worker_is_409_and_bad_level_400(client):
     resp = client.post("/v1/workers/model-b/sleep")
     assert resp.status_code == 409 and resp.get_json()["error"]["code"] == "conflict"

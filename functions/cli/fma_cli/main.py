@@ -205,11 +205,13 @@ def _watch(client: RequesterClient, output: str, interval: float) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @MODEL
+@click.option("--level", type=click.Choice(("awake", "sleep1", "sleep2")), default="awake", show_default=True,
+              help="awake; or load it and then put it to sleep at level 1 or 2, so a later request only wakes it")
 @client_options
 @output_option
 @click.pass_context
-def warm(ctx: click.Context, model: str, url: str | None, namespace: str | None, api_key: str | None,
-         timeout: float, output: str) -> None:
+def warm(ctx: click.Context, model: str, level: str, url: str | None, namespace: str | None,
+         api_key: str | None, timeout: float, output: str) -> None:
     """Start (or wake) MODEL's worker now and wait until it can serve.
 
     Progress goes to stderr: a spinner with the elapsed time and the worker's state on a
@@ -219,9 +221,11 @@ def warm(ctx: click.Context, model: str, url: str | None, namespace: str | None,
     Examples:
       fma warm smollm2-135m-instruct
       fma warm smollm2-135m-instruct -o json
+      fma warm smollm2-135m-instruct --level sleep1    # prewarm: a later request wakes it in ~0.1 s
     """
     with connect(ctx, url, namespace, api_key, timeout) as client:
-        status = _warm_with_progress(client, model, sys.stderr.isatty() and os.environ.get("TERM") != "dumb")
+        status = _warm_with_progress(client, model, sys.stderr.isatty() and os.environ.get("TERM") != "dumb",
+                                     level)
     if output != "table":
         click.echo(dump(status, output))
         return
@@ -233,13 +237,15 @@ def warm(ctx: click.Context, model: str, url: str | None, namespace: str | None,
 _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
-def _warm_with_progress(client: RequesterClient, model: str, terminal: bool) -> dict[str, Any]:
+def _warm_with_progress(client: RequesterClient, model: str, terminal: bool, level: str = "awake") \
+        -> dict[str, Any]:
     """POST warm on one thread; poll the worker's status on this one, and show it."""
     outcome: dict[str, Any] = {}
 
     def ask() -> None:
         try:
-            outcome["status"] = client.json("POST", f"/v1/workers/{model}/warm", model=model)
+            outcome["status"] = client.json("POST", f"/v1/workers/{model}/warm", model=model,
+                                            params={"level": level} if level != "awake" else None)
         except CliError as exc:
             outcome["error"] = exc
 

@@ -162,7 +162,10 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
 
     @app.post(f"{p.PATH_WORKERS}/<path:model>/warm")
     def warm(model: str) -> Response:
+        query = parse_model(p.WarmQuery, query_args(request.args))
         actuator.ensure_ready(model).done()
+        if query.level != "awake":  # prewarm to a sleep level: loaded once, parked, woken fast later
+            return json_response(actuator.sleep(model, int(query.level[-1])).as_dict())
         return json_response(actuator.describe(model).as_dict())
 
     @app.post(f"{p.PATH_WORKERS}/<path:model>/sleep")

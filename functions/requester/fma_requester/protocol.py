@@ -81,6 +81,13 @@ class RoutedRequest(BaseModel):
     stream: bool = False
 
 
+class WarmQuery(BaseModel):
+    """``POST /v1/workers/{model}/warm?level=``: up and awake, or up and then asleep (a later wake is fast)."""
+
+    model_config = ConfigDict(extra="ignore")
+    level: Literal["awake", "sleep1", "sleep2"] = "awake"
+
+
 class SleepQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
     level: int = Field(default=1, ge=1, le=2)

@@ -120,6 +120,8 @@ class Engine:
         self.created = int(time.time())
         metrics.set_state(self._state, STATES)
         self._lm: LoadedModel | None = None
+        self._last_skeleton_s = 0.0
+        self._last_weights_s = 0.0
         self._canary_ids: list[int] = []
         self._reference: Canary | None = None  # the canary's answer at load; every wake must give it again
         # Every generation runs on this one scheduler: concurrent requests share forward passes.
@@ -224,6 +226,8 @@ class Engine:
         phases["tokenizer"] = time.monotonic() - t
 
         weight_bytes = self._load_weights()
+        if self._last_skeleton_s:
+            phases["skeleton"] = self._last_skeleton_s
         phases["weights"] = self._last_weights_s
 
         t = time.monotonic()
@@ -257,10 +261,13 @@ class Engine:
 
         torch = self._torch
         t = time.monotonic()
-        kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype_name)}
-        if self.device.startswith("cuda"):
-            kwargs["device_map"] = self.device  # straight to the GPU, no host copy
-        model = AutoModelForCausalLM.from_pretrained(str(self._folder), **kwargs)
+        self._last_skeleton_s = 0.0
+        model = self._map_weights() if self.device == "cpu" else None
+        if model is None:
+            kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype_name)}
+            if self.device.startswith("cuda"):
+                kwargs["device_map"] = self.device  # straight to the GPU, no host copy
+            model = AutoModelForCausalLM.from_pretrained(str(self._folder), **kwargs)
         model.eval()
         # transformers renamed the KV-cache argument (and output) from
         # past_key_values to cache in 5.2x; use whichever this version has.
@@ -269,8 +276,51 @@ class Engine:
         # Only the last position's logits are needed; skips a [prompt x vocab] matmul.
         self._forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._model = model
-        self._last_weights_s = time.monotonic() - t
+        self._last_weights_s = time.monotonic() - t - self._last_skeleton_s
         return _param_bytes(model)
+
+    def _map_weights(self) -> Any:
+        """On a CPU: the safetensors files mapped straight into the model's parameters.
+
+        No random initialisation (the skeleton's parameters are empty) and no copy: the tensors are the
+        file's pages (a private mapping, so the model may still write to them), already in the page
+        cache for the converted embedded model. Every page is touched here, so the time counted as the
+        weights phase is the time until all weights are in memory, not a lazy promise. None (and
+        ``from_pretrained``) for anything this does not cover: several dtypes to convert, keys left
+        unfilled, no safetensors.
+        """
+        from accelerate import init_empty_weights
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch = self._torch
+        folder = Path(str(self._folder))
+        shards = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if not shards:
+            return None
+        dtype = getattr(torch, self.dtype_name)
+        started = time.monotonic()
+        config = AutoConfig.from_pretrained(str(folder))
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        started_mapping = time.monotonic()
+        state: dict[str, Any] = {}
+        for shard in shards:
+            state.update(load_file(str(shard)))
+        if any(v.dtype != dtype for v in state.values() if v.is_floating_point()):
+            return None
+        result = model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if result.unexpected_keys or left:
+            log.info("mapping the weights left %s unfilled; loading with from_pretrained instead", left[:3])
+            return None
+        self._last_skeleton_s = started_mapping - started  # building the empty modules: not weights
+        for value in state.values():  # fault every page in now (one read per 4 KiB page)
+            flat = value.view(-1)
+            if flat.numel():
+                flat[:: max(1, 4096 // value.element_size())].sum()
+        return model
 
     def device_memory_allocated(self) -> int | None:
         """Bytes torch holds on the accelerator (None on CPU): shows that sleep released them."""
