@@ -154,3 +154,4 @@ def test_weights_mapped_from_the_file_answer_like_from_pretrained(engine: Engine
     assert got == engine.decode(want)
     for (name, a), (_, b) in zip(engine._model.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    assert engine._model.generation_config.to_dict() == reference.generation_config.to_dict()

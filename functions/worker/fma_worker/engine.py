@@ -311,6 +311,10 @@ class Engine:
             return None
         result = model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
+        if (folder / "generation_config.json").is_file():  # from_pretrained reads it; sampling defaults, EOS
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
         left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if result.unexpected_keys or left:
             log.info("mapping the weights left %s unfilled; loading with from_pretrained instead", left[:3])
