@@ -122,6 +122,8 @@ class Engine:
         self._lm: LoadedModel | None = None
         self._last_skeleton_s = 0.0
         self._last_weights_s = 0.0
+        self._skeleton: Any = None  # a level-2 sleeper's modules, parameters emptied
+        self._mapped = False
         self._canary_ids: list[int] = []
         self._reference: Canary | None = None  # the canary's answer at load; every wake must give it again
         # Every generation runs on this one scheduler: concurrent requests share forward passes.
@@ -262,7 +264,9 @@ class Engine:
         torch = self._torch
         t = time.monotonic()
         self._last_skeleton_s = 0.0
-        model = self._map_weights() if self.device == "cpu" else None
+        model = self._map_weights(self._skeleton) if self.device == "cpu" else None
+        self._skeleton = None
+        self._mapped = model is not None
         if model is None:
             kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype_name)}
             if self.device.startswith("cuda"):
@@ -279,7 +283,7 @@ class Engine:
         self._last_weights_s = time.monotonic() - t - self._last_skeleton_s
         return _param_bytes(model)
 
-    def _map_weights(self) -> Any:
+    def _map_weights(self, skeleton: Any = None) -> Any:
         """On a CPU: the safetensors files mapped straight into the model's parameters.
 
         No random initialisation (the skeleton's parameters are empty) and no copy: the tensors are the
@@ -300,9 +304,12 @@ class Engine:
             return None
         dtype = getattr(torch, self.dtype_name)
         started = time.monotonic()
-        config = AutoConfig.from_pretrained(str(folder))
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if skeleton is not None:
+            model = skeleton
+        else:
+            config = AutoConfig.from_pretrained(str(folder))
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         started_mapping = time.monotonic()
         state: dict[str, Any] = {}
         for shard in shards:
@@ -338,10 +345,13 @@ class Engine:
         growth, and its predictions are the canary a wake is checked against."""
         torch = self._torch
         if not self._canary_ids:
-            self._canary_ids = self.encode(CANARY_TEXT)[:16] or [self._tokenizer.eos_token_id or 0]
+            self._canary_ids = self.encode(CANARY_TEXT)[:8] or [self._tokenizer.eos_token_id or 0]
+        # Eight tokens cost one weight read, like one; the last four positions' logits are the canary
+        # (the vocabulary projection of all of them would cost more than the check is worth).
+        extra = {"logits_to_keep": 4} if "logits_to_keep" in self._forward_extra else {}
         with torch.inference_mode():
             ids = torch.tensor([self._canary_ids], device=self.device)
-            logits = self._model(input_ids=ids, use_cache=False).logits[0].float()
+            logits = self._model(input_ids=ids, use_cache=False, **extra).logits[0].float()
             canary = Canary(logits.argmax(-1).tolist(), logits.max(-1).values.cpu())
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -404,6 +414,9 @@ class Engine:
                     p.data = p.data.pin_memory()
                 torch.cuda.empty_cache()
         else:
+            # A mapped model keeps its modules (their parameters become empty): the wake maps the file into
+            # them again instead of building the model anew. Anything else is dropped whole.
+            self._skeleton = _emptied(self._model, torch) if self._mapped else None
             self._model = None
             self._lm = None  # the batcher's view holds the model too
             self.batcher.wait_idle(5.0)  # its last step may still hold it for a moment
@@ -521,6 +534,16 @@ class Engine:
 
     def close(self) -> None:
         self.batcher.stop()
+
+
+def _emptied(model: Any, torch: Any) -> Any:
+    """The model with every parameter replaced by an empty (meta) one: its memory is freed, its modules kept."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="meta"),
+                                                              requires_grad=False)
+    return model
 
 
 def _trim_heap() -> None:
