@@ -339,3 +339,46 @@ def test_preloaded_model_is_ready_before_any_request(tmp_path: Path, tiny_model_
     with requester(tmp_path, models) as req:
         wait_for(lambda: worker_state(req.spi, "tiny")["state"] == "ready", 120, "the preloaded worker")
         assert not [line for line in req.log().splitlines() if "POST /v1/completions" in line]
+
+
+def test_sigterm_with_streams_longer_than_the_drain_ends_each_with_done_or_an_error(tmp_path: Path,
+                                                                                      converted_model_dir: Path):
+    """No stream is cut silently: past the drain deadline a stream still running ends with one error event."""
+    import threading
+
+    with requester(tmp_path, models_yaml(tmp_path), FMA_DRAIN_TIMEOUT="4s") as req:
+        httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).raise_for_status()
+        results: list[list[str]] = []
+        started = [threading.Event() for _ in range(6)]
+
+        def stream(i: int) -> None:
+            lines: list[str] = []
+            body = {"model": EMBEDDED, "prompt": "Tell me a long story", "max_tokens": 2000 if i % 2 else 8,
+                    "stream": True, "logit_bias": {"2": -100}}
+            try:
+                with httpx.Client(timeout=120) as http, http.stream("POST", f"{req.spi}/v1/completions",
+                                                                   json=body) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            lines.append(line)
+                            started[i].set()
+            except httpx.HTTPError as exc:
+                lines.append(f"transport error: {exc}")
+            results.append(lines)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        assert all(e.wait(60) for e in started)
+        req.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert len(results) == 6
+        done = [r for r in results if r[-1] == "data: [DONE]"]
+        cut = [r for r in results if r[-1] != "data: [DONE]"]
+        assert len(done) >= 3, "the short streams finished within the drain"
+        for lines in cut:
+            assert '"shutting_down"' in lines[-1], f"a stream cut without saying why: {lines[-1][:200]}"
+        assert cut, "the 2000-token streams outlast a 4 s drain"
+        assert req.proc.wait(60) == 0
+        wait_for(lambda: not req.tagged_pids(), 15, "every child process to exit")

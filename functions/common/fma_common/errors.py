@@ -90,6 +90,14 @@ class QueueFull(ApiError):
         self.headers.setdefault("Retry-After", str(self.retry_after))
 
 
+class ShuttingDown(ApiError):
+    """The server is draining for shutdown and can no longer finish this; retry (another replica, or soon)."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "shutting_down"
+
+
 class WorkerNotReady(ApiError):
     """The model cannot serve right now (loading, failed, or still starting)."""
 

@@ -27,9 +27,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fma_common.errors import ApiError, UpstreamAnswer, UpstreamError, error_envelope
+from fma_common.errors import ApiError, ShuttingDown, UpstreamAnswer, UpstreamError, error_envelope
 from fma_common.http import sse_error
 
+from . import drain
 from . import protocol as p
 from .actuator import Actuator
 from .metrics import RequesterMetrics
@@ -112,6 +113,10 @@ class KeepaliveStream:
                     return
                 if lease is not None:
                     break
+                if drain.closing_soon():  # still waiting for its worker at the drain deadline: say so
+                    yield sse_error(ShuttingDown("the requester is shutting down before this model's worker "
+                                                 "was ready; retry the request"))
+                    return
                 yield KEEPALIVE
             plane.log_lease(self._model, lease.actuation)
             yield f": fma-actuation {lease.actuation.header()}\n\n".encode()

@@ -32,6 +32,23 @@ loglevel = _settings.log_level
 proc_name = "fma-requester"
 
 
+def post_worker_init(worker) -> None:
+    """On SIGTERM, note the drain deadline too (see ``drain.py``), then let gunicorn drain as it does."""
+    import signal
+
+    from fma_requester import drain
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(sig, frame) -> None:
+        drain.begin(_settings.drain_timeout_s)
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn set it: SIGTERM must not interrupt requests' I/O
+
+
 def worker_exit(server, worker) -> None:
     from fma_requester.app import shutdown_all
 

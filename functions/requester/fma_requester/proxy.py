@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from fma_common.errors import UpstreamError, UpstreamTimeout
+from fma_common.errors import ShuttingDown, UpstreamError, UpstreamTimeout
 from fma_common.http import sse_error
 
+from . import drain
 from .actuator import WorkerLease
 from .metrics import RequesterMetrics
 
@@ -101,6 +102,11 @@ class RelayStream:
                 if chunk:
                     tail.feed(chunk)
                     yield chunk
+                    if drain.closing_soon() and not tail.ended_well:
+                        log.warning("ending a stream from %s: the drain deadline is here", self.lease.model)
+                        yield sse_error(ShuttingDown("the requester is shutting down and cannot finish this "
+                                                     "stream; retry the request"))
+                        return
             if not tail.ended_well:
                 # The worker closed the stream without [DONE] and without an error event of its own.
                 raise httpx.RemoteProtocolError("stream ended before [DONE]")
