@@ -63,8 +63,12 @@ def test_the_status_page_warms_sleeps_and_releases_a_model_and_follows_changes(t
             browser.screenshot(ARTIFACTS / "status-page.png")
 
             browser.eval(f"{me}.querySelector('[data-action=sleep2]').click(); true")
-            browser.wait(f"{me}.dataset.state === 'sleeping'", 60, "the card to show the model asleep")
-            assert worker_state(req.spi)["state"] == "sleeping"
+            # The phase, not only the state: "going_to_sleep" already shows as state sleeping, and a release
+            # sent before the sleep completed would (rightly) win over it.
+            browser.wait(f"{me}.dataset.phase === 'sleeping'", 60, "the card to show the model asleep")
+            browser.wait(f"{me}.querySelector('.outcome').textContent === 'sleep2: sleeping'", 10,
+                         "the button's answer")
+            assert worker_state(req.spi)["phase"] == "sleeping"
 
             # A change made elsewhere (another user, the CLI) shows without touching the page.
             httpx.delete(f"{req.spi}/v1/workers/{EMBEDDED}", timeout=60).raise_for_status()
