@@ -34,7 +34,8 @@ def chromium_path() -> str | None:
 class Browser:
     def __init__(self, profile: Path, width: int = 1280, height: int = 900) -> None:
         exe = chromium_path()
-        assert exe is not None
+        assert exe is not None, ("chromium is not installed: `make test` installs Debian's chromium with "
+                                 "tests/system-deps.sh (root and apt-get needed), or `apt-get install chromium`")
         self.proc = subprocess.Popen(
             [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--no-first-run", "--no-default-browser-check", "--disable-extensions",

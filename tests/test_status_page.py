@@ -11,15 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser import Browser, chromium_path
+from browser import Browser
 
 from conftest import EMBEDDED, REPO, requester, wait_for, worker_state
 
-pytestmark = [
-    pytest.mark.process,
-    pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed and `make test` could not install "
-                                                       "it (needs root and apt-get): the browser test cannot run"),
-]
+# No skip: without chromium these fail and say why (`make test` installs it with tests/system-deps.sh).
+pytestmark = pytest.mark.process
 
 ARTIFACTS = Path(os.environ.get("FMA_TEST_ARTIFACTS", REPO / "build" / "test-artifacts"))
 SLASHED = "acme/tiny-<b>"  # a "/" to route and markup that must stay text
