@@ -258,7 +258,9 @@ def test_a_wake_that_brings_back_damaged_weights_fails_with_the_reason(tiny_mode
     resp = c.post("/wake_up")
     err = assert_envelope(resp, 503, code="worker_failed")
     assert f"wake from level {level} failed verification" in err["message"]
-    assert "canary predictions changed" in err["message"]
+    # Level 1 on a CPU moved nothing, so the same memory must hold the same values; level 2 reloaded them,
+    # so the canary's logits must match those recorded before the first sleep.
+    assert ("weights kept in memory changed" if level == 1 else "canary's top tokens") in err["message"]
     assert c.get("/ready").status_code == 503 and engine.state == "failed"
     assert_envelope(complete(c, max_tokens=2), 503, code="worker_failed")
 

@@ -16,7 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -50,40 +52,67 @@ class Cancelled(RuntimeError):
     """The wait was called off (the worker was released while it started)."""
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path | None = None,
-               interval: float = 0.05, cancel: threading.Event | None = None) -> float:
-    """Poll ``/ready`` until 200; returns the seconds waited.
+@dataclass(frozen=True)
+class Ready:
+    seconds: float  # waited here
+    start: dict[str, Any]  # the server's account of its start (fma_worker.timeline), {} if it gives none
+    seen_at: float  # wall time the answer arrived
 
-    Raises ``RuntimeError`` (with the log tail) if the process exits first or
-    reports ``{"status": "failed"}`` on ``/ready``, ``TimeoutError`` at the
-    deadline, and :class:`Cancelled` as soon as ``cancel`` is set.
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path | None = None,
+               interval: float = 0.05, cancel: threading.Event | None = None) -> Ready:
+    """Wait until ``/ready`` answers 200.
+
+    Asks with ``?wait=``, so a worker holds the answer until its model is loaded and it leaves the moment
+    loading ends (no polling interval added to every cold start); before the server listens, connecting is
+    retried every 10 ms (a refused connection costs microseconds). A server that ignores ``wait`` is polled
+    every ``interval``. Raises ``RuntimeError`` (with the log tail) if the process exits first or reports
+    ``{"status": "failed"}``, ``TimeoutError`` at the deadline, and :class:`Cancelled` as soon as ``cancel``
+    is set (within a second: a held request is re-asked every second while a cancel may come).
     """
     started = time.monotonic()
     deadline = started + timeout
-    with httpx.Client(timeout=2.0) as client:
+    hold = 1.0 if cancel is not None else 5.0
+    with httpx.Client(timeout=httpx.Timeout(hold + 5.0, connect=2.0)) as client:
         while True:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"{url}: start cancelled")
             if proc.poll() is not None:
                 tail = log_tail(log_path) if log_path else ""
                 raise RuntimeError(f"server exited with code {proc.returncode} before it was ready\n{tail}")
+            pause = 0.01
             try:
-                resp = client.get(f"{url}/ready")
+                wait = max(0.0, min(hold, deadline - time.monotonic()))
+                asked = time.monotonic()
+                resp = client.get(f"{url}/ready", params={"wait": f"{wait:.2f}"})
                 if resp.status_code == 200:
-                    return time.monotonic() - started
+                    return Ready(time.monotonic() - started, _start_report(resp), time.time())
                 failure = _reported_failure(resp)
                 if failure:
                     # The server is up but says it can never become ready (e.g. the model failed to load).
                     raise RuntimeError(f"server reports it failed: {failure}")
+                # Up and not ready: ask again at once if it held the answer, else (it ignores wait) poll.
+                pause = 0.0 if wait and time.monotonic() - asked >= 0.9 * wait else interval
             except httpx.HTTPError:
                 pass
             if time.monotonic() >= deadline:
                 tail = log_tail(log_path) if log_path else ""
                 raise TimeoutError(f"{url} not ready after {timeout:.0f} s\n{tail}")
             if cancel is not None:
-                cancel.wait(interval)
+                cancel.wait(pause)
             else:
-                time.sleep(interval)
+                time.sleep(pause)
+
+
+def _start_report(resp: httpx.Response) -> dict[str, Any]:
+    if not resp.headers.get("content-type", "").startswith("application/json"):
+        return {}
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    start = body.get("start") if isinstance(body, dict) else None
+    return start if isinstance(start, dict) else {}
 
 
 def _reported_failure(resp: httpx.Response) -> str | None:

@@ -49,6 +49,7 @@ class WorkerHandle:
         self.serial = next(_serials)
         self.url: str | None = None
         self.progress = "not started"  # last thing seen while starting, for deadline messages
+        self.steps: dict[str, float] = {}  # where the start spent its seconds, when the effects can tell
         self.data: dict[str, Any] = {}
         self.lock = threading.Lock()  # held by effects while they create or destroy what the handle owns
         self._cancelled = threading.Event()
@@ -124,8 +125,8 @@ class Effects(abc.ABC):
     def read_log(self, spec: ModelSpec, handle: WorkerHandle, limit: int) -> str:
         """The end of the worker's log (or the platform's last word on it), for error messages."""
 
-    def open(self) -> None:  # noqa: B027 - optional hook
-        """Begin background work (pre-warming, watching the cluster)."""
+    def open(self, registry: ModelRegistry) -> None:  # noqa: B027 - optional hook
+        """Begin background work (pre-warming for these models, watching the cluster)."""
 
     def reload(self, registry: ModelRegistry) -> None:  # noqa: B027 - optional hook
         """The models file changed (called under the machine's lock: must not block)."""

@@ -529,7 +529,7 @@ class KnativeEffects(Effects):
         """The worker Services we manage, by label selector."""
         return list(self.kube.list(MANAGED_SELECTOR).get("items", []))
 
-    def open(self) -> None:
+    def open(self, registry: ModelRegistry) -> None:
         threading.Thread(target=self._watch_loop, name="kn-watch", daemon=True).start()
 
     def _sync(self, kind: str, obj: dict[str, Any]) -> None:

@@ -73,12 +73,14 @@ class LauncherClient:
         self.log_path = log_path
         self.env = dict(env)  # what the launcher imported its libraries under (see fma_common.fork_env)
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._ready = threading.Event()
         self._dead = threading.Event()
         self._ids = itertools.count(1)
         self._pending: dict[int, dict[str, Any]] = {}
         self._children: dict[int, LaunchedProcess] = {}
         self.prewarm_seconds: float | None = None
+        self.prepared: set[str] = set()  # models whose parts the launcher built ahead (see fma_worker.prepared)
         threading.Thread(target=self._read, name="fma-launcher-reader", daemon=True).start()
 
     @property
@@ -113,6 +115,15 @@ class LauncherClient:
                     # Forked after its requester gave up waiting: nobody owns it, so it must not live.
                     log.warning("launcher forked pid %s after the spawn timed out; stopping it", child.pid)
                     child.kill_group()
+            elif op == "prepared":
+                if msg.get("error"):
+                    log.warning("launcher could not prepare %s ahead: %s", msg.get("model"), msg["error"])
+                elif msg.get("skipped"):
+                    log.info("launcher prepared nothing ahead for %s: %s", msg.get("model"), msg["skipped"])
+                else:
+                    log.info("launcher prepared %s ahead in %.2f s (config, tokenizer%s)", msg.get("model"),
+                             msg.get("seconds") or 0.0, ", empty model" if msg.get("skeleton") else "")
+                    self.prepared.add(str(msg.get("model")))
             elif op == "exit":
                 with self._lock:
                     child = self._children.pop(msg["pid"], None)
@@ -133,6 +144,22 @@ class LauncherClient:
             child._exit(-1)
         log.warning("launcher exited (code %s)", self.proc.poll())
 
+    def _write(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        with self._write_lock:  # one whole line at a time: spawns and prepares come from different threads
+            try:
+                self.proc.stdin.write((json.dumps(message) + "\n").encode())
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                raise LauncherError(f"launcher is gone: {exc}") from None
+
+    def prepare(self, model: str, env: Mapping[str, str]) -> None:
+        """Ask the launcher to build this model's config, tokenizer and empty model before it is needed.
+
+        Fire and forget: the launcher does it only while no spawn waits, and answers in the log.
+        """
+        self._write({"op": "prepare", "model": model, "env": dict(env)})
+
     def spawn(self, env: Mapping[str, str], log_path: Path, timeout: float = 120.0) -> LaunchedProcess:
         if not self.wait_ready(timeout):
             raise LauncherError("launcher is not running")
@@ -141,13 +168,7 @@ class LauncherClient:
         with self._lock:
             self._pending[ident] = waiter
         try:
-            line = json.dumps({"op": "spawn", "id": ident, "env": dict(env), "log": str(log_path)}) + "\n"
-            assert self.proc.stdin is not None
-            try:
-                self.proc.stdin.write(line.encode())
-                self.proc.stdin.flush()
-            except (BrokenPipeError, OSError) as exc:
-                raise LauncherError(f"launcher is gone: {exc}") from None
+            self._write({"op": "spawn", "id": ident, "env": dict(env), "log": str(log_path)})
             waiter["event"].wait(30)
         finally:
             with self._lock:

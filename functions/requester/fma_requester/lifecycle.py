@@ -664,12 +664,13 @@ class Lifecycle(Actuator):
         slot.failures = 0
         slot.error = None
         slot.failure = None
-        slot.last_actuation = Actuation(path="cold", seconds=secs)
+        slot.last_actuation = Actuation(path="cold", seconds=secs, steps=dict(handle.steps) or None)
         self.metrics.last_time_to_ready.labels(slot.name, "cold").set(secs)
         self._touch(slot)
         self._fire(slot, Trigger.STARTED)
         self.metrics.actuation.labels(slot.name, "cold").observe(secs)
-        log.info("worker for %s ready in %.2f s (cold start)", slot.name, secs)
+        steps = "".join(f", {k} {v:.3f}" for k, v in handle.steps.items() if k != "total")
+        log.info("worker for %s ready in %.3f s (cold start%s)", slot.name, secs, steps)
 
     def _start_failed(self, slot: Slot, reason: str, cause: BaseException | None = None) -> None:
         self._failed(slot, Trigger.START_FAILED, f"worker for {slot.name} failed to start: {reason}", cause)
@@ -1027,7 +1028,7 @@ class Lifecycle(Actuator):
             log.error("worker for %s is still stopping after its deadline; the effect is overdue", slot.name)
 
     def start(self) -> None:
-        self.effects.open()
+        self.effects.open(self.registry)
         if self._reaper is None:
             self._reaper = threading.Thread(target=self._reap_loop, name="fma-reaper", daemon=True)
             self._reaper.start()

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from fma_common import logs
-from fma_common.procs import free_port, stop_process_group, wait_ready
+from fma_common.procs import Ready, free_port, stop_process_group, wait_ready
 
 from .control import WorkerControl
 from .effects import Effects, WorkerHandle
@@ -30,6 +31,17 @@ log = logging.getLogger("fma.requester.local")
 
 # Requester settings that must not leak into a worker's environment.
 _REQUESTER_ONLY = ("FMA_BIND", "FMA_MODELS", "FMA_ACTUATOR")
+
+
+def start_steps(ready: Ready, asked_at: float) -> dict[str, float]:
+    """A cold start's timeline: the worker's own steps (spawn, boot, load phases), then how long after it was
+    ready the requester learned it (``ready_seen``); ``total`` from the ask to that moment."""
+    steps = {k: float(v) for k, v in (ready.start.get("steps") or {}).items() if isinstance(v, (int, float))}
+    ready_at = ready.start.get("ready_at")
+    if isinstance(ready_at, (int, float)):
+        steps["ready_seen"] = max(0.0, ready.seen_at - ready_at)
+    steps["total"] = ready.seen_at - asked_at
+    return {k: round(v, 4) for k, v in steps.items()}
 
 
 class LocalEffects(Effects):
@@ -66,9 +78,11 @@ class LocalEffects(Effects):
         except OSError as exc:
             raise RuntimeError(f"cannot create the worker log folder {self.settings.worker_log_dir}: "
                                f"{exc.strerror or exc}") from None
+        asked_at = time.time()
         port = free_port(self.settings.worker_host)
         url = f"http://{self.settings.worker_host}:{port}"
         env = self.worker_environment(spec, port)
+        env["FMA_SPAWNED_AT"] = repr(asked_at)  # the worker's start timeline counts from here
         with handle.lock:
             if handle.cancelled:
                 raise RuntimeError("start cancelled")
@@ -77,7 +91,8 @@ class LocalEffects(Effects):
         self.supervisor.watch(proc, lambda code: self._exited(spec, handle, code), spec.name)
         handle.progress = f"pid {proc.pid} loading"
         log.info("starting worker for %s on %s (pid %d, %s, log %s)", spec.name, url, proc.pid, how, log_path)
-        wait_ready(url, proc, timeout, log_path, cancel=handle.cancel_event)
+        ready = wait_ready(url, proc, timeout, log_path, cancel=handle.cancel_event)
+        handle.steps = start_steps(ready, asked_at)
         return url
 
     def _exited(self, spec: ModelSpec, handle: WorkerHandle, code: int) -> None:
@@ -110,8 +125,17 @@ class LocalEffects(Effects):
         path = handle.data.get("log_path")
         return logs.tail(Path(path), limit) if path else ""
 
-    def open(self) -> None:
-        self.supervisor.prewarm()
+    def open(self, registry: ModelRegistry) -> None:
+        self.supervisor.prewarm(self._to_prepare(registry))
+
+    def reload(self, registry: ModelRegistry) -> None:
+        self.supervisor.prepare(self._to_prepare(registry))  # a thread: this runs under the machine's lock
+
+    def _to_prepare(self, registry: ModelRegistry) -> list[tuple[str, dict[str, str]]]:
+        """The models whose config, tokenizer and empty model the launcher builds ahead: preloaded ones first,
+        then the others in the file's order, at most ``FMA_LAUNCHER_PREPARE`` (each costs it 15-50 MB)."""
+        specs = sorted(registry, key=lambda spec: not spec.preload)[: self.settings.launcher_prepare]
+        return [(spec.name, self.worker_environment(spec, 8000)) for spec in specs]  # a port: never bound
 
     def housekeeping(self) -> None:
         self.supervisor.rotate_logs()

@@ -105,9 +105,13 @@ class Actuation(BaseModel):
     model_config = ConfigDict(frozen=True)
     path: ActuationPath
     seconds: float
+    steps: dict[str, float] | None = None  # a cold start's timeline (local workers: spawn, boot, load phases...)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "seconds": round(self.seconds, 4)}
+        out: dict[str, Any] = {"path": self.path, "seconds": round(self.seconds, 4)}
+        if self.steps:
+            out["steps"] = self.steps
+        return out
 
     def header(self) -> str:
         """The ``X-FMA-Actuation`` response header."""

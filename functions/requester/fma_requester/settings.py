@@ -48,6 +48,9 @@ class RequesterSettings(EnvSettings):
     launcher: Flag = setting("FMA_LAUNCHER", "true", "fork local workers from a pre-warmed launcher (torch "
                              "already imported); a worker whose environment the launcher cannot honour starts "
                              "as a plain process")
+    launcher_prepare: int = setting("FMA_LAUNCHER_PREPARE", "8", "models whose config, tokenizer and empty model "
+                                    "the launcher builds before their first start (preloaded ones first; 15-50 MB "
+                                    "each); `0` builds them in each worker", ge=0, le=1000)
     worker_log_dir: Path | None = setting("FMA_WORKER_LOG_DIR", None, "where local workers write their logs",
                                           shown="`$FMA_CACHE_DIR/logs`")
     worker_log_max_bytes: int = setting("FMA_WORKER_LOG_MAX_BYTES", "10485760", "a worker log larger than this "

@@ -69,10 +69,31 @@ class ProcessSupervisor:
 
     # ---- the launcher ----------------------------------------------------------------
 
-    def prewarm(self) -> None:
-        """Start the launcher in the background, so the first cold start already skips the imports."""
+    def prewarm(self, prepare: list[tuple[str, dict[str, str]]] | None = None) -> None:
+        """Start the launcher in the background, so the first cold start already skips the imports; then ask
+        it to prepare these models (name, worker environment) ahead, in this order."""
         if self.settings.launcher:
-            threading.Thread(target=self._ensure_launcher, name="fma-launcher-start", daemon=True).start()
+            threading.Thread(target=self._start_and_prepare, args=(prepare or [],), name="fma-launcher-start",
+                             daemon=True).start()
+
+    def prepare(self, models: list[tuple[str, dict[str, str]]]) -> None:
+        """Ask a running launcher to prepare these models ahead (a changed models file); never blocks for long."""
+        if self.settings.launcher and models:
+            threading.Thread(target=self._start_and_prepare, args=(models,), name="fma-launcher-prepare",
+                             daemon=True).start()
+
+    def _start_and_prepare(self, models: list[tuple[str, dict[str, str]]]) -> None:
+        launcher = self._ensure_launcher()
+        if launcher is None:
+            return
+        for name, env in models:
+            if fork_blockers(launcher.env, env):
+                continue  # it will start as a plain process: nothing forked would use the parts
+            try:
+                launcher.prepare(name, env)
+            except LauncherError as exc:
+                log.warning("could not ask the launcher to prepare %s: %s", name, exc)
+                return
 
     def _ensure_launcher(self) -> LauncherClient | None:
         with self._launcher_lock:

@@ -30,6 +30,7 @@ from fma_common.logs import setup_logging
 from fma_common.settings import describe
 
 from . import protocol as p
+from . import timeline
 from .admission import Admission
 from .engine import Engine
 from .metrics import WorkerMetrics, resident_bytes
@@ -43,6 +44,7 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
                metrics: WorkerMetrics | None = None, start_loading: bool = True) -> Flask:
     """Build the worker app. With ``start_loading`` the model starts loading
     on a background thread now; ``/ready`` turns 200 when it is done."""
+    timeline.mark("app")
     settings = settings or WorkerSettings.from_env()
     setup_logging(settings.log_level)
     log.info("worker settings: %s", describe(settings))
@@ -77,8 +79,14 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
 
     @app.get(p.PATH_READY)
     def ready() -> Response:
+        query = parse_model(p.ReadyQuery, query_args(request.args))
+        if query.wait:
+            engine.wait_until_settled(query.wait)
         if engine.is_ready:
-            return Response("OK\n", mimetype="text/plain")
+            if query.wait is None:
+                return Response("OK\n", mimetype="text/plain")
+            load = engine.last_load
+            return json_response({"status": "ready", "start": timeline.report(load.phases if load else None)})
         body: dict[str, Any] = {"status": engine.state}
         if engine.error:
             body["error"] = engine.error

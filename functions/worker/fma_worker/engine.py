@@ -38,7 +38,7 @@ from typing import Any
 
 from fma_common.errors import Conflict, InvalidRequest, WorkerFailed, WorkerNotReady, WorkerSleeping
 
-from . import runtime_env
+from . import prepared, runtime_env, timeline
 from .batching import Batcher, BatchStream
 from .generation import LoadedModel
 from .metrics import WorkerMetrics
@@ -76,16 +76,17 @@ def resolve_dtype_name(requested: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-# A fixed text whose next-token predictions (every position, greedy) are recorded at load and checked
-# after each wake: a wake that brings back damaged weights (users of vLLM's level 2 have met silent garbage)
-# fails with the reason instead of serving.
-CANARY_TEXT = "The quick brown fox jumps over the lazy dog. One, two, three, four, five."
+# A fixed text whose next-token logits are recorded while the weights are known good and checked after each
+# wake that moved them: a wake that brings back damaged weights (users of vLLM's level 2 have met silent
+# garbage) fails with the reason instead of serving. Two tokens, so attention (queries and keys) takes part.
+CANARY_TEXT = "The quick"
+CANARY_TOKENS = 2
 
 
 @dataclass(frozen=True)
 class Canary:
-    tokens: list[int]
-    peaks: Any  # the top logit at each position (a CPU tensor)
+    top: list[int]  # the 5 likeliest next tokens, best first
+    logits: Any  # the last position's logits over the whole vocabulary (a CPU float tensor)
 
 
 class WakeCorrupted(RuntimeError):
@@ -125,7 +126,8 @@ class Engine:
         self._skeleton: Any = None  # a level-2 sleeper's modules, parameters emptied
         self._mapped = False
         self._canary_ids: list[int] = []
-        self._reference: Canary | None = None  # the canary's answer at load; every wake must give it again
+        self._reference: Canary | None = None  # the canary's answer from known-good weights; every wake must match
+        self._print: Any = None  # a CPU level-1 sleeper's weight fingerprint
         # Every generation runs on this one scheduler: concurrent requests share forward passes.
         self.batcher = Batcher(self._loaded, max_rows=settings.max_batch, prefill_chunk=settings.prefill_chunk,
                                on_step=self._stepped)
@@ -189,6 +191,7 @@ class Engine:
     def load(self) -> LoadReport:
         s = self.settings
         phases: dict[str, float] = {}
+        timeline.mark("load")
         t0 = time.monotonic()
         runtime_env.prepare()  # idempotent; gunicorn_conf already ran it in a served worker
         import torch
@@ -215,26 +218,43 @@ class Engine:
             self._folder = source.ref
         phases["prepare"] = time.monotonic() - t
 
-        # Import the architecture's modeling code now (an empty model on the
-        # meta device costs nothing else), so "weights" measures weights only.
+        # The launcher may have built the config, tokenizer and empty model before forking us (prepared.py).
         t = time.monotonic()
-        config = transformers.AutoConfig.from_pretrained(str(self._folder))
-        with torch.device("meta"):
-            transformers.AutoModelForCausalLM.from_config(config)
-        phases["import"] += time.monotonic() - t
+        parts = prepared.take(self._folder, self.dtype_name) if isinstance(self._folder, Path) else None
+        config = parts.config if parts else transformers.AutoConfig.from_pretrained(str(self._folder))
+        if parts is None and self.device == "cpu" and isinstance(self._folder, Path):
+            self._skeleton = prepared.empty_model(config, getattr(torch, self.dtype_name))  # imports the modeling code
+            phases["skeleton"] = time.monotonic() - t
+        elif parts is None:
+            # Import the architecture's modeling code now (an empty model on the meta device, no initialisation),
+            # so "weights" measures weights only.
+            with prepared.no_init(), torch.device("meta"):
+                transformers.AutoModelForCausalLM.from_config(config)
+            phases["import"] += time.monotonic() - t
+        else:
+            self._skeleton = parts.skeleton if self.device == "cpu" else None
+            if self._skeleton is not None:
+                phases["skeleton"] = 0.0  # built by the launcher before the fork
+            log.info("using the config, tokenizer%s the launcher prepared (%.2f s before the fork)",
+                     " and empty model" if self._skeleton is not None else "", parts.seconds)
 
         t = time.monotonic()
-        self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(self._folder))
+        self._tokenizer = parts.tokenizer if parts else transformers.AutoTokenizer.from_pretrained(str(self._folder))
         phases["tokenizer"] = time.monotonic() - t
 
         weight_bytes = self._load_weights()
-        if self._last_skeleton_s:
-            phases["skeleton"] = self._last_skeleton_s
+        if self._last_skeleton_s:  # the mapping had to build the modules itself
+            phases["skeleton"] = phases.get("skeleton", 0.0) + self._last_skeleton_s
         phases["weights"] = self._last_weights_s
 
-        t = time.monotonic()
-        self._reference = self._warm_up()
-        phases["warmup"] = time.monotonic() - t
+        if self.device.startswith("cuda"):
+            # On an accelerator the canary is also the warm-up (kernel loading, cuBLAS handles, allocator growth)
+            # the first request would otherwise pay. On a CPU it would only add a forward pass to the cold start:
+            # the reference is recorded at the first sleep instead, before the weights first move (inference
+            # never writes them, so they are the weights that were loaded).
+            t = time.monotonic()
+            self._reference = self._canary()
+            phases["warmup"] = time.monotonic() - t
 
         cfg = self._model.config
         model_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
@@ -253,6 +273,7 @@ class Engine:
                  s.model, self._folder, self.device, self.dtype_name, report.seconds,
                  ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()),
                  weight_bytes / 1e6, report.bytes_per_second / 1e6)
+        timeline.mark("ready")
         with self._cond:
             self._set_state("ready")
         return report
@@ -293,9 +314,8 @@ class Engine:
         ``from_pretrained``) for anything this does not cover: several dtypes to convert, keys left
         unfilled, no safetensors.
         """
-        from accelerate import init_empty_weights
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         torch = self._torch
         folder = Path(str(self._folder))
@@ -307,9 +327,7 @@ class Engine:
         if skeleton is not None:
             model = skeleton
         else:
-            config = AutoConfig.from_pretrained(str(folder))
-            with init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = prepared.empty_model(AutoConfig.from_pretrained(str(folder)), dtype)
         started_mapping = time.monotonic()
         state: dict[str, Any] = {}
         for shard in shards:
@@ -340,37 +358,50 @@ class Engine:
             return None
         return int(torch.cuda.memory_allocated(torch.device(self.device)))
 
-    def _warm_up(self) -> Canary:
-        """One short forward pass: the first real request does not pay for kernel selection and allocator
-        growth, and its predictions are the canary a wake is checked against."""
+    def _canary(self) -> Canary:
+        """One short forward pass: the last position's logits, which every weight of the model shapes."""
         torch = self._torch
         if not self._canary_ids:
-            self._canary_ids = self.encode(CANARY_TEXT)[:8] or [self._tokenizer.eos_token_id or 0]
-        # Eight tokens cost one weight read, like one; the last four positions' logits are the canary
-        # (the vocabulary projection of all of them would cost more than the check is worth).
-        extra = {"logits_to_keep": 4} if "logits_to_keep" in self._forward_extra else {}
+            ids = self.encode(CANARY_TEXT)[:CANARY_TOKENS]
+            self._canary_ids = ids if len(ids) == CANARY_TOKENS else [self._tokenizer.eos_token_id or 0] * 2
         with torch.inference_mode():
             ids = torch.tensor([self._canary_ids], device=self.device)
-            logits = self._model(input_ids=ids, use_cache=False, **extra).logits[0].float()
-            canary = Canary(logits.argmax(-1).tolist(), logits.max(-1).values.cpu())
+            logits = self._model(input_ids=ids, use_cache=False, **self._forward_extra).logits[0, -1].float()
+            canary = Canary(logits.topk(5).indices.tolist(), logits.cpu())
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return canary
 
+    def _record_reference(self) -> None:
+        """The canary's answer from weights known to be good (before they first move), once per load."""
+        if self._reference is None:
+            self._reference = self._canary()
+
     def _verify(self, level: int) -> None:
-        """After a wake: the same predictions as at load, or the worker fails rather than serve garbage."""
-        got = self._warm_up()
+        """After a wake: the same canary logits as before the first sleep, or the worker fails rather than serve
+        garbage."""
         ref = self._reference
         if ref is None:
-            self._reference = got
-            return
-        differ = sum(1 for a, b in zip(ref.tokens, got.tokens, strict=True) if a != b)
-        drift = float((ref.peaks - got.peaks).abs().max())
+            return  # never slept since load: there is nothing the weights could have lost
+        got = self._canary()
+        drift = float((ref.logits - got.logits).abs().max())
         tolerance = 1e-3 if self.dtype_name == "float32" else 5e-2
-        if differ or drift > tolerance * max(1.0, float(ref.peaks.abs().max())):
-            raise WakeCorrupted(f"wake from level {level} failed verification: {differ} of {len(ref.tokens)} "
-                                f"canary predictions changed, peak logit off by {drift:.4g}; the weights did not "
-                                "come back intact (release the worker and start it again)")
+        if got.top != ref.top or drift > tolerance * max(1.0, float(ref.logits.abs().max())):
+            raise WakeCorrupted(f"wake from level {level} failed verification: the canary's top tokens "
+                                f"{'changed' if got.top != ref.top else 'held'} and its logits are off by up to "
+                                f"{drift:.4g}; the weights did not come back intact (release the worker and start "
+                                "it again)")
+
+    def _fingerprint(self) -> Any:
+        """One element per 4 KiB page of every parameter, summed per parameter: cheap, and exact for weights
+        that stayed where they were (a CPU level-1 sleep moves nothing, so no forward pass is needed)."""
+        torch = self._torch
+        sums = []
+        with torch.inference_mode():
+            for param in self._model.parameters():
+                flat = param.detach().view(-1)
+                sums.append(flat[:: max(1, 4096 // param.element_size())].double().sum())
+        return torch.stack(sums).cpu() if sums else torch.zeros(0)
 
     # ---- sleep / wake -----------------------------------------------------
 
@@ -407,7 +438,15 @@ class Engine:
                 self._cond.wait(remaining)
             self._sleep_level = level
         torch = self._torch
+        try:
+            self._record_reference()  # nothing runs now, and the weights have not moved yet
+        except Exception:
+            with self._cond:
+                self._set_state("ready")
+            raise
         if level == 1:
+            if self.device == "cpu":
+                self._print = self._fingerprint()
             if self.device.startswith("cuda"):
                 self._model.to("cpu")
                 for p in self._model.parameters():
@@ -437,13 +476,18 @@ class Engine:
             level = self._sleep_level
         torch = self._torch
         try:
-            if level == 1:
-                if self.device.startswith("cuda"):
+            if level == 1 and self.device == "cpu":
+                # Nothing moved: the same memory must hold the same values (a forward pass would prove no more).
+                if not torch.equal(self._fingerprint(), self._print):
+                    raise WakeCorrupted("wake from level 1 failed verification: the weights kept in memory changed "
+                                        "while asleep (release the worker and start it again)")
+            else:
+                if level == 1:
                     self._model.to(self.device, non_blocking=True)
                     torch.cuda.synchronize()
-            else:
-                self._load_weights()
-            self._verify(level)
+                else:
+                    self._load_weights()
+                self._verify(level)
         except Exception as exc:
             log.exception("wake failed for %s", self.settings.model)
             with self._cond:

@@ -10,7 +10,10 @@ and without a network API.
 Protocol (JSON lines): the requester writes ``{"op": "spawn", "id", "env",
 "log"}`` to stdin; the launcher answers ``{"op": "spawned", "id", "pid"}`` or
 ``{"op": "error", "id", "message"}`` on stdout and reports every child's end
-as ``{"op": "exit", "pid", "code"}``. EOF on stdin (the requester is gone)
+as ``{"op": "exit", "pid", "code"}``. ``{"op": "prepare", "model", "env"}``
+asks it to build that model's config, tokenizer and empty model ahead
+(``prepared.py``), answered by ``{"op": "prepared", ...}``; preparing runs only
+while no spawn is waiting, so it never delays a cold start. EOF on stdin (the requester is gone)
 makes the launcher terminate its children and exit.
 
 Fork safety: the launcher runs **one thread**; exits are reaped in a SIGCHLD
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
 import time
@@ -64,15 +68,19 @@ def prewarm() -> float:
     from fma_worker import runtime_env
 
     runtime_env.prepare()
+    import accelerate  # noqa: F401  what a CPU worker's load imports: the empty model, the mapped weights
     import gunicorn.app.wsgiapp
     import gunicorn.workers.gthread  # noqa: F401
+    import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401  the embedded model's architecture
 
+    import fma_common.procs  # noqa: F401  the worker's gunicorn config imports it (and httpx: 0.1 s)
     import fma_worker.app
-    import fma_worker.engine  # noqa: F401
+    import fma_worker.engine
+    import fma_worker.prepared  # noqa: F401
 
     transformers.utils.logging.disable_progress_bar()
     return time.monotonic() - started
@@ -112,40 +120,106 @@ def _run_child(env: dict[str, str], log_path: str) -> None:
         os._exit(code)
 
 
+class _Commands:
+    """JSON-line commands from stdin, read with ``os.read`` (no buffered-stream lock to fork while held)."""
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self._buf = b""
+        self.eof = False
+
+    def pending(self) -> bool:
+        """A complete command is waiting (or stdin ended): spawns go before preparing more models."""
+        if b"\n" in self._buf or self.eof:
+            return True
+        try:
+            readable, _, _ = select.select([self.fd], [], [], 0)
+        except InterruptedError:
+            return False
+        return bool(readable)
+
+    def next(self) -> bytes | None:
+        """The next line; None at EOF (the requester is gone)."""
+        while b"\n" not in self._buf:
+            if self.eof:
+                return None
+            try:
+                chunk = os.read(self.fd, 65536)
+            except InterruptedError:
+                continue
+            if not chunk:
+                self.eof = True
+                if self._buf:
+                    line, self._buf = self._buf, b""
+                    return line
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+
+def _prepare(cmd: dict[str, Any]) -> None:
+    """Build a model's config, tokenizer and empty model now, so the workers forked for it skip that."""
+    from fma_worker import prepared
+
+    name = str(cmd.get("model", "?"))
+    try:
+        found = prepared.target(dict(cmd["env"]))
+        if found is None:
+            _send({"op": "prepared", "model": name, "skipped": "nothing to prepare ahead (not a local folder yet, "
+                   "or its device and dtype are decided at load)"})
+            return
+        folder, dtype, with_skeleton = found
+        parts = prepared.prepare(folder, dtype, with_skeleton=with_skeleton)
+        _send({"op": "prepared", "model": name, "folder": str(folder), "seconds": round(parts.seconds, 3),
+               "skeleton": parts.skeleton is not None})
+    except Exception as exc:  # a bad model must not take the launcher down; its worker will report it
+        _send({"op": "prepared", "model": name, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _spawn(cmd: dict[str, Any]) -> None:
+    env, log_path, ident = dict(cmd["env"]), str(cmd["log"]), cmd["id"]
+    # Block SIGCHLD around fork so the child's pid is recorded before a fast exit could be reported.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        pid = os.fork()
+        if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            _run_child(env, log_path)
+        _children.add(pid)
+        _send({"op": "spawned", "id": ident, "pid": pid})
+    except OSError as exc:
+        _send({"op": "error", "id": ident, "message": f"fork failed: {exc}"})
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
 def serve() -> int:
     secs = prewarm()
     signal.signal(signal.SIGCHLD, _reap)
     _send({"op": "ready", "pid": os.getpid(), "prewarm_seconds": round(secs, 3)})
-    stdin = sys.stdin.buffer
+    commands = _Commands()
+    to_prepare: list[dict[str, Any]] = []
     while True:
-        try:
-            line = stdin.readline()
-        except InterruptedError:
+        if to_prepare and not commands.pending():
+            _prepare(to_prepare.pop(0))  # only while no spawn waits
             continue
-        if not line:
+        line = commands.next()
+        if line is None:
             break  # the requester is gone
+        if not line.strip():
+            continue
         try:
             cmd = json.loads(line)
-            if cmd.get("op") != "spawn":
-                raise ValueError(f"unknown op {cmd.get('op')!r}")
-            env, log_path, ident = dict(cmd["env"]), str(cmd["log"]), cmd["id"]
-        except (ValueError, KeyError, TypeError) as exc:
+            op = cmd.get("op")
+            if op == "spawn":
+                _spawn(cmd)
+            elif op == "prepare":
+                to_prepare.append({"model": cmd.get("model"), "env": dict(cmd["env"])})
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             _send({"op": "error", "id": None, "message": f"bad command: {exc}"})
-            continue
-        # Block SIGCHLD around fork so the child's pid is recorded before a
-        # fast exit could be reported.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        try:
-            pid = os.fork()
-            if pid == 0:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-                _run_child(env, log_path)
-            _children.add(pid)
-            _send({"op": "spawned", "id": ident, "pid": pid})
-        except OSError as exc:
-            _send({"op": "error", "id": ident, "message": f"fork failed: {exc}"})
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     for pid in list(_children):
         try:
             os.killpg(pid, signal.SIGTERM)

@@ -288,6 +288,17 @@ class ChatCompletionRequest(_SamplingFields):
         return self._sampling(max_tokens, limits, vocab_size)
 
 
+class ReadyQuery(BaseModel):
+    """``GET /ready?wait=S``: hold the answer until the model is ready (or failed), at most S seconds.
+
+    Readiness pushed to the one who waits instead of polled: the answer leaves the moment loading ends. Without
+    ``wait`` the probe answers at once, as Kubernetes expects.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+    wait: float | None = Field(default=None, ge=0, le=30)
+
+
 class SleepQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
     level: Literal[1, 2] = 1
