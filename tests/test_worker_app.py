@@ -53,6 +53,31 @@ def assert_envelope(resp, status: int, code: str | None = None, param: str | Non
     return err
 
 
+def test_ready_with_wait_holds_the_answer_until_the_model_is_loaded(tiny_model_dir: Path):
+    import threading
+    import time
+
+    settings = WorkerSettings.from_env({"FMA_MODEL": MODEL, "FMA_MODEL_SOURCE": f"path:{tiny_model_dir}",
+                                        "FMA_LOG_LEVEL": "warning"})
+    app = create_app(settings, start_loading=False)
+    engine = app.extensions["fma"]["engine"]
+    c = app.test_client()
+    assert c.get("/ready").status_code == 503  # a probe without wait answers at once
+    held = c.get("/ready?wait=0.2")
+    assert held.status_code == 503 and held.get_json()["status"] == "loading"
+    threading.Timer(0.3, engine.start).start()
+    asked = time.monotonic()
+    resp = c.get("/ready?wait=30")
+    assert resp.status_code == 200 and time.monotonic() - asked < 25, "answered when loading ended, not at the wait"
+    body = resp.get_json()
+    assert body["status"] == "ready"
+    steps = body["start"]["steps"]
+    assert {"weights", "tokenizer", "prepare"} <= set(steps) and all(v >= 0 for v in steps.values())
+    assert body["start"]["ready_at"] <= time.time()
+    assert c.get("/ready").data == b"OK\n"
+    assert_envelope(c.get("/ready?wait=31"), 400, param="wait")
+
+
 def test_health_ready_and_models_answer(client):
     assert client.get("/health").status_code == 200
     assert client.get("/ready").data == b"OK\n"

@@ -30,6 +30,9 @@ accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level
 proc_name = "fma-requester"
+# gunicorn 25+ opens a management socket at one fixed path ($HOME/.gunicorn/gunicorn.ctl): two requesters (or a
+# requester and its workers) would fight over it, and whoever reaches it can stop or reconfigure the server.
+control_socket_disable = True
 
 
 def post_worker_init(worker) -> None:

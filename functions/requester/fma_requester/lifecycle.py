@@ -256,6 +256,7 @@ class Slot:
     last_used: float | None = None  # wall clock, for status
     last_used_mono: float = 0.0  # for idle timeouts and LRU
     last_actuation: Actuation | None = None
+    last_start: Actuation | None = None  # the last cold start, with its timeline when the effects report one
     activation: Activation | None = None
     attempt: int = 0
     sleep: SleepPlan | None = None
@@ -325,7 +326,8 @@ class Lifecycle(Actuator):
             detail = slot.waiting_for
         return WorkerStatus(model=slot.name, state=self._state(slot), phase=slot.phase.value, backend=self.backend,
                             url=url, last_used=slot.last_used, in_flight=slot.in_flight, queued=len(slot.tickets),
-                            last_actuation=slot.last_actuation, error=slot.error, detail=detail,
+                            last_actuation=slot.last_actuation, last_start=slot.last_start, error=slot.error,
+                            detail=detail,
                             idle_left_s=policy.idle_left(self._view(slot), self.clock()))
 
     def describe(self, model: str) -> WorkerStatus:
@@ -664,7 +666,7 @@ class Lifecycle(Actuator):
         slot.failures = 0
         slot.error = None
         slot.failure = None
-        slot.last_actuation = Actuation(path="cold", seconds=secs, steps=dict(handle.steps) or None)
+        slot.last_actuation = slot.last_start = Actuation(path="cold", seconds=secs, steps=dict(handle.steps) or None)
         self.metrics.last_time_to_ready.labels(slot.name, "cold").set(secs)
         self._touch(slot)
         self._fire(slot, Trigger.STARTED)

@@ -135,6 +135,7 @@ class WorkerStatus(BaseModel):
     in_flight: int
     queued: int
     last_actuation: Actuation | None
+    last_start: Actuation | None = None  # the last cold start and where its seconds went (``steps``)
     error: str | None = None
     detail: str | None = None  # what a start in progress is waiting for (e.g. "waiting for a node: ...")
     idle_left_s: float | None = None  # seconds before an idle worker scales to zero; None while busy or cold
@@ -144,6 +145,7 @@ class WorkerStatus(BaseModel):
             "model": self.model, "state": self.state, "phase": self.phase, "backend": self.backend,
             "url": self.url, "last_used": self.last_used, "in_flight": self.in_flight, "queued": self.queued,
             "last_actuation": self.last_actuation.as_dict() if self.last_actuation else None,
+            "last_start": self.last_start.as_dict() if self.last_start else None,
             "idle_left_s": None if self.idle_left_s is None else round(self.idle_left_s, 1),
         }
         if self.state == "failed":

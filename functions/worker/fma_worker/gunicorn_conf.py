@@ -42,6 +42,9 @@ accesslog = None  # the app logs one line per request itself, without bodies
 errorlog = "-"
 loglevel = _settings.log_level
 proc_name = f"fma-worker:{_settings.model}"
+# gunicorn 25+ opens a management socket at one fixed path ($HOME/.gunicorn/gunicorn.ctl) for every server:
+# each worker would take it from the last, and it lets whoever can reach it stop or reconfigure the server.
+control_socket_disable = True
 
 
 def when_ready(server) -> None:
@@ -50,12 +53,14 @@ def when_ready(server) -> None:
     A requester passes the read end of a pipe in ``FMA_LIFELINE_FD``; EOF on it
     means the requester is gone (even after SIGKILL), so no worker outlives it.
     """
+    timeline.mark("listening")
     fd = os.environ.get("FMA_LIFELINE_FD")
     if fd and fd.isdigit():
         watch_lifeline(int(fd), lambda: os.kill(os.getpid(), signal.SIGTERM))
 
 
 def post_fork(server, worker) -> None:
+    timeline.mark("worker")
     # Only the arbiter watches the lifeline; the fd is not needed in the worker.
     fd = os.environ.get("FMA_LIFELINE_FD")
     if fd and fd.isdigit():

@@ -30,10 +30,26 @@ _COPIED = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE"
            "default_cache_path", "HF_TOKEN_PATH", "ENDPOINT")
 
 
+_reread_for: tuple[tuple[str, str], ...] | None = None  # the environment the constants were last re-read from
+
+
+def _hub_environment() -> tuple[tuple[str, str], ...]:
+    from fma_common.fork_env import is_reread
+
+    return tuple(sorted((k, v) for k, v in os.environ.items() if is_reread(k)))
+
+
 def prepare() -> None:
+    """Idempotent: the arbiter re-reads once, and its forked worker (same environment) finds nothing to do."""
+    global _reread_for
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
-    reread_library_constants()
+    if "huggingface_hub.constants" not in sys.modules:
+        return  # not imported yet: it will read the current environment itself
+    current = _hub_environment()
+    if current != _reread_for:
+        reread_library_constants()
+        _reread_for = current
 
 
 def reread_library_constants() -> None:

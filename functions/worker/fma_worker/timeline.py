@@ -22,8 +22,8 @@ def mark(name: str) -> None:
 
 
 def report(load_phases: dict[str, float] | None) -> dict[str, Any]:
-    """Seconds per step of this start: spawn (asked -> this process ran its config), server (gunicorn's arbiter
-    and worker process), app (the Flask app), then the engine's load phases; ``ready_at`` is the wall time it
+    """Seconds per step of this start: spawn (asked -> this process ran its config), arbiter, worker_process, app
+    and engine (gunicorn, then the Flask app), then the engine's load phases; ``ready_at`` is the wall time it
     became ready."""
     steps: dict[str, float] = {}
     spawned = os.environ.get("FMA_SPAWNED_AT")
@@ -31,14 +31,16 @@ def report(load_phases: dict[str, float] | None) -> dict[str, Any]:
         asked = float(spawned) if spawned else None
     except ValueError:
         asked = None
-    config, app, load = _marks.get("config"), _marks.get("app"), _marks.get("load")
+    config, load = _marks.get("config"), _marks.get("load")
     if asked is not None and config is not None:
         steps["spawn"] = config - asked
-    if config is not None and app is not None and load is not None:
-        steps["server"] = app - config  # gunicorn: arbiter, socket, the worker process
-        steps["app"] = load - app  # the Flask app, settings, metrics, the engine
-    elif config is not None and load is not None:
-        steps["boot"] = load - config
+    # gunicorn's arbiter until it listens, its worker process, the Flask app (settings, metrics, the engine).
+    previous = config
+    for step, name in (("arbiter", "listening"), ("worker_process", "worker"), ("app", "app"), ("engine", "load")):
+        at = _marks.get(name)
+        if previous is not None and at is not None:
+            steps[step] = at - previous
+            previous = at
     for phase, secs in (load_phases or {}).items():
         steps[phase] = secs
     ready = _marks.get("ready")

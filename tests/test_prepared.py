@@ -1,0 +1,90 @@
+"""Parts of a model built ahead by the launcher (``fma_worker.prepared``): used once, never stale, no CUDA."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fma_worker import prepared
+
+
+@pytest.fixture()
+def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    return folder
+
+
+def test_prepared_parts_are_handed_out_once(model_copy: Path):
+    prepared.forget_all()
+    parts = prepared.prepare(model_copy, "float32", with_skeleton=True)
+    assert parts.skeleton is not None and all(p.device.type == "meta" for p in parts.skeleton.parameters())
+    assert parts.tokenizer("Hello")["input_ids"]
+    assert prepared.take(model_copy, "float32") is parts
+    assert prepared.take(model_copy, "float32") is None, "a child uses them once; the next builds its own"
+    prepared.prepare(model_copy, "float32", with_skeleton=False)
+    assert prepared.take(model_copy, "bfloat16") is None, "another dtype is another model"
+
+
+def test_prepared_parts_of_a_changed_folder_are_not_used(model_copy: Path):
+    prepared.forget_all()
+    prepared.prepare(model_copy, "float32", with_skeleton=True)
+    tokenizer = model_copy / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text())  # same content, new mtime: a model replaced in place
+    os.utime(tokenizer, ns=(1, 1))
+    assert prepared.take(model_copy, "float32") is None
+
+
+def test_what_the_launcher_prepares_is_decided_without_a_device(model_copy: Path, monkeypatch):
+    import torch
+
+    env = {"FMA_MODEL": "tiny", "FMA_MODEL_SOURCE": f"path:{model_copy}"}
+    assert prepared.target({**env, "FMA_DEVICE": "cpu"}) == (model_copy, "float32", True)
+    assert prepared.target({**env, "FMA_MODEL_SOURCE": "hf:org/name"}) is None, "the hub resolves at load"
+    assert prepared.target({**env, "FMA_MODEL_SOURCE": f"path:{model_copy / 'nope'}"}) is None
+    # A torch built with CUDA: dtype "auto" depends on the device, which the launcher must not look at.
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    assert prepared.target(env) is None
+    assert prepared.target({**env, "FMA_DTYPE": "bfloat16"}) == (model_copy, "bfloat16", False), \
+        "tokenizer and config only: a CUDA worker builds its model in from_pretrained"
+    assert prepared.target({**env, "CUDA_VISIBLE_DEVICES": ""}) == (model_copy, "float32", True)
+
+
+LAUNCHER_STATE = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    calls = []
+    def refuse(*args, **kwargs):
+        calls.append("torch.cuda._lazy_init")
+        raise RuntimeError("CUDA initialised in the launcher")
+    torch.cuda._lazy_init = refuse
+    from fma_worker import launcher, prepared
+    launcher.prewarm()
+    env = {"FMA_MODEL": "tiny", "FMA_MODEL_SOURCE": "path:" + sys.argv[1]}
+    launcher._prepare({"model": "tiny", "env": env})  # what {"op": "prepare"} runs
+    assert prepared._table, "the model was prepared"
+    pid = os.fork()
+    if pid == 0:
+        ok = not torch.cuda.is_initialized() and not torch.cuda._is_in_bad_fork()
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"calls": calls, "initialized": torch.cuda.is_initialized(),
+                      "child": os.waitstatus_to_exitcode(status)}))
+""")
+
+
+def test_the_launcher_never_initialises_cuda_before_fork(model_copy: Path):
+    """Through torch's own state: its lazy CUDA initialiser is never called, and a child is not in a bad fork."""
+    out = subprocess.run([sys.executable, "-c", LAUNCHER_STATE, str(model_copy)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state == {"calls": [], "initialized": False, "child": 0}
