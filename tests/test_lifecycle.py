@@ -361,6 +361,24 @@ def test_a_sleeper_counts_its_sleeping_footprint(asleep: int, action: str):
     assert h.phase("a") == ("sleeping" if asleep == 100 else "cold")
 
 
+def test_a_sleeper_that_kept_more_memory_than_declared_is_stopped_before_the_next_model_starts():
+    """The worker's own measurement after the sleep wins over the models file: b starts only once the memory
+    really came back (a CPU level-1 sleep, say, frees nothing)."""
+    h = harness("budget: {max_loaded: 5, sleepers: 2, memory_mib: 1000}\nmodels:\n"
+                "  - {name: a, source: 'embedded:smollm2-135m-instruct', memory_mib: 800, sleep_memory_mib: 100}\n"
+                "  - {name: b, source: 'embedded:smollm2-135m-instruct', memory_mib: 800}\n")
+    ready(h, "a")
+    handle = h.machine._slots["a"].handle
+    h.effects.script("sleep", "a", lambda: setattr(handle, "asleep_mib", 790.0))
+    h.machine.admit("b")
+    assert h.phase("a") == "going_to_sleep", "declared: 100 MiB asleep + 800 fit in 1000"
+    h.executor.deliver_next("sleep", "a")
+    assert ("start", "b") not in h.effects.calls, "a still holds 790 MiB: b must not start"
+    assert h.phase("a") == "stopping"
+    h.executor.run_until_quiet()
+    assert h.phase("b") == "ready" and h.phase("a") == "cold"
+
+
 def test_sleepers_beyond_the_budget_are_stopped_least_recently_used_first():
     h = harness("budget: {max_loaded: 3, sleepers: 1}\nmodels:\n"
                 "  - {name: a, source: 'embedded:smollm2-135m-instruct'}\n"

@@ -25,6 +25,21 @@ def error_text(resp: httpx.Response) -> str:
         return resp.text[:300]
 
 
+def held_after_sleep(resp: httpx.Response) -> float | None:
+    """MiB the worker says it still holds asleep: device memory on an accelerator, else its resident memory."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    for key in ("device_memory_allocated", "resident_bytes"):
+        value = body.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            return value / 2**20
+    return None
+
+
 class WorkerControl:
     def __init__(self, timeout_s: float, connect_timeout_s: float) -> None:
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
@@ -43,6 +58,7 @@ class WorkerControl:
         resp = self._post(url or handle.url, p.WORKER_SLEEP, timeout, {"level": level})
         if resp.status_code != 200:
             raise EffectRefused(f"{resp.status_code}: {error_text(resp)}", status=resp.status_code)
+        handle.asleep_mib = held_after_sleep(resp)
 
     def wake(self, handle: WorkerHandle, timeout: float, url: str | None = None) -> None:
         resp = self._post(url or handle.url, p.WORKER_WAKE, timeout)

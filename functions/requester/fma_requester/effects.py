@@ -50,6 +50,10 @@ class WorkerHandle:
         self.url: str | None = None
         self.progress = "not started"  # last thing seen while starting, for deadline messages
         self.steps: dict[str, float] = {}  # where the start spent its seconds, when the effects can tell
+        # What the worker still holds while asleep, as it measured it after its last sleep (MiB of device memory
+        # on an accelerator, else resident memory); None if unknown. The budget counts the larger of this and
+        # the model's declared sleep_memory_mib, so a model is admitted only once the memory really came back.
+        self.asleep_mib: float | None = None
         self.data: dict[str, Any] = {}
         self.lock = threading.Lock()  # held by effects while they create or destroy what the handle owns
         self._cancelled = threading.Event()
@@ -111,7 +115,7 @@ class Effects(abc.ABC):
 
     @abc.abstractmethod
     def sleep(self, spec: ModelSpec, handle: WorkerHandle, level: int, timeout: float) -> None:
-        """Put the worker to sleep at ``level`` (vLLM's sleep API)."""
+        """Put the worker to sleep at ``level`` (vLLM's sleep API); set ``handle.asleep_mib`` if it can tell."""
 
     @abc.abstractmethod
     def wake(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -345,6 +346,9 @@ class Lifecycle(Actuator):
     def _view(s: Slot) -> policy.WorkerView:
         memory = s.spec.memory_mib or 0
         asleep = s.spec.sleep_memory_mib if s.spec.sleep_memory_mib is not None else memory
+        measured = s.handle.asleep_mib if s.handle is not None and s.holds == "asleep" else None
+        if memory and measured is not None:
+            asleep = max(asleep, min(memory, math.ceil(measured)))  # what it really kept, never above awake
         return policy.WorkerView(s.name, s.phase.value, s.in_flight, len(s.tickets) + (1 if s.wanted else 0),
                                  s.last_used_mono, s.spec.idle_timeout or 0.0, s.holds, memory, asleep)
 
@@ -742,7 +746,13 @@ class Lifecycle(Actuator):
 
     def _slept(self, slot: Slot, plan: SleepPlan) -> None:
         self._fire(slot, Trigger.SLEPT)
-        log.info("worker for %s asleep (level %d%s)", slot.name, plan.level, "" if plan.manual else ", evicted")
+        held = slot.handle.asleep_mib if slot.handle is not None else None
+        declared = slot.spec.sleep_memory_mib
+        log.info("worker for %s asleep (level %d%s%s)", slot.name, plan.level, "" if plan.manual else ", evicted",
+                 f", still holding {held:.0f} MiB" if held is not None else "")
+        if held is not None and slot.spec.memory_mib and declared is not None and held > declared:
+            log.warning("%s holds %.0f MiB asleep, more than its sleep_memory_mib %d: the budget counts %.0f",
+                        slot.name, held, declared, min(held, slot.spec.memory_mib))
         for op in plan.ops:
             op.finish()
 
