@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run worker test test-fast lint docs bench bench-throughput bench-actuation prepare clean venv images deploy
+.PHONY: run worker test test-fast lint docs bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -57,6 +57,20 @@ bench-throughput: prepare
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# On a GPU machine (torch + transformers there; the worker's web stack comes as wheels, see bench/gpu.py).
+# `make bench-gpu-wheels` here (it reaches the package registry), then carry bench/wheels to that machine.
+GPU_PYTHON ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || command -v python3)
+bench-gpu:
+	$(GPU_PYTHON) bench/gpu.py --wheels bench/wheels --out bench/results/gpu.json
+
+WHEEL_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+bench-gpu-wheels: $(STAMP)
+	rm -rf bench/wheels && mkdir -p bench/wheels
+	$(BIN)/python -m pip download --quiet --dest bench/wheels $(WHEEL_TARGET) flask gunicorn pydantic prometheus_client "cloudevents>=2"
+	$(BIN)/python -m pip download --quiet --no-deps --dest bench/wheels $(WHEEL_TARGET) accelerate psutil
+	@du -sh bench/wheels
 
 bench-actuation: prepare
 	$(BIN)/python -m pip install --quiet "matplotlib>=3.8"

@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from .logs import tail
+
+if TYPE_CHECKING:
+    import httpx
 
 WORKER_CONFIG = "fma_worker.gunicorn_conf"
 WORKER_APP = "fma_worker.app:create_app()"
@@ -70,6 +71,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path 
     ``{"status": "failed"}``, ``TimeoutError`` at the deadline, and :class:`Cancelled` as soon as ``cancel``
     is set (within a second: a held request is re-asked every second while a cancel may come).
     """
+    import httpx  # here, not at import: a worker's gunicorn config imports this module (0.1 s of httpx)
+
     started = time.monotonic()
     deadline = started + timeout
     hold = 1.0 if cancel is not None else 5.0

@@ -77,7 +77,7 @@ def prewarm() -> float:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401  the embedded model's architecture
 
-    import fma_common.procs  # noqa: F401  the worker's gunicorn config imports it (and httpx: 0.1 s)
+    import fma_common.procs  # noqa: F401  the worker's gunicorn config imports it
     import fma_worker.app
     import fma_worker.engine
     import fma_worker.prepared  # noqa: F401
