@@ -102,16 +102,22 @@ class Requester:
         env.update(extra_env or {})
         self.proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", env, self.log)
         wait_ready(self.url, self.proc, 60, self.log)
-        if launcher and wait_prewarm:  # measure cold starts from a launcher that has finished pre-warming
+        if launcher and wait_prewarm:
+            # Cold starts from the steady state: the launcher has imported torch and prepared the model.
             deadline = time.monotonic() + 120
-            while "pre-warmed" not in self.log.read_text(errors="replace"):
+            while "launcher prepared" not in self.log.read_text(errors="replace"):
                 if time.monotonic() > deadline:
-                    raise TimeoutError("launcher did not pre-warm")
+                    raise TimeoutError("launcher did not pre-warm and prepare the model")
                 time.sleep(0.1)
         self.http = httpx.Client(base_url=self.url, timeout=600)
 
     def ttft(self) -> float:
         return stream_once(self.http, MODEL, PROMPT, 4)[0]
+
+    def last_start(self) -> dict[str, float]:
+        """The last cold start's timeline (spawn, gunicorn, app, load phases, ready_seen), from the status."""
+        start = self.http.get(f"/v1/workers/{MODEL}").json().get("last_start") or {}
+        return start.get("steps") or {}
 
     def release(self) -> None:
         self.http.delete(f"/v1/workers/{MODEL}").raise_for_status()
@@ -214,6 +220,14 @@ def main() -> int:
     results: dict[str, list[float]] = {k: [] for k in ("naive_cold", "cold_plain_process", "cold_after_start",
                                                          "cold", "wake_l1", "wake_l2", "warm")}
     overhead: dict[str, list[float]] = {"direct": [], "via_requester": []}
+    steps: dict[str, dict[str, list[float]]] = {"cold": {}, "cold_plain_process": {}, "cold_after_start": {}}
+
+    def record_steps(row: str, req: Requester, ttft: float) -> None:
+        got = req.last_start()
+        if got:  # the rest of the time to first token: the request's own path (routing, proxy, the first token)
+            got = {**got, "first_token": ttft - got.get("total", 0.0)}
+        for step, secs in got.items():
+            steps[row].setdefault(step, []).append(secs)
     floor_now = floor()  # also reads the weights once: every row below runs with a warm page cache
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,6 +238,7 @@ def main() -> int:
         try:
             for _ in range(args.runs):
                 results["cold_plain_process"].append(plain.ttft())
+                record_steps("cold_plain_process", plain, results["cold_plain_process"][-1])
                 plain.release()
         finally:
             plain.close()
@@ -231,6 +246,7 @@ def main() -> int:
             fresh = Requester(workdir, launcher=True, wait_prewarm=False)
             try:
                 results["cold_after_start"].append(fresh.ttft())
+                record_steps("cold_after_start", fresh, results["cold_after_start"][-1])
             finally:
                 fresh.close()
 
@@ -238,6 +254,7 @@ def main() -> int:
         try:
             for _ in range(args.runs):
                 results["cold"].append(req.ttft())
+                record_steps("cold", req, results["cold"][-1])
                 warm_then_wakes(req, results)
                 req.release()
             # What the requester adds to a warm request: the same stream sent
@@ -258,6 +275,7 @@ def main() -> int:
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
     medians = {name: statistics.median(values) for name, values in results.items()}
+    load_gbps = [floor_now["weights_bytes"] / secs / 1e9 for secs in steps["cold"].get("weights", []) if secs > 0]
     diffs = sorted(v - d for d, v in zip(overhead["direct"], overhead["via_requester"], strict=True))
     report = {"machine": machine(), "model": MODEL, "runs": args.runs,
               "metric": "time to first token through the requester, seconds",
@@ -269,6 +287,19 @@ def main() -> int:
               "results": {name: summary(values) for name, values in results.items()},
               "raw": {name: [round(v, 4) for v in values] for name, values in results.items()},
               "floor": floor_now,
+              "cold_start_timeline": {
+                  "what": "where each cold start's seconds went, from the requester asking for a worker: spawn "
+                          "(launcher fork or process start, to gunicorn reading its config), arbiter, worker_process, "
+                          "app, engine, then the load phases (prepare, tokenizer, skeleton, weights), ready_seen "
+                          "(ready until the requester knew), total; first_token is the rest of the time to first "
+                          "token (the request's routing, proxying and its first forward pass)",
+                  **{row: {step: summary(v) for step, v in by_step.items()} for row, by_step in steps.items()
+                     if by_step}},
+              "load_throughput": {"gbps": summary(load_gbps) if load_gbps else None,
+                                  "over_memcpy": round(statistics.median(load_gbps) / floor_now["memcpy_gbps"], 3)
+                                  if load_gbps else None,
+                                  "what": "weight bytes / the worker's weights phase (mapped from the safetensors "
+                                          "file, every page touched) in the cold row"},
               "ratios": {"naive_over_cold": round(medians["naive_cold"] / medians["cold"], 2),
                          "naive_over_cold_after_start": round(medians["naive_cold"] / medians["cold_after_start"], 2),
                          "cold_over_weights_read": round(medians["cold"] / floor_now["weights_read_s"], 2),
@@ -286,7 +317,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     chart(report, args.out.with_suffix(".png"))
-    print(json.dumps({k: report[k] for k in ("results", "floor", "ratios", "proxy_overhead", "knative")
+    print(json.dumps({k: report[k] for k in ("results", "floor", "ratios", "load_throughput", "proxy_overhead",
+                                             "knative")
                       if k in report}, indent=2))
     return 0
 
