@@ -49,8 +49,10 @@ def test_a_forked_worker_with_prepared_parts_writes_what_a_fresh_process_writes(
         # The start's timeline: nothing spent on the tokenizer or the modules, both built before the fork.
         steps = worker_state(req.spi, "forked")["last_start"]["steps"]
         assert steps["tokenizer"] < 0.05 and steps["skeleton"] == 0.0, steps
-        assert {"spawn", "arbiter", "worker_process", "app", "weights", "ready_seen", "total"} <= set(steps)
+        assert {"spawn", "app", "engine", "weights", "ready_seen", "total"} <= set(steps)
+        assert "worker_process" not in steps, "forked from the launcher: one process, no gunicorn arbiter"
         plain = worker_state(req.spi, "fresh")["last_start"]["steps"]
+        assert {"arbiter", "worker_process"} <= set(plain), plain
         assert plain["tokenizer"] > steps["tokenizer"], (plain, steps)
 
 

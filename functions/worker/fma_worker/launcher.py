@@ -80,7 +80,8 @@ def prewarm() -> float:
     import fma_common.procs  # noqa: F401  the worker's gunicorn config imports it
     import fma_worker.app
     import fma_worker.engine
-    import fma_worker.prepared  # noqa: F401
+    import fma_worker.prepared
+    import fma_worker.single  # noqa: F401
 
     transformers.utils.logging.disable_progress_bar()
     return time.monotonic() - started
@@ -104,10 +105,10 @@ def _run_child(env: dict[str, str], log_path: str) -> None:
         os.environ.update(env)
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
-        sys.argv = ["gunicorn", "-c", "python:fma_worker.gunicorn_conf", "fma_worker.app:create_app()"]
-        from gunicorn.app.wsgiapp import run
+        sys.argv = ["fma-worker"]
+        from fma_worker import single
 
-        run()
+        single.serve()  # one process: gunicorn's worker without its arbiter (see single.py)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

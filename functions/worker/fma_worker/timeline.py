@@ -9,11 +9,14 @@ asked for this process; the rest are marked here, once each.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
 
 _marks: dict[str, float] = {}
+# Boot marks and the step that ends at each: what happened since the mark before it.
+_BOOT = {"config": "spawn", "listening": "arbiter", "worker": "worker_process", "app": "app", "load": "engine"}
 
 
 def mark(name: str) -> None:
@@ -23,8 +26,8 @@ def mark(name: str) -> None:
 
 def report(load_phases: dict[str, float] | None) -> dict[str, Any]:
     """Seconds per step of this start: spawn (asked -> this process ran its config), arbiter, worker_process, app
-    and engine (gunicorn, then the Flask app), then the engine's load phases; ``ready_at`` is the wall time it
-    became ready."""
+    and engine (gunicorn, then the Flask app; a forked worker has neither arbiter nor worker process), then the
+    engine's load phases; ``ready_at`` is the wall time it became ready."""
     steps: dict[str, float] = {}
     spawned = os.environ.get("FMA_SPAWNED_AT")
     try:
@@ -34,13 +37,12 @@ def report(load_phases: dict[str, float] | None) -> dict[str, Any]:
     config, load = _marks.get("config"), _marks.get("load")
     if asked is not None and config is not None:
         steps["spawn"] = config - asked
-    # gunicorn's arbiter until it listens, its worker process, the Flask app (settings, metrics, the engine).
-    previous = config
-    for step, name in (("arbiter", "listening"), ("worker_process", "worker"), ("app", "app"), ("engine", "load")):
-        at = _marks.get(name)
-        if previous is not None and at is not None:
-            steps[step] = at - previous
-            previous = at
+    # The boot, mark to mark up to the engine's start: gunicorn's arbiter until it listens, its worker process,
+    # the Flask app. A worker forked from the launcher has no arbiter and binds its socket while the model
+    # loads (single.py): marks after the engine's start overlap the load and are left out of the sum.
+    chain = sorted((at, name) for name, at in _marks.items() if name in _BOOT and (load is None or at <= load))
+    for (before, _), (at, name) in itertools.pairwise(chain):
+        steps[_BOOT[name]] = at - before
     for phase, secs in (load_phases or {}).items():
         steps[phase] = secs
     ready = _marks.get("ready")
