@@ -43,6 +43,7 @@ from fma_worker.model_store import default_cache_dir, ensure_embedded_converted
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Once upon a time"
+WORKER_TOKEN = "bench-worker-token"  # workers answer only their requester; the hop row calls one directly
 
 
 def floor() -> dict[str, float]:
@@ -97,6 +98,7 @@ class Requester:
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir / f"requester-{uuid.uuid4().hex[:6]}.log"
         env = {**os.environ, "FMA_BIND": f"127.0.0.1:{port}", "FMA_LAUNCHER": "true" if launcher else "false",
+               "FMA_WORKER_TOKEN": WORKER_TOKEN,
                "FMA_WORKER_LOG_DIR": str(workdir / "logs"), "FMA_LOG_LEVEL": "info"}
         env.pop("FMA_MODELS", None)
         env.update(extra_env or {})
@@ -261,7 +263,8 @@ def main() -> int:
             # straight to the worker and through the requester, interleaved.
             req.ttft()
             worker_url = req.http.get("/v1/workers").json()["data"][0]["url"]
-            with httpx.Client(base_url=worker_url, timeout=600) as direct:
+            with httpx.Client(base_url=worker_url, timeout=600,
+                              headers={"Authorization": f"Bearer {WORKER_TOKEN}"}) as direct:
                 for _ in range(args.overhead_runs):
                     overhead["direct"].append(stream_once(direct, MODEL, PROMPT, 4)[0])
                     overhead["via_requester"].append(req.ttft())

@@ -36,6 +36,10 @@ from common import machine
 
 from fma_common.procs import WORKER_APP, WORKER_CONFIG, free_port, start_gunicorn, stop_process_group, wait_ready
 
+# The requester's workers answer only its token; the hop benchmark calls them directly too, so it sets one.
+# The requester ignores the header (no API keys configured), so every client may send it.
+WORKER_TOKEN = "bench-worker-token"
+AUTH = {"Authorization": f"Bearer {WORKER_TOKEN}"}
 MODEL = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to paint, with many details."}]
 LEVELS = (1, 2, 4, 8, 16)
@@ -91,7 +95,7 @@ def load(url: str, model: str, clients: int, requests: int, new_tokens: int, cou
     lock = threading.Lock()
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
+        with httpx.Client(base_url=url, timeout=600, headers=AUTH) as http:
             while True:
                 with lock:
                     if left[0] == 0:
@@ -160,7 +164,7 @@ def bench_servers(servers: list[tuple[str, str, str, bool, tuple[int, ...]]], co
     over the run then falls on all of them alike. ``servers``: (label, url, model name, ours?, levels)."""
     samples: dict[str, dict[str, list[dict]]] = {label: {} for label, *_ in servers}
     for _label, url, model, ours, _levels in servers:
-        chat_stream(httpx.Client(base_url=url, timeout=600), model, 4, ours)  # warm: kernels, allocator
+        chat_stream(httpx.Client(base_url=url, timeout=600, headers=AUTH), model, 4, ours)  # warm: kernels, allocator
     for r in range(rounds):
         for label, url, model, ours, _levels in servers:
             samples[label].setdefault("sequential", []).append(load(url, model, 1, sequential, new_tokens, count,
@@ -199,7 +203,8 @@ def start_requester(workdir: Path, models_yaml: str, **env: str) -> tuple[subpro
     models.write_text(models_yaml)
     p1, p2 = free_port(), free_port()
     full = {**os.environ, "FMA_BIND": f"127.0.0.1:{p1},127.0.0.1:{p2}", "FMA_MODELS": str(models),
-            "FMA_WORKER_LOG_DIR": str(workdir / "logs"), "FMA_LOG_LEVEL": "warning", **env}
+            "FMA_WORKER_LOG_DIR": str(workdir / "logs"), "FMA_LOG_LEVEL": "warning",
+            "FMA_WORKER_TOKEN": WORKER_TOKEN, **env}
     log = workdir / f"requester-{p1}.log"
     proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", full, log, cwd=REPO)
     wait_ready(f"http://127.0.0.1:{p1}", proc, 60, log)
@@ -211,13 +216,13 @@ def bench_hop(workdir: Path, count: Counter, new_tokens: int, rounds: int, clien
     try:
         httpx.post(f"{req}/v1/workers/{MODEL}/warm", timeout=300).raise_for_status()
         direct = httpx.get(f"{req}/v1/workers/{MODEL}").json()["url"]
-        chat_stream(httpx.Client(base_url=direct, timeout=600), MODEL, 4, True)
+        chat_stream(httpx.Client(base_url=direct, timeout=600, headers=AUTH), MODEL, 4, True)
         tput = {"direct": [], "via": []}
         for _ in range(rounds):  # interleaved: the machine's drift hits both alike
             for name, url in (("direct", direct), ("via", req)):
                 tput[name].append(load(url, MODEL, clients, clients * 2, new_tokens, count, True)["tokens_per_s"])
         lat = {"direct": [], "via": []}
-        with httpx.Client(base_url=direct, timeout=60) as d, httpx.Client(base_url=req, timeout=60) as v:
+        with httpx.Client(base_url=direct, timeout=60, headers=AUTH) as d, httpx.Client(base_url=req, timeout=60) as v:
             for _ in range(40):
                 for name, http in (("direct", d), ("via", v)):
                     lat[name].append(chat_stream(http, MODEL, 2, True)[0])

@@ -103,7 +103,7 @@ def test_workers_lists_every_model_cold_ones_included(client):
     assert body["object"] == "list"
     assert [w["model"] for w in body["data"]] == MODELS
     assert set(body["data"][0]) == {"model", "state", "phase", "backend", "url", "last_used", "in_flight", "queued",
-                                    "last_actuation", "idle_left_s"}
+                                    "last_actuation", "last_start", "idle_left_s"}
 
 
 def test_models_lists_every_configured_model_with_its_state(client):

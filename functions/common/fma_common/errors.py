@@ -59,6 +59,26 @@ class ModelNotFound(ApiError):
     code = "model_not_found"
 
 
+class Unauthorized(ApiError):
+    """No API key, or one that is not ours (OpenAI answers 401 ``invalid_api_key`` the same way)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("WWW-Authenticate", 'Bearer realm="fma"')
+
+
+class Forbidden(ApiError):
+    """A valid key without the right: an inference key on a route that changes state."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "insufficient_permissions"
+
+
 class NotFound(ApiError):
     status = 404
     type = "invalid_request_error"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fma_common import events
+from fma_common.auth import KeyRing, Role, read_keys
 from fma_common.errors import ApiError, InvalidRequest
 from fma_common.http import (
     SSE_HEADERS,
@@ -34,7 +36,7 @@ from fma_common.http import (
     register_error_handlers,
 )
 from fma_common.logs import setup_logging
-from fma_common.settings import describe
+from fma_common.settings import SettingsError, describe
 
 from . import protocol as p
 from . import ui
@@ -68,10 +70,50 @@ def build_actuator(settings: RequesterSettings, registry: ModelRegistry, metrics
     return LocalActuator(settings, registry, metrics, emit=emit, config=config)
 
 
+# Routes anyone may call with auth on: probes, the scrape, the status page's files (its data needs a key).
+_OPEN = frozenset({p.PATH_HEALTH, p.PATH_READY, p.PATH_METRICS, p.PATH_UI})
+
+
+def required_role(method: str, path: str) -> Role | None:
+    """What a request needs: None (open), inference, or admin (anything that changes state)."""
+    if path in _OPEN or path.startswith(p.PATH_UI + "/") or (method == "GET" and path == p.PATH_CLOUDEVENTS):
+        return None
+    if path in (p.PATH_BECOME_READY, p.PATH_BECOME_UNREADY):
+        return "admin"
+    if path.startswith(p.PATH_WORKERS + "/") and method not in ("GET", "HEAD"):
+        return "admin"
+    return "infer"
+
+
+def key_ring(settings: RequesterSettings) -> KeyRing:
+    try:
+        return KeyRing.of(read_keys(settings.api_keys, settings.api_keys_file),
+                          read_keys(settings.admin_keys, settings.admin_keys_file))
+    except ValueError as exc:
+        raise SettingsError(f"FMA_API_KEYS_FILE / FMA_ADMIN_KEYS_FILE: {exc}") from None
+
+
+def _say_auth(settings: RequesterSettings, keys: KeyRing) -> None:
+    if keys.enabled:
+        log.info("auth on: %s; /health, /ready, /metrics and /ui stay open", keys)
+        return
+    exposed = [b for b in settings.binds or () if b.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]")]
+    if exposed:
+        log.warning("auth is off and the requester listens on %s: anyone who reaches it can run completions and "
+                    "put workers to sleep or release them; set FMA_API_KEYS and FMA_ADMIN_KEYS",
+                    ", ".join(exposed))
+    else:
+        log.info("auth is off (no FMA_API_KEYS or FMA_ADMIN_KEYS); listening on loopback only")
+
+
 def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegistry | None = None,
                actuator: Actuator | None = None, metrics: RequesterMetrics | None = None) -> Flask:
     settings = settings or RequesterSettings.from_env()
     setup_logging(settings.log_level)
+    keys = key_ring(settings)
+    if settings.worker_token is None and settings.actuator == "local":
+        # Local workers answer only this requester: a fresh token each start, passed in their environment.
+        settings = settings.model_copy(update={"worker_token": secrets.token_urlsafe(32)})
     registry = registry or ModelRegistry.load(settings.models_file)
     metrics = metrics or RequesterMetrics()
     emit = SinkEmitter(EmitterConfig(settings.sink, parse_overrides(settings.ce_overrides),
@@ -80,10 +122,11 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
                        sent=metrics.events_sent, dropped=metrics.events_dropped)
     actuator = actuator or build_actuator(settings, registry, metrics, emit)
     proxy = WorkerProxy(metrics, settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s,
-                        max_connections=settings.connections)
+                        max_connections=settings.connections, token=settings.worker_token)
     plane = DataPlane(actuator, proxy, metrics, keepalive_s=settings.stream_keepalive_s)
     log.info("requester settings: %s; models from %s: %s", describe(settings), registry.origin,
              ", ".join(registry.names()))
+    _say_auth(settings, keys)
     ready = threading.Event()
     ready.set()  # can take requests at once: workers start on demand
 
@@ -93,6 +136,12 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
                              "registry": registry, "ready": ready, "dataplane": plane, "events": emit}
     register_error_handlers(app)
     install_access_log(app, "fma.requester.access")
+
+    @app.before_request
+    def _authorize() -> None:
+        need = required_role(request.method, request.path)
+        if need is not None:
+            keys.require(request.headers.get("Authorization"), need)
 
     def infer(path: str) -> Response:
         raw = request.get_data(cache=True)
@@ -200,6 +249,8 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     @app.post(p.PATH_CLOUDEVENTS)
     def cloudevent() -> Response:
         incoming = events.parse_event(dict(request.headers), request.get_data())
+        if incoming.type in p.CONTROL_TYPES:  # a worker-control event changes state: an admin key's to send
+            keys.require(request.headers.get("Authorization"), "admin")
         return handle_event(incoming, actuator, plane)
 
     if settings.models_file and settings.models_reload_s > 0:

@@ -41,8 +41,9 @@ def held_after_sleep(resp: httpx.Response) -> float | None:
 
 
 class WorkerControl:
-    def __init__(self, timeout_s: float, connect_timeout_s: float) -> None:
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+    def __init__(self, timeout_s: float, connect_timeout_s: float, token: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s), headers=headers)
 
     def _post(self, url: str | None, path: str, timeout: float,
               params: dict[str, Any] | None = None) -> httpx.Response:

@@ -53,7 +53,8 @@ class LocalEffects(Effects):
         self.settings = settings
         base = {**os.environ, **(worker_env or {})}
         self.supervisor = supervisor or ProcessSupervisor(settings, base)
-        self._control = WorkerControl(settings.control_timeout_s, settings.upstream_connect_timeout_s)
+        self._control = WorkerControl(settings.control_timeout_s, settings.upstream_connect_timeout_s,
+                                      token=settings.worker_token)
 
     def worker_environment(self, spec: ModelSpec, port: int) -> dict[str, str]:
         """The worker's environment: the requester's, then the model's own ``env`` (which wins)."""
@@ -68,6 +69,10 @@ class LocalEffects(Effects):
             "FMA_DEVICE": spec.device, "PORT": str(port), "FMA_HOST": self.settings.worker_host,
             "FMA_CACHE_DIR": str(self.settings.cache_dir), "FMA_LIFELINE_FD": str(self.supervisor.lifeline_fd),
         })
+        for key in ("FMA_API_KEYS", "FMA_ADMIN_KEYS", "FMA_API_KEYS_FILE", "FMA_ADMIN_KEYS_FILE"):
+            env.pop(key, None)  # clients' keys are the requester's business, not its workers'
+        if self.settings.worker_token:
+            env["FMA_WORKER_TOKEN"] = self.settings.worker_token
         return env
 
     # ---- Effects ------------------------------------------------------------------------

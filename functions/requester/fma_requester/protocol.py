@@ -52,6 +52,8 @@ WORKER_SLEEPING = events.WORKER_SLEEPING
 # it to this), so a scheduled pre-warm arrives as a ping whose data names the model, and is read as a warm.
 PING_TYPE = "dev.knative.sources.ping"
 REQUEST_TYPES = (COMPLETION_REQUESTED, WORKER_WARM_REQUESTED, WORKER_RELEASE_REQUESTED, PING_TYPE)
+# Events that change a worker's state: with API keys on, only an admin key may send them.
+CONTROL_TYPES = (WORKER_WARM_REQUESTED, WORKER_RELEASE_REQUESTED, PING_TYPE)
 # What the requester sends: replies (back into the Broker, so no request Trigger may match them) and lifecycle
 # events (to K_SINK).
 REPLY_TYPES = (COMPLETION_SUCCEEDED, COMPLETION_FAILED, WORKER_READY_EVENT, WORKER_RELEASED, WORKER_FAILED)

@@ -142,8 +142,10 @@ class UpstreamResponse:
 
 class WorkerProxy:
     def __init__(self, metrics: RequesterMetrics, connect_timeout: float, read_timeout: float,
-                 max_connections: int = 1000) -> None:
+                 max_connections: int = 1000, token: str | None = None) -> None:
         self.metrics = metrics
+        # The worker's token (FMA_WORKER_TOKEN), never the client's key: workers answer only the requester.
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         # As many connections as the requester accepts clients, so the pool is never the queue.
         self._client = httpx.Client(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout),
@@ -158,7 +160,7 @@ class WorkerProxy:
         complete - for a stream, when the stream ends or is closed."""
         started = time.monotonic()
         request = self._client.build_request("POST", f"{lease.url}{path}", content=body,
-                                             headers={"Content-Type": "application/json"})
+                                             headers={"Content-Type": "application/json", **self._auth})
         try:
             resp = self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:

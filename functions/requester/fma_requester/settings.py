@@ -82,6 +82,20 @@ class RequesterSettings(EnvSettings):
     log_level: LogLevel = setting("FMA_LOG_LEVEL", "info", "log level")
     connections: int = setting("FMA_CONNECTIONS", "1000", "simultaneous client connections (gevent "
                                "worker_connections); the pool to workers is as large", ge=16)
+    api_keys: str | None = setting("FMA_API_KEYS", None, "API keys for inference (completions, models, workers' "
+                                   "status, CloudEvents), comma-separated; sent as `Authorization: Bearer KEY`. "
+                                   "With no keys at all, auth is off", shown="unset")
+    api_keys_file: Path | None = setting("FMA_API_KEYS_FILE", None, "a file of inference keys, one per line "
+                                         "(`#` comments), e.g. a mounted Secret", shown="unset")
+    admin_keys: str | None = setting("FMA_ADMIN_KEYS", None, "admin keys, comma-separated: everything that changes "
+                                     "state (sleep, wake, warm, release, readiness, worker-control events) and "
+                                     "inference", shown="unset")
+    admin_keys_file: Path | None = setting("FMA_ADMIN_KEYS_FILE", None, "a file of admin keys, one per line",
+                                           shown="unset")
+    worker_token: str | None = setting("FMA_WORKER_TOKEN", None, "the token the requester sends its workers "
+                                       "(they answer only it); local workers get a random one per requester "
+                                       "start, Knative workers the one you set here and in their Secret",
+                                       shown="random (local)")
     sink: str | None = setting("K_SINK", None, "where lifecycle CloudEvents are sent (Knative SinkBinding sets it)",
                                shown="unset")
     ce_overrides: str | None = setting("K_CE_OVERRIDES", None, "`{\"extensions\": {...}}` added to every lifecycle "

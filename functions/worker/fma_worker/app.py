@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from fma_common import events
+from fma_common.auth import KeyRing
 from fma_common.errors import ApiError, InvalidRequest
 from fma_common.http import (
     SSE_HEADERS,
@@ -59,6 +60,14 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
     app.extensions["fma"] = {"engine": engine, "service": service, "metrics": metrics, "settings": settings}
     register_error_handlers(app)
     install_access_log(app, "fma.worker.access")
+    token = KeyRing.of(admin=[settings.worker_token]) if settings.worker_token else KeyRing()
+    open_paths = {p.PATH_HEALTH, p.PATH_READY, p.PATH_METRICS}
+
+    @app.before_request
+    def _only_the_requester() -> None:
+        # Workers answer only whoever holds the token (the requester that started them); probes stay open.
+        if request.path not in open_paths:
+            token.require(request.headers.get("Authorization"), "admin")
 
     def render(result: BaseModel | SSEStream) -> Response:
         if isinstance(result, SSEStream):

@@ -66,6 +66,9 @@ class WorkerSettings(EnvSettings):
     log_prompts: Flag = setting("FMA_LOG_PROMPTS", "false", "log prompt text (off by default: prompts are user "
                                 "data)")
     log_level: LogLevel = setting("FMA_LOG_LEVEL", "info", "`debug`, `info`, `warning`, `error` or `critical`")
+    worker_token: str | None = setting("FMA_WORKER_TOKEN", None, "when set, every route but `/health`, `/ready` "
+                                       "and `/metrics` needs `Authorization: Bearer` this token (the requester "
+                                       "sets it for the workers it starts)", shown="unset")
     port: int = setting("PORT", "8000", "port gunicorn binds (Knative sets it)", ge=1, le=65535)
     host: str = setting("FMA_HOST", "0.0.0.0", "address gunicorn binds")
     worker_threads: int | None = setting("FMA_WORKER_THREADS", None, "gunicorn gthread threads",
