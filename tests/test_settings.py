@@ -105,3 +105,18 @@ def test_readme_tables_are_generated_from_the_settings(service: str):
     assert tables[service] == markdown_table(settings_classes()[service]), \
         "README and settings disagree: run `make docs`"
     assert render(readme) == readme
+
+
+def test_tls_needs_both_files_and_they_must_exist(tmp_path):
+    from fma_common.settings import SettingsError
+    from fma_requester.settings import RequesterSettings
+
+    cert = tmp_path / "server.pem"
+    cert.write_text("x")
+    with pytest.raises(SettingsError, match="set both"):
+        RequesterSettings.from_env({"FMA_TLS_CERTFILE": str(cert)})
+    with pytest.raises(SettingsError, match="not a readable file"):
+        RequesterSettings.from_env({"FMA_TLS_CERTFILE": str(cert), "FMA_TLS_KEYFILE": str(tmp_path / "nope")})
+    key = tmp_path / "key.pem"
+    key.write_text("x")
+    assert RequesterSettings.from_env({"FMA_TLS_CERTFILE": str(cert), "FMA_TLS_KEYFILE": str(key)}).tls_keyfile == key

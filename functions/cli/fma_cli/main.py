@@ -429,16 +429,24 @@ def _exec_gunicorn(config_module: str, app: str, env: dict[str, str]) -> None:
 @click.option("--models", "models_file", metavar="FILE", help="models YAML file (default: the built-in embedded "
                                                                 "model) [env FMA_MODELS]")
 @click.option("--actuator", type=click.Choice(("local", "knative")), help="[env FMA_ACTUATOR; default local]")
-def serve(bind: Sequence[str], models_file: str | None, actuator: str | None) -> None:
+@click.option("--certfile", metavar="PEM", help="serve HTTPS with this certificate [env FMA_TLS_CERTFILE]")
+@click.option("--keyfile", metavar="PEM", help="the certificate's private key [env FMA_TLS_KEYFILE]")
+def serve(bind: Sequence[str], models_file: str | None, actuator: str | None, certfile: str | None,
+          keyfile: str | None) -> None:
     """Run the requester: the main job. Workers start on the first request.
 
     \b
     Examples:
       fma serve
       fma serve --bind 0.0.0.0:8081 --models models.yaml
+      fma serve --bind 0.0.0.0:8443 --certfile server.pem --keyfile server-key.pem
     Every setting: `fma settings requester`.
     """
     env: dict[str, str] = {}
+    if certfile:
+        env["FMA_TLS_CERTFILE"] = certfile
+    if keyfile:
+        env["FMA_TLS_KEYFILE"] = keyfile
     if bind:
         env["FMA_BIND"] = ",".join(bind)
     if models_file:
@@ -455,12 +463,13 @@ def serve(bind: Sequence[str], models_file: str | None, actuator: str | None) ->
     except SettingsError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     first = settings.binds[-1].replace("0.0.0.0", "localhost")
+    scheme = "https" if settings.tls_certfile else "http"
     say = lambda text: click.echo(f"fma serve: {text}", err=True)  # noqa: E731
-    say(f"requester on {', '.join('http://' + b for b in settings.binds)}")
+    say(f"requester on {', '.join(f'{scheme}://{b}' for b in settings.binds)}")
     say(f"models: {', '.join(registry.names())}")
-    say(f"status page: http://{first}/ui")
+    say(f"status page: {scheme}://{first}/ui")
     say("try\n"
-        f"  curl -X POST http://{first}/v1/completions -H 'Content-Type: application/json' \\\n"
+        f"  curl -X POST {scheme}://{first}/v1/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{{\"model\": \"{registry.names()[0]}\", \"prompt\": \"Hello, world!\", \"max_tokens\": 50}}'")
     _exec_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", env)
 

@@ -33,6 +33,9 @@ proc_name = "fma-requester"
 # gunicorn 25+ opens a management socket at one fixed path ($HOME/.gunicorn/gunicorn.ctl): two requesters (or a
 # requester and its workers) would fight over it, and whoever reaches it can stop or reconfigure the server.
 control_socket_disable = True
+if _settings.tls_certfile and _settings.tls_keyfile:  # HTTPS on every bind (fma serve --certfile/--keyfile)
+    certfile = str(_settings.tls_certfile)
+    keyfile = str(_settings.tls_keyfile)
 
 
 def post_worker_init(worker) -> None:

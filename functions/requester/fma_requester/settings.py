@@ -96,6 +96,10 @@ class RequesterSettings(EnvSettings):
                                        "(they answer only it); local workers get a random one per requester "
                                        "start, Knative workers the one you set here and in their Secret",
                                        shown="random (local)")
+    tls_certfile: Path | None = setting("FMA_TLS_CERTFILE", None, "serve HTTPS on every bind with this PEM "
+                                        "certificate (chain); needs `FMA_TLS_KEYFILE`", shown="unset (HTTP)")
+    tls_keyfile: Path | None = setting("FMA_TLS_KEYFILE", None, "the certificate's PEM private key",
+                                       shown="unset")
     sink: str | None = setting("K_SINK", None, "where lifecycle CloudEvents are sent (Knative SinkBinding sets it)",
                                shown="unset")
     ce_overrides: str | None = setting("K_CE_OVERRIDES", None, "`{\"extensions\": {...}}` added to every lifecycle "
@@ -115,6 +119,11 @@ class RequesterSettings(EnvSettings):
     @model_validator(mode="after")
     def _derive(self, info: ValidationInfo) -> RequesterSettings:
         env = context_env(info)
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("FMA_TLS_CERTFILE and FMA_TLS_KEYFILE: set both (HTTPS) or neither (HTTP)")
+        for name, path in (("FMA_TLS_CERTFILE", self.tls_certfile), ("FMA_TLS_KEYFILE", self.tls_keyfile)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
         cache = self.cache_dir.expanduser() if self.cache_dir else default_cache_dir(env)
         binds = self.binds or ((f"0.0.0.0:{self.port}",) if self.port else ("127.0.0.1:8080", "127.0.0.1:8081"))
         return self.model_copy(update={
