@@ -105,9 +105,17 @@ deploy-manifests:
 # requester as it is created (on an existing requester it is a new Revision, which needs a second GPU).
 # EVENTING=false: the requester alone (a cluster without Knative Eventing).
 EVENTING ?= true
+NAMESPACE ?= fma-example
 deploy:
 	@if [ "$(EVENTING)" = true ]; then \
 	  $(MAKE) --no-print-directory -s deploy-manifests REGISTRY=$(REGISTRY) TAG=$(TAG) OVERLAY=knative/eventing \
 	    | kubectl apply -f - && \
 	  kubectl wait --for=condition=Ready broker/fma -n fma-example --timeout=180s; fi
+	@# The requester's API keys and the workers' token: random ones the first time, never overwritten after.
+	@kubectl create namespace $(NAMESPACE) --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+	@kubectl get secret fma-keys -n $(NAMESPACE) >/dev/null 2>&1 || { \
+	  key() { python3 -c 'import secrets; print("fma-" + secrets.token_urlsafe(24))'; }; \
+	  kubectl create secret generic fma-keys -n $(NAMESPACE) --from-literal=api-keys="$$(key)" \
+	    --from-literal=admin-keys="$$(key)" --from-literal=worker-token="$$(key)" && \
+	  echo "created Secret fma-keys in $(NAMESPACE): kubectl get secret fma-keys -n $(NAMESPACE) -o jsonpath='{.data.api-keys}' | base64 -d"; }
 	$(MAKE) --no-print-directory -s deploy-manifests REGISTRY=$(REGISTRY) TAG=$(TAG) OVERLAY=$(OVERLAY) | kubectl apply -f -

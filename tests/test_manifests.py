@@ -177,3 +177,51 @@ def test_a_custom_registry_leaves_no_ghcr_image_anywhere(overlay: str):
     (cm,) = by_kind(docs, "ConfigMap", "fma-requester-config")
     assert "image:" not in "".join(line.split("#")[0] for line in cm["data"]["worker-template.yaml"].splitlines()), \
         "the worker image follows the requester's own"
+
+
+@pytest.mark.parametrize("path", REQUESTER)
+def test_the_requester_reads_its_keys_and_the_workers_token_from_the_secret(path: str):
+    docs = render(path)
+    (req,) = by_kind(docs, "Service", "fma-requester")
+    pod = req["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in containers(req)[0]["env"]}
+    mounts = {m["name"]: m for m in containers(req)[0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret_volume = next(name for name, v in volumes.items() if v.get("secret", {}).get("secretName") == "fma-keys")
+    folder = mounts[secret_volume]["mountPath"]
+    assert mounts[secret_volume]["readOnly"] is True
+    assert env["FMA_API_KEYS_FILE"]["value"] == f"{folder}/api-keys"
+    assert env["FMA_ADMIN_KEYS_FILE"]["value"] == f"{folder}/admin-keys"
+    assert env["FMA_WORKER_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "fma-keys", "key": "worker-token"}}
+    for role in by_kind(docs, "Role"):  # the kubelet mounts the Secret: the requester itself never reads one
+        assert not any("secrets" in rule.get("resources", []) for rule in role["rules"]), role
+
+
+@pytest.mark.parametrize("path", REQUESTER)
+def test_only_the_requester_knative_and_prometheus_reach_the_workers(path: str, tmp_path: Path):
+    from fma_requester.knative_spec import render_worker_service
+
+    docs = render(path)
+    (policy,) = by_kind(docs, "NetworkPolicy", "fma-workers")
+    (req,) = by_kind(docs, "Service", "fma-requester")
+    (config,) = by_kind(docs, "ConfigMap", "fma-requester-config")
+    template = tmp_path / "worker-template.yaml"
+    template.write_text(config["data"]["worker-template.yaml"])
+    settings = KnativeSettings.from_env({"FMA_WORKER_TEMPLATE": str(template), "FMA_NAMESPACE": "ns"})
+    spec = next(iter(ModelRegistry.from_text(config["data"]["models.yaml"])))
+    worker = render_worker_service(spec, settings.template)
+    pod_labels = worker["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items(), "the policy selects the worker pods the requester creates"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    peers = rule["from"]
+    requester_labels = req["spec"]["template"]["metadata"]["labels"]
+    assert any(p.get("podSelector", {}).get("matchLabels", {}).items() <= requester_labels.items()
+               and "podSelector" in p for p in peers), "the requester's pods"
+    namespaces = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                  for p in peers if "namespaceSelector" in p}
+    assert {"knative-serving", "monitoring"} <= namespaces, "the activator, and Prometheus"
+    # Each worker gets the token the requester sends, from the same Secret key.
+    env = {e["name"]: e for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FMA_WORKER_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "fma-keys", "key": "worker-token"}}

@@ -101,6 +101,9 @@ class WorkerTemplate:
     scale_to_zero_retention: str = "5m"
     service_account: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # A Secret whose key ``worker-token`` every worker gets as FMA_WORKER_TOKEN (the requester reads the same
+    # key): workers answer only the requester. None: workers accept anyone the NetworkPolicy lets in.
+    token_secret: str | None = None
 
 
 def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[str, Any] | None = None,
@@ -167,7 +170,10 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
         "name": CONTAINER_NAME,
         "image": kn.image or tmpl.image,
         "ports": [{"containerPort": tmpl.port}],
-        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "env": [{"name": k, "value": v} for k, v in env.items()] + (
+            [{"name": "FMA_WORKER_TOKEN", "valueFrom": {"secretKeyRef": {"name": tmpl.token_secret,
+                                                                         "key": "worker-token"}}}]
+            if tmpl.token_secret else []),
         "readinessProbe": {"httpGet": {"path": "/ready"}, "initialDelaySeconds": 1, "periodSeconds": 1},
         "resources": {"limits": limits, "requests": requests},
         "securityContext": {
