@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fma_common.errors import ApiError, ShuttingDown, UpstreamAnswer, UpstreamError, error_envelope
+from fma_common.errors import ApiError, ShuttingDown, UpstreamAnswer, UpstreamError, UpstreamTimeout, error_envelope
 from fma_common.http import sse_error
 
 from . import drain
@@ -164,15 +164,19 @@ class DataPlane:
         """Send to the worker and count the answer; a worker that cannot be reached is reported."""
         try:
             upstream = self.proxy.forward(lease, path, body, stream)
-        except UpstreamError as exc:
+        except (UpstreamError, UpstreamTimeout) as exc:
             self.metrics.requests.labels(model, path, str(exc.status)).inc()
-            if exc.code == "worker_unreachable":
-                self.actuator.worker_unreachable(lease)  # is it gone? then the next request starts a new one
+            if exc.code in ("worker_unreachable", "upstream_timeout"):
+                # Gone, or hung (a SIGSTOPped or wedged process)? A probe off the request's path tells; a worker
+                # that does not answer its /health is replaced, so the model does not stay unusable.
+                self.actuator.worker_unreachable(lease)
             raise
         except ApiError as exc:
             self.metrics.requests.labels(model, path, str(exc.status)).inc()
             raise
         self.metrics.requests.labels(model, path, str(upstream.status)).inc()
+        if upstream.stream is not None:
+            upstream.stream.on_broken = lambda: self.actuator.worker_unreachable(lease)
         return upstream
 
     def complete(self, model: str, path: str, body: bytes, stream: bool) -> Completion:

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -91,6 +91,7 @@ class RelayStream:
         self._metrics = metrics
         self._closed = False
         self._lock = threading.Lock()
+        self.on_broken: Callable[[], None] | None = None  # the data plane's: probe the worker
 
     def __iter__(self) -> Iterator[bytes]:
         return self._relay()
@@ -113,6 +114,8 @@ class RelayStream:
         except httpx.HTTPError as exc:
             self._metrics.upstream_errors.labels(self.lease.model, "stream").inc()
             log.warning("stream from %s broke: %s", self.lease.model, exc)
+            if self.on_broken is not None:
+                self.on_broken()
             yield sse_error(UpstreamError(f"worker for {self.lease.model} failed mid-stream: {exc}"))
         finally:
             self.close()
