@@ -415,3 +415,16 @@ def test_a_stream_served_at_once_or_refused_at_once_has_its_usual_status(keepali
     fake.refuse_with = QueueFull("64 requests already wait", retry_after=5)
     resp = keepalive_client.post("/v1/completions", json={"model": "model-b", "prompt": "x", "stream": True})
     assert resp.status_code == 429 and resp.headers["Retry-After"] == "5"
+
+
+def test_new_requests_while_draining_get_503_shutting_down_with_retry_after(client):
+    from fma_requester import drain
+
+    drain.begin(30.0)
+    try:
+        resp = client.post("/v1/completions", json={"model": "model-b", "prompt": "hi"})
+        assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "shutting_down"
+        assert resp.headers["Retry-After"] == "1"
+        assert client.get("/health").status_code == 200, "probes still answer while draining"
+    finally:
+        drain.reset()

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fma_common import events
 from fma_common.auth import KeyRing, Role, read_keys
-from fma_common.errors import ApiError, InvalidRequest
+from fma_common.errors import ApiError, InvalidRequest, ShuttingDown
 from fma_common.http import (
     SSE_HEADERS,
     install_access_log,
@@ -38,8 +38,8 @@ from fma_common.http import (
 from fma_common.logs import setup_logging
 from fma_common.settings import SettingsError, describe
 
+from . import drain, ui
 from . import protocol as p
-from . import ui
 from .actuator import Actuator
 from .dataplane import DataPlane
 from .events import EmitterConfig, SinkEmitter, parse_overrides
@@ -142,6 +142,11 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
         need = required_role(request.method, request.path)
         if need is not None:
             keys.require(request.headers.get("Authorization"), need)
+            if drain.draining():
+                # SIGTERM: in-flight requests finish, but a new one (on a kept-alive connection; new connections
+                # are refused) would only be cut at the deadline. Say so now, so the client retries elsewhere.
+                raise ShuttingDown("the requester is shutting down; retry the request",
+                                   headers={"Retry-After": "1", "Connection": "close"})
 
     def infer(path: str) -> Response:
         raw = request.get_data(cache=True)
