@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run worker test test-fast lint docs bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
+.PHONY: run worker test test-fast lint docs load bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -57,6 +57,10 @@ bench-throughput: prepare
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# 1,000 requests from 100 clients over 3 models with small queues, half streamed: counts and latencies.
+load: prepare
+	$(BIN)/python bench/load.py --requests 1000 --clients 100 --out bench/results/load.json
 
 # On a GPU machine (torch + transformers there; the worker's web stack comes as wheels, see bench/gpu.py).
 # `make bench-gpu-wheels` here (it reaches the package registry), then carry bench/wheels to that machine.
