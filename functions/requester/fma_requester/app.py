@@ -36,6 +36,7 @@ from fma_common.http import (
     register_error_handlers,
 )
 from fma_common.logs import setup_logging
+from fma_common.openapi import document, version
 from fma_common.settings import SettingsError, describe
 
 from . import drain, ui
@@ -71,7 +72,7 @@ def build_actuator(settings: RequesterSettings, registry: ModelRegistry, metrics
 
 
 # Routes anyone may call with auth on: probes, the scrape, the status page's files (its data needs a key).
-_OPEN = frozenset({p.PATH_HEALTH, p.PATH_READY, p.PATH_METRICS, p.PATH_UI})
+_OPEN = frozenset({p.PATH_HEALTH, p.PATH_READY, p.PATH_METRICS, p.PATH_UI, p.PATH_OPENAPI})
 
 
 def required_role(method: str, path: str) -> Role | None:
@@ -191,6 +192,12 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
         if not rows:
             return Response("no GPUs found\n", 500, mimetype="text/plain")
         return json_response({row[0]: int(float(row[1])) for row in rows})
+
+    openapi_doc = document("fma requester", version(), p.__doc__ or "", p.routes())
+
+    @app.get(p.PATH_OPENAPI)
+    def openapi() -> Response:
+        return json_response(openapi_doc)
 
     @app.get(p.PATH_METRICS)
     def metrics_text() -> Response:

@@ -155,3 +155,45 @@ class WorkerStatus(BaseModel):
         if self.detail:
             out["detail"] = self.detail
         return out
+
+
+# ---- the routes, for the OpenAPI document (GET /openapi.json; a test keeps them equal to the app's) ----------
+
+PATH_OPENAPI = "/openapi.json"
+
+
+def routes() -> list[Any]:
+    from fma_common.openapi import Route
+    from fma_worker import protocol as worker
+
+    infer = (400, 404, 413, 429, 502, 503, 504)
+    workers = f"{PATH_WORKERS}/<path:model>"
+    return [
+        Route("GET", PATH_HEALTH, "liveness", errors=()),
+        Route("GET", PATH_READY, "readiness (become-ready / become-unready switch it)", answer="text", errors=(503,)),
+        Route("POST", PATH_BECOME_READY, "mark the requester ready", answer="text", auth="admin", errors=()),
+        Route("POST", PATH_BECOME_UNREADY, "mark the requester unready (new traffic goes elsewhere)", answer="text",
+              auth="admin", errors=()),
+        Route("GET", PATH_ACCELERATORS, "the GPUs this requester holds (UUIDs)", auth="infer", errors=(500,)),
+        Route("GET", PATH_ACCELERATOR_MEMORY, "memory used per GPU (MiB)", auth="infer", errors=(500,)),
+        Route("GET", PATH_METRICS, "Prometheus metrics", answer="text", errors=()),
+        Route("GET", PATH_OPENAPI, "this document", errors=()),
+        Route("GET", PATH_MODELS, "the configured models and their workers' state", auth="infer", errors=()),
+        Route("POST", PATH_COMPLETIONS, "OpenAI completions: starts or wakes the model's worker as needed",
+              body=worker.CompletionRequest, answer=worker.CompletionResponse, streams=True, auth="infer",
+              errors=infer),
+        Route("POST", PATH_CHAT, "OpenAI chat completions", body=worker.ChatCompletionRequest,
+              answer=worker.ChatCompletionResponse, streams=True, auth="infer", errors=infer),
+        Route("GET", PATH_WORKERS, "every model's worker status", auth="infer", errors=()),
+        Route("GET", workers, "one model's worker status", auth="infer", errors=(404,)),
+        Route("POST", f"{workers}/warm", "start the worker (and park it asleep with level=sleep1|sleep2)",
+              query=WarmQuery, auth="admin", errors=(400, 404, 409, 429, 503)),
+        Route("POST", f"{workers}/sleep", "put the worker to sleep", query=SleepQuery, auth="admin",
+              errors=(400, 404, 409, 502, 503)),
+        Route("DELETE", workers, "release the worker (scale to zero)", auth="admin", errors=(404,)),
+        Route("GET", PATH_UI, "the status page", answer="text", errors=()),
+        Route("GET", f"{PATH_UI}/<name>", "the status page's files", answer="text", errors=(404,)),
+        Route("GET", PATH_CLOUDEVENTS, "where things are (a browser gets the status page)", errors=()),
+        Route("POST", PATH_CLOUDEVENTS, "CloudEvents: completions and worker control; the reply is an event",
+              body="cloudevent", answer="cloudevent", auth="infer", errors=(400, 404, 415, 429, 503)),
+    ]

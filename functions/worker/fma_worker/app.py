@@ -28,6 +28,7 @@ from fma_common.http import (
     register_error_handlers,
 )
 from fma_common.logs import setup_logging
+from fma_common.openapi import document, version
 from fma_common.settings import describe
 
 from . import protocol as p
@@ -61,7 +62,7 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
     register_error_handlers(app)
     install_access_log(app, "fma.worker.access")
     token = KeyRing.of(admin=[settings.worker_token]) if settings.worker_token else KeyRing()
-    open_paths = {p.PATH_HEALTH, p.PATH_READY, p.PATH_METRICS}
+    open_paths = {p.PATH_HEALTH, p.PATH_READY, p.PATH_METRICS, p.PATH_OPENAPI}
 
     @app.before_request
     def _only_the_requester() -> None:
@@ -100,6 +101,12 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
         if engine.error:
             body["error"] = engine.error
         return json_response(body, 503)
+
+    openapi_doc = document("fma worker", version(), p.__doc__ or "", p.routes())
+
+    @app.get(p.PATH_OPENAPI)
+    def openapi() -> Response:
+        return json_response(openapi_doc)
 
     @app.get(p.PATH_METRICS)
     def metrics_text() -> Response:

@@ -374,3 +374,32 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- the routes, for the OpenAPI document (GET /openapi.json; a test keeps them equal to the app's) ----------
+
+PATH_OPENAPI = "/openapi.json"
+
+
+def routes() -> list[Any]:
+    from fma_common.openapi import Route
+
+    gen = (400, 404, 413, 429, 503)
+    return [
+        Route("GET", PATH_HEALTH, "liveness: the process answers", answer="json"),
+        Route("GET", PATH_READY, "readiness: 200 once the model is loaded; `wait` holds the answer until then",
+              query=ReadyQuery, answer="text", errors=(400, 503)),
+        Route("GET", PATH_METRICS, "Prometheus metrics", answer="text", errors=()),
+        Route("GET", PATH_OPENAPI, "this document", errors=()),
+        Route("GET", PATH_MODELS, "the one model served here", answer=ModelList, auth="worker", errors=()),
+        Route("POST", PATH_COMPLETIONS, "OpenAI completions", body=CompletionRequest, answer=CompletionResponse,
+              streams=True, auth="worker", errors=gen),
+        Route("POST", PATH_CHAT, "OpenAI chat completions", body=ChatCompletionRequest,
+              answer=ChatCompletionResponse, streams=True, auth="worker", errors=gen),
+        Route("POST", PATH_SLEEP, "vLLM sleep: level 1 keeps the weights in host memory, level 2 drops them",
+              query=SleepQuery, auth="worker", errors=(400, 409, 503)),
+        Route("POST", PATH_WAKE, "wake, verified by the canary", auth="worker", errors=(503,)),
+        Route("GET", PATH_IS_SLEEPING, "vLLM is_sleeping", auth="worker", errors=()),
+        Route("POST", PATH_CLOUDEVENTS, "a completion as a CloudEvent; the reply is one", body="cloudevent",
+              answer="cloudevent", auth="worker", errors=(400, 415, 429, 503)),
+    ]
