@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run worker test test-fast lint docs load bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
+.PHONY: run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -57,6 +57,10 @@ bench-throughput: prepare
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The fuzz of both services from their /openapi.json, long: 200 examples per operation (make test runs 12).
+fuzz: $(STAMP)
+	FMA_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -s -q tests/test_fuzz_process.py
 
 # 1,000 requests from 100 clients over 3 models with small queues, half streamed: counts and latencies.
 load: prepare

@@ -32,7 +32,11 @@ def fuzz(url: str, *exclude: str, headers: dict[str, str] | None = None) -> subp
         cmd += ["--exclude-path", path]
     for name, value in (headers or {}).items():
         cmd += ["--header", f"{name}: {value}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    counts = [line.strip() for line in out.stdout.splitlines() if "generated" in line or "Tested:" in line]
+    print(f"fuzz {url}: " + "; ".join(counts))  # make fuzz shows these (pytest -s)
+    assert any("Tested:" in c and not c.endswith(" 0") for c in counts), out.stdout[-3000:]
+    return out
 
 
 def test_fuzzing_the_worker_finds_no_server_error(tmp_path: Path, tiny_model_dir: Path):
