@@ -193,10 +193,14 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
             return Response("no GPUs found\n", 500, mimetype="text/plain")
         return json_response({row[0]: int(float(row[1])) for row in rows})
 
-    openapi_doc = document("fma requester", version(), p.__doc__ or "", p.routes())
+    openapi_doc: dict = {}
 
     @app.get(p.PATH_OPENAPI)
     def openapi() -> Response:
+        # Built on first use: the completion schemas are the worker's request models (fma_worker.protocol,
+        # pydantic only), which building the requester must not import (tests/test_requester_imports.py).
+        if not openapi_doc:
+            openapi_doc.update(document("fma requester", version(), p.__doc__ or "", p.routes()))
         return json_response(openapi_doc)
 
     @app.get(p.PATH_METRICS)
