@@ -58,7 +58,7 @@ bench-throughput: prepare
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-# The fuzz of both services from their /openapi.json, long: 200 examples per operation (make test runs 12).
+# The fuzz of both services from their /openapi.json, long: 200 examples per operation (make test runs 6).
 fuzz: $(STAMP)
 	FMA_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -s -q tests/test_fuzz_process.py
 

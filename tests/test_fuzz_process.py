@@ -21,7 +21,7 @@ from fma_common.procs import WORKER_APP, WORKER_CONFIG, free_port, start_gunicor
 
 pytestmark = pytest.mark.process
 
-EXAMPLES = int(os.environ.get("FMA_FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("FMA_FUZZ_EXAMPLES", "6"))
 
 
 def fuzz(url: str, *exclude: str, headers: dict[str, str] | None = None) -> subprocess.CompletedProcess:
