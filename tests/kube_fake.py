@@ -28,8 +28,11 @@ What a real API server adds, and this one too:
   .../webhook/errors/statuserror.go``: status 400 unless the webhook gave one,
   message ``admission webhook "NAME" denied the request: ...``).
 
-Tests can also refuse verbs, inject server errors, compact history (410) and
-leave watches half-open (headers sent, then silence, never closed).
+Tests can also refuse verbs, inject server errors (the next few requests or
+every one), compact history (410), leave watches half-open (headers sent, then
+silence, never closed), hold plain requests unanswered (an API server that
+accepted the connection and hangs), and let another writer create an object
+just before a create is handled (the create then gets the real 409).
 """
 
 from __future__ import annotations
@@ -141,7 +144,12 @@ class FakeKube:
         self.role = role  # None: everything allowed
         self.forbidden: set[str] = set()  # verbs on services answered with 403 (on top of the Role)
         self.fail_next: list[int] = []  # statuses for the next requests (e.g. 500, 503)
+        self.fail_all: int | None = None  # every request (past RBAC) answered with this status while set
         self.hang_watches = False  # accept watches, then never send anything and never close
+        self.hang_requests = 0  # the next N non-watch requests are read, then never answered
+        self.hang_all = False  # every non-watch request is read, then never answered
+        self.held: list[tuple[str, str]] = []  # the requests left unanswered
+        self.before_create: Callable[[dict[str, Any]], None] | None = None  # runs before a create is handled
         self.requests: list[tuple[str, str]] = []
         self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []  # (event type, plural, object)
         self.admission: list[AdmissionHook] = []
@@ -281,6 +289,12 @@ class FakeKube:
                 return exc
         return None
 
+    def _hold(self) -> None:
+        """Answer nothing, ever (until the server stops): the client's own timeout must end it."""
+        with self.cond:
+            while not self._stopping:
+                self.cond.wait(0.5)
+
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         url = urlparse(h.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -301,9 +315,14 @@ class FakeKube:
                 403, "Forbidden", f'{qualified}{" " + repr(name) if name else ""} is forbidden: '
                 f'User "system:serviceaccount:{ns}:fma-requester" cannot {verb} resource "{plural}" in API group '
                 f'"{api_group(plural)}" in the namespace "{ns}"', name, plural))
-        if self.fail_next:
-            code = self.fail_next.pop(0)
+        if self.fail_next or self.fail_all:
+            code = self.fail_next.pop(0) if self.fail_next else self.fail_all
             return self._send(h, code, status_body(code, "InternalError", "etcdserver: request timed out"))
+        if not watching and (self.hang_all or self.hang_requests > 0):
+            if not self.hang_all:
+                self.hang_requests -= 1
+            self.held.append((method, h.path))
+            return self._hold()
         if method == "GET" and watching:
             return self._watch(h, ns, plural, query)
         if method == "GET" and not name:
@@ -319,6 +338,9 @@ class FakeKube:
             body = json.loads(raw or b"{}")
             meta = body.setdefault("metadata", {})
             meta["namespace"] = ns
+            if self.before_create:
+                hook, self.before_create = self.before_create, None
+                hook(copy.deepcopy(body))
             with self.cond:
                 if (plural, ns, meta.get("name")) in self.objects:
                     return self._send(h, 409, status_body(
@@ -388,10 +410,7 @@ class FakeKube:
         h.end_headers()
         h.wfile.flush()
         if self.hang_watches:  # a half-open connection: nothing more, ever (until the server stops)
-            with self.cond:
-                while not self._stopping:
-                    self.cond.wait(0.5)
-            return
+            return self._hold()
 
         def emit(event: dict[str, Any]) -> None:
             data = (json.dumps(event) + "\n").encode()

@@ -29,6 +29,7 @@ from fma_requester.knative_spec import (
     render_worker_service,
     worker_service_name,
 )
+from fma_requester.kube import custom_objects_api
 from fma_requester.lifecycle import LifecycleConfig
 from fma_requester.metrics import RequesterMetrics
 from fma_requester.registry import ModelRegistry
@@ -68,8 +69,7 @@ def sim(kube: FakeKube, tmp_path: Path) -> Iterator[SimulatedKnative]:
 
 
 def api_for(kube: FakeKube) -> client.CustomObjectsApi:
-    cfg = client.Configuration(host=kube.url)
-    return client.CustomObjectsApi(client.ApiClient(cfg))
+    return custom_objects_api(client.Configuration(host=kube.url))
 
 
 def actuator(kube: FakeKube, reg: ModelRegistry | None = None, **env: str) -> KnativeActuator:

@@ -23,6 +23,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from conftest import REPO
+from fma_requester.kube import custom_objects_api
 
 NS = "sim"
 GROUP, VERSION = "serving.knative.dev", "v1"
@@ -49,7 +50,7 @@ def sim(kube: FakeKube, tmp_path: Path) -> Iterator[SimulatedKnative]:
 
 @pytest.fixture()
 def api(kube: FakeKube) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(client.ApiClient(client.Configuration(host=kube.url)))
+    return custom_objects_api(client.Configuration(host=kube.url))
 
 
 def service(name: str = "w", *, annotations: dict | None = None, spec: dict | None = None,
@@ -399,7 +400,7 @@ def test_the_api_server_enforces_the_requesters_role(tmp_path: Path):
     """RBAC: a verb the Role does not grant is a 403 with the API server's message."""
     fake = FakeKube(role=load_role(REPO / "knative" / "base" / "role.yaml")).start()
     try:
-        api = client.CustomObjectsApi(client.ApiClient(client.Configuration(host=fake.url)))
+        api = custom_objects_api(client.Configuration(host=fake.url))
         create(api, service())
         with pytest.raises(ApiException) as info:
             api.delete_namespaced_custom_object(GROUP, VERSION, NS, "revisions", "w-00001")
