@@ -332,11 +332,39 @@ def test_a_worker_500_is_a_permanent_failure_on_both_edges(client, worker):
     assert reply.get_json() == json.loads(ENVELOPE_500)
 
 
-def test_a_worker_answer_that_is_not_json_fails_the_event_instead_of_a_500(client, worker):
-    worker.answer = (200, "text/plain", b"surprise")
-    reply = completion_event(client)
-    assert reply.status_code == 200 and reply.headers["ce-type"] == "ai.llm-d.fma.completion.failed"
-    assert reply.get_json()["error"]["code"] == "upstream_bad_body"
+@pytest.mark.parametrize("answer", [
+    (200, "text/plain", b"surprise"),
+    (200, "text/html", b"<html><body>a captive portal</body></html>"),
+    (200, "application/json", b'{"id": "cmpl-1", "choices": [{"te'),  # cut short, Content-Length agreeing
+    (200, "application/json", b'["not", "an", "object"]'),
+    (200, "application/json", b""),
+])
+def test_a_worker_answer_that_is_not_a_json_object_is_a_502_on_both_edges_and_the_worker_is_probed(
+        client, fake, worker, answer):
+    worker.answer = answer
+    over_http = client.post("/v1/completions", json={"model": "model-b", "prompt": "x"})
+    assert over_http.status_code == 502, over_http.data
+    error = over_http.get_json()["error"]
+    assert error["code"] == "upstream_bad_body" and "not a JSON object" in error["message"]
+    assert ("unreachable", "model-b") in fake.calls, "a worker answering garbage is probed (replaced if sick)"
+    as_event = completion_event(client)
+    assert as_event.status_code == 502 and "ce-type" not in as_event.headers  # the broker retries
+    assert as_event.get_json()["error"]["code"] == "upstream_bad_body"
+    assert fake.calls.count(("done", "model-b")) == 2, "every lease is given back"
+
+
+def test_events_without_an_id_or_a_specversion_are_400_in_both_modes(client):
+    """The SDK would make up an id (and a specversion): the reply's requestid would match nothing sent."""
+    binary = client.post("/", json={"model": "model-b", "prompt": "x"}, headers={
+        "ce-specversion": "1.0", "ce-type": "ai.llm-d.fma.completion.requested", "ce-source": "/t"})
+    assert binary.status_code == 400 and "missing required attribute(s) id" in binary.get_json()["error"]["message"]
+    for missing in ("id", "specversion"):
+        event = {"specversion": "1.0", "id": "e1", "source": "/t", "type": "ai.llm-d.fma.completion.requested",
+                 "data": {"model": "model-b", "prompt": "x"}}
+        del event[missing]
+        resp = client.post("/", data=json.dumps(event), content_type="application/cloudevents+json")
+        assert resp.status_code == 400, resp.data
+        assert f"missing required attribute(s) {missing}" in resp.get_json()["error"]["message"]
 
 
 def test_a_successful_event_sends_the_same_body_as_http_with_stream_off(client, worker):

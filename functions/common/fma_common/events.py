@@ -65,6 +65,24 @@ def is_cloudevent(headers: Mapping[str, str]) -> bool:
     return "ce-specversion" in lower or lower.get("content-type", "").startswith(STRUCTURED_CONTENT_TYPE)
 
 
+REQUIRED_ATTRIBUTES = ("id", "source", "type", "specversion")
+
+
+def _missing_required(lower_headers: Mapping[str, str], body: bytes, structured: bool) -> list[str]:
+    """The REQUIRED attributes (CloudEvents 1.0, "Required Attributes") the message itself lacks.
+
+    The SDK fills in a missing ``id`` (a fresh UUID) and ``specversion``; a
+    reply would then carry a ``requestid`` its sender never knew, so such an
+    event is refused instead, as malformed.
+    """
+    if not structured:
+        return [a for a in REQUIRED_ATTRIBUTES if not lower_headers.get(f"ce-{a}")]
+    envelope = loads_checked(body, "the structured event")  # invalid JSON is a 400 with its own reason
+    if not isinstance(envelope, dict):
+        raise InvalidRequest("malformed CloudEvent: a structured event is a JSON object")
+    return [a for a in REQUIRED_ATTRIBUTES if a not in envelope]
+
+
 def parse_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
     """Decode a binary or structured event; anything malformed is a 400."""
     lower = {k.lower(): v for k, v in headers.items()}
@@ -72,6 +90,9 @@ def parse_event(headers: Mapping[str, str], body: bytes) -> IncomingEvent:
     if not structured and "ce-specversion" not in lower:
         raise InvalidRequest("not a CloudEvent: send ce-* headers (binary mode) or "
                              "Content-Type: application/cloudevents+json (structured mode)")
+    missing = _missing_required(lower, body, structured)
+    if missing:
+        raise InvalidRequest(f"malformed CloudEvent: missing required attribute(s) {', '.join(missing)}")
     try:
         event = from_http_event(HTTPMessage(dict(headers), body))
     except Exception as exc:  # the SDK raises several unrelated types for bad input

@@ -62,6 +62,13 @@ class EventOutcome:
     data: dict[str, Any]
 
 
+def _is_json_object(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+
+
 def upstream_envelope(status: int, body: bytes | None) -> dict[str, Any]:
     """The worker's error envelope, or one made from whatever it sent."""
     try:
@@ -203,6 +210,15 @@ class DataPlane:
             retry = {k: v for k, v in upstream.headers.items() if k.lower() == "retry-after"}
             raise UpstreamAnswer(upstream.status, upstream_envelope(upstream.status, upstream.body),
                                  headers={**retry, "X-FMA-Actuation": lease.actuation.header()})
+        if upstream.body is not None and not _is_json_object(upstream.body):
+            # A worker's success is an OpenAI response object; anything else (an HTML page from something in
+            # between, a truncated or garbled body) must not reach the client as a 200. Probe the worker too.
+            self.metrics.upstream_errors.labels(model, "bad_body").inc()
+            self.actuator.worker_unreachable(lease)
+            ctype = next((v for k, v in upstream.headers.items() if k.lower() == "content-type"), "no content type")
+            raise UpstreamError(f"the worker for {model} answered {upstream.status} with a body that is not a JSON "
+                                f"object ({len(upstream.body)} bytes, {ctype})", code="upstream_bad_body",
+                                headers={"X-FMA-Actuation": lease.actuation.header()})
         return Completion(upstream.status, headers, lease.actuation, body=upstream.body, stream=upstream.stream)
 
     def complete_event(self, model: str, data: dict[str, Any]) -> EventOutcome:
@@ -215,11 +231,4 @@ class DataPlane:
             if p.is_transient(err.status):
                 raise
             return EventOutcome(False, err.envelope())
-        try:
-            payload = done.json()
-        except (ValueError, UnicodeDecodeError):
-            payload = None
-        if not isinstance(payload, dict):
-            return EventOutcome(False, error_envelope("the worker answered with a body that is not a JSON object",
-                                                      "server_error", "upstream_bad_body"))
-        return EventOutcome(True, payload)
+        return EventOutcome(True, done.json())  # complete() checked it is a JSON object
