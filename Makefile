@@ -62,9 +62,11 @@ clean:
 fuzz: $(STAMP)
 	FMA_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -s -q tests/test_fuzz_process.py
 
-# 1,000 requests from 100 clients over 3 models with small queues, half streamed: counts and latencies.
+# 1,000 requests from 100 clients over 3 models with small queues, half streamed: counts and latencies;
+# then the same with a SIGTERM to the requester after 400 of them (drain, refusals, no child left).
 load: prepare
 	$(BIN)/python bench/load.py --requests 1000 --clients 100 --out bench/results/load.json
+	$(BIN)/python bench/load.py --requests 1000 --clients 100 --sigterm-after 400 --out bench/results/load-sigterm.json
 
 # On a GPU machine (torch + transformers there; the worker's web stack comes as wheels, see bench/gpu.py).
 # `make bench-gpu-wheels` here (it reaches the package registry), then carry bench/wheels to that machine.

@@ -149,6 +149,12 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
                 raise ShuttingDown("the requester is shutting down; retry the request",
                                    headers={"Retry-After": "1", "Connection": "close"})
 
+    @app.after_request
+    def _close_when_draining(resp: Response) -> Response:
+        if drain.draining():  # a kept-alive connection reused after the listener closes could only be reset
+            resp.headers["Connection"] = "close"
+        return resp
+
     def infer(path: str) -> Response:
         raw = request.get_data(cache=True)
         routed = parse_model(p.RoutedRequest, parse_json(raw))
