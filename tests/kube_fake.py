@@ -12,6 +12,10 @@ client talks to it unchanged:
 * ``GET    .../{plural}/{name}``                                               200, 404 NotFound
 * ``PATCH  .../{plural}/{name}`` (``application/merge-patch+json``, RFC 7386)  200, 404, 415
 * ``DELETE .../{plural}/{name}``                                               200, 404
+* ``POST   /apis/authentication.k8s.io/v1/tokenreviews``                       201, with the review in
+  ``status``, for tokens the test issued (``issue_token``), as the API server's TokenReview REST storage
+  answers (``pkg/registry/authentication/tokenreview/storage.go``: audiences default to none asked, the
+  authenticator's error text in ``status.error``, ``status.audiences`` the ones that matched)
 
 Errors are Kubernetes ``Status`` bodies. ``metadata.generation`` moves only
 when ``spec`` changes; every write gets a new ``resourceVersion``.
@@ -61,7 +65,7 @@ CORE = {"pods"}  # served under /api/v1, API group ""
 
 
 def api_group(plural: str) -> str:
-    return "" if plural in CORE else GROUP
+    return "" if plural in CORE else "authentication.k8s.io" if plural == "tokenreviews" else GROUP
 
 
 def status_body(code: int, reason: str, message: str, name: str | None = None,
@@ -128,10 +132,18 @@ class Rule:
     verbs: frozenset[str]
 
 
-def load_role(path: Path) -> list[Rule]:
-    role = yaml.safe_load(path.read_text())
-    return [Rule(frozenset(r.get("apiGroups", [])), frozenset(r["resources"]), frozenset(r["verbs"]))
-            for r in role["rules"]]
+def load_role(*paths: Path) -> list[Rule]:
+    """The rules of every Role and ClusterRole in these files (bound to the requester by the same files)."""
+    rules = []
+    for path in paths:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") in ("Role", "ClusterRole"):
+                rules += [Rule(frozenset(r.get("apiGroups", [])), frozenset(r["resources"]), frozenset(r["verbs"]))
+                          for r in doc["rules"]]
+    return rules
+
+
+TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
 class FakeKube:
@@ -150,6 +162,7 @@ class FakeKube:
         self.hang_all = False  # every non-watch request is read, then never answered
         self.held: list[tuple[str, str]] = []  # the requests left unanswered
         self.before_create: Callable[[dict[str, Any]], None] | None = None  # runs before a create is handled
+        self.tokens: dict[str, tuple[str, tuple[str, ...], float]] = {}  # token -> (user, audiences, exp)
         self.requests: list[tuple[str, str]] = []
         self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []  # (event type, plural, object)
         self.admission: list[AdmissionHook] = []
@@ -289,6 +302,47 @@ class FakeKube:
                 return exc
         return None
 
+    def issue_token(self, username: str, audiences: tuple[str, ...], ttl_s: float = 3600) -> str:
+        """A ServiceAccount token as TokenRequest gives one: a JWT (unsigned here) for these audiences."""
+        import base64
+
+        def part(obj: dict[str, Any]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+        exp = time.time() + ttl_s
+        token = ".".join([part({"alg": "RS256", "kid": "fake"}),
+                          part({"sub": username, "aud": list(audiences), "exp": int(exp), "jti": uuid.uuid4().hex}),
+                          uuid.uuid4().hex])
+        self.tokens[token] = (username, audiences, exp)
+        return token
+
+    def _token_review(self, h: BaseHTTPRequestHandler, raw: bytes) -> None:
+        if not self._allowed("tokenreviews", "create"):
+            return self._send(h, 403, status_body(
+                403, "Forbidden", 'tokenreviews.authentication.k8s.io is forbidden: User '
+                '"system:serviceaccount:llm:fma-requester" cannot create resource "tokenreviews" in API group '
+                '"authentication.k8s.io" at the cluster scope', None, "tokenreviews"))
+        review = json.loads(raw or b"{}")
+        spec = review.get("spec") or {}
+        token, wanted = spec.get("token") or "", tuple(spec.get("audiences") or ())
+        if not token:
+            return self._send(h, 400, status_body(400, "BadRequest",
+                                                  "token is required for TokenReview in authentication.k8s.io"))
+        status: dict[str, Any] = {"authenticated": False, "user": {}}
+        known = self.tokens.get(token)
+        if known is None:
+            status["error"] = "[invalid bearer token, square/go-jose: error in cryptographic primitive]"
+        elif known[2] < time.time():
+            status["error"] = "[invalid bearer token, service account token has expired]"
+        elif wanted and not set(wanted) & set(known[1]):
+            status["error"] = (f"[invalid bearer token, token audiences {list(known[1])!r} is invalid for the "
+                               f"target audiences {list(wanted)!r}]")
+        else:
+            status = {"authenticated": True, "user": {"username": known[0], "groups": ["system:serviceaccounts"]},
+                      "audiences": [a for a in known[1] if not wanted or a in wanted]}
+        return self._send(h, 201, {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                                   "metadata": {"creationTimestamp": None}, "spec": spec, "status": status})
+
     def _hold(self) -> None:
         """Answer nothing, ever (until the server stops): the client's own timeout must end it."""
         with self.cond:
@@ -301,6 +355,11 @@ class FakeKube:
         self.requests.append((method, h.path))
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
+        if method == "POST" and url.path == TOKENREVIEWS:
+            if self.fail_next or self.fail_all:
+                code = self.fail_next.pop(0) if self.fail_next else self.fail_all
+                return self._send(h, code, status_body(code, "InternalError", "etcdserver: request timed out"))
+            return self._token_review(h, raw)
         match = PATH.match(url.path)
         if not match or match.group("plural") not in KINDS:
             return self._send(h, 404, status_body(404, "NotFound", f"the server could not find {url.path}"))

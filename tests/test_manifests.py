@@ -83,7 +83,13 @@ def test_role_grants_only_what_the_requester_uses(path: str):
                              {"apiGroups": ["serving.knative.dev"], "resources": ["revisions"],
                               "verbs": ["get", "patch"]},
                              {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
-    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    # The one cluster-wide grant: TokenReviews, to check Knative Eventing's OIDC tokens (tests/test_event_senders.py).
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert cluster_role["rules"] == [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                                      "verbs": ["create"]}]
+    (cluster_binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    assert [(s["kind"], s["name"]) for s in cluster_binding["subjects"]] == [("ServiceAccount", "fma-requester")]
     (binding,) = by_kind(docs, "RoleBinding", "fma-requester")
     assert binding["subjects"][0]["name"] == "fma-requester"
     (svc,) = by_kind(docs, "Service", "fma-requester")
@@ -124,7 +130,10 @@ def test_config_map_is_mounted_and_parses(path: str, tmp_path: Path):
 def test_example_overlay_deploys_into_its_namespace():
     docs = render("knative/overlays/examples/fma-requester")
     assert by_kind(docs, "Namespace", "fma-example")
-    assert all(d["metadata"].get("namespace") == "fma-example" for d in docs if d["kind"] != "Namespace")
+    cluster_scoped = ("Namespace", "ClusterRole", "ClusterRoleBinding")
+    assert all(d["metadata"].get("namespace") == "fma-example" for d in docs if d["kind"] not in cluster_scoped)
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert binding["subjects"][0]["namespace"] == "fma-example", "the grant goes to this namespace's requester"
 
 
 @pytest.mark.parametrize("path", REQUESTER)

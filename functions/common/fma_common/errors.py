@@ -118,6 +118,18 @@ class ShuttingDown(ApiError):
     code = "shutting_down"
 
 
+class AuthUnavailable(ApiError):
+    """A credential could not be checked right now (the API server that checks it failed); retry."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "auth_unavailable"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.headers.setdefault("Retry-After", "1")
+
+
 class WorkerNotReady(ApiError):
     """The model cannot serve right now (loading, failed, or still starting)."""
 

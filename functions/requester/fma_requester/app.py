@@ -19,7 +19,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fma_common import events
@@ -39,7 +39,7 @@ from fma_common.logs import setup_logging
 from fma_common.openapi import document, version
 from fma_common.settings import SettingsError, describe
 
-from . import drain, ui
+from . import drain, oidc, ui
 from . import protocol as p
 from .actuator import Actuator
 from .dataplane import DataPlane
@@ -94,6 +94,21 @@ def key_ring(settings: RequesterSettings) -> KeyRing:
         raise SettingsError(f"FMA_API_KEYS_FILE / FMA_ADMIN_KEYS_FILE: {exc}") from None
 
 
+def event_senders(settings: RequesterSettings, reviewer: oidc.Reviewer | None = None) -> oidc.EventSenders | None:
+    """Knative Eventing's OIDC senders, when ``FMA_EVENTS_OIDC_AUDIENCE`` is set."""
+    if not settings.events_oidc_audience:
+        return None
+    subjects = tuple(s.strip() for s in (settings.events_oidc_subjects or "").split(",") if s.strip())
+    try:
+        return oidc.EventSenders(settings.events_oidc_audience, subjects,
+                                 reviewer or oidc.in_cluster_reviewer(timeout_s=5.0))
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    except Exception as exc:  # kubernetes.config.ConfigException: no in-cluster config and no kubeconfig
+        raise SettingsError(f"FMA_EVENTS_OIDC_AUDIENCE: TokenReviews need the Kubernetes API (in-cluster, or a "
+                            f"kubeconfig), and none was found: {exc}") from None
+
+
 def _say_auth(settings: RequesterSettings, keys: KeyRing) -> None:
     if keys.enabled:
         log.info("auth on: %s; /health, /ready, /metrics and /ui stay open", keys)
@@ -108,10 +123,12 @@ def _say_auth(settings: RequesterSettings, keys: KeyRing) -> None:
 
 
 def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegistry | None = None,
-               actuator: Actuator | None = None, metrics: RequesterMetrics | None = None) -> Flask:
+               actuator: Actuator | None = None, metrics: RequesterMetrics | None = None,
+               token_reviewer: oidc.Reviewer | None = None) -> Flask:
     settings = settings or RequesterSettings.from_env()
     setup_logging(settings.log_level)
     keys = key_ring(settings)
+    senders = event_senders(settings, token_reviewer)
     if settings.worker_token is None and settings.actuator == "local":
         # Local workers answer only this requester: a fresh token each start, passed in their environment.
         settings = settings.model_copy(update={"worker_token": secrets.token_urlsafe(32)})
@@ -128,6 +145,8 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     log.info("requester settings: %s; models from %s: %s", describe(settings), registry.origin,
              ", ".join(registry.names()))
     _say_auth(settings, keys)
+    if senders is not None:
+        log.info("CloudEvents also accepted from Knative Eventing senders: %s", senders)
     ready = threading.Event()
     ready.set()  # can take requests at once: workers start on demand
 
@@ -142,7 +161,13 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     def _authorize() -> None:
         need = required_role(request.method, request.path)
         if need is not None:
-            keys.require(request.headers.get("Authorization"), need)
+            header = request.headers.get("Authorization")
+            if senders is not None and keys.enabled and request.path == p.PATH_CLOUDEVENTS \
+                    and keys.role_of(header) is None and (sender := senders.sender(header)):
+                # A Broker delivery with a valid OIDC token of an allowed Trigger: events only, any type.
+                g.fma_event_sender = sender
+            else:
+                keys.require(header, need)
             if drain.draining():
                 # SIGTERM: in-flight requests finish, but a new one (on a kept-alive connection; new connections
                 # are refused) would only be cut at the deadline. Say so now, so the client retries elsewhere.
@@ -271,8 +296,8 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     @app.post(p.PATH_CLOUDEVENTS)
     def cloudevent() -> Response:
         incoming = events.parse_event(dict(request.headers), request.get_data())
-        if incoming.type in p.CONTROL_TYPES:  # a worker-control event changes state: an admin key's to send
-            keys.require(request.headers.get("Authorization"), "admin")
+        if incoming.type in p.CONTROL_TYPES and not g.get("fma_event_sender"):
+            keys.require(request.headers.get("Authorization"), "admin")  # it changes state: an admin key's to send
         return handle_event(incoming, actuator, plane)
 
     if settings.models_file and settings.models_reload_s > 0:

@@ -96,6 +96,13 @@ class RequesterSettings(EnvSettings):
                                        "(they answer only it); local workers get a random one per requester "
                                        "start, Knative workers the one you set here and in their Secret",
                                        shown="random (local)")
+    events_oidc_audience: str | None = setting(
+        "FMA_EVENTS_OIDC_AUDIENCE", None, "accept CloudEvents carrying a Knative Eventing OIDC token for this "
+        "audience (the Triggers' `subscriber.audience`) from the senders in `FMA_EVENTS_OIDC_SUBJECTS`, checked "
+        "with a TokenReview; with keys on, Broker deliveries need it", shown="unset")
+    events_oidc_subjects: str | None = setting(
+        "FMA_EVENTS_OIDC_SUBJECTS", None, "who may send events with such a token: usernames or globs, "
+        "comma-separated (`system:serviceaccount:NS:*-oidc-eventing.knative.dev-trigger`)", shown="unset")
     tls_certfile: Path | None = setting("FMA_TLS_CERTFILE", None, "serve HTTPS on every bind with this PEM "
                                         "certificate (chain); needs `FMA_TLS_KEYFILE`", shown="unset (HTTP)")
     tls_keyfile: Path | None = setting("FMA_TLS_KEYFILE", None, "the certificate's PEM private key",
