@@ -28,8 +28,17 @@ Read from knative/eventing ``knative-v1.22.2``; each behaviour names the file it
   ``knativeerrorcode`` and ``knativeerrordata`` (the last answer's body, base64, cut at 1024 characters:
   ``pkg/kncloudevents/attributes/knative_error.go``).
 
+* **Sender identity** (feature ``authentication-oidc``, when ``oidc_token`` is given): a delivery to a
+  subscriber with an audience (``spec.subscriber.audience``; ``pkg/reconciler/broker/trigger/trigger.go`` puts
+  it in ``status.subscriberAudience``) carries ``Authorization: Bearer <jwt>``, a token of the Trigger's
+  ServiceAccount for that audience (``filter_handler.go``, ``WithOIDCAuthentication``;
+  ``event_dispatcher.go``), the account named ``<trigger>-oidc-eventing.knative.dev-trigger``
+  (``pkg/auth/serviceaccount.go``, ``kmeta.ChildName``), the token reused until 5 minutes before it expires
+  (``pkg/auth/token_provider.go``; here: for the Broker's life).
+
 Not simulated: the channel's own persistence (delivery here is in memory, one thread per event and
-Trigger), OIDC, TLS, CESQL filters, EventTypes. Waits run ``speed`` times faster than wall time.
+Trigger), TLS, CESQL filters, EventTypes, OIDC at the ingress. Waits run ``speed`` times faster than wall
+time.
 """
 
 from __future__ import annotations
@@ -182,7 +191,10 @@ class SimulatedBroker:
     (when an event is delivered, so subscribers may start after the Broker, as on a cluster)."""
 
     def __init__(self, broker: Mapping[str, Any], triggers: list[Mapping[str, Any]],
-                 resolve: Callable[[Mapping[str, Any]], str], *, speed: float = 1.0) -> None:
+                 resolve: Callable[[Mapping[str, Any]], str], *, speed: float = 1.0,
+                 oidc_token: Callable[[str, str], str] | None = None) -> None:
+        self.oidc_token = oidc_token  # (ServiceAccount username, audience) -> JWT, as a TokenRequest gives
+        self._tokens: dict[tuple[str, str], str] = {}
         self.name = broker["metadata"]["name"]
         self.namespace = broker["metadata"].get("namespace", "default")
         self.speed = speed
@@ -264,6 +276,9 @@ class SimulatedBroker:
         structured = trigger.delivery.format == "json"
         msg = to_structured_event(event) if structured else to_binary_event(event)
         headers = {**dict(msg.headers), "Prefer": "reply", "Kn-Namespace": self.namespace}
+        audience = trigger.spec["subscriber"].get("audience")
+        if self.oidc_token is not None and audience:
+            headers["Authorization"] = f"Bearer {self._token_for(trigger.name, audience)}"
         record = DeliveryRecord(trigger.name, attrs["type"], attrs["id"], request_headers=headers)
         with self._lock:
             self.records.append(record)
@@ -294,6 +309,16 @@ class SimulatedBroker:
             record.outcome = "dead-lettered"
         else:
             record.outcome = "failed"
+
+    def _token_for(self, trigger: str, audience: str) -> str:
+        suffix = "-oidc-eventing.knative.dev-trigger"
+        if len(trigger) + len(suffix) > 63:  # kmeta.ChildName would shorten it with a hash: not simulated
+            raise ValueError(f"Trigger name {trigger!r} too long for the simulated OIDC identity")
+        user = f"system:serviceaccount:{self.namespace}:{trigger}{suffix}"
+        with self._lock:
+            if (user, audience) not in self._tokens:
+                self._tokens[(user, audience)] = self.oidc_token(user, audience)
+            return self._tokens[(user, audience)]
 
     def _post(self, url: str, headers: Mapping[str, str], body: bytes, timeout: float | None
               ) -> tuple[int | None, str | None, dict[str, str], bytes]:

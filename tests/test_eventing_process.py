@@ -21,10 +21,11 @@ from broker_sim import SimulatedBroker
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event
 from cloudevents.core.v1.event import CloudEvent
 from eventing_webhook import errors as webhook_errors
+from kube_fake import FakeKube, load_role
 from test_events import closed_port
 from test_manifests import by_kind, render
 
-from conftest import free_port, requester, wait_for
+from conftest import REPO, free_port, requester, wait_for
 from fma_common.procs import start_gunicorn, stop_process_group, wait_ready
 from fma_requester import protocol as p
 
@@ -184,14 +185,30 @@ def test_the_broker_path_end_to_end_with_the_example_manifests(tmp_path: Path, t
     def resolve(dest: dict[str, Any]) -> str:
         return urls[dest["ref"]["name"]] + dest.get("uri", "")
 
+    # As the example deploys it: API keys on, so Broker deliveries get in by their OIDC tokens (Eventing's
+    # authentication-oidc), checked with TokenReviews against the fake API server under the manifests' RBAC.
+    (requester_svc,) = by_kind(render("knative/overlays/examples/fma-requester"), "Service", "fma-requester")
+    env = {e["name"]: e.get("value") for e in requester_svc["spec"]["template"]["spec"]["containers"][0]["env"]}
+    kube = FakeKube(role=load_role(REPO / "knative/base/role.yaml", REPO / "knative/base/tokenreview-rbac.yaml"))
+    kube.start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
+        "users": [{"name": "fma", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fma", "namespace": "fma-example"}}]}))
+    auth_env = {"FMA_API_KEYS": "infer-key", "FMA_ADMIN_KEYS": "admin-key", "KUBECONFIG": str(kubeconfig),
+                "FMA_EVENTS_OIDC_AUDIENCE": env["FMA_EVENTS_OIDC_AUDIENCE"],
+                "FMA_EVENTS_OIDC_SUBJECTS": env["FMA_EVENTS_OIDC_SUBJECTS"].replace("$(POD_NAMESPACE)", "fma-example")}
     speed = 20.0
-    broker = SimulatedBroker(broker_obj, triggers, resolve, speed=speed)
+    broker = SimulatedBroker(broker_obj, triggers, resolve, speed=speed,
+                             oidc_token=lambda user, audience: kube.issue_token(user, (audience,)))
     models = models_file(tmp_path, tiny_model_dir,
                          f"  - {{name: tiny-now, source: 'path:{tiny_model_dir}', queue_timeout: 0s}}\n"
                          "  - {name: broken, source: 'path:/nonexistent/model'}\n")
     try:
         with event_log(tmp_path) as log_url, \
-                requester(tmp_path, models, K_SINK=broker.url, K_CE_OVERRIDES=overrides) as req:
+                requester(tmp_path, models, K_SINK=broker.url, K_CE_OVERRIDES=overrides, **auth_env) as req:
             urls.update({"fma-requester": req.spi, "fma-event-log": log_url})
 
             # 1. A completion by event: delivered once, answered with a reply that goes back into the Broker.
@@ -203,6 +220,7 @@ def test_the_broker_path_end_to_end_with_the_example_manifests(tmp_path: Path, t
             assert [a.status for a in delivery.attempts] == [200] and delivery.outcome == "replied"
             headers = {k.lower(): v for k, v in delivery.request_headers.items()}
             assert headers["prefer"] == "reply" and headers["ce-type"] == p.COMPLETION_REQUESTED
+            assert headers["authorization"].startswith("Bearer ey"), "delivered with the Trigger's OIDC token"
 
             # 2. A model that cannot be served at once (queue_timeout 0s): 503 + Retry-After, re-delivered
             #    after it, until the started worker answers.
@@ -245,5 +263,10 @@ def test_the_broker_path_end_to_end_with_the_example_manifests(tmp_path: Path, t
             to_requester = [r for r in broker.records if r.trigger != "fma-lifecycle-log"]
             assert {r.event_type for r in to_requester} <= {p.COMPLETION_REQUESTED, p.PING_TYPE}
             assert len([r for r in to_requester if r.event_id == first]) == 1, "delivered once, no loop"
+            reviews = sum(path.endswith("/tokenreviews") for _, path in kube.requests)
+            attempts = sum(len(r.attempts) for r in to_requester)
+            assert 1 <= reviews < attempts / 2, f"TokenReviews are remembered: {reviews} for {attempts} deliveries"
+            assert "infer-key" not in req.log() and "Bearer ey" not in req.log(), "no credential in the log"
     finally:
         broker.stop()
+        kube.stop()

@@ -112,3 +112,34 @@ def test_the_root_serves_the_page_to_a_browser_and_an_index_to_programs(tmp_path
         for asset in ("app.js", "app.css"):
             body = httpx.get(f"{req.spi}/ui/{asset}").text
             assert "http://" not in body and "https://" not in body and "@import" not in body, asset
+
+
+def test_with_keys_on_the_page_asks_for_one_and_an_inference_key_may_look_but_not_warm(tmp_path: Path,
+                                                                                      tiny_model_dir: Path):
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  - {{name: tiny, source: 'path:{tiny_model_dir}'}}\n")
+    with requester(tmp_path, models, FMA_API_KEYS="look-key", FMA_ADMIN_KEYS="change-key") as req:
+        browser = Browser(tmp_path / "chromium")
+        try:
+            browser.navigate(f"{req.spi}/ui")
+            browser.wait("!document.getElementById('auth').hidden", 15, "the page to ask for a key")
+            assert browser.eval(f"{card('tiny')} === null"), "nothing shown without a key"
+
+            def use(key: str) -> None:
+                browser.eval(f"document.getElementById('key').value = '{key}'; "
+                             "document.getElementById('auth').requestSubmit(); true")
+
+            use("look-key")
+            browser.wait(f"{card('tiny')} !== null", 15, "the cards, with an inference key")
+            browser.eval(f"{card('tiny')}.querySelector('[data-action=warm]').click(); true")
+            browser.wait(f"{card('tiny')}.querySelector('.outcome').textContent.includes('403')", 15,
+                         "the refusal shown on the card")
+            status = httpx.get(f"{req.spi}/v1/workers/tiny", headers={"Authorization": "Bearer look-key"}, timeout=10)
+            assert status.json()["state"] == "cold", "the refused warm changed nothing"
+            browser.eval("sessionStorage.removeItem('fma-api-key'); true")
+            use("change-key")
+            browser.eval(f"{card('tiny')}.querySelector('[data-action=warm]').click(); true")
+            browser.wait(f"{card('tiny')}.dataset.state === 'ready'", 120, "the model warmed with an admin key")
+            assert "look-key" not in req.log() and "change-key" not in req.log()
+        finally:
+            browser.close()

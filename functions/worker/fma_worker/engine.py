@@ -51,6 +51,34 @@ log = logging.getLogger("fma.worker.engine")
 STATES = ("loading", "ready", "sleeping", "failed")
 
 
+def _fault_in(tensors: list[Any], threads: int) -> None:
+    """Fault every page of the mapped tensors in now: one read per 4 KiB page, split over ``threads``.
+
+    Page faults on a file mapping scale with cores (the page cache is shared, the faults read-lock the
+    mapping): on this 2-core VM two threads fault 538 MB in 32-50 ms against 56-70 ms for one. torch's sum
+    drops the GIL, and each thread takes its share of every tensor, so the split is even.
+    """
+    pages = []
+    for value in tensors:
+        flat = value.view(-1)
+        if flat.numel():
+            pages.append(flat[:: max(1, 4096 // value.element_size())])
+
+    def share(i: int) -> None:
+        for view in pages:
+            lo, hi = view.numel() * i // threads, view.numel() * (i + 1) // threads
+            if hi > lo:
+                view[lo:hi].sum()
+
+    if threads == 1:
+        share(0)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="fault-in") as pool:
+        list(pool.map(share, range(threads)))
+
+
 @dataclass(frozen=True)
 class LoadReport:
     seconds: float
@@ -345,10 +373,7 @@ class Engine:
             log.info("mapping the weights left %s unfilled; loading with from_pretrained instead", left[:3])
             return None
         self._last_skeleton_s = started_mapping - started  # building the empty modules: not weights
-        for value in state.values():  # fault every page in now (one read per 4 KiB page)
-            flat = value.view(-1)
-            if flat.numel():
-                flat[:: max(1, 4096 // value.element_size())].sum()
+        _fault_in(list(state.values()), max(1, torch.get_num_threads()))
         return model
 
     def device_memory_allocated(self) -> int | None:
