@@ -97,6 +97,7 @@ class RecordingEffects(Effects):
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.stop_graces: list[float] = []  # each stop's grace, in order
         self.processes: dict[str, set[int]] = {}
         self.outcomes: dict[tuple[str, str], list[Any]] = {}  # (effect, model) -> scripted outcomes
         self.on_sleep: Callable[[str], None] | None = None  # lets a test look at the world as a sleep begins
@@ -131,6 +132,7 @@ class RecordingEffects(Effects):
 
     def stop(self, spec: ModelSpec, handle: WorkerHandle, grace: float) -> None:
         self.calls.append(("stop", spec.name))
+        self.stop_graces.append(grace)
         self._finalizers.append(lambda: self.processes.get(spec.name, set()).discard(handle.serial))
 
     def sleep(self, spec: ModelSpec, handle: WorkerHandle, level: int, timeout: float) -> None:

@@ -184,6 +184,7 @@ def test_crash_of_a_ready_worker_is_cleaned_up_and_restarted_on_the_next_request
     status = h.machine.describe("a")
     assert status.state == "failed" and "code -9" in status.error
     assert h.effects.calls[-1] == ("stop", "a"), "whatever is left of it is stopped"
+    assert h.effects.stop_graces[-1] <= 1.0, "nothing to drain in a worker that went away: no 30 s grace"
     h.executor.deliver_next("stop", "a")
     ticket = h.machine.admit("a")
     assert h.phase("a") == "starting"

@@ -169,6 +169,9 @@ class ThreadExecutor:
         threading.Thread(target=run, name=name, daemon=True).start()
 
 
+EXITED_STOP_GRACE_S = 1.0  # a worker that went away is killed after this, not after the drain timeout
+
+
 @dataclass(frozen=True)
 class LifecycleConfig:
     restart_backoff_s: float = 2.0
@@ -804,8 +807,9 @@ class Lifecycle(Actuator):
         self._fire(slot, Trigger.STOP, why)
         self._submit_stop(slot)
 
-    def _submit_stop(self, slot: Slot) -> None:
-        handle, spec, grace = slot.handle, slot.spec, self._stop_grace()
+    def _submit_stop(self, slot: Slot, grace: float | None = None) -> None:
+        handle, spec = slot.handle, slot.spec
+        grace = self._stop_grace() if grace is None else grace
         if handle is None:
             self._stopped(slot)
             return
@@ -952,7 +956,10 @@ class Lifecycle(Actuator):
                 self._cancel_sleep_ops(slot, UpstreamError(f"worker for {slot.name} went away: {reason[:300]}"))
                 handle.cancel()
                 self._fire(slot, Trigger.EXITED, reason)
-                self._submit_stop(slot)  # whatever is left of it (a process group, a scaled Service)
+                # Whatever is left of it (a process group, a scaled Service): a worker that exited or stopped
+                # answering has nothing to drain, so it gets a second, not the drain timeout (a SIGSTOPped
+                # one ignores SIGTERM and held its memory for the whole 30 s).
+                self._submit_stop(slot, grace=min(EXITED_STOP_GRACE_S, self._stop_grace()))
             self._settle()
 
     def worker_gone(self, handle: WorkerHandle | None, model: str) -> None:
