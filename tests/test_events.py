@@ -155,3 +155,23 @@ def test_no_sink_means_no_thread_and_no_work(metrics: RequesterMetrics):
     emit("ai.llm-d.fma.worker.ready", {"model": "m"})
     assert emit._thread is None
     emit.close(0.1)
+
+
+def test_the_sinkbindings_oidc_token_goes_with_each_event_and_is_reread_when_rotated(
+        sink: Sink, metrics: RequesterMetrics, tmp_path, caplog: pytest.LogCaptureFixture):
+    token_file = tmp_path / "token"  # where the SinkBinding mounts it: /oidc/token
+    token_file.write_text("eyJ.first.sig\n")
+    emit = emitter(sink.url, metrics, token_file=token_file)
+    with caplog.at_level(logging.DEBUG):
+        emit("ai.llm-d.fma.worker.started", {"model": "m"})
+        wait_for(lambda: len(sink.events) == 1)
+        token_file.write_text("eyJ.second.sig")  # the SinkBinding's reconciler refreshed the Secret
+        emit("ai.llm-d.fma.worker.ready", {"model": "m"})
+        wait_for(lambda: len(sink.events) == 2)
+        token_file.unlink()  # authentication-oidc off: no token, no header
+        emit("ai.llm-d.fma.worker.released", {"model": "m"})
+        wait_for(lambda: len(sink.events) == 3)
+    auth = [{k.lower(): v for k, v in h.items()}.get("authorization") for h, _ in sink.events]
+    assert auth == ["Bearer eyJ.first.sig", "Bearer eyJ.second.sig", None]
+    assert "eyJ." not in caplog.text, "the token is never logged"
+    emit.close(1.0)

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -69,6 +70,10 @@ class EmitterConfig:
     timeout_s: float = 2.0
     retries: int = 2
     backoff_s: float = 0.2
+    # With Eventing's authentication-oidc, the SinkBinding mounts a token for K_SINK's audience here (the
+    # Secret's key "token" in a projected volume at /oidc: pkg/apis/sources/v1/sinkbinding_lifecycle.go,
+    # pkg/reconciler/sinkbinding/sinkbinding.go) and keeps it fresh; sent as a Bearer token when present.
+    token_file: Path | None = Path("/oidc/token")
 
 
 class SinkEmitter:
@@ -113,9 +118,23 @@ class SinkEmitter:
                     log.exception("could not encode or send %s", type_)
                     self._drop(type_, "error")
 
+    def _token(self) -> str | None:
+        """The SinkBinding's current OIDC token, read at each delivery (the file is rotated under us)."""
+        path = self.config.token_file
+        if path is None:
+            return None
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            return None
+        return token or None
+
     def _deliver(self, client: httpx.Client, type_: str, data: dict[str, Any]) -> None:
         event = make_event(type_, EVENT_SOURCE, data, subject=data.get("model"), extensions=self.config.overrides)
         body, headers = encode_event(event, structured=False)
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         reason = "error"
         for attempt in range(self.config.retries + 1):
             if attempt:
