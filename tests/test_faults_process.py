@@ -127,6 +127,7 @@ def test_a_worker_that_cannot_start_backs_off_instead_of_restarting_in_a_storm(t
             assert resp.status_code in (503, 429), resp.text
             time.sleep(0.2)
         attempts = req.log().count("broken: cold start begins")
-        assert 1 <= attempts <= 4, f"{attempts} start attempts in 8 s: backoff should space them"
+        # The first, then one after the 2 s backoff and one after the doubled 4 s one; the next waits 8 s more.
+        assert attempts in (2, 3), f"{attempts} start attempts in 8 s: the backoff (2 s, then doubling) spaces them"
         assert len(answers) > attempts, "requests during the backoff are answered at once, without a new start"
         assert complete(req.spi, "tiny").status_code == 200

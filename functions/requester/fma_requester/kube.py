@@ -180,8 +180,8 @@ def custom_objects_api(configuration: Any) -> Any:
     return client.CustomObjectsApi(client.ApiClient(configuration))
 
 
-def load_api() -> Any:
-    """The CustomObjectsApi: in-cluster config first, kubeconfig as the fallback."""
+def load_configuration() -> Any:
+    """The requester's credentials: in-cluster config first, kubeconfig as the fallback."""
     from kubernetes import client, config
 
     configuration = client.Configuration()
@@ -189,7 +189,12 @@ def load_api() -> Any:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         config.load_kube_config(client_configuration=configuration)
-    return custom_objects_api(configuration)
+    return configuration
+
+
+def load_api() -> Any:
+    """The CustomObjectsApi with the requester's credentials."""
+    return custom_objects_api(load_configuration())
 
 
 class KubeClient:

@@ -127,12 +127,10 @@ def kube_reviewer(api_client: Any, timeout_s: float) -> Reviewer:
 
 def in_cluster_reviewer(timeout_s: float) -> Reviewer:
     """The reviewer with the requester's own credentials (in-cluster, else the kubeconfig)."""
-    from kubernetes import client, config
+    from kubernetes import client
 
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)
+    from .kube import load_configuration
+
+    configuration = load_configuration()
     configuration.retries = False  # one attempt: a failure is a 503 and the Broker retries
     return kube_reviewer(client.ApiClient(configuration), timeout_s)
