@@ -1,68 +1,101 @@
-"""A simulator of Knative Serving's behaviour, over the fake API server.
+"""A simulator of Knative Serving (and the kubelet under it), over the fake API server.
 
-Everything the requester relies on, each mirroring a file of knative/serving
-at ``knative-v1.23.0`` (paths are in that repository):
+It answers to Knative's source, not to the requester: every behaviour below
+names the file and function of knative/serving (``knative-v1.23.0`` unless a
+version is given) or of kubernetes/kubernetes it mirrors, and
+``docs/knative-conformance.md`` lists them with the tests that exercise them.
 
+Serving
 * **Revisions** - one per template generation, named ``<service>-0000N``
-  (``pkg/reconciler/configuration/resources/revision.go``, ``MakeRevision``:
-  ``kmeta.ChildName(name, fmt.Sprintf("-%05d", generation))``), carrying the
-  template's annotations; a change of the Service's metadata makes none
-  (``pkg/reconciler/configuration/configuration.go``). The Service reports
-  ``latestCreatedRevisionName``, ``latestReadyRevisionName`` and routes 100 %
-  of traffic to the latest ready one; a failed latest revision makes the
-  Service ``Ready=False`` with ``RevisionFailed: Revision "x" failed with
-  message: ....`` (``pkg/apis/serving/v1/configuration_lifecycle.go``,
-  ``MarkLatestCreatedFailed``).
-* **Pods per revision, driven by the KPA** - a new revision's Deployment starts
-  at ``initial-scale`` (1 unless annotated; 0 only with
-  ``allow-zero-initial-scale``: ``pkg/reconciler/revision/resources/deploy.go``,
-  ``pkg/reconciler/autoscaling/kpa/resources/decider.go``). Scale bounds are
-  read from the **Revision's** annotations every tick (the PodAutoscaler is
-  rebuilt from them: ``pkg/reconciler/revision/reconcile_resources.go``,
-  ``syncAnnotationsForKPA``; ``resources/pa.go``). Without traffic a revision
-  keeps its pods for the stable window (60 s) and then
-  ``scale-to-zero-pod-retention-period``; with the activator always in the
-  path (``target-burst-capacity: -1``) it then scales to zero at once
-  (``pkg/reconciler/autoscaling/kpa/scaler.go``, ``handleScaleToZero``). Traffic
-  is requests through the simulated route and activator.
-* **Readiness gating** - the route and the activator forward only to pods
-  whose readiness probe passes; a process pod is probed on ``/ready`` every
-  period, so a worker that stops being ready stops getting requests.
+  (``pkg/reconciler/configuration/resources/revision.go``, ``MakeRevision``),
+  carrying the template's annotations and its defaulted spec; a change of the
+  Service's metadata makes none (``pkg/reconciler/configuration/configuration.go``,
+  ``ReconcileKind``). ``latestReadyRevisionName`` only moves forward: a ready
+  revision that later fails stays the latest ready one, the Configuration
+  goes ``Ready=False`` (``configuration.go``: ``MarkLatestCreatedFailed``,
+  "LatestReadyFailed") and the route keeps sending its traffic there
+  (``pkg/reconciler/route/route.go``, ``configureTraffic``: a bad target is
+  marked, the route is not reprogrammed).
+* **The PodAutoscaler** (``pkg/reconciler/autoscaling/kpa/kpa.go`` and
+  ``scaler.go``) - scale bounds from the Revision's annotations, which reach
+  the PA on every reconcile from v1.21 (``reconcile_resources.go``,
+  ``syncAnnotationsForKPA``); before v1.21 the PA keeps the annotations it was
+  created with (``resources/pa.go``, ``MakePA``; ``reconcilePA`` compares only
+  the spec) and every Revision annotation is copied into the Deployment's pod
+  template (``resources/meta.go``, ``makeAnnotations``), so an annotation change
+  rolls the Deployment: a surge pod first, then the old one goes. The decider
+  (``pkg/autoscaler/scaling/autoscaler.go``, ``Scale``) wants a pod while any
+  request was seen within the stable window. ``computeActiveCondition``: the
+  PA is ``Active`` with enough ready pods, ``Activating`` (Unknown) while it
+  wants pods that are not ready, ``Inactive`` at zero. ``handleScaleToZero``: an
+  activating PA is not scaled to zero before ``CanFailActivation`` (progress
+  deadline + 30 s since activation began, ``pa_lifecycle.go``); an active one
+  only once it has been active for the stable window (then it is marked
+  inactive, and the next reconcile, 3 s later, takes the fast path to zero once
+  the retention period has passed: the activator is always in the path with
+  ``target-burst-capacity: -1``). A new revision starts at ``initial-scale``
+  (``resources/deploy.go``; ``kpa/resources/decider.go``).
+* **Revision conditions** - ``reconcile_resources.go`` ``reconcileDeployment``:
+  while replicas > 0 and none available, a ``PodScheduled=False`` pod marks
+  ``ResourcesAvailable=False`` (its reason and message), and a user container
+  with a ``lastState.terminated`` marks ``ContainerHealthy=False``
+  (``ExitCode<n>``, "Container failed with: ...") - which only
+  ``ReadyReplicas > 0`` clears, so it sticks while the pod lives and after the
+  revision scaled to zero. ``revision_lifecycle.go`` ``PropagateAutoscalerStatus``:
+  a PA that went inactive before its scale target ever initialized marks
+  ``ResourcesAvailable=False`` "Initial scale was never achieved". A Deployment
+  with no available pod within its progress deadline is ``ProgressDeadlineExceeded``.
+* **Readiness gating** - the route and the activator forward only to ready pods;
+  a pod is probed on its readiness path every period (queue-proxy runs the
+  user container's probe: ``pkg/queue/readiness``), with the defaulted
+  success/failure thresholds.
 * **The activator** buffers requests while a revision has no ready pod (up to
-  10,000: ``pkg/activator/net/throttler.go``) and answers 504 ``activator
-  request timeout`` past the revision's ``timeoutSeconds``
-  (``cmd/activator/main.go``); **queue-proxy** caps every request at
-  ``timeoutSeconds`` in total - mid-stream, the connection is cut - and
-  answers 504 when no response starts within ``responseStartTimeoutSeconds``
+  10,000: ``pkg/activator/net/throttler.go``) and answers 504 past the
+  revision's ``timeoutSeconds`` (``cmd/activator/main.go``); **queue-proxy**
+  caps a request at ``timeoutSeconds`` in total, mid-stream included, and at
+  ``responseStartTimeoutSeconds`` for its first byte
   (``pkg/queue/sharedmain/handlers.go``, ``pkg/http/handler/timeout.go``).
-* **Failures** - a pod that cannot be scheduled marks the revision
-  ``ResourcesAvailable=False`` with the pod's reason (``Unschedulable``) at once
-  and back once it schedules (``reconcile_resources.go``,
-  ``reconcileDeployment``); a container that exits marks it
-  ``ContainerHealthy=False`` (``ExitCode1``, ``Container failed with: ...``,
-  ``revision_lifecycle.go``); no ready pod within the progress deadline marks
-  it ``ResourcesAvailable=False`` ``ProgressDeadlineExceeded``.
-* **The webhook** - ``knative_webhook.KnativeWebhook``, registered as the fake
-  API server's admission hook.
+* **Terminating pods** keep running (and holding their memory) through
+  queue-proxy's drain: the user container's preStop waits for it
+  (``resources/deploy.go``), which lasts 30 s after the last request
+  (``pkg/queue/sharedmain/main.go`` ``drainSleepDuration``;
+  ``knative.dev/pkg/network/handlers/drain.go`` ``Drain``).
+* **The webhook** - ``knative_webhook.KnativeWebhook``: objects are stored as
+  the defaulting webhook leaves them, then validated.
+
+Kubernetes
+* **The kubelet** resolves ``env[].valueFrom.secretKeyRef`` from Secrets; a
+  missing Secret or key leaves the container waiting with
+  ``CreateContainerConfigError`` (``pkg/kubelet/kubelet_pods.go``,
+  ``makeEnvironmentVariables``). A container that exits is restarted
+  (``restartPolicy: Always``) at once the first time, then after 10 s doubling
+  to 5 min (``CrashLoopBackOff``: ``pkg/kubelet/kuberuntime/kuberuntime_manager.go``
+  ``doBackOff``; ``pkg/kubelet/kubelet.go`` ``backOffPeriod``, ``MaxContainerBackOff``),
+  in the same pod, at the same address, with ``restartCount`` and
+  ``lastState.terminated``.
+* Pods are published as Pod objects (labels, IP, port, conditions, container
+  statuses, ``deletionTimestamp`` while terminating) so the requester sees
+  what it would see on a cluster.
 
 Its clock can run faster than wall time (``speed``), so stable windows and
-timeouts pass quickly in tests. Pods are stand-ins (``StandInWorker``: the
-worker's HTTP surface with the sleep API, ready after a delay), real local
-worker processes (``process``), or a server the test runs (``upstream:URL``);
-each is published as a Pod object (labels, IP, port, conditions) and probed
-on its readiness path.
+timeouts pass quickly in tests. A pod's container is a stand-in
+(``StandInWorker``: the worker's HTTP surface, the sleep API and the token
+check included), a real local worker process (``process``), or a server the
+test runs (``upstream:URL``).
 What is *not* simulated: the activator's load balancing and panic mode,
-multiple containers, DomainMappings, tags and traffic splits, TLS, and the
-defaulted fields a real API server would store.
+multiple containers, DomainMappings, tags and traffic splits, TLS, resource
+quantities' canonical forms.
 """
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import math
 import os
 import queue
+import socket
 import subprocess
 import threading
 import time
@@ -73,13 +106,19 @@ from typing import Any
 
 import httpx
 from knative_webhook import AUTOSCALING, ClusterConfig, KnativeWebhook, go_duration
-from kube_fake import FakeKube
+from kube_fake import CLUSTER, CRDS, FakeKube
 
 from fma_common.procs import WORKER_APP, WORKER_CONFIG, free_port, start_gunicorn, stop_process_group
 
-STABLE_WINDOW_S = 60.0  # config-autoscaler stable-window (pkg/autoscaler/config/config.go)
-ACTIVATOR_CAPACITY = 10_000
+ACTIVATOR_CAPACITY = 10_000  # pkg/activator/net/throttler.go
+ACTIVATION_BUFFER_S = 30.0  # kpa/scaler.go activationTimeoutBuffer
+PA_REENQUEUE_S = 3.0  # kpa/scaler.go: a PA marked inactive is reconciled again 3 s later
+DRAIN_S = 30.0  # pkg/queue/sharedmain/main.go drainSleepDuration (the preStop waits for it)
+CRASH_BACKOFF_S, CRASH_BACKOFF_MAX_S = 10.0, 300.0  # pkg/kubelet/kubelet.go backOffPeriod, MaxContainerBackOff
 MANAGED = "app.kubernetes.io/managed-by"
+# resources/meta.go: annotations the controller never copies onto what it makes
+EXCLUDED_ANNOTATIONS = ("serving.knative.dev/lastPinned", "serving.knative.dev/preserve",
+                        "serving.knative.dev/routingStateModified", "serving.knative.dev/routes")
 
 
 def _cond(kind: str, status: str, reason: str | None = None, message: str | None = None) -> dict[str, Any]:
@@ -90,6 +129,15 @@ def _cond(kind: str, status: str, reason: str | None = None, message: str | None
     if message:
         out["message"] = message
     return out
+
+
+def version_tuple(text: str) -> tuple[int, int]:
+    """``"1.23.0"`` -> (1, 23); anything else (``devel``) counts as the newest."""
+    parts = text.lstrip("v").split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (99, 0)
 
 
 class SimClock:
@@ -116,16 +164,37 @@ class Pod:
     revision: str
     created: float
     mode: str
+    rollout: int = 0  # which pod template (pre-1.21 annotation rollouts) it was made from
     scheduled: bool = True
     ready: bool = False
-    exited: bool = False
+    state: str = "waiting"  # the user container: waiting | running | terminated
+    reason: str = "ContainerCreating"  # while waiting
+    message: str = ""
+    started_at: float | None = None
+    restarts: int = 0
+    last_exit: tuple[int, str] | None = None  # lastState.terminated (exit code, message)
+    restart_at: float | None = None  # CrashLoopBackOff: when the kubelet starts it again
+    backoff: float = 0.0
+    crashing: bool = False  # every start of its container exits soon after (a crash loop)
+    deleting_since: float | None = None
     ready_at: float | None = None
     proc: subprocess.Popen | None = None
-    url: str | None = None  # a process pod's address
+    port: int | None = None  # a real container keeps its pod's address across restarts
+    url: str | None = None
     in_flight: int = 0
-    deleting: bool = False
-    published: tuple | None = None  # what the Pod object last said
+    published: tuple | None = None
     standin: StandInWorker | None = None
+    probe_ok: int = 0
+    probe_failed: int = 0
+    gone: bool = False
+
+    @property
+    def deleting(self) -> bool:
+        return self.deleting_since is not None
+
+    @property
+    def exited(self) -> bool:
+        return self.state != "running"
 
 
 @dataclass(eq=False)
@@ -137,10 +206,18 @@ class Revision:
     created: float
     mode: str
     pods: list[Pod] = field(default_factory=list)
-    initialized_at: float | None = None  # the first time a pod was ready
+    replicas: int = 1  # the Deployment's spec.replicas, as the KPA sets it
+    initialized_at: float | None = None  # PA ScaleTargetInitialized
+    ever_ready: bool = False
     last_traffic: float | None = None
     waiting: int = 0  # requests buffered in the activator
-    failed: tuple[str, str] | None = None  # ContainerHealthy False (reason, message)
+    pa: str = "Unknown"  # the PA's Active condition: Unknown (activating) | True | False
+    pa_since: float = 0.0
+    pa_reason: str = "Queued"
+    health: tuple[str, str, str] = ("Unknown", "Deploying", "")  # ContainerHealthy (status, reason, message)
+    pa_annotations: dict[str, str] = field(default_factory=dict)  # what MakePA copied at creation (pre-1.21)
+    pod_annotations: dict[str, str] | None = None  # the pod template's (pre-1.21 rollouts)
+    rollout: int = 0
     status_written: dict[str, Any] | None = None
 
 
@@ -156,9 +233,10 @@ class SimulatedKnative:
         self.default = default
         self.clock = SimClock(speed)
         self.config = config or ClusterConfig()
+        self.legacy = version_tuple(self.config.serving_version) < (1, 21)
         self.pod_start_s = pod_start_s
         self.tick_s = tick_s
-        # Service name -> ready | process | fail | never | unschedulable | unschedulable:S | slow:S
+        # Service name -> ready | process | fail | unschedulable | unschedulable:S | slow:S | upstream:URL
         self.behaviour: dict[str, str] = {}
         self.revisions: dict[str, Revision] = {}  # by revision name
         self.revisions_created: dict[str, int] = {}  # per Service
@@ -172,9 +250,20 @@ class SimulatedKnative:
         self._events: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue()
         self._closing = False
         self._seq = itertools.count(1)
+        self._publish_crd()
         kube.listeners.append(lambda kind, plural, obj: self._events.put((kind, plural, obj)))
         self._thread = threading.Thread(target=self._loop, name="knative-sim", daemon=True)
         self._thread.start()
+
+    def _publish_crd(self) -> None:
+        """The Serving CRD as a release installs it (``config/core/300-resources/service.yaml``, labelled with
+        the release by ``hack/generate-yamls.sh``)."""
+        if self.kube.get_object(CLUSTER, "services.serving.knative.dev", plural=CRDS) is None:
+            self.kube.put_object({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                                  "metadata": {"name": "services.serving.knative.dev", "namespace": CLUSTER,
+                                               "labels": {"app.kubernetes.io/name": "knative-serving",
+                                                          "app.kubernetes.io/version": self.config.serving_version}},
+                                  "spec": {"group": "serving.knative.dev"}}, plural=CRDS)
 
     # ---- for tests --------------------------------------------------------------------------
 
@@ -183,8 +272,20 @@ class SimulatedKnative:
             return [r for r in self.revisions.values() if r.service == service]
 
     def live_pods(self, service: str) -> list[Pod]:
+        """Pods that are not terminating."""
         with self._lock:
             return [p for r in self.service_revisions(service) for p in r.pods if not p.deleting]
+
+    def pods(self, service: str) -> list[Pod]:
+        """Every pod that exists, terminating ones included (they still hold their memory)."""
+        with self._lock:
+            return [p for r in self.service_revisions(service) for p in r.pods]
+
+    def crash(self, pod: Pod, *, again: bool = False) -> None:
+        """The pod's container exits (an OOM kill, a segfault); ``again``: every restart crashes too."""
+        with self._lock:
+            pod.crashing = again
+            self._container_exited(pod, 137, "OOMKilled", self.clock.now())
 
     def wait_until(self, predicate: Any, sim_seconds: float, what: str) -> None:
         deadline = time.monotonic() + self.clock.real(sim_seconds) + 5.0
@@ -247,147 +348,329 @@ class SimulatedKnative:
         """configuration.go: one Revision per generation of the template (resources/revision.go)."""
         meta, template = svc["metadata"], svc["spec"]["template"]
         ns = meta["namespace"]
+        annotations = dict(template.get("metadata", {}).get("annotations") or {})
         body = {"apiVersion": "serving.knative.dev/v1", "kind": "Revision",
                 "metadata": {"name": rev_name, "namespace": ns,
                              "labels": {**(template.get("metadata", {}).get("labels") or {}),
                                         "serving.knative.dev/service": meta["name"],
                                         "serving.knative.dev/configuration": meta["name"],
                                         "serving.knative.dev/configurationGeneration": str(generation)},
-                             "annotations": dict(template.get("metadata", {}).get("annotations") or {}),
+                             "annotations": annotations,
                              "ownerReferences": [{"apiVersion": "serving.knative.dev/v1", "kind": "Configuration",
                                                   "name": meta["name"], "controller": True}]},
                 "spec": template.get("spec", {})}
         self.kube.put_object(body, plural="revisions")
         mode = self.behaviour.get(meta["name"], self.default)
-        self.revisions[rev_name] = Revision(rev_name, meta["name"], ns, generation, self.clock.now(), mode)
+        now = self.clock.now()
+        rev = Revision(rev_name, meta["name"], ns, generation, now, mode, pa_since=now,
+                       pa_annotations=self._scaling_annotations(annotations))
+        rev.replicas = self._bounds(rev, body)[2]  # resources/deploy.go: the Deployment starts at initial-scale
+        self.revisions[rev_name] = rev
         self.revisions_created[meta["name"]] = self.revisions_created.get(meta["name"], 0) + 1
         self._ensure_route(meta["name"])
 
     def _delete_service(self, name: str, ns: str) -> None:
+        """Owner references: the Configuration, its Revisions and their Deployments go; pods terminate."""
         with self._lock:
-            doomed = [r for r in self.revisions.values() if r.service == name]
-            for rev in doomed:
+            now = self.clock.now()
+            for rev in [r for r in self.revisions.values() if r.service == name]:
+                rev.replicas = 0
                 for pod in rev.pods:
-                    self._kill(pod)
-                    self.kube.delete_object(ns, pod.name, plural="pods")
-                del self.revisions[rev.name]
-                self.kube.delete_object(ns, rev.name, plural="revisions")  # owner references: collected
-            route = self._routes.pop(name, None)
-        if route:
-            threading.Thread(target=route[0].shutdown, daemon=True).start()
+                    self._terminate(pod, now)
+                self.kube.delete_object(ns, rev.name, plural="revisions")
 
     def _tick(self) -> None:
         with self._lock:
             now = self.clock.now()
             for rev in list(self.revisions.values()):
                 obj = self.kube.get_object(rev.namespace, rev.name, plural="revisions")
-                if obj is None:
-                    continue
-                self._scale(rev, obj, now)
-                self._advance_pods(rev, now)
+                if obj is not None:
+                    self._autoscale(rev, obj, now)
+                    self._reconcile_pods(rev, obj, now)
+                self._advance_pods(rev, obj, now)
                 self._publish_pods(rev, obj)
-                self._write_revision_status(rev, obj, now)
+                if obj is not None:
+                    self._write_revision_status(rev, obj, now)
+                elif not rev.pods:
+                    del self.revisions[rev.name]  # collected, and its last pod is gone
             for service in {r.service for r in self.revisions.values()}:
                 self._write_service_status(service)
+            for service in [s for s in self._routes if s not in {r.service for r in self.revisions.values()}]:
+                server, _ = self._routes.pop(service)
+                threading.Thread(target=server.shutdown, daemon=True).start()
             self._changed.notify_all()
 
-    # ---- the KPA ---------------------------------------------------------------------------------
+    # ---- the PodAutoscaler --------------------------------------------------------------------
 
-    def _bounds(self, obj: dict[str, Any]) -> tuple[int, int, int, float]:
-        ann = obj["metadata"].get("annotations") or {}
-        initial = int(ann.get(f"{AUTOSCALING}/initial-scale", "1"))
-        retention = go_duration(ann[f"{AUTOSCALING}/scale-to-zero-pod-retention-period"]) \
-            if f"{AUTOSCALING}/scale-to-zero-pod-retention-period" in ann else 0.0
+    @staticmethod
+    def _scaling_annotations(annotations: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in annotations.items() if k.startswith(f"{AUTOSCALING}/")}
+
+    def _bounds(self, rev: Revision, obj: dict[str, Any]) -> tuple[int, int, int, float]:
+        """min, max, initial scale and last-pod retention, as the PA sees them (``resources/pa.go``)."""
+        ann = rev.pa_annotations if self.legacy else (obj["metadata"].get("annotations") or {})
+        retention_key = f"{AUTOSCALING}/scale-to-zero-pod-retention-period"
+        retention = go_duration(ann[retention_key]) if retention_key in ann else 0.0
         return (int(ann.get(f"{AUTOSCALING}/min-scale", "0")), int(ann.get(f"{AUTOSCALING}/max-scale", "0")),
-                initial, retention)
+                int(ann.get(f"{AUTOSCALING}/initial-scale", "1")), retention)
 
-    def _scale(self, rev: Revision, obj: dict[str, Any], now: float) -> None:
-        """kpa/scaler.go ``scale`` + ``handleScaleToZero``, with the activator always in the path."""
-        min_s, max_s, initial, retention = self._bounds(obj)
-        concurrency = rev.waiting + sum(p.in_flight for p in rev.pods if not p.deleting)
+    def _progress_deadline(self, obj: dict[str, Any]) -> float:
+        text = (obj["metadata"].get("annotations") or {}).get("serving.knative.dev/progress-deadline")
+        return go_duration(text) if text else self.config.progress_deadline_s
+
+    def _set_pa(self, rev: Revision, status: str, reason: str, now: float) -> None:
+        if rev.pa != status:
+            rev.pa, rev.pa_since = status, now
+        rev.pa_reason = reason
+
+    def _autoscale(self, rev: Revision, obj: dict[str, Any], now: float) -> None:
+        """kpa.go ``ReconcileKind`` -> scaler.go ``scale`` + ``handleScaleToZero`` -> ``computeActiveCondition``."""
+        min_s, max_s, initial, retention = self._bounds(rev, obj)
+        live = [p for p in rev.pods if not p.deleting]
+        ready = sum(1 for p in live if p.ready)
+        concurrency = rev.waiting + sum(p.in_flight for p in live)
         if concurrency:
             rev.last_traffic = now
+        if ready and rev.initialized_at is None:
+            rev.initialized_at = now  # MarkScaleTargetInitialized
         spec = obj.get("spec", {})
         target = float((obj["metadata"].get("annotations") or {}).get(f"{AUTOSCALING}/target", 0) or 0) \
             or float(spec.get("containerConcurrency") or 0) or 100.0
-        if rev.failed is not None:
-            want = 0
-        elif rev.initialized_at is None:
-            # deploy.go: the Deployment starts at initial-scale and keeps it until a pod was ready.
-            want = max(initial, min_s, math.ceil(concurrency / target))
-            deadline = self._progress_deadline(obj)
-            if now - rev.created > deadline:
-                want = 0  # kpa: activation failed after the progress deadline (+ a buffer)
+        window = self.config.stable_window_s
+        # autoscaler.go Scale: ceil(stable average / target); the average is above zero while any request was
+        # seen within the stable window.
+        if concurrency:
+            desired = math.ceil(concurrency / target)
+        elif rev.last_traffic is not None and now - rev.last_traffic < window:
+            desired = 1
         else:
-            active_since = max(rev.last_traffic or 0.0, rev.initialized_at)
-            if concurrency:
-                want = math.ceil(concurrency / target)
-            elif now < active_since + STABLE_WINDOW_S + retention:
-                want = 1  # inside the stable window, then the last pod's retention
-            else:
-                want = 0
-            want = max(want, min_s)
-        if max_s:
-            want = min(want, max_s)
+            desired = 0
+        initialized = rev.initialized_at is not None
+        # scale(): an initial scale above 1 is a lower bound until the target initialized; initial scale 1 is the
+        # Deployment's own replicas, kept while the PA is activating (below).
+        floor = max(min_s, initial) if initial > 1 and not initialized else min_s
+        desired = max(desired, floor)  # applyBounds
+        if max_s and desired > max_s:
+            desired = max_s
+        min_ready = max(min_s, 1) if initialized else max(min_s, initial)  # activeThreshold
+        want, apply = desired, True
+        if desired == 0:  # handleScaleToZero
+            if rev.pa == "Unknown":
+                deadline = self._progress_deadline(obj) + ACTIVATION_BUFFER_S
+                if now - rev.pa_since > deadline:  # CanFailActivation
+                    want = 0
+                else:
+                    want, apply = -1, False  # scaleUnknown: keep what it has
+            elif rev.pa == "True":
+                if now - rev.pa_since >= window:  # ActiveFor >= stable window: mark inactive first
+                    want, apply = 0, False
+                else:
+                    want = 1
+            else:  # inactive: tbc -1, the activator is in the path: the fast path, once retention has passed
+                inactive_for = now - rev.pa_since
+                if inactive_for >= max(self.config.scale_to_zero_grace_s, retention):
+                    want = 0
+                elif retention > 0 and inactive_for < retention:
+                    want, apply = 0, False
+                elif inactive_for >= PA_REENQUEUE_S:
+                    want = 0
+                else:
+                    want, apply = 0, False
+        if apply:
+            rev.replicas = want
+        # computeActiveCondition
+        if want == 0 or min_ready == 0:
+            timed_out = rev.pa == "Unknown" and min_ready > 0
+            self._set_pa(rev, "False", "TimedOut" if timed_out else "NoTraffic", now)
+        elif ready < min_ready:
+            if want > 0 or rev.pa != "False":
+                self._set_pa(rev, "Unknown", "Queued", now)
+        elif want > 0 or rev.pa != "False":
+            self._set_pa(rev, "True", "", now)
+
+    # ---- the Deployment and its ReplicaSets ----------------------------------------------------
+
+    def _reconcile_pods(self, rev: Revision, obj: dict[str, Any], now: float) -> None:
+        """The Deployment at ``rev.replicas``; before v1.21 an annotation change is a rollout
+        (maxSurge 1, maxUnavailable 0 for one replica: the new pod first)."""
+        if self.legacy:
+            template = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items()
+                        if k not in EXCLUDED_ANNOTATIONS}
+            if rev.pod_annotations is None:
+                rev.pod_annotations = template
+            elif template != rev.pod_annotations:
+                rev.pod_annotations = template
+                rev.rollout += 1
         live = [p for p in rev.pods if not p.deleting]
-        for _ in range(want - len(live)):
+        current = [p for p in live if p.rollout == rev.rollout]
+        old = [p for p in live if p.rollout != rev.rollout]
+        if old and rev.replicas > 0:
+            if len(current) < rev.replicas and len(live) < rev.replicas + 1:
+                self._start_pod(rev, now)
+            if any(p.ready for p in current):
+                self._terminate(old[0], now)
+            return
+        for p in old:
+            self._terminate(p, now)
+        for _ in range(rev.replicas - len(current)):
             self._start_pod(rev, now)
-        surplus = len(live) - want
+        surplus = len(current) - rev.replicas
         if surplus > 0:
             # A ReplicaSet scales down pods that are not ready first, then the newest.
-            for pod in sorted(live, key=lambda p: (p.ready, -p.created))[:surplus]:
-                self._kill(pod)
-
-    def _progress_deadline(self, obj: dict[str, Any]) -> float:
-        ann = obj["metadata"].get("annotations") or {}
-        text = ann.get("serving.knative.dev/progress-deadline")
-        return go_duration(text) if text else 600.0  # config-deployment progress-deadline
-
-    # ---- pods ------------------------------------------------------------------------------------
+            for pod in sorted(current, key=lambda p: (p.ready, -p.created))[:surplus]:
+                self._terminate(pod, now)
 
     def _start_pod(self, rev: Revision, now: float) -> None:
-        pod = Pod(f"{rev.name}-deployment-{next(self._seq):05d}", rev.name, now, rev.mode)
+        pod = Pod(f"{rev.name}-deployment-{next(self._seq):05d}", rev.name, now, rev.mode, rollout=rev.rollout)
         if rev.mode.startswith("unschedulable"):
             pod.scheduled = False
+        pod.crashing = rev.mode == "fail"
         rev.pods.append(pod)
         self.pods_started[rev.service] = self.pods_started.get(rev.service, 0) + 1
-        if rev.mode == "process":
-            threading.Thread(target=self._run_process_pod, args=(rev, pod), daemon=True).start()
-        elif rev.mode.startswith("upstream:"):  # a stand-in server the test runs, probed like a worker
-            pod.url = rev.mode.split(":", 1)[1]
-            threading.Thread(target=self._probe, args=(rev, pod), daemon=True).start()
+        threading.Thread(target=self._probe_loop, args=(rev, pod), daemon=True).start()
 
-    def _advance_pods(self, rev: Revision, now: float) -> None:
+    def _terminate(self, pod: Pod, now: float) -> None:
+        """A deleted pod: out of the endpoints at once, its containers running through queue-proxy's drain."""
+        if pod.deleting_since is None:
+            pod.deleting_since = now
+            pod.ready = False
+
+    # ---- the kubelet ------------------------------------------------------------------------------
+
+    def _container_env(self, rev: Revision, obj: dict[str, Any] | None) -> dict[str, str] | str:
+        """The user container's environment, Secrets resolved; a string says why it cannot start."""
+        container = ((obj or {}).get("spec", {}).get("containers") or [{}])[0]
+        env: dict[str, str] = {}
+        for item in container.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = item["value"]
+                continue
+            ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+            if not ref:
+                continue
+            secret = self.kube.get_object(rev.namespace, ref["name"], plural="secrets")
+            if secret is None:
+                if ref.get("optional"):
+                    continue
+                return f'secret "{ref["name"]}" not found'
+            data = (secret.get("data") or {}).get(ref["key"])
+            if data is None:
+                if ref.get("optional"):
+                    continue
+                return f"couldn't find key {ref['key']} in Secret {rev.namespace}/{ref['name']}"
+            env[item["name"]] = base64.b64decode(data).decode()
+        return env
+
+    def _start_container(self, rev: Revision, pod: Pod, obj: dict[str, Any] | None, now: float) -> None:
+        env = self._container_env(rev, obj)
+        if isinstance(env, str):
+            pod.state, pod.reason, pod.message = "waiting", "CreateContainerConfigError", env
+            return
+        mode, _, arg = pod.mode.partition(":")
+        pod.state, pod.reason, pod.message, pod.started_at, pod.restart_at = "running", "", "", now, None
+        pod.probe_ok = pod.probe_failed = 0
+        if mode == "process":
+            self._start_process(rev, pod, env)
+        elif mode == "upstream":
+            pod.url = arg
+        else:
+            loaded_at = now + (float(arg or 10) if mode == "slow" else self.pod_start_s)
+            pod.standin = StandInWorker(pod, self.clock, loaded_at, token=env.get("FMA_WORKER_TOKEN"),
+                                        port=pod.port or 0)
+            pod.port = pod.standin.port
+            pod.url = pod.standin.url
+
+    def _start_process(self, rev: Revision, pod: Pod, container_env: dict[str, str]) -> None:
+        """The revision's pod as a local worker process with the container's environment."""
+        env = {**os.environ, **container_env}
+        pod.port = pod.port or free_port()
+        env.update(PORT=str(pod.port), FMA_HOST="127.0.0.1", K_SERVICE=rev.service, K_REVISION=rev.name)
+        if self.cache_dir:
+            env["FMA_CACHE_DIR"] = str(self.cache_dir)  # the image's converted model
+        pod.proc = start_gunicorn(WORKER_CONFIG, WORKER_APP, env,
+                                  self.workdir / f"{pod.name}.{pod.restarts}.log")
+        pod.url = f"http://127.0.0.1:{pod.port}"
+
+    def _stop_container(self, pod: Pod) -> None:
+        if pod.standin is not None:
+            standin, pod.standin = pod.standin, None
+            threading.Thread(target=standin.close, daemon=True).start()
+        if pod.proc is not None and pod.proc.poll() is None:
+            threading.Thread(target=stop_process_group, args=(pod.proc, 10), daemon=True).start()
+
+    def _container_exited(self, pod: Pod, code: int, message: str, now: float) -> None:
+        """restartPolicy Always: the first restart at once, then CrashLoopBackOff (10 s doubling, 5 min cap)."""
+        self._stop_container(pod)
+        pod.ready = False
+        pod.state, pod.last_exit, pod.restarts = "waiting", (code, message), pod.restarts + 1
+        pod.reason = "CrashLoopBackOff"
+        pod.restart_at = now + pod.backoff
+        pod.backoff = CRASH_BACKOFF_S if not pod.backoff else min(pod.backoff * 2, CRASH_BACKOFF_MAX_S)
+        pod.message = f"back-off {pod.backoff:.0f}s restarting failed container"
+
+    def _advance_pods(self, rev: Revision, obj: dict[str, Any] | None, now: float) -> None:
         mode, _, arg = rev.mode.partition(":")
         for pod in list(rev.pods):
             if pod.deleting:
-                if pod.proc is None or pod.proc.poll() is not None:
-                    rev.pods.remove(pod)
-                    self.kube.delete_object(rev.namespace, pod.name, plural="pods")
+                # preStop: queue-proxy's drain (30 s after the last request), then SIGTERM.
+                if now - pod.deleting_since >= DRAIN_S and pod.in_flight == 0:
+                    self._stop_container(pod)
+                    if pod.proc is None or pod.proc.poll() is not None:
+                        rev.pods.remove(pod)
+                        pod.gone = True
+                        self.kube.delete_object(rev.namespace, pod.name, plural="pods")
                 continue
             if not pod.scheduled:
                 if mode == "unschedulable" and arg and now - pod.created >= float(arg):
                     pod.scheduled = True  # the node pool scaled up
                     pod.created = now
                 continue
-            if mode == "fail" and now - pod.created >= 1.0:
-                pod.exited = True
-                rev.failed = ("ExitCode1", "Container failed with: model failed to load (exit code 1)")
-            elif mode in ("ready", "unschedulable", "slow") and pod.standin is None:
-                loaded_at = now + (float(arg or 10) if mode == "slow" else self.pod_start_s)
-                pod.standin = StandInWorker(pod, self.clock, loaded_at)
-                pod.url = pod.standin.url
-                threading.Thread(target=self._probe, args=(rev, pod), daemon=True).start()
-
-    def _publish_pods(self, rev: Revision, obj: dict[str, Any]) -> None:
-        """The Pod objects the kubelet would report: labels from the Revision, IP, port, conditions."""
-        container = (obj.get("spec", {}).get("containers") or [{}])[0]
-        for pod in rev.pods:
-            if pod.deleting and (pod.proc is None or pod.proc.poll() is not None):
+            if pod.state == "running":
+                if pod.proc is not None and pod.proc.poll() is not None:
+                    self._container_exited(pod, pod.proc.returncode, f"exit code {pod.proc.returncode}", now)
+                elif pod.crashing and pod.started_at is not None and now - pod.started_at >= 1.0:
+                    self._container_exited(pod, 1, "model failed to load (exit code 1)", now)
                 continue
-            port = int(pod.url.rsplit(":", 1)[1]) if pod.url else \
+            if pod.restart_at is None or now >= pod.restart_at:
+                self._start_container(rev, pod, obj, now)
+
+    def _probe_loop(self, rev: Revision, pod: Pod) -> None:
+        """The readiness probe (queue-proxy runs the user container's httpGet): thresholds as defaulted."""
+        with httpx.Client(timeout=1.0) as client:
+            while not self._closing and not pod.gone:
+                obj = self.kube.get_object(rev.namespace, rev.name, plural="revisions") or {"spec": {}}
+                container = (obj["spec"].get("containers") or [{}])[0]
+                probe = container.get("readinessProbe") or {}
+                path = (probe.get("httpGet") or {}).get("path", "/")
+                period = float(probe.get("periodSeconds") or 1)
+                url = pod.url if pod.state == "running" and not pod.deleting else None
+                ok = False
+                if url:
+                    try:
+                        ok = client.get(f"{url}{path}").status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                with self._lock:
+                    if pod.state != "running" or pod.deleting:
+                        pod.ready = False
+                    elif ok:
+                        pod.probe_failed, pod.probe_ok = 0, pod.probe_ok + 1
+                        if pod.probe_ok >= int(probe.get("successThreshold") or 1) and not pod.ready:
+                            pod.ready, pod.ready_at = True, self.clock.now()
+                    else:
+                        pod.probe_ok, pod.probe_failed = 0, pod.probe_failed + 1
+                        if pod.probe_failed >= int(probe.get("failureThreshold") or 3) or pod.ready_at is None:
+                            pod.ready = False
+                    self._changed.notify_all()
+                time.sleep(max(0.02, self.clock.real(period)))
+
+    def _publish_pods(self, rev: Revision, obj: dict[str, Any] | None) -> None:
+        """The Pod objects the kubelet would report: labels from the Revision, IP, port, conditions, statuses."""
+        container = ((obj or {}).get("spec", {}).get("containers") or [{}])[0]
+        for pod in rev.pods:
+            port = pod.port or (int(pod.url.rsplit(":", 1)[1]) if pod.url else None) or \
                 (container.get("ports") or [{}])[0].get("containerPort", 8080)
-            state = (pod.scheduled, pod.ready, pod.exited, port, pod.deleting)
+            state = (pod.scheduled, pod.ready, pod.state, pod.reason, pod.restarts, port, pod.deleting)
             if state == pod.published:
                 continue
             first = pod.published is None
@@ -396,10 +679,19 @@ class SimulatedKnative:
                            None if pod.scheduled else "Unschedulable",
                            None if pod.scheduled else "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
                      _cond("Ready", "True" if pod.ready else "False")]
-            status = {"phase": "Running" if pod.scheduled and not pod.exited else "Pending",
-                      "conditions": conds}
+            user_state: dict[str, Any] = {"running": {}} if pod.state == "running" else \
+                {"waiting": {"reason": pod.reason, **({"message": pod.message} if pod.message else {})}}
+            user = {"name": container.get("name") or "user-container", "ready": pod.ready,
+                    "restartCount": pod.restarts, "state": user_state, "lastState": {}}
+            if pod.last_exit is not None:
+                user["lastState"] = {"terminated": {"exitCode": pod.last_exit[0], "message": pod.last_exit[1],
+                                                    "reason": "Error"}}
+            status: dict[str, Any] = {"phase": "Running" if pod.scheduled else "Pending", "conditions": conds}
             if pod.scheduled:
                 status["podIP"] = "127.0.0.1" if pod.url else f"10.244.0.{hash(pod.name) % 200 + 2}"
+                status["containerStatuses"] = [
+                    user, {"name": "queue-proxy", "ready": pod.ready, "restartCount": 0,
+                           "state": {"running": {}}, "lastState": {}}]
             body = {"apiVersion": "v1", "kind": "Pod",
                     "metadata": {"name": pod.name, "namespace": rev.namespace,
                                  "labels": {"serving.knative.dev/revision": rev.name,
@@ -417,87 +709,40 @@ class SimulatedKnative:
                 self.kube.update_object(rev.namespace, pod.name, lambda o, b=body: o.update(
                     metadata={**o["metadata"], **b["metadata"]}, spec=b["spec"], status=b["status"]), plural="pods")
 
-    def _mark_ready(self, rev: Revision, pod: Pod, now: float) -> None:
-        if not pod.ready:
-            pod.ready, pod.ready_at = True, now
-        if rev.initialized_at is None:
-            rev.initialized_at = now
-
-    def _run_process_pod(self, rev: Revision, pod: Pod) -> None:
-        """A revision's pod as a local worker process with the container's environment."""
-        obj = self.kube.get_object(rev.namespace, rev.name, plural="revisions")
-        if obj is None:
-            return
-        container = obj["spec"]["containers"][0]
-        env = {**os.environ, **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
-        port = free_port()
-        env.update(PORT=str(port), FMA_HOST="127.0.0.1", K_SERVICE=rev.service, K_REVISION=rev.name)
-        if self.cache_dir:
-            env["FMA_CACHE_DIR"] = str(self.cache_dir)  # the image's converted model
-        with self._lock:
-            if self._closing or pod.deleting:
-                return
-            pod.proc = start_gunicorn(WORKER_CONFIG, WORKER_APP, env, self.workdir / f"{pod.name}.log")
-            pod.url = f"http://127.0.0.1:{port}"
-        self._probe(rev, pod)
-
-    def _probe(self, rev: Revision, pod: Pod) -> None:
-        """kubelet's readiness probe: the container's httpGet path, every period; only ready pods get traffic."""
-        obj = self.kube.get_object(rev.namespace, rev.name, plural="revisions") or {"spec": {"containers": [{}]}}
-        container = obj["spec"]["containers"][0]
-        probe = container.get("readinessProbe", {}).get("httpGet", {}).get("path", "/")
-        period = float(container.get("readinessProbe", {}).get("periodSeconds") or 1)
-        with httpx.Client(timeout=1.0) as client:
-            while not self._closing and not pod.deleting:
-                if pod.proc is not None and pod.proc.poll() is not None:
-                    with self._lock:
-                        pod.exited = True
-                        pod.ready = False
-                        if rev.initialized_at is None:
-                            rev.failed = ("ExitCode1", f"Container failed with: exit code {pod.proc.returncode}")
-                    return
-                try:
-                    ok = client.get(f"{pod.url}{probe}").status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                with self._lock:
-                    if ok:
-                        self._mark_ready(rev, pod, self.clock.now())
-                    else:
-                        pod.ready = False
-                    self._changed.notify_all()
-                time.sleep(max(0.05, self.clock.real(period)))
-
-    def _kill(self, pod: Pod) -> None:
-        pod.deleting = True
-        pod.ready = False
-        if pod.standin is not None:
-            threading.Thread(target=pod.standin.close, daemon=True).start()
-        if pod.proc is not None and pod.proc.poll() is None:
-            threading.Thread(target=stop_process_group, args=(pod.proc, 10), daemon=True).start()
-
     # ---- status -----------------------------------------------------------------------------------
 
-    def _revision_conditions(self, rev: Revision, now: float) -> list[dict[str, Any]]:
-        obj = self.kube.get_object(rev.namespace, rev.name, plural="revisions") or {}
-        if rev.failed is not None:
-            resources = _cond("ResourcesAvailable", "Unknown", "Deploying")
-            health = _cond("ContainerHealthy", "False", *rev.failed)
-        else:
-            health = _cond("ContainerHealthy", "True" if rev.initialized_at is not None else "Unknown",
-                           None if rev.initialized_at is not None else "Deploying")
-            wants = [p for p in rev.pods if not p.deleting]
-            unscheduled = [p for p in wants if not p.scheduled]
-            available = [p for p in wants if p.ready]
-            if wants and not available and unscheduled:
-                # reconcileDeployment: a PodScheduled=False pod marks the revision at once.
+    def _revision_conditions(self, rev: Revision, obj: dict[str, Any], now: float) -> list[dict[str, Any]]:
+        live = [p for p in rev.pods if not p.deleting]
+        available = [p for p in live if p.ready]
+        resources: dict[str, Any] | None = None
+        # reconcileDeployment: replicas > 0 and none available - look at the first pod.
+        if rev.replicas > 0 and not available and live:
+            pod = live[0]
+            if not pod.scheduled:
                 resources = _cond("ResourcesAvailable", "False", "Unschedulable",
                                   "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
-            elif rev.initialized_at is None and now - rev.created > self._progress_deadline(obj):
+            if pod.last_exit is not None:
+                code, message = pod.last_exit
+                rev.health = ("False", f"ExitCode{code}", f"Container failed with: {message}")
+            elif pod.state == "waiting" and pod.reason not in ("ContainerCreating", "CrashLoopBackOff") \
+                    and now - rev.created > self._progress_deadline(obj):
+                resources = _cond("ResourcesAvailable", "False", pod.reason, pod.message)
+        if available:
+            rev.health = ("True", "", "")  # ReadyReplicas > 0: MarkContainerHealthyTrue
+        elif rev.initialized_at is not None and rev.health[0] != "False":
+            rev.health = ("True", "", "")  # PropagateAutoscalerStatus: initialized and not unavailable
+        health = _cond("ContainerHealthy", rev.health[0], rev.health[1] or None, rev.health[2] or None) \
+            if rev.health[0] != "Unknown" else _cond("ContainerHealthy", "Unknown", "Deploying")
+        if resources is None:
+            if rev.initialized_at is not None:
+                resources = _cond("ResourcesAvailable", "True")
+            elif rev.pa == "False" and rev.health[0] != "False":
+                # PropagateAutoscalerStatus: inactive before the scale target ever initialized.
                 resources = _cond("ResourcesAvailable", "False", "ProgressDeadlineExceeded",
                                   "Initial scale was never achieved")
-            elif rev.initialized_at is not None:
-                resources = _cond("ResourcesAvailable", "True")
+            elif live and now - rev.created > self._progress_deadline(obj):
+                resources = _cond("ResourcesAvailable", "False", "ProgressDeadlineExceeded",
+                                  f'ReplicaSet "{rev.name}-deployment" has timed out progressing.')
             else:
                 resources = _cond("ResourcesAvailable", "Unknown", "Deploying")
         statuses = {resources["status"], health["status"]}
@@ -508,20 +753,26 @@ class SimulatedKnative:
             ready = _cond("Ready", "True")
         else:
             ready = _cond("Ready", "Unknown", "Deploying")
-        active = _cond("Active", "True" if any(p.ready for p in rev.pods) else "False",
-                       None if any(p.ready for p in rev.pods) else "NoTraffic")
+        active = _cond("Active", rev.pa, rev.pa_reason or None)
+        if ready["status"] == "True":
+            rev.ever_ready = True
         return [ready, resources, health, active]
 
     def _write_revision_status(self, rev: Revision, obj: dict[str, Any], now: float) -> None:
-        conds = self._revision_conditions(rev, now)
+        conds = self._revision_conditions(rev, obj, now)
         ready_pods = sum(1 for p in rev.pods if p.ready)
         status = {"observedGeneration": obj["metadata"].get("generation", 1), "conditions": conds,
-                  "actualReplicas": ready_pods, "desiredReplicas": len([p for p in rev.pods if not p.deleting])}
+                  "actualReplicas": ready_pods, "desiredReplicas": rev.replicas}
         comparable = {**status, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"}
                                                for c in conds]}
         if comparable != rev.status_written:
             rev.status_written = comparable
             self.kube.set_status(rev.namespace, rev.name, status, plural="revisions")
+
+    def _latest_ready(self, service: str) -> Revision | None:
+        """configuration.go: the latest revision that became ready (never moves back when it later fails)."""
+        revs = sorted(self.service_revisions(service), key=lambda r: r.generation)
+        return next((r for r in reversed(revs) if r.ever_ready), None)
 
     def _write_service_status(self, service: str) -> None:
         revs = sorted(self.service_revisions(service), key=lambda r: r.generation)
@@ -532,14 +783,13 @@ class SimulatedKnative:
         if svc is None:
             return
         latest = revs[-1]
-        ready_of = {r.name: (self.kube.get_object(ns, r.name, plural="revisions") or {}).get("status", {})
-                    for r in revs}
 
-        def ready_cond(name: str) -> dict[str, Any]:
-            return next((c for c in ready_of[name].get("conditions", []) if c["type"] == "Ready"), {})
+        def ready_cond(rev: Revision) -> dict[str, Any]:
+            status = (self.kube.get_object(ns, rev.name, plural="revisions") or {}).get("status", {})
+            return next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
 
-        latest_ready = next((r.name for r in reversed(revs) if ready_cond(r.name).get("status") == "True"), None)
-        lc = ready_cond(latest.name)
+        latest_ready = self._latest_ready(service)
+        lc = ready_cond(latest)
         if lc.get("status") == "True":
             config = _cond("ConfigurationsReady", "True")
         elif lc.get("status") == "False":
@@ -548,13 +798,22 @@ class SimulatedKnative:
         else:
             config = _cond("ConfigurationsReady", "Unknown", "RevisionMissing",
                            f'Configuration "{service}" is waiting for a Revision to become ready.')
-        routes = _cond("RoutesReady", "True") if latest_ready else \
-            _cond("RoutesReady", "Unknown", "RevisionMissing", f'Configuration "{service}" does not have any ready '
-                  f"Revision.")
+        if latest_ready is None:
+            routes = _cond("RoutesReady", "Unknown", "RevisionMissing",
+                           f'Configuration "{service}" does not have any ready Revision.')
+        else:
+            target = ready_cond(latest_ready).get("status")
+            routes = _cond("RoutesReady", "True") if target == "True" else \
+                _cond("RoutesReady", "False" if target == "False" else "Unknown",
+                      "RevisionFailed" if target == "False" else "RevisionMissing",
+                      f'Revision "{latest_ready.name}" failed to become ready.' if target == "False" else
+                      f'Revision "{latest_ready.name}" is not yet ready.')
         if config["status"] == "True" and routes["status"] == "True":
             ready = _cond("Ready", "True")
         elif config["status"] == "False":
             ready = _cond("Ready", "False", config["reason"], config["message"])
+        elif routes["status"] == "False":
+            ready = _cond("Ready", "False", routes["reason"], routes["message"])
         else:
             ready = _cond("Ready", "Unknown", config.get("reason") or routes.get("reason"),
                           config.get("message") or routes.get("message"))
@@ -564,9 +823,9 @@ class SimulatedKnative:
             "address": {"url": self.route_url(service) or url},
             "latestCreatedRevisionName": latest.name,
             "conditions": [ready, config, routes]}
-        if latest_ready:
-            status["latestReadyRevisionName"] = latest_ready
-            status["traffic"] = [{"revisionName": latest_ready, "latestRevision": True, "percent": 100}]
+        if latest_ready is not None:
+            status["latestReadyRevisionName"] = latest_ready.name
+            status["traffic"] = [{"revisionName": latest_ready.name, "latestRevision": True, "percent": 100}]
         old = svc.get("status") or {}
         strip = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in old.get("conditions", [])]
         new_strip = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status["conditions"]]
@@ -597,16 +856,10 @@ class SimulatedKnative:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         self._routes[service] = (server, f"http://127.0.0.1:{server.server_address[1]}")
 
-    def _routed_revision(self, service: str) -> Revision | None:
-        svc = self.kube.get_object(next(iter(r.namespace for r in self.service_revisions(service)), "default"),
-                                   service) or {}
-        name = (svc.get("status") or {}).get("latestReadyRevisionName")
-        return self.revisions.get(name) if name else None
-
     def _serve(self, h: BaseHTTPRequestHandler, service: str, method: str) -> None:
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
         with self._lock:
-            rev = self._routed_revision(service)
+            rev = self._latest_ready(service)
             if rev is None:
                 return _answer(h, 503, b"no ready revision for this route\n")
             obj = self.kube.get_object(rev.namespace, rev.name, plural="revisions") or {}
@@ -636,7 +889,8 @@ class SimulatedKnative:
                 pod.in_flight -= 1
                 rev.last_traffic = self.clock.now()
 
-    def _ready_pod(self, rev: Revision) -> Pod | None:
+    @staticmethod
+    def _ready_pod(rev: Revision) -> Pod | None:
         ready = [p for p in rev.pods if p.ready and not p.deleting]
         return min(ready, key=lambda p: p.in_flight) if ready else None
 
@@ -678,7 +932,7 @@ class SimulatedKnative:
     # ---- shutting down ---------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop reconciling, then every pod process and route."""
+        """Stop reconciling, then every pod's container and route."""
         with self._lock:
             self._closing = True
             pods = [p for r in self.revisions.values() for p in r.pods]
@@ -687,6 +941,7 @@ class SimulatedKnative:
             self._changed.notify_all()
         self._thread.join(10)
         for pod in pods:
+            pod.gone = True
             if pod.proc is not None:
                 stop_process_group(pod.proc, 10)
             if pod.standin is not None:
@@ -701,36 +956,72 @@ class SimulatedKnative:
 class StandInWorker:
     """A pod's container when no real worker runs: the worker's HTTP surface, minus the model.
 
-    ``/ready`` is 200 once "loaded" (after the pod's start time) and awake,
-    503 while asleep, like the worker; ``/sleep`` and ``/wake_up`` flip it;
-    completions answer with the pod's name, so tests can see where a request
-    went.
+    Like the worker (``fma_worker/app.py``): ``/health`` always, ``/loaded``
+    once "loaded" (after the pod's start time) awake or asleep, ``/ready`` only
+    awake; everything else needs the worker token when the container has one
+    (``FMA_WORKER_TOKEN``), else 401; ``/sleep``, ``/wake_up`` and
+    ``/is_sleeping`` are the sleep API; a completion while asleep is a 503
+    ``worker_sleeping``; completions answer with the pod's name, so tests can
+    see where a request went.
     """
 
-    def __init__(self, pod: Pod, clock: SimClock, loaded_at: float) -> None:
-        self.pod, self.clock, self.loaded_at = pod, clock, loaded_at
+    OPEN = ("/health", "/ready", "/loaded", "/metrics", "/openapi.json")
+
+    def __init__(self, pod: Pod, clock: SimClock, loaded_at: float, *, token: str | None = None,
+                 port: int = 0) -> None:
+        self.pod, self.clock, self.loaded_at, self.token = pod, clock, loaded_at, token
         self.asleep = False
         self.calls: list[str] = []
+        self.refused: list[str] = []  # calls answered 401 (no token, or a wrong one)
+        self._connections: set[Any] = set()
         worker = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                worker._connections.add(self.connection)
+
+            def finish(self) -> None:
+                worker._connections.discard(self.connection)
+                super().finish()
+
             def log_message(self, *_a: object) -> None:
                 pass
 
+            def _authorized(self) -> bool:
+                path = self.path.split("?")[0]
+                if worker.token is None or path in StandInWorker.OPEN:
+                    return True
+                if self.headers.get("Authorization") == f"Bearer {worker.token}":
+                    return True
+                worker.refused.append(f"{self.command} {self.path}")
+                _answer(self, 401, json.dumps({"error": {
+                    "message": "this worker answers only its requester (a valid worker token)",
+                    "type": "authentication_error", "code": "invalid_api_key", "param": None}}).encode(),
+                    "application/json")
+                return False
+
             def do_GET(self) -> None:
                 worker.calls.append(f"GET {self.path}")
+                if not self._authorized():
+                    return
                 path = self.path.split("?")[0]
+                loaded = worker.clock.now() >= worker.loaded_at
                 if path == "/health":
                     return _answer(self, 200, b'{"status": "ok"}', "application/json")
-                loaded = worker.clock.now() >= worker.loaded_at
-                ok = loaded and not worker.asleep
+                if path == "/is_sleeping":
+                    return _answer(self, 200, json.dumps({"is_sleeping": worker.asleep}).encode(),
+                                   "application/json")
+                ok = loaded if path == "/loaded" else loaded and not worker.asleep
                 return _answer(self, 200 if ok else 503, b"OK\n" if ok else b'{"status": "loading"}')
 
             def do_POST(self) -> None:
                 worker.calls.append(f"POST {self.path}")
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if not self._authorized():
+                    return
                 path = self.path.split("?")[0]
                 if path == "/sleep":
                     worker.asleep = True
@@ -739,20 +1030,27 @@ class StandInWorker:
                     worker.asleep = False
                     return _answer(self, 200, b'{"is_sleeping": false}', "application/json")
                 if worker.asleep:
-                    return _answer(self, 503, json.dumps({"error": {"message": "sleeping", "type": "x",
-                                                                    "code": "worker_sleeping", "param": None}})
-                                   .encode(), "application/json")
+                    return _answer(self, 503, json.dumps({"error": {
+                        "message": "model is sleeping; POST /wake_up first", "type": "service_unavailable_error",
+                        "code": "worker_sleeping", "param": None}}).encode(), "application/json")
                 return _answer(self, 200, json.dumps({"pod": worker.pod.name, "path": self.path}).encode(),
                                "application/json")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
+        """The container is gone: no new connection is accepted and the open ones are reset."""
         self.server.shutdown()
         self.server.server_close()
+        for conn in list(self._connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _answer(h: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str = "text/plain") -> None:

@@ -107,13 +107,23 @@ def go_duration(text: str) -> float:
 
 @dataclass
 class ClusterConfig:
-    """The cluster's ConfigMaps, as far as the webhook and the controller read them."""
+    """The cluster's ConfigMaps and release, as far as the webhook and the controller read them."""
 
     features: dict[str, str] = field(default_factory=dict)  # config-features: flag -> enabled | disabled
     max_revision_timeout_seconds: int = 600  # config-defaults (config/core/configmaps/defaults.yaml)
     revision_timeout_seconds: int = 300
+    revision_response_start_timeout_seconds: int = 0  # 0: not defaulted (revision_defaults.go)
+    container_concurrency: int = 0  # config-defaults container-concurrency
     container_concurrency_max_limit: int = 1000
+    enable_service_links: bool | None = False  # config-defaults enable-service-links ("false" by default)
+    user_container_name: str = "user-container"  # config-defaults container-name-template
     allow_zero_initial_scale: bool = False  # config-autoscaler
+    stable_window_s: float = 60.0  # config-autoscaler stable-window (pkg/autoscaler/config/config.go)
+    scale_to_zero_grace_s: float = 30.0  # config-autoscaler scale-to-zero-grace-period
+    progress_deadline_s: float = 600.0  # config-deployment progress-deadline
+    # The release the cluster runs, as the Serving CRDs' app.kubernetes.io/version label says it
+    # (hack/generate-yamls.sh writes the tag there). Below 1.21 the controller behaves as it did then.
+    serving_version: str = "1.23.0"
 
     def enabled(self, flag: str) -> bool:
         return self.features.get(flag, "disabled").lower() in ("enabled", "allowed")
@@ -126,9 +136,12 @@ class KnativeWebhook:
         self.config = config or ClusterConfig()
         self.rejections: list[str] = []
 
-    def __call__(self, verb: str, plural: str, old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+    def __call__(self, verb: str, plural: str, old: dict[str, Any] | None,
+                 new: dict[str, Any]) -> dict[str, Any] | None:
+        """Default (a Service is stored as the defaulting webhook leaves it), then validate."""
+        stored = self.defaulted(new, creating=verb == "create", old=old) if plural == "services" else None
         if plural == "services":
-            errors = self.validate_service(new)
+            errors = self.validate_service(stored or new)
         elif plural == "revisions" and old is not None:
             errors = self.validate_revision_update(old, new)
         else:
@@ -137,22 +150,67 @@ class KnativeWebhook:
             message = "validation failed: " + "\n".join(errors)
             self.rejections.append(message)
             raise Rejected(WEBHOOK, message)
+        return stored
 
     # ---- Service -------------------------------------------------------------------------------
 
-    def defaulted(self, svc: dict[str, Any]) -> dict[str, Any]:
-        """What the defaulting webhook adds before validation (revision_defaults.go)."""
+    def defaulted(self, svc: dict[str, Any], *, creating: bool = True, old: dict[str, Any] | None = None,
+                  user: str = "system:serviceaccount:llm:fma-requester") -> dict[str, Any]:
+        """The Service as the defaulting webhook leaves it, which is what the API server stores.
+
+        ``pkg/apis/serving/v1/revision_defaults.go`` (``RevisionSpec.SetDefaults``): ``timeoutSeconds``,
+        ``responseStartTimeoutSeconds`` (when the default is set and below the timeout) and
+        ``containerConcurrency`` from ``config-defaults``; the user container's name; readiness-probe
+        defaults (``successThreshold`` 1; with a period, ``failureThreshold`` 3 and ``timeoutSeconds`` 1); a
+        mount of a volume that is not an emptyDir/PVC/ephemeral made ``readOnly``; ``enableServiceLinks`` on
+        create only. ``service_defaults.go`` / ``route_defaults.go``: ``traffic`` = 100 % to the latest
+        revision. ``pkg/apis/serving/metadata_validation.go`` (``SetUserInfo``): the creator and last
+        modifier annotations (the modifier only when the spec changed).
+        """
         out = copy.deepcopy(svc)
         spec = out.setdefault("spec", {}).setdefault("template", {}).setdefault("spec", {})
+        cfg = self.config
         if not spec.get("timeoutSeconds"):
-            spec["timeoutSeconds"] = self.config.revision_timeout_seconds
-        for c in spec.get("containers") or []:
+            spec["timeoutSeconds"] = cfg.revision_timeout_seconds
+        if "responseStartTimeoutSeconds" not in spec and \
+                0 < cfg.revision_response_start_timeout_seconds < spec["timeoutSeconds"]:
+            spec["responseStartTimeoutSeconds"] = cfg.revision_response_start_timeout_seconds
+        if spec.get("containerConcurrency") is None:
+            spec["containerConcurrency"] = cfg.container_concurrency
+        containers = spec.get("containers") or []
+        taken = {c.get("name") for c in containers if c.get("name")}
+        for c in containers:
+            if not c.get("name"):
+                name = cfg.user_container_name if len(containers) == 1 else f"{cfg.user_container_name}-0"
+                c["name"] = name if name not in taken else f"{name}-x"
+            resources = c.setdefault("resources", {})
+            resources.setdefault("limits", {})
+            resources.setdefault("requests", {})
             probe = c.get("readinessProbe")
+            if probe is None and (len(containers) == 1 or c.get("ports")):
+                probe = c["readinessProbe"] = {}
             if probe is not None:
+                if not any(k in probe for k in ("tcpSocket", "httpGet", "exec", "grpc")):
+                    probe["tcpSocket"] = {"port": 0}
                 probe.setdefault("successThreshold", 1)
                 if probe.get("periodSeconds"):
                     probe.setdefault("failureThreshold", 3)
                     probe.setdefault("timeoutSeconds", 1)
+            writable = {v["name"] for v in spec.get("volumes") or []
+                        if any(k in v for k in ("emptyDir", "persistentVolumeClaim", "ephemeral"))}
+            for mount in c.get("volumeMounts") or []:
+                if mount.get("name") not in writable:
+                    mount["readOnly"] = True
+        if creating and "enableServiceLinks" not in spec and cfg.enable_service_links is not None:
+            spec["enableServiceLinks"] = cfg.enable_service_links
+        if not out["spec"].get("traffic"):
+            out["spec"]["traffic"] = [{"latestRevision": True, "percent": 100}]
+        annotations = out.setdefault("metadata", {}).setdefault("annotations", {})
+        if creating:
+            annotations["serving.knative.dev/creator"] = user
+            annotations["serving.knative.dev/lastModifier"] = user
+        elif old is not None and old.get("spec") != out.get("spec"):
+            annotations["serving.knative.dev/lastModifier"] = user
         return out
 
     def validate_service(self, svc: dict[str, Any]) -> list[str]:

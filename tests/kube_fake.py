@@ -59,13 +59,19 @@ import yaml
 GROUP, VERSION = "serving.knative.dev", "v1"
 PATH = re.compile(r"^/(?:apis/serving\.knative\.dev/v1|api/v1)/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)"
                   r"(?:/(?P<name>[^/]+))?$")
+# Cluster-scoped: the CustomResourceDefinitions (the requester reads Knative Serving's version off one).
+CRD_PATH = re.compile(r"^/apis/apiextensions\.k8s\.io/v1/customresourcedefinitions(?:/(?P<name>[^/]+))?$")
+CRDS = "customresourcedefinitions"
+CLUSTER = ""  # the namespace key of cluster-scoped objects in the store
 KINDS = {"services": "Service", "revisions": "Revision", "configurations": "Configuration", "routes": "Route",
-         "pods": "Pod"}
-CORE = {"pods"}  # served under /api/v1, API group ""
+         "pods": "Pod", "secrets": "Secret", CRDS: "CustomResourceDefinition"}
+CORE = {"pods", "secrets"}  # served under /api/v1, API group ""
 
 
 def api_group(plural: str) -> str:
-    return "" if plural in CORE else "authentication.k8s.io" if plural == "tokenreviews" else GROUP
+    if plural in CORE:
+        return ""
+    return {"tokenreviews": "authentication.k8s.io", CRDS: "apiextensions.k8s.io"}.get(plural, GROUP)
 
 
 def status_body(code: int, reason: str, message: str, name: str | None = None,
@@ -121,8 +127,9 @@ class Rejected(Exception):
         self.webhook, self.message, self.code = webhook, message, code
 
 
-# (verb, plural, old object or None, new object) -> None, or raise Rejected
-AdmissionHook = Callable[[str, str, dict[str, Any] | None, dict[str, Any]], None]
+# (verb, plural, old object or None, new object) -> None (admitted as it is), a replacement object (a mutating
+# webhook's defaults, stored instead), or raise Rejected
+AdmissionHook = Callable[[str, str, dict[str, Any] | None, dict[str, Any]], "dict[str, Any] | None"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,9 @@ class Rule:
     groups: frozenset[str]
     resources: frozenset[str]
     verbs: frozenset[str]
+    # RBAC's resourceNames: when set, the rule allows only requests that name one of these objects
+    # (k8s.io/kubernetes plugin/pkg/auth/authorizer/rbac/rbac.go, RuleAllows -> ResourceNameMatches).
+    names: frozenset[str] = frozenset()
 
 
 def load_role(*paths: Path) -> list[Rule]:
@@ -138,8 +148,8 @@ def load_role(*paths: Path) -> list[Rule]:
     for path in paths:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") in ("Role", "ClusterRole"):
-                rules += [Rule(frozenset(r.get("apiGroups", [])), frozenset(r["resources"]), frozenset(r["verbs"]))
-                          for r in doc["rules"]]
+                rules += [Rule(frozenset(r.get("apiGroups", [])), frozenset(r["resources"]), frozenset(r["verbs"]),
+                               frozenset(r.get("resourceNames") or ())) for r in doc["rules"]]
     return rules
 
 
@@ -285,22 +295,27 @@ class FakeKube:
         h.end_headers()
         h.wfile.write(data)
 
-    def _allowed(self, plural: str, verb: str) -> bool:
+    def _allowed(self, plural: str, verb: str, name: str | None = None) -> bool:
         if plural == "services" and verb in self.forbidden:
             return False
         if self.role is None:
             return True
         group = api_group(plural)
         return any(group in r.groups and (plural in r.resources or "*" in r.resources)
-                   and (verb in r.verbs or "*" in r.verbs) for r in self.role)
+                   and (verb in r.verbs or "*" in r.verbs) and (not r.names or name in r.names)
+                   for r in self.role)
 
-    def _admit(self, verb: str, plural: str, old: dict[str, Any] | None, new: dict[str, Any]) -> Rejected | None:
+    def _admit(self, verb: str, plural: str, old: dict[str, Any] | None,
+               new: dict[str, Any]) -> Rejected | dict[str, Any]:
+        """The object to store (mutating hooks' defaults applied, in order), or the first rejection."""
         for hook in self.admission:
             try:
-                hook(verb, plural, copy.deepcopy(old) if old else None, copy.deepcopy(new))
+                changed = hook(verb, plural, copy.deepcopy(old) if old else None, copy.deepcopy(new))
             except Rejected as exc:
                 return exc
-        return None
+            if changed is not None:
+                new = changed
+        return new
 
     def issue_token(self, username: str, audiences: tuple[str, ...], ttl_s: float = 3600) -> str:
         """A ServiceAccount token as TokenRequest gives one: a JWT (unsigned here) for these audiences."""
@@ -360,6 +375,9 @@ class FakeKube:
                 code = self.fail_next.pop(0) if self.fail_next else self.fail_all
                 return self._send(h, code, status_body(code, "InternalError", "etcdserver: request timed out"))
             return self._token_review(h, raw)
+        crd = CRD_PATH.match(url.path)
+        if crd and method == "GET" and crd.group("name"):
+            return self._get_crd(h, crd.group("name"))
         match = PATH.match(url.path)
         if not match or match.group("plural") not in KINDS:
             return self._send(h, 404, status_body(404, "NotFound", f"the server could not find {url.path}"))
@@ -368,7 +386,7 @@ class FakeKube:
         watching = query.get("watch") in ("true", "1", "True")
         verb = {"GET": "watch" if watching else ("get" if name else "list"), "POST": "create", "PATCH": "patch",
                 "DELETE": "delete", "PUT": "update"}[method]
-        if not self._allowed(plural, verb):
+        if not self._allowed(plural, verb, name):
             qualified = f"{plural}.{api_group(plural)}" if api_group(plural) else plural
             return self._send(h, 403, status_body(
                 403, "Forbidden", f'{qualified}{" " + repr(name) if name else ""} is forbidden: '
@@ -406,9 +424,11 @@ class FakeKube:
                         409, "AlreadyExists", f'{plural}.{GROUP} "{meta.get("name")}" already exists',
                         meta.get("name"), plural))
                 body.pop("status", None)
-                rejected = self._admit("create", plural, None, body)
-                if rejected:
-                    return self._deny(h, rejected, meta.get("name"), plural)
+                admitted = self._admit("create", plural, None, body)
+                if isinstance(admitted, Rejected):
+                    return self._deny(h, admitted, meta.get("name"), plural)
+                body = admitted
+                meta = body["metadata"]
                 meta.update(uid=str(uuid.uuid4()), generation=1,
                             creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                 self.objects[(plural, ns, meta["name"])] = body
@@ -441,9 +461,10 @@ class FakeKube:
                 updated["status"] = obj.get("status", {})
             for key in ("uid", "creationTimestamp", "name", "namespace"):
                 updated["metadata"][key] = obj["metadata"][key]
-            rejected = self._admit("update", plural, obj, updated)
-            if rejected:
-                return self._deny(h, rejected, name, plural)
+            admitted = self._admit("update", plural, obj, updated)
+            if isinstance(admitted, Rejected):
+                return self._deny(h, admitted, name, plural)
+            updated = admitted
             if updated.get("spec") != obj.get("spec"):
                 updated["metadata"]["generation"] = obj["metadata"]["generation"] + 1
             else:
@@ -453,6 +474,20 @@ class FakeKube:
             self.objects[(plural, ns, name)] = updated
             self._record("MODIFIED", plural, updated)
             return self._send(h, 200, copy.deepcopy(updated))
+
+    def _get_crd(self, h: BaseHTTPRequestHandler, name: str) -> None:
+        """GET a CustomResourceDefinition (cluster-scoped; RBAC may name the one a ClusterRole allows)."""
+        if not self._allowed(CRDS, "get", name):
+            return self._send(h, 403, status_body(
+                403, "Forbidden", f'customresourcedefinitions.apiextensions.k8s.io "{name}" is forbidden: User '
+                f'"system:serviceaccount:llm:fma-requester" cannot get resource "customresourcedefinitions" in API '
+                f'group "apiextensions.k8s.io" at the cluster scope', name, CRDS))
+        with self.cond:
+            obj = self.objects.get((CRDS, CLUSTER, name))
+            if obj is None:
+                return self._send(h, 404, status_body(
+                    404, "NotFound", f'customresourcedefinitions.apiextensions.k8s.io "{name}" not found', name, CRDS))
+            return self._send(h, 200, copy.deepcopy(obj))
 
     def _deny(self, h: BaseHTTPRequestHandler, rejected: Rejected, name: str | None, plural: str) -> None:
         code = rejected.code if rejected.code >= 400 else 400

@@ -19,7 +19,7 @@ import pytest
 from flask.testing import FlaskClient
 from knative_sim import SimulatedKnative
 from kube_fake import FakeKube, load_role
-from test_knative import NS, ROLE, SPEED, api_for
+from test_knative import NS, RBAC, SPEED, api_for
 
 from fma_requester.app import create_app
 from fma_requester.knative import KnativeActuator, KnativeSettings
@@ -40,7 +40,7 @@ Make = Callable[..., FlaskClient]
 
 @pytest.fixture()
 def kube() -> Iterator[FakeKube]:
-    fake = FakeKube(role=load_role(ROLE)).start()
+    fake = FakeKube(role=load_role(*RBAC)).start()
     fake.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
                      "metadata": {"name": "fma-requester", "namespace": NS}, "spec": {}})
     yield fake

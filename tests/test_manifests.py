@@ -82,14 +82,20 @@ def test_role_grants_only_what_the_requester_uses(path: str):
                               "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
                              {"apiGroups": ["serving.knative.dev"], "resources": ["revisions"],
                               "verbs": ["get", "patch"]},
-                             {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
-    # The one cluster-wide grant: TokenReviews, to check Knative Eventing's OIDC tokens (tests/test_event_senders.py).
-    (cluster_role,) = by_kind(docs, "ClusterRole")
-    assert cluster_role["rules"] == [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
-                                      "verbs": ["create"]}]
-    (cluster_binding,) = by_kind(docs, "ClusterRoleBinding")
-    assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
-    assert [(s["kind"], s["name"]) for s in cluster_binding["subjects"]] == [("ServiceAccount", "fma-requester")]
+                             {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
+    # Cluster-wide, two grants: TokenReviews, to check Knative Eventing's OIDC tokens (tests/test_event_senders.py),
+    # and get on the one CRD whose label says the Serving release (tests/test_knative.py).
+    cluster_roles = {r["metadata"]["name"]: r for r in by_kind(docs, "ClusterRole")}
+    assert cluster_roles["fma-requester-tokenreview"]["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]
+    assert cluster_roles["fma-requester-knative-version"]["rules"] == [
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+         "resourceNames": ["services.serving.knative.dev"], "verbs": ["get"]}]
+    assert len(cluster_roles) == 2
+    bindings = by_kind(docs, "ClusterRoleBinding")
+    assert sorted(b["roleRef"]["name"] for b in bindings) == sorted(cluster_roles)
+    for cluster_binding in bindings:
+        assert [(s["kind"], s["name"]) for s in cluster_binding["subjects"]] == [("ServiceAccount", "fma-requester")]
     (binding,) = by_kind(docs, "RoleBinding", "fma-requester")
     assert binding["subjects"][0]["name"] == "fma-requester"
     (svc,) = by_kind(docs, "Service", "fma-requester")
@@ -132,8 +138,8 @@ def test_example_overlay_deploys_into_its_namespace():
     assert by_kind(docs, "Namespace", "fma-example")
     cluster_scoped = ("Namespace", "ClusterRole", "ClusterRoleBinding")
     assert all(d["metadata"].get("namespace") == "fma-example" for d in docs if d["kind"] not in cluster_scoped)
-    (binding,) = by_kind(docs, "ClusterRoleBinding")
-    assert binding["subjects"][0]["namespace"] == "fma-example", "the grant goes to this namespace's requester"
+    for binding in by_kind(docs, "ClusterRoleBinding"):
+        assert binding["subjects"][0]["namespace"] == "fma-example", "the grant goes to this namespace's requester"
 
 
 @pytest.mark.parametrize("path", REQUESTER)

@@ -71,6 +71,9 @@ class Actuator(abc.ABC):
         or ``WorkerNotReady`` (503, with the last state seen) at the deadline.
         """
 
+    def worker_asleep(self, lease: WorkerLease) -> None:  # noqa: B027 - optional hook
+        """The leased worker refused a request because it is asleep: the next request must wake it."""
+
     @abc.abstractmethod
     def release(self, model: str) -> WorkerStatus:
         """Scale the model's worker to zero now (idempotent); cancels a start in progress."""

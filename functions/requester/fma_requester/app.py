@@ -65,7 +65,8 @@ def build_actuator(settings: RequesterSettings, registry: ModelRegistry, metrics
     if settings.actuator == "knative":
         from .knative import KnativeActuator, KnativeSettings
 
-        return KnativeActuator(registry, metrics, KnativeSettings.from_env(), emit=emit, config=config)
+        return KnativeActuator(registry, metrics, KnativeSettings.from_env(), emit=emit, config=config,
+                               token=settings.worker_token)
     from .local import LocalActuator
 
     return LocalActuator(settings, registry, metrics, emit=emit, config=config)

@@ -66,6 +66,16 @@ class WorkerControl:
         if resp.status_code != 200:
             raise RuntimeError(f"the worker answered {resp.status_code} to {p.WORKER_WAKE}: {error_text(resp)}")
 
+    def is_sleeping(self, url: str, timeout: float) -> bool | None:
+        """``GET /is_sleeping`` at ``url``: the worker's own word, or None if it could not be had."""
+        try:
+            resp = self._http.get(f"{url}{p.WORKER_IS_SLEEPING}", timeout=timeout)
+            resp.raise_for_status()
+            value = resp.json().get("is_sleeping")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, bool) else None
+
     def alive(self, handle: WorkerHandle, timeout: float, url: str | None = None) -> bool:
         target = url or handle.url
         if not target:

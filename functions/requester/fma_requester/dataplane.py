@@ -83,6 +83,14 @@ def upstream_envelope(status: int, body: bytes | None) -> dict[str, Any]:
     return error_envelope(f"the worker answered {status}: {text}", type_, f"upstream_{status}")
 
 
+def refused_asleep(status: int, body: bytes | None) -> bool:
+    """The worker's 503 ``worker_sleeping``: it did nothing with the request, so it can be sent again once awake."""
+    if status != 503:
+        return False
+    error = upstream_envelope(status, body).get("error") or {}
+    return error.get("code") == "worker_sleeping"
+
+
 KEEPALIVE = b": keepalive\n\n"
 
 
@@ -112,26 +120,36 @@ class KeepaliveStream:
         plane = self._plane
         try:
             yield KEEPALIVE
-            while True:
+            for attempt in (1, 2):
+                while True:
+                    try:
+                        lease = plane.actuator.wait_for(self._ticket, timeout=self._every)
+                    except ApiError as err:
+                        yield sse_error(err)
+                        return
+                    if lease is not None:
+                        break
+                    if drain.closing_soon():  # still waiting for its worker at the drain deadline: say so
+                        yield sse_error(ShuttingDown("the requester is shutting down before this model's worker "
+                                                     "was ready; retry the request"))
+                        return
+                    yield KEEPALIVE
+                plane.log_lease(self._model, lease.actuation)
+                yield f": fma-actuation {lease.actuation.header()}\n\n".encode()
                 try:
-                    lease = plane.actuator.wait_for(self._ticket, timeout=self._every)
+                    upstream = plane.forward(lease, self._model, self._path, self._body, True)
                 except ApiError as err:
                     yield sse_error(err)
                     return
-                if lease is not None:
-                    break
-                if drain.closing_soon():  # still waiting for its worker at the drain deadline: say so
-                    yield sse_error(ShuttingDown("the requester is shutting down before this model's worker "
-                                                 "was ready; retry the request"))
-                    return
-                yield KEEPALIVE
-            plane.log_lease(self._model, lease.actuation)
-            yield f": fma-actuation {lease.actuation.header()}\n\n".encode()
-            try:
-                upstream = plane.forward(lease, self._model, self._path, self._body, True)
-            except ApiError as err:
-                yield sse_error(err)
-                return
+                if attempt == 1 and upstream.stream is None and refused_asleep(upstream.status, upstream.body):
+                    plane.actuator.worker_asleep(lease)  # asleep after all: wait for its wake, then send again
+                    try:
+                        self._ticket = plane.actuator.admit(self._model)
+                    except ApiError as err:
+                        yield sse_error(err)
+                        return
+                    continue
+                break
             if upstream.stream is None:  # the worker answered whole: an error, or no stream after all
                 if upstream.status >= 400:
                     yield sse_error(UpstreamAnswer(upstream.status, upstream_envelope(upstream.status, upstream.body)))
@@ -192,17 +210,24 @@ class DataPlane:
 
         A stream whose worker is not ready within ``keepalive_s`` becomes a
         :class:`KeepaliveStream` (200 at once, comments while it waits)."""
-        if stream and self.keepalive_s > 0:
-            ticket = self.actuator.admit(model)  # a full queue or a backoff is still a proper 429/503
-            lease = self.actuator.wait_for(ticket, timeout=self.keepalive_s)
-            if lease is None:
-                log.info("%s: the worker is not ready; keeping the stream alive while it starts", model)
-                return Completion(200, {"Content-Type": "text/event-stream"}, None,
-                                  stream=KeepaliveStream(self, ticket, model, path, body, self.keepalive_s))
-        else:
-            lease = self.actuator.ensure_ready(model)
-        self.log_lease(model, lease.actuation)
-        upstream = self.forward(lease, model, path, body, stream)
+        for attempt in (1, 2):
+            if stream and self.keepalive_s > 0:
+                ticket = self.actuator.admit(model)  # a full queue or a backoff is still a proper 429/503
+                lease = self.actuator.wait_for(ticket, timeout=self.keepalive_s)
+                if lease is None:
+                    log.info("%s: the worker is not ready; keeping the stream alive while it starts", model)
+                    return Completion(200, {"Content-Type": "text/event-stream"}, None,
+                                      stream=KeepaliveStream(self, ticket, model, path, body, self.keepalive_s))
+            else:
+                lease = self.actuator.ensure_ready(model)
+            self.log_lease(model, lease.actuation)
+            upstream = self.forward(lease, model, path, body, stream)
+            if attempt == 1 and upstream.stream is None and refused_asleep(upstream.status, upstream.body):
+                # Asleep though we thought it awake (put to sleep by someone else, or adopted before it said so):
+                # it refused before doing anything, so the request goes again, through a wake.
+                self.actuator.worker_asleep(lease)
+                continue
+            break
         headers = {**upstream.headers, "X-FMA-Actuation": lease.actuation.header()}
         if upstream.status >= 400:
             if upstream.stream is not None:  # an error answer is never streamed; read and close it

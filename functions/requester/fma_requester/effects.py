@@ -55,8 +55,10 @@ class WorkerHandle:
         # the model's declared sleep_memory_mib, so a model is admitted only once the memory really came back.
         self.asleep_mib: float | None = None
         self.data: dict[str, Any] = {}
+        self.pending: str | None = None  # a stop handed to the platform, still in progress: what it waits for
         self.lock = threading.Lock()  # held by effects while they create or destroy what the handle owns
         self._cancelled = threading.Event()
+        self._stop_abandoned = threading.Event()
 
     @property
     def cancelled(self) -> bool:
@@ -68,6 +70,14 @@ class WorkerHandle:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    @property
+    def stop_abandoned(self) -> threading.Event:
+        """Set when a request took the worker back while its stop was still waiting on the platform."""
+        return self._stop_abandoned
+
+    def abandon_stop(self) -> None:
+        self._stop_abandoned.set()
 
     def __repr__(self) -> str:
         return f"<worker {self.model} #{self.serial}>"
@@ -90,8 +100,12 @@ class EffectsListener(Protocol):
     def worker_gone(self, handle: WorkerHandle | None, model: str) -> None:
         """The worker was removed behind our back (e.g. its Service deleted): the model is cold."""
 
-    def worker_found(self, model: str, handle: WorkerHandle) -> None:
-        """A worker for a cold model is already running (found at start-up): adopt it."""
+    def worker_found(self, model: str, handle: WorkerHandle, state: str = "ready") -> None:
+        """A worker for a cold model is already there (found at start-up): adopt it as ``ready``,
+        ``sleeping``, or ``releasing`` (released, not gone yet: it still holds its memory)."""
+
+    def stop_pending(self, handle: WorkerHandle, detail: str) -> None:
+        """The stop was handed to the platform and is now only waited for (``detail`` says on what)."""
 
 
 class Effects(abc.ABC):
@@ -101,6 +115,14 @@ class Effects(abc.ABC):
     # Stop every worker when the requester shuts down (local processes), or
     # leave them to the platform (Knative scales them down by itself).
     stop_on_shutdown = True
+    # A request may take back a worker whose stop is still waiting on the platform (``stop_abandoned`` tells the
+    # stop to give up; a start then brings the same worker back): Knative, where a release ends when the
+    # autoscaler removes the pod, a minute or more later.
+    reclaimable = False
+
+    def stop_timeout(self, spec: ModelSpec, grace: float) -> float:
+        """How long :meth:`stop` may take: its grace, unless the platform needs longer to remove the worker."""
+        return grace
 
     def bind(self, listener: EffectsListener) -> None:
         self.listener = listener

@@ -40,6 +40,7 @@ code); the rest are 503.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import threading
@@ -60,9 +61,11 @@ from .gpus import gpu_uuids
 from .knative_spec import (
     ANNOTATION_MODEL,
     ANNOTATION_RELEASED,
+    ANNOTATION_RESTARTED,
     CONTAINER_NAME,
     LABEL_MANAGED_BY,
     LABEL_REVISION,
+    LABEL_SERVICE,
     MANAGED_BY,
     MANAGED_SELECTOR,
     MIN_SCALE,
@@ -73,6 +76,7 @@ from .knative_spec import (
     pin_patch,
     release_patch,
     render_worker_service,
+    restart_patch,
     worker_service_name,
 )
 from .kube import AlreadyExists, KnativeConfigError, KnativeError, KubeClient, WatchStream, load_api
@@ -110,6 +114,14 @@ class KnativeSettings(EnvSettings):
                                     "API)", shown="unset")
     max_timeout_s: int = setting("FMA_KNATIVE_MAX_TIMEOUT", "600", "the cluster's `max-revision-timeout-seconds` "
                                  "(config-defaults); worker `timeout_seconds` must not exceed it", ge=1)
+    release_timeout_s: Duration = setting(
+        "FMA_KNATIVE_RELEASE_TIMEOUT", "180s", "longest wait for a released worker's pods to be gone (Knative "
+        "removes an idle pod once the stable window, 60 s by default, has passed without requests, then drains it "
+        "for 30 s); its memory counts against the budget until they are")
+    serving_version: str = setting(
+        "FMA_KNATIVE_SERVING_VERSION", "auto", "the cluster's Knative Serving release; `auto` reads it from the "
+        "`app.kubernetes.io/version` label of the `services.serving.knative.dev` CRD. Below 1.21 sleep is refused "
+        "(409) and a release deletes the worker Service")
     template: WorkerTemplate | None = None  # derived: the file, then FMA_WORKER_IMAGE, then the defaults
     image_explicit: bool = False  # derived: the worker image was set (else it follows the requester's own)
 
@@ -205,6 +217,51 @@ def readiness(obj: Mapping[str, Any]) -> tuple[str, str]:
     return "pending", text
 
 
+LADDER_MIN_VERSION = (1, 21)  # syncAnnotationsForKPA (knative/serving#16186): Revision annotations reach the PA
+SERVING_CRD = "services.serving.knative.dev"
+# Container states from which a pod will not become ready by itself: Knative would keep such a pod of a released
+# Revision until its activation times out (progress deadline + 30 s), so a release deletes the Service instead.
+STUCK_REASONS = frozenset({"CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError",
+                           "ImagePullBackOff", "ErrImagePull", "InvalidImageName"})
+
+
+def parse_serving_version(text: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a Knative release label: ``1.23.0``, ``v1.21.1``, ``knative-v1.20.3``; None for
+    ``devel`` or anything else that names no release."""
+    if not text:
+        return None
+    head = text.strip().removeprefix("knative-").lstrip("v").split(".")
+    try:
+        return int(head[0]), int(head[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _user_container(pod: Mapping[str, Any]) -> dict[str, Any]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return next((c for c in statuses if c.get("name") == CONTAINER_NAME), None) or \
+        next((c for c in statuses if c.get("name") != "queue-proxy"), {})
+
+
+def pod_is_stuck(pod: Mapping[str, Any]) -> str | None:
+    """Why a pod cannot become ready by itself (unscheduled, crash-looping, no config), or None."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return cond.get("message") or cond.get("reason") or "Unschedulable"
+    waiting = (_user_container(pod).get("state") or {}).get("waiting") or {}
+    if waiting.get("reason") in STUCK_REASONS:
+        return f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+    return None
+
+
+def pod_is_running(pod: Mapping[str, Any]) -> bool:
+    return "running" in (_user_container(pod).get("state") or {})
+
+
+def _terminating(pod: Mapping[str, Any]) -> bool:
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
 def _address(obj: Mapping[str, Any]) -> str | None:
     status = obj.get("status") or {}
     return (status.get("address") or {}).get("url") or status.get("url")
@@ -213,22 +270,78 @@ def _address(obj: Mapping[str, Any]) -> str | None:
 class KnativeEffects(Effects):
     backend = "knative"
     stop_on_shutdown = False  # workers are Knative's to scale down; deleting fma-requester collects them
+    reclaimable = True  # a release ends when the autoscaler removes the pod; a request meanwhile keeps it
 
     def __init__(self, registry: ModelRegistry, kn: KnativeSettings, *, api: Any = None,
-                 control_timeout_s: float = 120.0) -> None:
+                 control_timeout_s: float = 120.0, token: str | None = None) -> None:
         self.registry = registry
         self.kn = kn
         self.kube = KubeClient(api if api is not None else load_api(), kn.namespace or "default",
                                retries=kn.retries, timeout_s=kn.kube_timeout_s)
-        self._control = WorkerControl(control_timeout_s, 10.0)
+        # The workers' token (FMA_WORKER_TOKEN, the same Secret key their pods get): every control call carries it.
+        self._control = WorkerControl(control_timeout_s, 10.0, token=token)
         self._own: dict[str, Any] | None = None
         self._by_service = {worker_service_name(spec.name): spec.name for spec in registry}
         self._handles: dict[str, WorkerHandle] = {}  # model -> the incarnation the machine holds
         self._lock = threading.Lock()
+        # Per model: a stop's writes and a start's (a request taking the worker back) never interleave.
+        self._model_locks: dict[str, threading.Lock] = {}
+        self._version: tuple[int, int] | None = None
+        self._version_known = False
+        self.pod_wait_s = 2.0  # one pod watch's length while a release waits for its pods to go
         self._closing = threading.Event()
         self._watch: WatchStream | None = None
         self.watch_window_s = 60.0  # one watch request's length (the server ends it; we watch again)
         self.watch_grace_s = 10.0  # how much longer than the server's own watch timeout a silent read may wait
+
+    # ---- the cluster's release -----------------------------------------------------------------
+
+    def serving_version(self) -> tuple[int, int] | None:
+        """(major, minor) of the cluster's Knative Serving, read once; None when it cannot be told."""
+        with self._lock:
+            if self._version_known:
+                return self._version
+        text: str | None = self.kn.serving_version
+        where = "FMA_KNATIVE_SERVING_VERSION"
+        if text == "auto":
+            where = f"the {SERVING_CRD} CRD's app.kubernetes.io/version label"
+            try:
+                crd = self.kube.get_crd(SERVING_CRD)
+            except KnativeConfigError as exc:  # 403: the ClusterRole is missing
+                log.warning("cannot read Knative Serving's version: %s; assuming 1.21 or newer (set "
+                            "FMA_KNATIVE_SERVING_VERSION to say)", exc.message)
+                crd = {}
+            except Exception as exc:  # the API is down: ask again next time
+                log.warning("cannot read Knative Serving's version yet: %s", getattr(exc, "message", None) or exc)
+                return None
+            if crd is None:
+                log.warning("no %s CRD: is Knative Serving installed?", SERVING_CRD)
+            text = ((crd or {}).get("metadata", {}).get("labels") or {}).get("app.kubernetes.io/version")
+        version = parse_serving_version(text)
+        if version is None:
+            log.warning("Knative Serving's release is unknown (%s: %r); assuming 1.21 or newer", where, text)
+        elif version < LADDER_MIN_VERSION:
+            log.warning("Knative Serving %d.%d (from %s): sleep is refused and a release deletes the worker Service; "
+                        "the sleep ladder needs 1.21 or newer, where Revision annotations reach the autoscaler "
+                        "(knative/serving#16186)", *version, where)
+        else:
+            log.info("Knative Serving %d.%d (from %s): the sleep ladder is on", *version, where)
+        with self._lock:
+            self._version, self._version_known = version, True
+        return version
+
+    def ladder_refusal(self) -> str | None:
+        """Why this cluster cannot park a worker asleep, or None if it can."""
+        version = self.serving_version()
+        if version is None or version >= LADDER_MIN_VERSION:
+            return None
+        return (f"sleep needs Knative Serving 1.21 or newer (this cluster runs {version[0]}.{version[1]}: before "
+                f"1.21 a Revision's annotations never reach its autoscaler and a change to them rolls a new pod); "
+                f"release the model instead")
+
+    def _model_lock(self, model: str) -> threading.Lock:
+        with self._lock:
+            return self._model_locks.setdefault(model, threading.Lock())
 
     # ---- the Service ------------------------------------------------------------------------
 
@@ -286,6 +399,11 @@ class KnativeEffects(Effects):
         if other and other != spec.name:
             raise KnativeConfigError(f"Service {name} serves model {other!r}, not {spec.name!r}: the two names map "
                                      f"to the same Service name; rename one of the models", code="name_collision")
+        restarted = ((existing.get("spec", {}).get("template", {}).get("metadata") or {}).get("annotations") or
+                     {}).get(ANNOTATION_RESTARTED)
+        if restarted:  # a recovery's mark stays: taking it away would be one more new Revision
+            body = copy.deepcopy(body)
+            body["spec"]["template"]["metadata"]["annotations"][ANNOTATION_RESTARTED] = restarted
         patch = adoption_patch(existing, body)
         if patch is None:
             return existing  # already what we want: no write, so no new Revision
@@ -306,24 +424,56 @@ class KnativeEffects(Effects):
             return cond.get("message") or "Unschedulable"
         return None
 
+    def _failed_revision(self, obj: dict[str, Any]) -> tuple[Literal["wait", "recreate", "fail"], str]:
+        """What a ``Ready=False`` Service needs: to be waited on, a new Revision, or to fail the start.
+
+        * a pod waiting for a node: wait (a GPU node pool scaling up);
+        * a Revision that was ready, with its container running again after a
+          crash: wait (``ContainerHealthy=False`` sticks until a pod is ready);
+        * no pod left to recover it - scaled to zero after a crash (the condition
+          sticks: ``reconcile_resources.go`` clears it only with a ready replica)
+          or after "Initial scale was never achieved": a new Revision;
+        * anything else (a container that cannot start): fail, with Knative's message.
+        """
+        waiting = self._unschedulable(obj)
+        if waiting is not None:
+            return "wait", f"waiting for a node: {waiting}"
+        status = obj.get("status") or {}
+        latest = status.get("latestCreatedRevisionName")
+        pods = [pod for pod in self.kube.list_pods(f"{LABEL_REVISION}={latest}") if not _terminating(pod)] \
+            if latest else []
+        if not pods:
+            return "recreate", f"revision {latest} failed and has no pod left to recover it"
+        if latest == status.get("latestReadyRevisionName") and any(pod_is_running(pod) for pod in pods):
+            restarts = max(int(_user_container(pod).get("restartCount") or 0) for pod in pods)
+            return "wait", f"the worker's container restarted ({restarts} restart(s)); waiting for it to be ready"
+        return "fail", ""
+
     def _wait_ready(self, name: str, handle: WorkerHandle, obj: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Follow the Service with a watch until it is ready at its generation.
 
-        A pod waiting to be scheduled keeps the start waiting (until the
-        deadline) with the reason as its progress; any other ``Ready=False``
-        fails it at once with Knative's message. The watch is bounded (a
-        half-open connection is abandoned) and closed by a stop.
+        A ``Ready=False`` Service is waited on, recovered with a new Revision
+        (once per start) or fails the start at once with Knative's message, as
+        :meth:`_failed_revision` says. The watch is bounded (a half-open
+        connection is abandoned) and closed by a stop.
         """
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError as TransportError
 
+        recreated = False
         while True:
             verdict, text = readiness(obj)
             if verdict == "failed":
-                waiting = self._unschedulable(obj)
-                if waiting is None:
+                action, why = self._failed_revision(obj)
+                if action == "recreate" and not recreated:
+                    recreated = True
+                    log.warning("worker Service %s is stuck (%s; %s): starting a new Revision", name, text, why)
+                    obj = self.kube.patch(name, restart_patch(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+                    verdict, text = "pending", f"recovering: {why}; a new Revision was started"
+                elif action == "wait":
+                    verdict, text = "pending", why
+                else:
                     raise RuntimeError(f"worker Service {name} failed: {text}")
-                verdict, text = "pending", f"waiting for a node: {waiting}"
             handle.progress = text
             if verdict == "ready":
                 return obj
@@ -366,14 +516,19 @@ class KnativeEffects(Effects):
     # ---- Effects ------------------------------------------------------------------------------
 
     def start(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> str:
+        """Create or adopt the Service, wait until it is ready, give its Revision the model's scaling, and
+        make sure no pod of it is left asleep (a request must never wait on a pod that nobody wakes)."""
         deadline = time.monotonic() + timeout
         name = worker_service_name(spec.name)
         handle.data["service"] = name
         body = self.manifest(spec)
         try:
-            obj = self._ensure_service(spec, body)
+            with self._model_lock(spec.name):  # a stop this start takes back has finished its writes
+                obj = self._ensure_service(spec, body)
             obj = self._wait_ready(name, handle, obj, deadline)
+            handle.data["revision"] = (obj.get("status") or {}).get("latestReadyRevisionName")
             self._pin(obj, body)
+            self._settle_pods(name, handle, deadline)
         except (ApiError, RuntimeError, TimeoutError):
             raise
         except Exception as exc:  # ApiException and friends: keep the status in the message
@@ -391,7 +546,14 @@ class KnativeEffects(Effects):
         return url
 
     def _pin(self, obj: dict[str, Any], body: dict[str, Any]) -> None:
-        """Give the ready Revision the model's own scaling back (a release set it to zero)."""
+        """Give the ready Revision the model's own scaling back (a release set it to zero).
+
+        Not before Serving 1.21: there a Revision's annotations are copied into
+        its pods' template, so a change rolls a new pod; releases delete the
+        Service there, so a Revision never needs re-pinning.
+        """
+        if self.ladder_refusal() is not None:
+            return
         name = (obj.get("status") or {}).get("latestReadyRevisionName")
         revision = self.kube.get_revision(name) if name else None
         if revision is None:
@@ -401,12 +563,39 @@ class KnativeEffects(Effects):
             log.info("re-pinning revision %s to the model's scaling", name)
             self.kube.patch_revision(name, patch)
 
+    def _settle_pods(self, name: str, handle: WorkerHandle, deadline: float) -> None:
+        """Before traffic goes to the route: wait out pods still terminating when none is left running (the
+        next pod would start beside one that still holds its memory), and wake a pod left asleep (a release of
+        a sleeping worker that a request took back, or a sleep someone else asked for)."""
+        while True:
+            pods = self.kube.list_pods(f"{LABEL_SERVICE}={name}")
+            if not pods or any(not _terminating(pod) for pod in pods):
+                break
+            if time.monotonic() >= deadline or handle.cancelled:
+                raise TimeoutError(f"worker Service {name}: its last pod is still terminating")
+            handle.progress = f"waiting for {len(pods)} terminating pod(s) of {name} to go"
+            self._wait_pods_change(name, min(deadline - time.monotonic(), self.pod_wait_s))
+        for url in self._pods(handle):
+            if self._control.is_sleeping(url, 10.0):
+                log.info("worker Service %s: its pod at %s is asleep; waking it", name, url)
+                self._control.wake(handle, max(1.0, deadline - time.monotonic()), url=url)
+
+    def stop_timeout(self, spec: ModelSpec, grace: float) -> float:
+        return self.kn.release_timeout_s + self.kn.kube_timeout_s
+
     def stop(self, spec: ModelSpec, handle: WorkerHandle, grace: float) -> None:
-        """Release: scale the worker's Revisions to zero (or delete the Service), never touching its template.
+        """Release: scale the worker's Revisions to zero (or delete the Service), never touching its template;
+        return once its pods are gone (its memory is held until then), within ``FMA_KNATIVE_RELEASE_TIMEOUT``.
 
         A template change would make a new Revision, and a new Revision starts
         a pod (initial scale 1): the Revision's own annotations are what its
-        PodAutoscaler follows (``reconcile_resources.go``), and they are mutable.
+        PodAutoscaler follows (from Serving 1.21: ``reconcile_resources.go``
+        ``syncAnnotationsForKPA``), and they are mutable. Knative removes the
+        pod once no request came for the stable window (60 s) and queue-proxy
+        has drained (30 s). The Service is deleted instead by policy, before
+        Serving 1.21, and when a pod cannot become ready by itself
+        (crash-looping, unschedulable: Knative would keep it until its
+        activation times out, progress deadline + 30 s).
         """
         handle.cancel()
         with handle.lock:
@@ -417,23 +606,73 @@ class KnativeEffects(Effects):
         with self._lock:
             if self._handles.get(spec.name) is handle:
                 del self._handles[spec.name]
+        deadline = time.monotonic() + self.kn.release_timeout_s
         try:
-            if self.kn.release_policy == "delete":
-                self.kube.delete(name)
-                return
-            svc = self.kube.get(name)
-            if svc is None:
-                return
-            if (svc["metadata"].get("annotations") or {}).get(ANNOTATION_RELEASED) != "true":
-                self.kube.patch(name, {"metadata": {"annotations": {ANNOTATION_RELEASED: "true"}}})
-            status = svc.get("status") or {}
-            for revision in {status.get("latestReadyRevisionName"), status.get("latestCreatedRevisionName")} - {None}:
-                obj = self.kube.get_revision(revision)
-                patch = release_patch(obj) if obj else None
-                if patch is not None:
-                    self.kube.patch_revision(revision, patch)
+            with self._model_lock(spec.name):
+                if handle.stop_abandoned.is_set():
+                    return  # a request took the worker back before anything was written
+                deleted = self._release(name)
+            how = "its Service deleted" if deleted else "released"
+            self.listener.stop_pending(handle, f"{how}; Knative removes its pods (waiting up to "
+                                               f"{self.kn.release_timeout_s:.0f} s)")
+            self._wait_pods_gone(name, handle, deadline, deleted)
         except Exception as exc:  # never raise; Knative scales an idle Revision down by itself anyway
             log.error("could not release %s: %s", name, getattr(exc, "message", None) or exc)
+
+    def _release(self, name: str) -> bool:
+        """Scale the Service's Revisions to zero, or delete it; True if it was deleted."""
+        if self.kn.release_policy == "delete" or self.ladder_refusal() is not None:
+            self.kube.delete(name)
+            return True
+        svc = self.kube.get(name)
+        if svc is None:
+            return True
+        if (svc["metadata"].get("annotations") or {}).get(ANNOTATION_RELEASED) != "true":
+            self.kube.patch(name, {"metadata": {"annotations": {ANNOTATION_RELEASED: "true"}}})
+        status = svc.get("status") or {}
+        for revision in {status.get("latestReadyRevisionName"), status.get("latestCreatedRevisionName")} - {None}:
+            obj = self.kube.get_revision(revision)
+            patch = release_patch(obj) if obj else None
+            if patch is not None:
+                self.kube.patch_revision(revision, patch)
+        return False
+
+    def _wait_pods_gone(self, name: str, handle: WorkerHandle, deadline: float, deleted: bool) -> None:
+        """Until no pod of the Service is left (a watch on its pods, re-listed on every change)."""
+        while True:
+            pods = self.kube.list_pods(f"{LABEL_SERVICE}={name}")
+            if not pods:
+                log.info("released worker Service %s: its pods are gone", name)
+                return
+            if handle.stop_abandoned.is_set():
+                return
+            stuck = next((why for pod in pods if not _terminating(pod) and (why := pod_is_stuck(pod))), None)
+            if stuck and not deleted:
+                log.warning("released worker Service %s has a pod that cannot become ready (%s); Knative would keep "
+                            "it until its activation times out: deleting the Service", name, stuck)
+                self.kube.delete(name)
+                deleted = True
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.error("released worker Service %s still has %d pod(s) after %.0f s (FMA_KNATIVE_RELEASE_TIMEOUT); "
+                          "no longer counting them against the budget", name, len(pods), self.kn.release_timeout_s)
+                return
+            self._wait_pods_change(name, min(remaining, self.pod_wait_s))
+
+    def _wait_pods_change(self, name: str, seconds: float) -> None:
+        """Until a pod of the Service changes, or ``seconds`` pass (a bounded watch)."""
+        listing = self.kube.pod_list(f"{LABEL_SERVICE}={name}")
+        rv = (listing.get("metadata") or {}).get("resourceVersion")
+        stream = self.kube.watch_pods(f"{LABEL_SERVICE}={name}", resource_version=rv, timeout_s=max(1.0, seconds),
+                                      read_grace_s=self.watch_grace_s)
+        try:
+            for _ in stream:
+                break
+        except Exception as exc:  # an expired or broken watch: the caller lists again
+            log.debug("pod watch on %s ended: %s", name, exc)
+        finally:
+            stream.close()
 
     def _pods(self, handle: WorkerHandle) -> list[str]:
         """Base URLs of the running pods of the worker's ready Revision (pod IP and the user container's port).
@@ -459,7 +698,16 @@ class KnativeEffects(Effects):
 
     def sleep(self, spec: ModelSpec, handle: WorkerHandle, level: int, timeout: float) -> None:
         """Pin the ready Revision at one pod (so Knative keeps it while it gets no traffic), then put that
-        pod's worker to sleep, directly; a Revision that may run more pods than one is refused (409)."""
+        pod's worker to sleep, directly; a Revision that may run more pods than one is refused (409), and so is
+        a cluster older than Serving 1.21.
+
+        The pod stays ready to Knative while asleep (its readiness probe is
+        ``/loaded``), so its PodAutoscaler stays Active: a later release scales
+        it to zero like any idle pod.
+        """
+        refusal = self.ladder_refusal()
+        if refusal is not None:
+            raise EffectRefused(refusal, status=409)
         if spec.knative.max_scale != 1:
             pods = spec.knative.max_scale or "any number of"
             raise EffectRefused(f"sleep needs knative.max_scale: 1 (this model may run {pods} pods, which scale on "
@@ -530,6 +778,7 @@ class KnativeEffects(Effects):
         return list(self.kube.list(MANAGED_SELECTOR).get("items", []))
 
     def open(self, registry: ModelRegistry) -> None:
+        self.serving_version()  # said once at start-up, in the log
         threading.Thread(target=self._watch_loop, name="kn-watch", daemon=True).start()
 
     def _sync(self, kind: str, obj: dict[str, Any]) -> None:
@@ -549,16 +798,32 @@ class KnativeEffects(Effects):
                 return
             self.listener.worker_exited(handle, f"worker Service failed: {text}")
         elif verdict == "ready" and handle is None and kind == "ADDED":
-            if (obj["metadata"].get("annotations") or {}).get(ANNOTATION_RELEASED) == "true":
-                return  # released: it is cold, however Ready its Service still says it is
-            # Found at start-up (e.g. after a requester restart): offer it for adoption.
-            found = WorkerHandle(model)
-            found.url = _address(obj)
-            found.data["service"] = obj["metadata"]["name"]
-            found.data["revision"] = (obj.get("status") or {}).get("latestReadyRevisionName")
-            with self._lock:
-                self._handles.setdefault(model, found)
-            self.listener.worker_found(model, found)
+            self._adopt(model, obj)
+
+    def _adopt(self, model: str, obj: dict[str, Any]) -> None:
+        """A ready worker Service found at start-up (a requester restart), offered in its true state: asleep
+        or awake as its pod says (``/is_sleeping``), releasing while a released one's pods are still there,
+        not at all when Knative has scaled it to zero (the next start re-pins it, no new Revision)."""
+        name = obj["metadata"]["name"]
+        found = WorkerHandle(model)
+        found.url = _address(obj)
+        found.data["service"] = name
+        found.data["revision"] = (obj.get("status") or {}).get("latestReadyRevisionName")
+        if (obj["metadata"].get("annotations") or {}).get(ANNOTATION_RELEASED) == "true":
+            if self.kube.list_pods(f"{LABEL_SERVICE}={name}"):
+                self.listener.worker_found(model, found, "releasing")
+            return
+        pods = self._pods(found)
+        if not pods:
+            return
+        answers = [self._control.is_sleeping(url, 10.0) for url in pods]
+        if None in answers:
+            log.warning("worker Service %s: a pod did not say whether it sleeps; not adopting it", name)
+            return
+        with self._lock:
+            if self._handles.setdefault(model, found) is not found:
+                return
+        self.listener.worker_found(model, found, "sleeping" if any(answers) else "ready")
 
     def _watch_loop(self) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -604,11 +869,13 @@ class KnativeActuator(Lifecycle):
     """The state machine driving one Knative Service per model."""
 
     def __init__(self, registry: ModelRegistry, metrics: RequesterMetrics, kn: KnativeSettings, *,
-                 api: Any = None, emit: EventSink | None = None, config: LifecycleConfig | None = None) -> None:
+                 api: Any = None, emit: EventSink | None = None, config: LifecycleConfig | None = None,
+                 token: str | None = None) -> None:
         config = config or LifecycleConfig()
         check_models(registry, kn)
         self.kn = kn
-        self.kn_effects = KnativeEffects(registry, kn, api=api, control_timeout_s=config.control_timeout_s)
+        self.kn_effects = KnativeEffects(registry, kn, api=api, control_timeout_s=config.control_timeout_s,
+                                         token=token)
         super().__init__(registry, metrics, self.kn_effects, emit=emit, config=config)
 
     def services(self) -> list[dict[str, Any]]:

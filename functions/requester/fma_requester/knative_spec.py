@@ -22,7 +22,6 @@ Rules followed (design.md, notes/knative.md):
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -41,6 +40,15 @@ ANNOTATION_MODEL = "fma.llm-d.ai/model"
 # On the Service's own metadata (which makes no new Revision): the worker was released by the requester,
 # so a requester that restarts and lists Services must not adopt it as ready.
 ANNOTATION_RELEASED = "fma.llm-d.ai/released"
+# On the revision template: when the requester last started a new Revision to recover a wedged one (a Revision that
+# failed and has no pod left to recover it keeps its Service Ready=False for good). Kept on adoption.
+ANNOTATION_RESTARTED = "fma.llm-d.ai/restarted-at"
+LABEL_SERVICE = "serving.knative.dev/service"  # Knative labels every pod of a Service's Revisions with it
+# The worker path Knative probes: the model is loaded, awake or asleep (fma_worker's /loaded). A sleeping worker
+# stays ready, so its PodAutoscaler stays Active: a release then removes its pod after the stable window, where a
+# not-ready pod would keep the PA activating until the progress deadline (kpa.go computeActiveCondition, scaler.go
+# handleScaleToZero). The requester, not readiness, keeps inference off a sleeping worker.
+READINESS_PATH = "/loaded"
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_ROLE}=decode"
 LABEL_REVISION = "serving.knative.dev/revision"  # Knative labels a Revision's pods with it
 CONTAINER_NAME = "worker"
@@ -174,7 +182,7 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
             [{"name": "FMA_WORKER_TOKEN", "valueFrom": {"secretKeyRef": {"name": tmpl.token_secret,
                                                                          "key": "worker-token"}}}]
             if tmpl.token_secret else []),
-        "readinessProbe": {"httpGet": {"path": "/ready"}, "initialDelaySeconds": 1, "periodSeconds": 1},
+        "readinessProbe": {"httpGet": {"path": READINESS_PATH}, "initialDelaySeconds": 1, "periodSeconds": 1},
         "resources": {"limits": limits, "requests": requests},
         "securityContext": {
             "runAsNonRoot": True,
@@ -233,19 +241,6 @@ def parse_go_duration(text: str) -> float:
     return sign * total
 
 
-def merge_patch(target: Any, patch: Any) -> Any:
-    """Apply an RFC 7386 merge patch (what the API server will do with ours)."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
 def _with_removals(existing: dict[str, Any] | None, desired: dict[str, Any], keys: Any = None) -> dict[str, Any]:
     """``desired`` plus ``None`` for each key of ``existing`` (among ``keys``, when given) it no longer has."""
     out: dict[str, Any] = dict(desired)
@@ -279,7 +274,38 @@ def adoption_patch(existing: dict[str, Any], desired: dict[str, Any]) -> dict[st
     }
     if "ownerReferences" in want_meta:
         patch["metadata"]["ownerReferences"] = want_meta["ownerReferences"]
-    return patch if merge_patch(existing, patch) != existing else None
+    return None if already_holds(patch, existing) else patch
+
+
+def already_holds(patch: Any, existing: Any) -> bool:
+    """Whether ``existing`` already is what the merge ``patch`` asks for, fields it does not name left aside.
+
+    The API server stores an object after defaulting (Knative's webhook adds
+    ``traffic``, probe thresholds, ``enableServiceLinks``, the creator
+    annotations...), so the stored object has more than the requester sent;
+    like Kubernetes' ``equality.Semantic.DeepDerivative``, what the patch leaves
+    out is not compared, and a ``None`` (an RFC 7386 removal) holds when the key
+    is absent. Lists compare element by element, at the same length.
+    """
+    if isinstance(patch, dict):
+        if not isinstance(existing, dict):
+            return False
+        for key, value in patch.items():
+            if value is None:
+                if key in existing:
+                    return False
+            elif key not in existing or not already_holds(value, existing[key]):
+                return False
+        return True
+    if isinstance(patch, list):
+        return isinstance(existing, list) and len(patch) == len(existing) and \
+            all(already_holds(a, b) for a, b in zip(patch, existing, strict=True))
+    return bool(patch == existing)
+
+
+def restart_patch(stamp: str) -> dict[str, Any]:
+    """A template change that makes a new Revision (a new pod) without changing what it runs."""
+    return {"spec": {"template": {"metadata": {"annotations": {ANNOTATION_RESTARTED: stamp}}}}}
 
 
 def pin_patch(revision: dict[str, Any], template_annotations: dict[str, str]) -> dict[str, Any] | None:

@@ -32,6 +32,9 @@ log = logging.getLogger("fma.requester.kube")
 
 GROUP, VERSION, PLURAL = "serving.knative.dev", "v1", "services"
 REVISIONS = "revisions"
+CRDS = "customresourcedefinitions"
+# The API group each resource the requester touches lives in (for messages naming an RBAC grant).
+_GROUP_OF = {"pods": "", CRDS: ".apiextensions.k8s.io"}
 
 
 class KnativeError(ApiError):
@@ -216,11 +219,14 @@ class KubeClient:
                 return fn(*args, **kwargs)
             except ApiException as exc:
                 if exc.status == 403:
-                    group = "" if resource == "pods" else ".serving.knative.dev"
+                    group = _GROUP_OF.get(resource, ".serving.knative.dev")
+                    where = "at the cluster scope" if resource == CRDS else f"in namespace {self.namespace}"
+                    role = "the fma-requester-knative-version ClusterRole" if resource == CRDS else \
+                        "the fma-requester Role"
                     raise KnativeConfigError(
-                        f"RBAC: the requester's ServiceAccount may not {verb} {resource}{group} in "
-                        f"namespace {self.namespace} (403 Forbidden); grant the verb {verb!r} on {resource!r} in "
-                        f"the fma-requester Role", code="forbidden") from None
+                        f"RBAC: the requester's ServiceAccount may not {verb} {resource}{group} {where} "
+                        f"(403 Forbidden); grant the verb {verb!r} on {resource!r} in {role}",
+                        code="forbidden") from None
                 if exc.status in (400, 422) and "admission webhook" in _status_message(exc):
                     text = _status_message(exc)
                     one_line = " ".join(text.split())  # the webhook joins its errors with newlines
@@ -304,12 +310,45 @@ class KubeClient:
 
     def list_pods(self, label_selector: str) -> list[dict[str, Any]]:
         """Pods by label (core v1), as plain dicts."""
+        return list(self.pod_list(label_selector).get("items", []))
+
+    def pod_list(self, label_selector: str) -> dict[str, Any]:
+        """The PodList (items and ``metadata.resourceVersion``, to watch from)."""
         from kubernetes import client
 
         core = client.CoreV1Api(self.api.api_client)
         resp = self._call("list", core.list_namespaced_pod, self.namespace, label_selector=label_selector,
                           _preload_content=False, resource="pods")
-        return list(json.loads(resp.data).get("items", []))
+        return dict(json.loads(resp.data))
+
+    def watch_pods(self, label_selector: str, *, resource_version: str | None, timeout_s: float,
+                   read_grace_s: float = 10.0) -> WatchStream:
+        """Pod events by label from ``resource_version`` on, bounded like :meth:`watch`."""
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.api.api_client)
+        seconds = max(1, int(timeout_s))
+        kwargs: dict[str, Any] = {"watch": True, "_preload_content": False, "timeout_seconds": seconds,
+                                  "label_selector": label_selector,
+                                  "_request_timeout": (min(self.timeout_s, 10.0), seconds + read_grace_s)}
+        if resource_version:
+            kwargs["resource_version"] = resource_version
+        return WatchStream(self._call("watch", core.list_namespaced_pod, self.namespace, resource="pods", **kwargs))
+
+    def get_crd(self, name: str) -> dict[str, Any] | None:
+        """A CustomResourceDefinition (cluster-scoped), or None if there is none of that name."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        ext = client.ApiextensionsV1Api(self.api.api_client)
+        try:
+            resp = self._call("get", ext.read_custom_resource_definition, name, _preload_content=False,
+                              resource=CRDS)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(json.loads(resp.data))
 
     def watch(self, *, resource_version: str | None, timeout_s: float, field_selector: str | None = None,
               label_selector: str | None = None, read_grace_s: float = 10.0) -> WatchStream:

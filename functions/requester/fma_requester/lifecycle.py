@@ -80,6 +80,10 @@ class Phase(enum.StrEnum):
 class Trigger(enum.StrEnum):
     ACTIVATE = "activate"  # a request needs a cold (or failed, past its backoff) model
     ADOPT = "adopt"  # a running worker was found for a cold model
+    ADOPT_ASLEEP = "adopt_asleep"  # ... and it says it is asleep (GET /is_sleeping)
+    ADOPT_STOPPING = "adopt_stopping"  # ... and it was released: its pod is on its way out
+    FOUND_ASLEEP = "found_asleep"  # a ready worker refused a request because it is asleep
+    RECLAIM = "reclaim"  # a request for a model whose stop the platform has not finished: keep that worker
     STARTED = "started"
     START_FAILED = "start_failed"
     SLEEP = "sleep"
@@ -108,6 +112,10 @@ TRANSITIONS: dict[tuple[Phase, Trigger], Transition] = {
     (Phase.COLD, Trigger.ACTIVATE): Transition(Phase.STARTING, p.WORKER_STARTED),
     (Phase.FAILED, Trigger.ACTIVATE): Transition(Phase.STARTING, p.WORKER_STARTED),
     (Phase.COLD, Trigger.ADOPT): Transition(Phase.READY, p.WORKER_READY_EVENT),
+    (Phase.COLD, Trigger.ADOPT_ASLEEP): Transition(Phase.SLEEPING, p.WORKER_SLEEPING),
+    (Phase.COLD, Trigger.ADOPT_STOPPING): Transition(Phase.STOPPING),
+    (Phase.READY, Trigger.FOUND_ASLEEP): Transition(Phase.SLEEPING, p.WORKER_SLEEPING),
+    (Phase.STOPPING, Trigger.RECLAIM): Transition(Phase.STARTING, p.WORKER_STARTED),
     (Phase.STARTING, Trigger.STARTED): Transition(Phase.READY, p.WORKER_READY_EVENT),
     (Phase.STARTING, Trigger.START_FAILED): Transition(Phase.STOPPING, p.WORKER_FAILED),
     (Phase.STARTING, Trigger.STOP): Transition(Phase.STOPPING),
@@ -187,6 +195,7 @@ class LifecycleConfig:
         return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
 
 
+FoundState = Literal["ready", "sleeping", "releasing"]
 EventSink = Callable[[str, dict[str, Any]], None]
 """Where lifecycle events go. Called under the machine's lock: it must not block."""
 
@@ -326,6 +335,8 @@ class Lifecycle(Actuator):
         detail = None
         if slot.phase in (Phase.STARTING, Phase.WAKING) and slot.handle is not None:
             detail = slot.handle.progress  # e.g. Knative's last condition, or "waiting for a node: ..."
+        elif slot.phase == Phase.STOPPING and slot.handle is not None and slot.handle.pending:
+            detail = slot.handle.pending  # e.g. "released; Knative removes the pod within ..."
         elif slot.waiting_for and (slot.tickets or slot.wanted):
             detail = slot.waiting_for
         return WorkerStatus(model=slot.name, state=self._state(slot), phase=slot.phase.value, backend=self.backend,
@@ -388,7 +399,8 @@ class Lifecycle(Actuator):
             return now + (slot.spec.start_timeout if slot.spec.start_timeout is not None else 600.0)
         if slot.phase == Phase.GOING_TO_SLEEP:
             return now + cfg.drain_timeout_s + cfg.control_timeout_s
-        return now + self._stop_grace() + 15.0  # stopping: the effect's own bound, plus a margin
+        # stopping: the effect's own bound (a Knative release waits for the platform to remove the pod), plus a margin
+        return now + self.effects.stop_timeout(slot.spec, self._stop_grace()) + 15.0
 
     def _stop_grace(self) -> float:
         return self.config.drain_timeout_s
@@ -604,7 +616,8 @@ class Lifecycle(Actuator):
             changed = True
         candidates = sorted(
             (s for s in self._slots.values() if (s.tickets or s.wanted) and (
-                s.phase in (Phase.COLD, Phase.SLEEPING) or (s.phase == Phase.FAILED and now >= s.retry_at))),
+                s.phase in (Phase.COLD, Phase.SLEEPING) or (s.phase == Phase.FAILED and now >= s.retry_at)
+                or self._reclaimable(s, now))),
             key=lambda s: min((t.created for t in s.tickets), default=now))
         reserved: list[policy.WorkerView] = []
         for slot in candidates:
@@ -630,6 +643,12 @@ class Lifecycle(Actuator):
             reserved.append(next(v for v in views if v.model == slot.name))
         return changed
 
+    def _reclaimable(self, slot: Slot, now: float) -> bool:
+        """A stop the platform is still carrying out may be taken back by a request (Knative: a released worker's
+        pod stays until its autoscaler removes it; a start re-pins it) - past the backoff, after a failure."""
+        return slot.phase == Phase.STOPPING and self.effects.reclaimable and slot.handle is not None \
+            and (slot.after_stop == Trigger.STOPPED or now >= slot.retry_at)
+
     def _activate(self, slot: Slot) -> None:
         now = self.clock()
         path: Literal["cold", "wake"] = "wake" if slot.phase == Phase.SLEEPING else "cold"
@@ -648,10 +667,22 @@ class Lifecycle(Actuator):
             self._submit(slot, "wake", lambda: self.effects.wake(spec, handle, timeout),
                          lambda _r: self._woke(slot), lambda exc: self._wake_failed(slot, _reason(exc)))
             return
+        trigger = Trigger.ACTIVATE
+        if slot.phase == Phase.STOPPING:
+            # The stop in progress gives up (its outcome is stale from here on); the start brings the same worker
+            # back if it is still there. Whoever waited for the release has had it.
+            assert slot.handle is not None
+            slot.handle.abandon_stop()
+            slot.after_stop = Trigger.STOPPED
+            for op in slot.stop_ops:
+                op.finish()
+            slot.stop_ops.clear()
+            trigger = Trigger.RECLAIM
+            log.info("%s: a request arrived while its worker was being released; keeping it", spec.name)
         handle = WorkerHandle(spec.name)
         slot.handle = handle
         slot.error = None
-        self._fire(slot, Trigger.ACTIVATE)
+        self._fire(slot, trigger)
         timeout = (slot.deadline or now) - now
         log.info("%s: cold start begins (attempt %d)", spec.name, slot.attempt)
 
@@ -975,16 +1006,48 @@ class Lifecycle(Actuator):
             self._fire(slot, Trigger.GONE)
             self._settle()
 
-    def worker_found(self, model: str, handle: WorkerHandle) -> None:
+    def worker_found(self, model: str, handle: WorkerHandle, state: FoundState = "ready") -> None:
         with self._cond:
             slot = self._slots.get(model)
             if slot is None or slot.phase != Phase.COLD or self._closing or not handle.url:
                 return
             slot.handle = handle
             self._touch(slot)
-            self._fire(slot, Trigger.ADOPT)
-            log.info("adopted the running worker for %s at %s", model, handle.url)
+            if state == "releasing":
+                # Released before this requester started: its worker still holds its memory until it is gone.
+                self._fire(slot, Trigger.ADOPT_STOPPING)
+                slot.holds = "asleep" if handle.asleep_mib is not None else "awake"
+                log.info("found the released worker for %s still running; waiting for it to go", model)
+                self._submit_stop(slot)
+            else:
+                self._fire(slot, Trigger.ADOPT_ASLEEP if state == "sleeping" else Trigger.ADOPT)
+                log.info("adopted the %s worker for %s at %s", "sleeping" if state == "sleeping" else "running",
+                         model, handle.url)
             self._settle()
+
+    def worker_asleep(self, lease: WorkerLease) -> None:
+        """A ready worker refused a request because it is asleep (someone else put it to sleep, or it was
+        adopted before it said so): it is sleeping, and the next request wakes it."""
+        with self._cond:
+            slot = self._slots.get(lease.model)
+            if slot is None or slot.handle is not lease.handle or slot.phase != Phase.READY:
+                return
+            log.warning("the worker for %s answered that it is asleep; waking it for the next request", slot.name)
+            self._fire(slot, Trigger.FOUND_ASLEEP)
+            self._settle()
+
+    def stop_pending(self, handle: WorkerHandle, detail: str) -> None:
+        """The stop was handed to the platform, which finishes it on its own time: a release has happened
+        (its callers are answered now); the worker holds its memory until the stop completes."""
+        with self._cond:
+            slot = self._slots.get(handle.model) or self._retiring.get(handle.model)
+            if slot is None or slot.handle is not handle or slot.phase != Phase.STOPPING:
+                return
+            handle.pending = detail
+            for op in slot.stop_ops:
+                op.finish()
+            slot.stop_ops.clear()
+            self._cond.notify_all()
 
     def worker_unreachable(self, lease: WorkerLease) -> None:
         """A request could not reach its worker: probe it (off the request's path); gone means exited."""

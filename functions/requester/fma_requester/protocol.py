@@ -35,6 +35,7 @@ PATH_ACCELERATOR_MEMORY = "/v1/dual-pods/accelerator-memory-usage"
 WORKER_READY = "/ready"
 WORKER_SLEEP = "/sleep"
 WORKER_WAKE = "/wake_up"
+WORKER_IS_SLEEPING = "/is_sleeping"
 
 # ---- CloudEvent types ---------------------------------------------------------
 

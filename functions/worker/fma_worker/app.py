@@ -62,7 +62,7 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
     register_error_handlers(app)
     install_access_log(app, "fma.worker.access")
     token = KeyRing.of(admin=[settings.worker_token]) if settings.worker_token else KeyRing()
-    open_paths = {p.PATH_HEALTH, p.PATH_READY, p.PATH_METRICS, p.PATH_OPENAPI}
+    open_paths = {p.PATH_HEALTH, p.PATH_READY, p.PATH_LOADED, p.PATH_METRICS, p.PATH_OPENAPI}
 
     @app.before_request
     def _only_the_requester() -> None:
@@ -97,6 +97,16 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
                 return Response("OK\n", mimetype="text/plain")
             load = engine.last_load
             return json_response({"status": "ready", "start": timeline.report(load.phases if load else None)})
+        body: dict[str, Any] = {"status": engine.state}
+        if engine.error:
+            body["error"] = engine.error
+        return json_response(body, 503)
+
+    @app.get(p.PATH_LOADED)
+    def loaded() -> Response:
+        # Awake or asleep, this process holds its model and answers the sleep API: ready, for Knative.
+        if engine.state in ("ready", "sleeping"):
+            return Response("OK\n", mimetype="text/plain")
         body: dict[str, Any] = {"status": engine.state}
         if engine.error:
             body["error"] = engine.error

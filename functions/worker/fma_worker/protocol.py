@@ -27,6 +27,10 @@ from fma_common.errors import InvalidRequest, UnsupportedParameter
 
 PATH_HEALTH = "/health"
 PATH_READY = "/ready"
+# Knative's readiness probe: the model is loaded, awake or asleep, so the pod can take control calls. A sleeping
+# pod must stay ready to Knative (a not-ready pod keeps its PodAutoscaler activating, and a release would then
+# leave it for the progress deadline); the requester, not readiness, keeps inference off a sleeping worker.
+PATH_LOADED = "/loaded"
 PATH_METRICS = "/metrics"
 PATH_MODELS = "/v1/models"
 PATH_COMPLETIONS = "/v1/completions"
@@ -389,6 +393,8 @@ def routes() -> list[Any]:
         Route("GET", PATH_HEALTH, "liveness: the process answers", answer="json"),
         Route("GET", PATH_READY, "readiness: 200 once the model is loaded; `wait` holds the answer until then",
               query=ReadyQuery, answer="text", errors=(400, 503)),
+        Route("GET", PATH_LOADED, "200 once the model is loaded, awake or asleep (Knative's readiness probe: "
+              "the pod takes control calls); 503 while loading or failed", answer="text", errors=(503,)),
         Route("GET", PATH_METRICS, "Prometheus metrics", answer="text", errors=()),
         Route("GET", PATH_OPENAPI, "this document", errors=()),
         Route("GET", PATH_MODELS, "the one model served here", answer=ModelList, auth="worker", errors=()),
