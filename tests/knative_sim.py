@@ -567,18 +567,22 @@ class SimulatedKnative:
             pod.state, pod.reason, pod.message = "waiting", "CreateContainerConfigError", env
             return
         mode, _, arg = pod.mode.partition(":")
-        pod.state, pod.reason, pod.message, pod.started_at, pod.restart_at = "running", "", "", now, None
-        pod.probe_ok = pod.probe_failed = 0
         if mode == "process":
             self._start_process(rev, pod, env)
         elif mode == "upstream":
             pod.url = arg
         else:
             loaded_at = now + (float(arg or 10) if mode == "slow" else self.pod_start_s)
-            pod.standin = StandInWorker(pod, self.clock, loaded_at, token=env.get("FMA_WORKER_TOKEN"),
-                                        port=pod.port or 0)
+            try:
+                pod.standin = StandInWorker(pod, self.clock, loaded_at, token=env.get("FMA_WORKER_TOKEN"),
+                                            port=pod.port or 0)
+            except OSError:  # the last container's socket is still closing: the kubelet tries again
+                pod.state, pod.reason = "waiting", "ContainerCreating"
+                return
             pod.port = pod.standin.port
             pod.url = pod.standin.url
+        pod.state, pod.reason, pod.message, pod.started_at, pod.restart_at = "running", "", "", now, None
+        pod.probe_ok = pod.probe_failed = 0
 
     def _start_process(self, rev: Revision, pod: Pod, container_env: dict[str, str]) -> None:
         """The revision's pod as a local worker process with the container's environment."""

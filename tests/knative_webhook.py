@@ -116,6 +116,7 @@ class ClusterConfig:
     container_concurrency: int = 0  # config-defaults container-concurrency
     container_concurrency_max_limit: int = 1000
     enable_service_links: bool | None = False  # config-defaults enable-service-links ("false" by default)
+    revision_ephemeral_storage_request: str | None = None  # config-defaults revision-ephemeral-storage-request
     user_container_name: str = "user-container"  # config-defaults container-name-template
     allow_zero_initial_scale: bool = False  # config-autoscaler
     stable_window_s: float = 60.0  # config-autoscaler stable-window (pkg/autoscaler/config/config.go)
@@ -185,7 +186,9 @@ class KnativeWebhook:
                 c["name"] = name if name not in taken else f"{name}-x"
             resources = c.setdefault("resources", {})
             resources.setdefault("limits", {})
-            resources.setdefault("requests", {})
+            requests = resources.setdefault("requests", {})
+            if cfg.revision_ephemeral_storage_request and "ephemeral-storage" not in requests:
+                requests["ephemeral-storage"] = cfg.revision_ephemeral_storage_request
             probe = c.get("readinessProbe")
             if probe is None and (len(containers) == 1 or c.get("ports")):
                 probe = c["readinessProbe"] = {}

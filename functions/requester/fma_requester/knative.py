@@ -440,6 +440,11 @@ class KnativeEffects(Effects):
             return "wait", f"waiting for a node: {waiting}"
         status = obj.get("status") or {}
         latest = status.get("latestCreatedRevisionName")
+        own = condition(self.kube.get_revision(latest) or {}) if latest else None
+        if own is not None and own.get("status") != "False":
+            # The latest Revision itself has not failed: the Service is not Ready because its route still points
+            # at an older Revision that did (configuration.go keeps the latest ready one until a newer is ready).
+            return "wait", f"revision {latest} is deploying ({own.get('reason') or own.get('status')})"
         pods = [pod for pod in self.kube.list_pods(f"{LABEL_REVISION}={latest}") if not _terminating(pod)] \
             if latest else []
         if not pods:
