@@ -296,13 +296,18 @@ def test_adopting_an_unchanged_defaulted_service_sends_no_patch_even_after_the_d
     """Point 7: the API server stores the Service as Knative's webhook defaulted it; a requester restart must find
     it unchanged. Before, every start PATCHed, and with config-defaults changed since, the PATCH made a new
     Revision (a new GPU pod)."""
-    with cluster.requester(one_model("m")) as req:
+    model = one_model("m", scale_to_zero_retention="0s")
+    with cluster.requester(model) as req:
         served(req, "m")
     stored = cluster.kube.get_object(NS, "fma-worker-m")
     assert stored["spec"]["traffic"] == [{"latestRevision": True, "percent": 100}], "stored defaulted"
+    # Knative scales the idle worker to zero on its own; the next requester finds no pod to adopt, so its first
+    # request starts the model: create (409), read, compare.
+    cluster.sim.wait_until(lambda: not cluster.sim.pods("fma-worker-m"), 200, "Knative to scale the idle worker to 0")
     cluster.sim.webhook.config.revision_ephemeral_storage_request = "500Mi"  # an operator changes config-defaults
     patches = cluster.kube.count("PATCH") + cluster.kube.count("PATCH", "revisions")
-    with cluster.requester(one_model("m")) as again:
-        served(again, "m")
+    with cluster.requester(model) as again:
+        assert served(again, "m")[1] == "cold"
+    assert [p for m, p in cluster.kube.requests if m == "POST" and p.endswith("/services")][-1:], "it did start"
     assert cluster.kube.count("PATCH") + cluster.kube.count("PATCH", "revisions") == patches
     assert cluster.sim.revisions_created["fma-worker-m"] == 1
