@@ -190,7 +190,7 @@ def test_a_second_model_on_a_shared_gpu_never_has_a_pod_while_the_first_ones_pod
             served(req, "a")
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
-            pod_b, path = served(req, "b")  # a is evicted (no sleeper room): stopped, then b starts
+            _, path = served(req, "b")  # a is evicted (no sleeper room): stopped, then b starts
             done.set()
             sampler.join(5)
             assert path == "cold" and status(req, "a")["state"] == "cold"

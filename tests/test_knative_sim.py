@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from knative_sim import SimulatedKnative
+from knative_sim import DRAIN_S, PA_REENQUEUE_S, SimulatedKnative
 from knative_webhook import ClusterConfig
 from kube_fake import FakeKube, load_role
 from kubernetes import client
@@ -44,6 +44,14 @@ def make_sim(kube: FakeKube, tmp_path: Path, **kw) -> SimulatedKnative:
 @pytest.fixture()
 def sim(kube: FakeKube, tmp_path: Path) -> Iterator[SimulatedKnative]:
     s = make_sim(kube, tmp_path)
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def slow_sim(kube: FakeKube, tmp_path: Path) -> Iterator[SimulatedKnative]:
+    """20 simulated s per real s: ticks of 0.4 simulated s, fine enough to time a backoff or a window."""
+    s = make_sim(kube, tmp_path, speed=20.0)
     yield s
     s.stop()
 
@@ -422,3 +430,213 @@ def test_a_half_open_watch_sends_headers_then_nothing(kube):
         assert resp.status_code == 200
         for _ in resp.iter_raw():
             pass
+
+
+# ---- the PodAutoscaler: activation, the stable window, the drain ------------------------------------
+
+def pod_object(kube: FakeKube, name: str) -> dict | None:
+    return kube.get_object(NS, name, plural="pods")
+
+
+def revision_condition(kube: FakeKube, name: str, kind: str) -> dict:
+    rev = kube.get_object(NS, name, plural="revisions") or {}
+    return next((c for c in (rev.get("status") or {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def test_an_idle_ready_pod_goes_a_stable_window_after_its_last_request_then_drains_30_s(kube, slow_sim, api,
+                                                                                       upstream):
+    """pkg/autoscaler/scaling/autoscaler.go (Scale: the stable window's average), kpa/scaler.go (handleScaleToZero:
+    active for the stable window -> inactive -> the fast path 3 s later, the activator being in the path), then
+    resources/deploy.go + pkg/queue/sharedmain/main.go (the preStop waits for queue-proxy's 30 s drain)."""
+    sim = slow_sim
+    sim.behaviour["w"] = f"upstream:{upstream.url}"
+    create(api, service(annotations={"autoscaling.knative.dev/scale-to-zero-pod-retention-period": "0s"}))
+    sim.wait_until(lambda: ready(kube) == "True", 30, "ready")
+    time.sleep(sim.clock.real(70))  # active for longer than the stable window already
+    assert httpx.post(f"{route(sim)}/x", json={}, timeout=30).status_code == 200
+    last = sim.clock.now()
+    (pod,) = sim.live_pods("w")
+    sim.wait_until(lambda: pod.deleting, 200, "the scale-down")
+    terminated = sim.clock.now() - last
+    assert 60 <= terminated <= 60 + PA_REENQUEUE_S + 3, terminated
+    assert pod_object(kube, pod.name)["metadata"].get("deletionTimestamp"), "terminating: still there"
+    sim.wait_until(lambda: pod.gone, 60, "the drain")
+    assert DRAIN_S - 3 <= sim.clock.now() - last - terminated <= DRAIN_S + 3
+    assert pod_object(kube, pod.name) is None
+
+
+def test_a_pod_that_stops_being_ready_keeps_its_pa_activating_until_the_progress_deadline(kube, sim, api, upstream):
+    """kpa.go (computeActiveCondition: ready < minReady -> Activating), kpa/scaler.go (handleScaleToZero: an
+    activating PA is not scaled to zero before CanFailActivation), pa_lifecycle.go (progress deadline + 30 s since
+    activation began). This is why a sleeping worker must stay ready: a release would leave its pod this long."""
+    sim.behaviour["w"] = f"upstream:{upstream.url}"
+    create(api, service(annotations={"autoscaling.knative.dev/min-scale": "1",
+                                     "serving.knative.dev/progress-deadline": "120s"}))
+    sim.wait_until(lambda: ready(kube) == "True", 30, "ready")
+    upstream.is_ready = False  # e.g. a worker whose readiness meant "awake", put to sleep
+    sim.wait_until(lambda: revision_condition(kube, "w-00001", "Active").get("status") == "Unknown", 30,
+                   "the PA to be activating")
+    began = sim.clock.now()
+    patch(api, "w-00001", {"metadata": {"annotations": {
+        "autoscaling.knative.dev/min-scale": "0",
+        "autoscaling.knative.dev/scale-to-zero-pod-retention-period": "0s"}}}, "revisions")
+    time.sleep(sim.clock.real(100))
+    assert sim.live_pods("w"), "released, but kept: the PA is activating"
+    sim.wait_until(lambda: not sim.live_pods("w"), 200, "the activation to time out")
+    assert 120 + 30 - 3 <= sim.clock.now() - began <= 120 + 30 + 5
+
+
+# ---- the kubelet: restarts, Secrets ---------------------------------------------------------------
+
+def test_a_crashed_container_restarts_in_the_same_pod_with_the_kubelets_backoff(kube, slow_sim, api):
+    """pkg/kubelet/kuberuntime/kuberuntime_manager.go (doBackOff), pkg/kubelet/kubelet.go (backOffPeriod 10 s,
+    MaxContainerBackOff 5 min): the first restart at once, then 10 s, 20 s...; restartCount and lastState."""
+    sim = slow_sim
+    create(api, service(annotations={"autoscaling.knative.dev/min-scale": "1"}))
+    sim.wait_until(lambda: ready(kube) == "True", 30, "ready")
+    (pod,) = sim.live_pods("w")
+    address = pod.url
+    sim.crash(pod, again=True)
+    starts: list[float] = []
+    for restarts in (1, 2, 3):
+        sim.wait_until(lambda n=restarts: pod.restarts >= n and pod.state == "running", 200, f"restart {restarts}")
+        starts.append(pod.started_at)
+    assert 9 <= starts[1] - starts[0] - 1 <= 12 and 19 <= starts[2] - starts[1] - 1 <= 22, starts
+    assert pod.url == address and sim.pods_started["w"] == 1, "the same pod, at the same address"
+    obj = pod_object(kube, pod.name)
+    user = obj["status"]["containerStatuses"][0]
+    assert user["restartCount"] >= 3 and user["lastState"]["terminated"]["exitCode"] == 1
+
+
+def test_a_container_whose_secret_is_missing_waits_with_create_container_config_error(kube, sim, api):
+    """pkg/kubelet/kubelet_pods.go (makeEnvironmentVariables: secretKeyRef resolved, else the container does not
+    start); the pod gets the value once the Secret exists."""
+    env = [{"name": "FMA_WORKER_TOKEN", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "worker-token"}}}]
+    body = service()
+    body["spec"]["template"]["spec"]["containers"][0]["env"] = env
+    create(api, body)
+    sim.wait_until(lambda: sim.live_pods("w") and sim.live_pods("w")[0].reason == "CreateContainerConfigError", 30,
+                   "the container to wait")
+    (pod,) = sim.live_pods("w")
+    assert pod.message == 'secret "keys" not found' and not pod.ready
+    kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": NS},
+                     "data": {"worker-token": "czNjcjN0"}}, plural="secrets")  # "s3cr3t"
+    sim.wait_until(lambda: ready(kube) == "True", 30, "ready once the Secret is there")
+    assert pod.standin.token == "s3cr3t"
+
+
+def test_the_stand_in_worker_checks_the_token_and_answers_like_the_worker(kube, sim, api):
+    """fma_worker/app.py: probes open, the rest needs the token; /loaded ready awake or asleep, /ready only awake;
+    a completion while asleep is a 503 worker_sleeping."""
+    kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": NS},
+                     "data": {"worker-token": "czNjcjN0"}}, plural="secrets")
+    body = service(annotations={"autoscaling.knative.dev/min-scale": "1"})
+    container = body["spec"]["template"]["spec"]["containers"][0]
+    container["env"] = [{"name": "FMA_WORKER_TOKEN",
+                         "valueFrom": {"secretKeyRef": {"name": "keys", "key": "worker-token"}}}]
+    container["readinessProbe"] = {"httpGet": {"path": "/loaded"}, "periodSeconds": 1}
+    create(api, body)
+    sim.wait_until(lambda: ready(kube) == "True", 30, "ready")
+    (pod,) = sim.live_pods("w")
+    auth = {"Authorization": "Bearer s3cr3t"}
+    assert httpx.post(f"{pod.url}/sleep").status_code == 401 and pod.standin.refused == ["POST /sleep"]
+    assert httpx.post(f"{pod.url}/sleep", headers=auth).status_code == 200
+    assert httpx.get(f"{pod.url}/loaded").status_code == 200 and httpx.get(f"{pod.url}/ready").status_code == 503
+    assert httpx.get(f"{pod.url}/is_sleeping", headers=auth).json() == {"is_sleeping": True}
+    time.sleep(sim.clock.real(5))
+    assert pod.ready, "probed on /loaded: ready while asleep"
+    answer = httpx.post(f"{route(sim)}/v1/completions", json={}, headers=auth, timeout=30)
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "worker_sleeping"
+
+
+# ---- revision conditions that stick ----------------------------------------------------------------
+
+def test_container_healthy_false_sticks_until_a_pod_is_ready_and_after_a_scale_to_zero(kube, sim, api):
+    """reconcile_resources.go (reconcileDeployment: lastState.terminated with replicas > 0 and none available ->
+    ContainerHealthy=False; only ReadyReplicas > 0 clears it), configuration.go (the latest ready revision stays
+    latest ready; the Configuration goes Ready=False), route.go (a bad target is marked, traffic keeps going)."""
+    create(api, service(annotations={"serving.knative.dev/progress-deadline": "30s"}))
+    sim.wait_until(lambda: ready(kube) == "True", 30, "ready")
+    (pod,) = sim.live_pods("w")
+    sim.crash(pod)  # once: it restarts and loads again
+    sim.wait_until(lambda: revision_condition(kube, "w-00001", "ContainerHealthy").get("status") == "False", 30,
+                   "ContainerHealthy=False while no pod is available")
+    assert revision_condition(kube, "w-00001", "ContainerHealthy")["reason"] == "ExitCode137"
+    assert ready(kube) == "False"
+    sim.wait_until(lambda: ready(kube) == "True", 60, "cleared by a ready replica")
+    assert pod.restarts == 1 and pod_object(kube, pod.name)["status"]["containerStatuses"][0]["lastState"]
+    sim.crash(pod, again=True)  # now a crash loop: the PA activates, times out, scales to zero
+    sim.wait_until(lambda: not sim.pods("w"), 400, "the activation timeout and the drain")
+    time.sleep(sim.clock.real(30))
+    health = revision_condition(kube, "w-00001", "ContainerHealthy")
+    assert health["status"] == "False", "no pod left to clear it: it sticks"
+    status = svc_status(kube)
+    assert ready(kube) == "False" and status["latestReadyRevisionName"] == "w-00001"
+    assert next(c for c in status["conditions"] if c["type"] == "Ready")["reason"] == "RevisionFailed"
+
+
+def test_a_revision_that_never_initialized_says_initial_scale_was_never_achieved(kube, sim, api):
+    """revision_lifecycle.go (PropagateAutoscalerStatus: inactive before the scale target initialized)."""
+    sim.behaviour["w"] = "slow:100000"
+    create(api, service(annotations={"serving.knative.dev/progress-deadline": "60s"}))
+    sim.wait_until(lambda: sim.pods_started.get("w"), 30, "the pod")
+    sim.wait_until(lambda: not sim.pods("w"), 200, "the activation to time out")
+    ra = revision_condition(kube, "w-00001", "ResourcesAvailable")
+    assert ra["status"] == "False" and ra["message"] == "Initial scale was never achieved"
+
+
+# ---- the API server's defaults, the release, older releases -------------------------------------------
+
+def test_a_service_is_stored_as_the_defaulting_webhook_leaves_it(kube, sim, api):
+    """revision_defaults.go (RevisionSpec.SetDefaults), route_defaults.go (traffic), metadata_validation.go
+    (SetUserInfo: creator, and lastModifier only when the spec changes)."""
+    created = create(api, service())
+    stored = kube.get_object(NS, "w")
+    assert created["spec"] == stored["spec"], "the create's answer is the stored object"
+    spec = stored["spec"]["template"]["spec"]
+    assert stored["spec"]["traffic"] == [{"latestRevision": True, "percent": 100}]
+    assert spec["containerConcurrency"] == 0 and spec["enableServiceLinks"] is False
+    (container,) = spec["containers"]
+    assert container["name"] == "user-container"
+    assert container["readinessProbe"] == {"httpGet": {"path": "/ready"}, "periodSeconds": 1, "successThreshold": 1,
+                                           "failureThreshold": 3, "timeoutSeconds": 1}
+    ann = stored["metadata"]["annotations"]
+    assert ann["serving.knative.dev/creator"] == ann["serving.knative.dev/lastModifier"]
+    patch(api, "w", {"metadata": {"labels": {"team": "x"}}})
+    assert kube.get_object(NS, "w")["metadata"]["annotations"] == ann, "no spec change: no new modifier"
+
+
+def test_the_serving_crd_carries_the_release_and_rbac_can_name_it(kube, tmp_path):
+    """hack/generate-yamls.sh (app.kubernetes.io/version: devel -> the release); RBAC resourceNames."""
+    from kube_fake import Rule
+
+    sim = make_sim(kube, tmp_path, config=ClusterConfig(serving_version="1.20.3"))
+    try:
+        ext = client.ApiextensionsV1Api(client.ApiClient(client.Configuration(host=kube.url)))
+        crd = ext.read_custom_resource_definition("services.serving.knative.dev", _preload_content=False)
+        assert json.loads(crd.data)["metadata"]["labels"]["app.kubernetes.io/version"] == "1.20.3"
+        kube.role = [Rule(frozenset({"apiextensions.k8s.io"}), frozenset({"customresourcedefinitions"}),
+                          frozenset({"get"}), frozenset({"services.serving.knative.dev"}))]
+        with pytest.raises(ApiException) as info:
+            ext.read_custom_resource_definition("revisions.serving.knative.dev")
+        assert info.value.status == 403
+    finally:
+        sim.stop()
+
+
+def test_before_1_21_a_revision_annotation_change_rolls_a_new_pod_and_never_reaches_the_pa(kube, tmp_path, api):
+    """knative-v1.20.0 resources/meta.go (makeAnnotations: every Revision annotation on the pod template),
+    reconcile_resources.go (reconcilePA compares the spec only; MakePA copied the annotations at creation)."""
+    sim = make_sim(kube, tmp_path, config=ClusterConfig(serving_version="1.20.3"))
+    try:
+        create(api, service())
+        sim.wait_until(lambda: ready(kube) == "True", 30, "ready")
+        (first,) = sim.live_pods("w")
+        patch(api, "w-00001", {"metadata": {"annotations": {"autoscaling.knative.dev/min-scale": "1"}}}, "revisions")
+        sim.wait_until(lambda: first.deleting, 60, "the rollout to replace the pod")
+        assert sim.pods_started["w"] == 2, "a surge pod first, then the old one goes: the model loads again"
+        assert sim.revisions_created["w"] == 1
+        sim.wait_until(lambda: not sim.live_pods("w"), 200, "the idle revision to scale to zero anyway")
+        # min-scale 1 on the Revision never reached its PA: it scaled to zero as created (min-scale 0).
+    finally:
+        sim.stop()
