@@ -555,9 +555,17 @@ def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kub
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fma", "namespace": NS}}]}))
     models = tmp_path / "models.yaml"
     models.write_text(f"models:\n  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32}}\n")
+    # The shipped template: workers get FMA_WORKER_TOKEN from the Secret fma-keys, and answer only with it.
+    template = tmp_path / "worker-template.yaml"
+    template.write_text((REPO / "knative" / "base" / "worker-template.yaml").read_text())
+    import base64
+
+    kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fma-keys", "namespace": NS},
+                     "data": {"worker-token": base64.b64encode(b"the-worker-token").decode()}}, plural="secrets")
     try:
-        with requester(tmp_path, models, FMA_ACTUATOR="knative", KUBECONFIG=str(kubeconfig),
-                       FMA_NAMESPACE=NS, FMA_STREAM_KEEPALIVE="0.5s") as req:
+        with requester(tmp_path, models, FMA_ACTUATOR="knative", KUBECONFIG=str(kubeconfig), FMA_NAMESPACE=NS,
+                       FMA_STREAM_KEEPALIVE="0.5s", FMA_WORKER_TEMPLATE=str(template),
+                       FMA_WORKER_TOKEN="the-worker-token") as req:
             assert worker_state(req.spi)["state"] == "cold"
             lines: list[str] = []
             with httpx.stream("POST", f"{req.spi}/v1/completions", timeout=180, json={
@@ -584,6 +592,8 @@ def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kub
             assert woke.status_code == 200 and woke.headers["X-FMA-Actuation"].startswith("wake;")
             assert woke.json()["choices"][0]["text"].startswith(", the city of Nova Haven")
             assert sim.revisions_created[SVC] == 1 and sim.pods_started[SVC] == 1, "sleep and wake kept the pod"
+            (pod,) = sim.live_pods(SVC)
+            assert httpx.post(f"{pod.url}/sleep").status_code == 401, "the real worker answers only with the token"
             released = httpx.delete(f"{req.spi}/v1/workers/{EMBEDDED}", timeout=30).json()
             assert released["state"] == "cold"
             sim.wait_until(lambda: not sim.live_pods(SVC), 200, "the released pod to go")

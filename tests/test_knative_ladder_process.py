@@ -126,6 +126,18 @@ def test_every_control_call_carries_the_worker_token_so_sleep_and_wake_work(clus
         assert pod.standin.refused == [], f"calls without the token: {pod.standin.refused}"
 
 
+def test_a_worker_put_to_sleep_behind_the_requesters_back_is_woken_by_the_next_request(cluster: Cluster):
+    """A request that reaches a sleeping worker gets its distinct refusal (503 worker_sleeping); the requester turns
+    it into a wake and sends the request again, instead of passing the 503 on."""
+    with cluster.requester(one_model("m", max_scale=1)) as req:
+        pod_name, _ = served(req, "m")
+        (pod,) = cluster.sim.live_pods("fma-worker-m")
+        assert httpx.post(f"{pod.url}/sleep", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert served(req, "m") == (pod_name, "wake")
+        assert not pod.standin.asleep and status(req, "m")["state"] == "ready"
+        assert "answered that it is asleep" in req.log()
+
+
 # ---- 2. a release of a sleeping worker removes its pod, and the budget holds it until then --------
 
 def test_releasing_a_sleeping_worker_removes_its_pod_within_the_bound_and_the_budget_holds_it(cluster: Cluster):

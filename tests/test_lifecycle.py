@@ -214,6 +214,89 @@ def test_a_worker_removed_behind_our_back_is_cold():
     assert h.phase("a") == "cold" and h.handle("a") is None and h.event_types() == ["started", "ready", "released"]
 
 
+# ---- a platform that finishes stops on its own time (Knative) --------------------------------------
+
+def test_a_release_handed_to_the_platform_answers_at_once_and_holds_the_budget_until_done():
+    h = harness(TWO)
+    ready(h, "a")
+    op = h.machine.request_release("a")
+    handle = h.handle("a")
+    h.machine.stop_pending(handle, "released; waiting for its pods to go")
+    assert op.done, "whoever released it is answered once the platform has the release"
+    status = h.machine.describe("a")
+    assert status.phase == "stopping" and status.detail == "released; waiting for its pods to go"
+    waiting = h.machine.admit("b")
+    assert h.effects.calls.count(("start", "b")) == 0, "b waits: a still holds its place until its worker is gone"
+    h.executor.deliver_next("stop", "a")
+    h.executor.deliver_next("start", "b")
+    assert waiting.result().actuation.path == "cold" and h.phase("a") == "cold"
+
+
+def test_a_request_during_a_platform_release_takes_the_worker_back_without_waiting_for_the_stop():
+    h = harness(ONE)
+    h.effects.reclaimable = True
+    ready(h, "a")
+    h.machine.request_release("a")
+    old = h.handle("a")
+    h.machine.stop_pending(old, "released")
+    ticket = h.machine.admit("a")
+    assert old.stop_abandoned.is_set(), "the stop in progress is told to give up"
+    assert h.phase("a") == "starting" and h.effects.calls.count(("start", "a")) == 2
+    h.executor.deliver_next("stop", "a")  # the abandoned stop returns: stale, ignored
+    assert h.phase("a") == "starting"
+    h.executor.deliver_next("start", "a")
+    assert ticket.result().actuation.path == "cold" and h.phase("a") == "ready"
+    assert h.event_types() == ["started", "ready", "started", "ready"]
+
+
+def test_a_reclaim_after_a_crash_waits_for_the_backoff_of_a_failed_start():
+    h = harness(ONE)
+    h.effects.reclaimable = True
+    h.effects.script("start", "a", RuntimeError("model failed to load"))
+    first = h.machine.admit("a")
+    h.executor.deliver_next("start", "a")
+    with pytest.raises(WorkerFailed):
+        first.result()
+    assert h.phase("a") == "stopping"
+    with pytest.raises(WorkerFailed, match="next retry in"):
+        h.machine.admit("a")
+    h.clock.advance(2.0)
+    h.machine.admit("a")
+    assert h.phase("a") == "starting", "past the backoff, the stop still in progress is taken back"
+
+
+@pytest.mark.parametrize(("state", "phase", "event"), [("ready", "ready", "ready"),
+                                                       ("sleeping", "sleeping", "sleeping"),
+                                                       ("releasing", "stopping", None)])
+def test_a_worker_found_at_start_up_is_adopted_in_its_true_state(state, phase, event):
+    from fma_requester.effects import WorkerHandle
+
+    h = harness(ONE)
+    found = WorkerHandle("a")
+    found.url = "http://fake/a/found"
+    h.machine.worker_found("a", found, state)
+    assert h.phase("a") == phase
+    assert h.event_types() == ([event] if event else [])
+    if state == "releasing":
+        assert h.effects.calls == [("stop", "a")], "a released worker is followed until it is gone"
+    if state == "sleeping":
+        ticket = h.machine.admit("a")
+        h.executor.deliver_next("wake", "a")
+        assert ticket.result().actuation.path == "wake"
+
+
+def test_a_ready_worker_that_answers_it_is_asleep_is_woken_by_the_next_request():
+    h = harness(ONE)
+    ready(h, "a")
+    lease = h.machine.admit("a").result()
+    h.machine.worker_asleep(lease)
+    lease.done()
+    assert h.phase("a") == "sleeping"
+    ticket = h.machine.admit("a")
+    h.executor.deliver_next("wake", "a")
+    assert ticket.result().actuation.path == "wake"
+
+
 # ---- sleep and wake ----------------------------------------------------------------------------
 
 def test_manual_sleep_waits_for_requests_in_flight():
