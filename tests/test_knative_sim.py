@@ -477,6 +477,7 @@ def test_a_pod_that_stops_being_ready_keeps_its_pa_activating_until_the_progress
     sim.wait_until(lambda: revision_condition(kube, "w-00001", "Active").get("status") == "Unknown", 30,
                    "the PA to be activating")
     began = sim.clock.now()
+    assert ready(kube) == "True", "revision_lifecycle.go: PA Active is not part of the Revision's readiness"
     patch(api, "w-00001", {"metadata": {"annotations": {
         "autoscaling.knative.dev/min-scale": "0",
         "autoscaling.knative.dev/scale-to-zero-pod-retention-period": "0s"}}}, "revisions")
