@@ -10,16 +10,23 @@ Serving
   (``pkg/reconciler/configuration/resources/revision.go``, ``MakeRevision``),
   carrying the template's annotations and its defaulted spec; a change of the
   Service's metadata makes none (``pkg/reconciler/configuration/configuration.go``,
-  ``ReconcileKind``). ``latestReadyRevisionName`` only moves forward: a ready
-  revision that later fails stays the latest ready one, the Configuration
-  goes ``Ready=False`` (``configuration.go``: ``MarkLatestCreatedFailed``,
-  "LatestReadyFailed") and the route keeps sending its traffic there
-  (``pkg/reconciler/route/route.go``, ``configureTraffic``: a bad target is
-  marked, the route is not reprogrammed).
+  ``ReconcileKind``), whose generation moves with the template only.
+  ``latestReadyRevisionName`` only moves forward: a ready revision that later
+  fails stays the latest ready one, the Configuration goes ``Ready=False``
+  (``configuration.go``: ``MarkLatestCreatedFailed``, "LatestReadyFailed") and
+  the route keeps sending its traffic there (``pkg/reconciler/route/route.go``,
+  ``configureTraffic``: a bad target is marked, the route is not reprogrammed).
+  The Service's ``Ready`` is knative.dev/pkg's condition set over
+  ConfigurationsReady then RoutesReady (``service.go``): the route's
+  ``RevisionMissing`` message wins when both failed. A host with no route yet
+  is a 404.
 * **The PodAutoscaler** (``pkg/reconciler/autoscaling/kpa/kpa.go`` and
   ``scaler.go``) - scale bounds from the Revision's annotations, which reach
   the PA on every reconcile from v1.21 (``reconcile_resources.go``,
-  ``syncAnnotationsForKPA``); before v1.21 the PA keeps the annotations it was
+  ``syncAnnotationsForKPA``), and are ignored while the Revision is
+  unreachable (``resources/pa.go`` ``reachability``: a failed container or
+  resources with no pod ready, or a Revision the route no longer uses;
+  ``pa_lifecycle.go`` ``ScaleBounds``); before v1.21 the PA keeps the annotations it was
   created with (``resources/pa.go``, ``MakePA``; ``reconcilePA`` compares only
   the spec) and every Revision annotation is copied into the Deployment's pod
   template (``resources/meta.go``, ``makeAnnotations``), so an annotation change
@@ -31,10 +38,12 @@ Serving
   activating PA is not scaled to zero before ``CanFailActivation`` (progress
   deadline + 30 s since activation began, ``pa_lifecycle.go``); an active one
   only once it has been active for the stable window (then it is marked
-  inactive, and the next reconcile, 3 s later, takes the fast path to zero once
-  the retention period has passed: the activator is always in the path with
-  ``target-burst-capacity: -1``). A new revision starts at ``initial-scale``
-  (``resources/deploy.go``; ``kpa/resources/decider.go``).
+  inactive, and the next reconcile, which its own status update triggers,
+  takes the fast path to zero once the retention period has passed: the
+  activator is always in the path with ``target-burst-capacity: -1``). A new
+  revision starts at ``initial-scale`` (``resources/deploy.go``;
+  ``kpa/resources/decider.go``); it is initialized once it has that many
+  ready pods (0: at once).
 * **Revision conditions** - ``reconcile_resources.go`` ``reconcileDeployment``:
   while replicas > 0 and none available, a ``PodScheduled=False`` pod marks
   ``ResourcesAvailable=False`` (its reason and message), and a user container
@@ -50,16 +59,19 @@ Serving
   user container's probe: ``pkg/queue/readiness``), with the defaulted
   success/failure thresholds.
 * **The activator** buffers requests while a revision has no ready pod (up to
-  10,000: ``pkg/activator/net/throttler.go``) and answers 504 past the
-  revision's ``timeoutSeconds`` (``cmd/activator/main.go``); **queue-proxy**
-  caps a request at ``timeoutSeconds`` in total, mid-stream included, and at
-  ``responseStartTimeoutSeconds`` for its first byte
-  (``pkg/queue/sharedmain/handlers.go``, ``pkg/http/handler/timeout.go``).
+  10,000: ``pkg/activator/net/throttler.go``); its timeout handler
+  (``cmd/activator/main.go``, ``pkg/http/handler/timeout.go``), timed from the
+  request's arrival, caps it at ``timeoutSeconds`` in total and
+  ``responseStartTimeoutSeconds`` to the first byte: a 504 before the
+  headers, after them the text ``activator request timeout`` ends the body
+  normally (queue-proxy's own handler, ``pkg/queue/sharedmain/handlers.go``,
+  starts later and never fires first).
 * **Terminating pods** keep running (and holding their memory) through
   queue-proxy's drain: the user container's preStop waits for it
-  (``resources/deploy.go``), which lasts 30 s after the last request
+  (``resources/deploy.go``), which ends 30 s after the last request arrived
   (``pkg/queue/sharedmain/main.go`` ``drainSleepDuration``;
-  ``knative.dev/pkg/network/handlers/drain.go`` ``Drain``).
+  ``knative.dev/pkg/network/handlers/drain.go`` ``Drain``); requests still in
+  flight then get the termination grace period, ``timeoutSeconds``.
 * **The webhook** - ``knative_webhook.KnativeWebhook``: objects are stored as
   the defaulting webhook leaves them, then validated.
 
@@ -70,9 +82,12 @@ Kubernetes
   ``makeEnvironmentVariables``). A container that exits is restarted
   (``restartPolicy: Always``) at once the first time, then after 10 s doubling
   to 5 min (``CrashLoopBackOff``: ``pkg/kubelet/kuberuntime/kuberuntime_manager.go``
-  ``doBackOff``; ``pkg/kubelet/kubelet.go`` ``backOffPeriod``, ``MaxContainerBackOff``),
-  in the same pod, at the same address, with ``restartCount`` and
-  ``lastState.terminated``.
+  ``doBackOff``; ``pkg/kubelet/kubelet.go`` ``backOffPeriod``, ``MaxContainerBackOff``;
+  forgotten after a long run), in the same pod, at the same address, with
+  ``restartCount`` and ``lastState.terminated`` (``OOMKilled`` or ``Error``; its
+  message the termination log, or the log's tail with
+  ``terminationMessagePolicy: FallbackToLogsOnError``). A pod is ``Pending``
+  until its container first started.
 * Pods are published as Pod objects (labels, IP, port, conditions, container
   statuses, ``deletionTimestamp`` while terminating) so the requester sees
   what it would see on a cluster.
@@ -82,9 +97,12 @@ timeouts pass quickly in tests. A pod's container is a stand-in
 (``StandInWorker``: the worker's HTTP surface, the sleep API and the token
 check included), a real local worker process (``process``), or a server the
 test runs (``upstream:URL``).
-What is *not* simulated: the activator's load balancing and panic mode,
-multiple containers, DomainMappings, tags and traffic splits, TLS, resource
-quantities' canonical forms.
+What is *not* simulated: the activator's load balancing and panic mode, the
+decider's target utilisation, window and scale-down-delay annotations, multiple
+containers, DomainMappings, tags and traffic splits (and the defaults traffic
+targets get), TLS, resource quantities' canonical forms, Revision garbage
+collection, the webhook's check that creator and lastModifier are not changed by
+hand.
 """
 
 from __future__ import annotations
@@ -112,9 +130,14 @@ from fma_common.procs import WORKER_APP, WORKER_CONFIG, free_port, start_gunicor
 
 ACTIVATOR_CAPACITY = 10_000  # pkg/activator/net/throttler.go
 ACTIVATION_BUFFER_S = 30.0  # kpa/scaler.go activationTimeoutBuffer
-PA_REENQUEUE_S = 3.0  # kpa/scaler.go: a PA marked inactive is reconciled again 3 s later
+# kpa/scaler.go re-enqueues a PA it marks inactive after 3 s, but that is a fallback: the PA's own status update
+# enqueues it at once (kpa/controller.go, HandleAll(impl.Enqueue)), so the fast path follows in the next reconcile.
+PA_REENQUEUE_S = 0.0
 DRAIN_S = 30.0  # pkg/queue/sharedmain/main.go drainSleepDuration (the preStop waits for it)
 CRASH_BACKOFF_S, CRASH_BACKOFF_MAX_S = 10.0, 300.0  # pkg/kubelet/kubelet.go backOffPeriod, MaxContainerBackOff
+# k8s.io/client-go util/flowcontrol Backoff: an entry unused for twice the cap is forgotten (a container that ran that
+# long starts its backoff over).
+CRASH_BACKOFF_RESET_S = 2 * CRASH_BACKOFF_MAX_S
 MANAGED = "app.kubernetes.io/managed-by"
 # resources/meta.go: annotations the controller never copies onto what it makes
 EXCLUDED_ANNOTATIONS = ("serving.knative.dev/lastPinned", "serving.knative.dev/preserve",
@@ -131,6 +154,19 @@ def _cond(kind: str, status: str, reason: str | None = None, message: str | None
     return out
 
 
+def _rfc3339(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+def _log_tail(path: Path, limit: int = 2048) -> str:
+    """The end of a container's log, as FallbackToLogsOnError reports it (the last 2 KiB or 80 lines)."""
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-80:])
+
+
 def version_tuple(text: str) -> tuple[int, int]:
     """``"1.23.0"`` -> (1, 23); anything else (``devel``) counts as the newest."""
     parts = text.lstrip("v").split(".")
@@ -138,6 +174,29 @@ def version_tuple(text: str) -> tuple[int, int]:
         return int(parts[0]), int(parts[1])
     except (IndexError, ValueError):
         return (99, 0)
+
+
+def _condition_set(happy: str, marks: list[tuple[str, str, str, str]]) -> list[dict[str, Any]]:
+    """knative.dev/pkg ``apis/condition_set.go`` for a living condition set: each dependent marked in order;
+    ``MarkFalse`` sets the happy condition False with its reason and message, ``MarkUnknown`` leaves an already
+    False one alone (a False dependent trumps it) and otherwise makes it Unknown with its own, ``MarkTrue`` makes it
+    True once every dependent is."""
+    state = {kind: ("Unknown", "", "") for kind, *_ in marks}
+    top = ("Unknown", "", "")
+    for kind, status, reason, message in marks:
+        state[kind] = (status, reason, message)
+        if status == "False":
+            top = (status, reason, message)
+        elif status == "Unknown":
+            if any(v[0] == "False" for v in state.values()):
+                if top[0] != "False":
+                    top = ("False", reason, message)
+            else:
+                top = (status, reason, message)
+        elif all(v[0] == "True" for v in state.values()):
+            top = ("True", "", "")
+    return [_cond(happy, top[0], top[1] or None, top[2] or None)] + \
+        [_cond(kind, v[0], v[1] or None, v[2] or None) for kind, v in state.items()]
 
 
 class SimClock:
@@ -160,6 +219,8 @@ class SimClock:
 
 @dataclass(eq=False)
 class Pod:
+    """One pod and its user container, as the kubelet runs and reports it."""
+
     name: str
     revision: str
     created: float
@@ -172,11 +233,14 @@ class Pod:
     message: str = ""
     started_at: float | None = None
     restarts: int = 0
-    last_exit: tuple[int, str] | None = None  # lastState.terminated (exit code, message)
+    last_exit: tuple[int, str, str] | None = None  # lastState.terminated (exit code, reason, message)
+    ever_started: bool = False
+    log_tail: str = ""  # what the container last wrote (FallbackToLogsOnError makes it the termination message)
     restart_at: float | None = None  # CrashLoopBackOff: when the kubelet starts it again
     backoff: float = 0.0
     crashing: bool = False  # every start of its container exits soon after (a crash loop)
     deleting_since: float | None = None
+    deleting_at: float = 0.0  # wall clock, for deletionTimestamp
     ready_at: float | None = None
     proc: subprocess.Popen | None = None
     port: int | None = None  # a real container keeps its pod's address across restarts
@@ -218,6 +282,9 @@ class Revision:
     pa_annotations: dict[str, str] = field(default_factory=dict)  # what MakePA copied at creation (pre-1.21)
     pod_annotations: dict[str, str] | None = None  # the pod template's (pre-1.21 rollouts)
     rollout: int = 0
+    progress_since: float = 0.0  # the Deployment's progress clock: creation, or the last scale-up from zero
+    resources_failed: bool = False  # ResourcesAvailable=False at the last status
+    last_request: float | None = None  # the last request's arrival (queue-proxy's drain counts from it)
     status_written: dict[str, Any] | None = None
 
 
@@ -250,6 +317,7 @@ class SimulatedKnative:
         self._events: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue()
         self._closing = False
         self._seq = itertools.count(1)
+        self._templates: dict[str, tuple[int, Any]] = {}  # Service -> (Configuration generation, its template)
         self._publish_crd()
         kube.listeners.append(lambda kind, plural, obj: self._events.put((kind, plural, obj)))
         self._thread = threading.Thread(target=self._loop, name="knative-sim", daemon=True)
@@ -282,10 +350,11 @@ class SimulatedKnative:
             return [p for r in self.service_revisions(service) for p in r.pods]
 
     def crash(self, pod: Pod, *, again: bool = False) -> None:
-        """The pod's container exits (an OOM kill, a segfault); ``again``: every restart crashes too."""
+        """The pod's container is OOM-killed; ``again``: every restart crashes too."""
         with self._lock:
             pod.crashing = again
-            self._container_exited(pod, 137, "OOMKilled", self.clock.now())
+            pod.log_tail = "torch.OutOfMemoryError: CUDA out of memory"
+            self._container_exited(pod, 137, self.clock.now())
 
     def wait_until(self, predicate: Any, sim_seconds: float, what: str) -> None:
         deadline = time.monotonic() + self.clock.real(sim_seconds) + 5.0
@@ -338,11 +407,15 @@ class SimulatedKnative:
             self._delete_service(name, ns)
             return
         with self._lock:
-            generation = meta["generation"]
-            rev_name = f"{name}-{generation:05d}"
-            if rev_name in self.revisions:
-                return  # a status or metadata write: no new revision
-            self._create_revision(obj, rev_name, generation)
+            # The Configuration's generation moves with the template only (a change of the Service's traffic or
+            # metadata makes no Revision); Revisions are named after it.
+            template = obj["spec"].get("template")
+            generation, last = self._templates.get(name, (0, None))
+            if generation and template == last:
+                return
+            generation += 1
+            self._templates[name] = (generation, template)
+            self._create_revision(obj, f"{name}-{generation:05d}", generation)
 
     def _create_revision(self, svc: dict[str, Any], rev_name: str, generation: int) -> None:
         """configuration.go: one Revision per generation of the template (resources/revision.go)."""
@@ -363,7 +436,7 @@ class SimulatedKnative:
         mode = self.behaviour.get(meta["name"], self.default)
         now = self.clock.now()
         rev = Revision(rev_name, meta["name"], ns, generation, now, mode, pa_since=now,
-                       pa_annotations=self._scaling_annotations(annotations))
+                       pa_annotations=self._scaling_annotations(annotations), progress_since=now)
         rev.replicas = self._bounds(rev, body)[2]  # resources/deploy.go: the Deployment starts at initial-scale
         self.revisions[rev_name] = rev
         self.revisions_created[meta["name"]] = self.revisions_created.get(meta["name"], 0) + 1
@@ -372,6 +445,7 @@ class SimulatedKnative:
     def _delete_service(self, name: str, ns: str) -> None:
         """Owner references: the Configuration, its Revisions and their Deployments go; pods terminate."""
         with self._lock:
+            self._templates.pop(name, None)
             now = self.clock.now()
             for rev in [r for r in self.revisions.values() if r.service == name]:
                 rev.replicas = 0
@@ -393,6 +467,8 @@ class SimulatedKnative:
                     self._write_revision_status(rev, obj, now)
                 elif not rev.pods:
                     del self.revisions[rev.name]  # collected, and its last pod is gone
+                else:
+                    rev.replicas = 0
             for service in {r.service for r in self.revisions.values()}:
                 self._write_service_status(service)
             for service in [s for s in self._routes if s not in {r.service for r in self.revisions.values()}]:
@@ -407,12 +483,36 @@ class SimulatedKnative:
         return {k: v for k, v in annotations.items() if k.startswith(f"{AUTOSCALING}/")}
 
     def _bounds(self, rev: Revision, obj: dict[str, Any]) -> tuple[int, int, int, float]:
-        """min, max, initial scale and last-pod retention, as the PA sees them (``resources/pa.go``)."""
+        """min, max, initial scale and last-pod retention, as the PA sees them (``resources/pa.go``); an unreachable
+        Revision has no min, no retention and no initial scale (``pa_lifecycle.go`` ``ScaleBounds``, ``scaler.go``
+        ``lastPodRetention`` and ``scale``)."""
         ann = rev.pa_annotations if self.legacy else (obj["metadata"].get("annotations") or {})
         retention_key = f"{AUTOSCALING}/scale-to-zero-pod-retention-period"
         retention = go_duration(ann[retention_key]) if retention_key in ann else 0.0
-        return (int(ann.get(f"{AUTOSCALING}/min-scale", "0")), int(ann.get(f"{AUTOSCALING}/max-scale", "0")),
-                int(ann.get(f"{AUTOSCALING}/initial-scale", "1")), retention)
+        bounds = (int(ann.get(f"{AUTOSCALING}/min-scale", "0")), int(ann.get(f"{AUTOSCALING}/max-scale", "0")),
+                  int(ann.get(f"{AUTOSCALING}/initial-scale", "1")), retention)
+        if self._unreachable(rev):
+            return 0, bounds[1], 1, 0.0
+        return bounds
+
+    def _routing_state(self, rev: Revision) -> str:
+        """The labeler's ``serving.knative.dev/routingState``: active while the route sends it traffic, reserve
+        once it no longer does, pending before it ever did (``pkg/reconciler/labeler``)."""
+        routed = self._latest_ready(rev.service)
+        if routed is rev:
+            return "active"
+        if routed is not None and routed.generation > rev.generation:
+            return "reserve"
+        return "pending"
+
+    def _unreachable(self, rev: Revision) -> bool:
+        """``resources/pa.go`` ``reachability``: an infrastructure failure (ResourcesAvailable or ContainerHealthy
+        False) while it wants pods and has none ready, or a Revision the route no longer uses."""
+        ready = sum(1 for p in rev.pods if p.ready and not p.deleting)
+        failed = rev.health[0] == "False" or rev.resources_failed
+        if failed and rev.replicas > 0 and ready == 0:
+            return True
+        return self._routing_state(rev) == "reserve"
 
     def _progress_deadline(self, obj: dict[str, Any]) -> float:
         text = (obj["metadata"].get("annotations") or {}).get("serving.knative.dev/progress-deadline")
@@ -431,8 +531,8 @@ class SimulatedKnative:
         concurrency = rev.waiting + sum(p.in_flight for p in live)
         if concurrency:
             rev.last_traffic = now
-        if ready and rev.initialized_at is None:
-            rev.initialized_at = now  # MarkScaleTargetInitialized
+        if rev.initialized_at is None and ready >= max(min_s, initial):
+            rev.initialized_at = now  # computeActiveCondition: MarkScaleTargetInitialized at minReady (0 at once)
         spec = obj.get("spec", {})
         target = float((obj["metadata"].get("annotations") or {}).get(f"{AUTOSCALING}/target", 0) or 0) \
             or float(spec.get("containerConcurrency") or 0) or 100.0
@@ -477,6 +577,8 @@ class SimulatedKnative:
                 else:
                     want, apply = 0, False
         if apply:
+            if want > 0 and rev.replicas == 0:
+                rev.progress_since = now  # a scale-up restarts the Deployment's progress clock
             rev.replicas = want
         # computeActiveCondition
         if want == 0 or min_ready == 0:
@@ -532,7 +634,7 @@ class SimulatedKnative:
     def _terminate(self, pod: Pod, now: float) -> None:
         """A deleted pod: out of the endpoints at once, its containers running through queue-proxy's drain."""
         if pod.deleting_since is None:
-            pod.deleting_since = now
+            pod.deleting_since, pod.deleting_at = now, time.time()
             pod.ready = False
 
     # ---- the kubelet ------------------------------------------------------------------------------
@@ -582,6 +684,7 @@ class SimulatedKnative:
             pod.port = pod.standin.port
             pod.url = pod.standin.url
         pod.state, pod.reason, pod.message, pod.started_at, pod.restart_at = "running", "", "", now, None
+        pod.ever_started = True
         pod.probe_ok = pod.probe_failed = 0
 
     def _start_process(self, rev: Revision, pod: Pod, container_env: dict[str, str]) -> None:
@@ -602,11 +705,18 @@ class SimulatedKnative:
         if pod.proc is not None and pod.proc.poll() is None:
             threading.Thread(target=stop_process_group, args=(pod.proc, 10), daemon=True).start()
 
-    def _container_exited(self, pod: Pod, code: int, message: str, now: float) -> None:
-        """restartPolicy Always: the first restart at once, then CrashLoopBackOff (10 s doubling, 5 min cap)."""
+    def _container_exited(self, pod: Pod, code: int, now: float, policy: str = "File") -> None:
+        """restartPolicy Always: the first restart at once, then CrashLoopBackOff (10 s doubling, 5 min cap; a
+        container that ran for 10 minutes starts over). ``lastState.terminated``: ``OOMKilled`` for an OOM kill,
+        else ``Error``; the message is the termination log (empty here), or the log's tail when the container's
+        ``terminationMessagePolicy`` is ``FallbackToLogsOnError`` (``pkg/kubelet/kuberuntime``)."""
         self._stop_container(pod)
+        if pod.started_at is not None and now - pod.started_at >= CRASH_BACKOFF_RESET_S:
+            pod.backoff = 0.0
         pod.ready = False
-        pod.state, pod.last_exit, pod.restarts = "waiting", (code, message), pod.restarts + 1
+        message = pod.log_tail if policy == "FallbackToLogsOnError" and code != 0 else ""
+        pod.last_exit = (code, "OOMKilled" if code == 137 else "Error" if code else "Completed", message)
+        pod.state, pod.restarts = "waiting", pod.restarts + 1
         pod.reason = "CrashLoopBackOff"
         pod.restart_at = now + pod.backoff
         pod.backoff = CRASH_BACKOFF_S if not pod.backoff else min(pod.backoff * 2, CRASH_BACKOFF_MAX_S)
@@ -614,10 +724,16 @@ class SimulatedKnative:
 
     def _advance_pods(self, rev: Revision, obj: dict[str, Any] | None, now: float) -> None:
         mode, _, arg = rev.mode.partition(":")
+        container = ((obj or {}).get("spec", {}).get("containers") or [{}])[0]
+        policy = container.get("terminationMessagePolicy") or "File"
+        grace = float((obj or {}).get("spec", {}).get("timeoutSeconds") or self.config.revision_timeout_seconds)
         for pod in list(rev.pods):
             if pod.deleting:
-                # preStop: queue-proxy's drain (30 s after the last request), then SIGTERM.
-                if now - pod.deleting_since >= DRAIN_S and pod.in_flight == 0:
+                # preStop: queue-proxy's drain, 30 s with no new request (drain.go: each arrival resets it); then
+                # SIGTERM, and requests still in flight finish within the grace period (timeoutSeconds: deploy.go).
+                quiet_since = max(pod.deleting_since, rev.last_request or pod.deleting_since)
+                drained = now - quiet_since >= DRAIN_S
+                if drained and (pod.in_flight == 0 or now - pod.deleting_since >= grace):
                     self._stop_container(pod)
                     if pod.proc is None or pod.proc.poll() is not None:
                         rev.pods.remove(pod)
@@ -631,9 +747,11 @@ class SimulatedKnative:
                 continue
             if pod.state == "running":
                 if pod.proc is not None and pod.proc.poll() is not None:
-                    self._container_exited(pod, pod.proc.returncode, f"exit code {pod.proc.returncode}", now)
+                    pod.log_tail = _log_tail(self.workdir / f"{pod.name}.{pod.restarts}.log")
+                    self._container_exited(pod, pod.proc.returncode, now, policy)
                 elif pod.crashing and pod.started_at is not None and now - pod.started_at >= 1.0:
-                    self._container_exited(pod, 1, "model failed to load (exit code 1)", now)
+                    pod.log_tail = pod.log_tail or "RuntimeError: model failed to load"
+                    self._container_exited(pod, 1, now, policy)
                 continue
             if pod.restart_at is None or now >= pod.restart_at:
                 self._start_container(rev, pod, obj, now)
@@ -674,7 +792,7 @@ class SimulatedKnative:
         for pod in rev.pods:
             port = pod.port or (int(pod.url.rsplit(":", 1)[1]) if pod.url else None) or \
                 (container.get("ports") or [{}])[0].get("containerPort", 8080)
-            state = (pod.scheduled, pod.ready, pod.state, pod.reason, pod.restarts, port, pod.deleting)
+            state = (pod.scheduled, pod.ready, pod.state, pod.reason, pod.restarts, port, pod.deleting_since)
             if state == pod.published:
                 continue
             first = pod.published is None
@@ -688,9 +806,12 @@ class SimulatedKnative:
             user = {"name": container.get("name") or "user-container", "ready": pod.ready,
                     "restartCount": pod.restarts, "state": user_state, "lastState": {}}
             if pod.last_exit is not None:
-                user["lastState"] = {"terminated": {"exitCode": pod.last_exit[0], "message": pod.last_exit[1],
-                                                    "reason": "Error"}}
-            status: dict[str, Any] = {"phase": "Running" if pod.scheduled else "Pending", "conditions": conds}
+                code, reason, message = pod.last_exit
+                user["lastState"] = {"terminated": {"exitCode": code, "reason": reason,
+                                                    **({"message": message} if message else {})}}
+            # Pending until every container has started once (the kubelet's getPhase).
+            status: dict[str, Any] = {"phase": "Running" if pod.scheduled and pod.ever_started else "Pending",
+                                      "conditions": conds}
             if pod.scheduled:
                 status["podIP"] = "127.0.0.1" if pod.url else f"10.244.0.{hash(pod.name) % 200 + 2}"
                 status["containerStatuses"] = [
@@ -702,7 +823,7 @@ class SimulatedKnative:
                                             "serving.knative.dev/service": rev.service,
                                             "serving.knative.dev/configuration": rev.service,
                                             "app": rev.name},
-                                 **({"deletionTimestamp": "now"} if pod.deleting else {})},
+                                 **({"deletionTimestamp": _rfc3339(pod.deleting_at)} if pod.deleting else {})},
                     "spec": {"containers": [
                         {"name": container.get("name") or "user-container", "ports": [{"containerPort": port}]},
                         {"name": "queue-proxy", "ports": [{"containerPort": 8012}]}]},
@@ -726,10 +847,11 @@ class SimulatedKnative:
                 resources = _cond("ResourcesAvailable", "False", "Unschedulable",
                                   "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
             if pod.last_exit is not None:
-                code, message = pod.last_exit
-                rev.health = ("False", f"ExitCode{code}", f"Container failed with: {message}")
-            elif pod.state == "waiting" and pod.reason not in ("ContainerCreating", "CrashLoopBackOff") \
-                    and now - rev.created > self._progress_deadline(obj):
+                code, _, message = pod.last_exit
+                # RevisionContainerExitingMessage; an exit 0 with no message gets a message of its own.
+                text = "container exited with no error" if code == 0 and not message else message
+                rev.health = ("False", f"ExitCode{code}", f"Container failed with: {text}")
+            elif pod.state == "waiting" and now - rev.progress_since > self._progress_deadline(obj):
                 resources = _cond("ResourcesAvailable", "False", pod.reason, pod.message)
         if available:
             rev.health = ("True", "", "")  # ReadyReplicas > 0: MarkContainerHealthyTrue
@@ -744,11 +866,12 @@ class SimulatedKnative:
                 # PropagateAutoscalerStatus: inactive before the scale target ever initialized.
                 resources = _cond("ResourcesAvailable", "False", "ProgressDeadlineExceeded",
                                   "Initial scale was never achieved")
-            elif live and now - rev.created > self._progress_deadline(obj):
+            elif live and now - rev.progress_since > self._progress_deadline(obj):
                 resources = _cond("ResourcesAvailable", "False", "ProgressDeadlineExceeded",
                                   f'ReplicaSet "{rev.name}-deployment" has timed out progressing.')
             else:
                 resources = _cond("ResourcesAvailable", "Unknown", "Deploying")
+        rev.resources_failed = resources["status"] == "False"
         statuses = {resources["status"], health["status"]}
         if "False" in statuses:
             bad = resources if resources["status"] == "False" else health
@@ -779,6 +902,11 @@ class SimulatedKnative:
         return next((r for r in reversed(revs) if r.ever_ready), None)
 
     def _write_service_status(self, service: str) -> None:
+        """The Service's status: ConfigurationsReady from the latest created Revision
+        (``configuration_lifecycle.go``: Unknown with no reason while it is not ready, ``RevisionFailed`` when it
+        failed), RoutesReady from the Revision the route sends traffic to (``route_lifecycle.go``:
+        ``RevisionMissing`` with the route's own messages), propagated in that order (``service.go``) through
+        knative.dev/pkg's condition set, where the last dependent marked False names the Service's Ready."""
         revs = sorted(self.service_revisions(service), key=lambda r: r.generation)
         if not revs:
             return
@@ -795,38 +923,28 @@ class SimulatedKnative:
         latest_ready = self._latest_ready(service)
         lc = ready_cond(latest)
         if lc.get("status") == "True":
-            config = _cond("ConfigurationsReady", "True")
+            config = ("True", "", "")
         elif lc.get("status") == "False":
-            config = _cond("ConfigurationsReady", "False", "RevisionFailed",
-                           f'Revision "{latest.name}" failed with message: {lc.get("message")}.')
+            config = ("False", "RevisionFailed", f'Revision "{latest.name}" failed with message: {lc.get("message")}.')
         else:
-            config = _cond("ConfigurationsReady", "Unknown", "RevisionMissing",
-                           f'Configuration "{service}" is waiting for a Revision to become ready.')
-        if latest_ready is None:
-            routes = _cond("RoutesReady", "Unknown", "RevisionMissing",
-                           f'Configuration "{service}" does not have any ready Revision.')
+            config = ("Unknown", "", "")
+        if latest_ready is None:  # traffic.go addConfigurationTarget: errUnreadyConfiguration
+            routes = ("False", "RevisionMissing", f'Configuration "{service}" does not have any ready Revision.') \
+                if config[0] == "False" else \
+                ("Unknown", "RevisionMissing", f'Configuration "{service}" is waiting for a Revision to become ready.')
         else:
             target = ready_cond(latest_ready).get("status")
-            routes = _cond("RoutesReady", "True") if target == "True" else \
-                _cond("RoutesReady", "False" if target == "False" else "Unknown",
-                      "RevisionFailed" if target == "False" else "RevisionMissing",
-                      f'Revision "{latest_ready.name}" failed to become ready.' if target == "False" else
-                      f'Revision "{latest_ready.name}" is not yet ready.')
-        if config["status"] == "True" and routes["status"] == "True":
-            ready = _cond("Ready", "True")
-        elif config["status"] == "False":
-            ready = _cond("Ready", "False", config["reason"], config["message"])
-        elif routes["status"] == "False":
-            ready = _cond("Ready", "False", routes["reason"], routes["message"])
-        else:
-            ready = _cond("Ready", "Unknown", config.get("reason") or routes.get("reason"),
-                          config.get("message") or routes.get("message"))
+            routes = ("True", "", "") if target == "True" else \
+                ("False", "RevisionMissing", f'Revision "{latest_ready.name}" failed to become ready.') \
+                if target == "False" else \
+                ("Unknown", "RevisionMissing", f'Revision "{latest_ready.name}" is not yet ready.')
+        conds = _condition_set("Ready", [("ConfigurationsReady", *config), ("RoutesReady", *routes)])
         url = f"http://{service}.{ns}.svc.cluster.local"
         status: dict[str, Any] = {
-            "observedGeneration": latest.generation, "url": url,
+            "observedGeneration": svc["metadata"].get("generation", 1), "url": url,
             "address": {"url": self.route_url(service) or url},
             "latestCreatedRevisionName": latest.name,
-            "conditions": [ready, config, routes]}
+            "conditions": conds}
         if latest_ready is not None:
             status["latestReadyRevisionName"] = latest_ready.name
             status["traffic"] = [{"revisionName": latest_ready.name, "latestRevision": True, "percent": 100}]
@@ -864,8 +982,8 @@ class SimulatedKnative:
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
         with self._lock:
             rev = self._latest_ready(service)
-            if rev is None:
-                return _answer(h, 503, b"no ready revision for this route\n")
+            if rev is None:  # the ingress has no route programmed for this host yet
+                return _answer(h, 404, b"no route for this host\n")
             obj = self.kube.get_object(rev.namespace, rev.name, plural="revisions") or {}
             spec = obj.get("spec", {})
             timeout = float(spec.get("timeoutSeconds") or self.config.revision_timeout_seconds)
@@ -886,6 +1004,7 @@ class SimulatedKnative:
                 finally:
                     rev.waiting -= 1
             pod.in_flight += 1
+            rev.last_request = self.clock.now()
         try:
             self._forward(h, pod, method, body, started, timeout, start_timeout)
         finally:
@@ -900,9 +1019,12 @@ class SimulatedKnative:
 
     def _forward(self, h: BaseHTTPRequestHandler, pod: Pod, method: str, body: bytes, started: float,
                  timeout: float, start_timeout: float) -> None:
-        """queue-proxy: the request's total time is capped at timeoutSeconds, its start at responseStart."""
+        """The activator's timeout handler (always in the path here), timed from the request's arrival, buffering
+        included: ``timeoutSeconds`` in total, ``responseStartTimeoutSeconds`` to the first byte. Past it, before
+        the headers a 504; after them the text goes into the body and the response ends normally
+        (``pkg/http/handler/timeout.go``, ``timeoutAndWriteError``; ``cmd/activator/main.go``)."""
         left = started + timeout - self.clock.now()
-        first = min(left, start_timeout) if start_timeout else left
+        first = min(left, started + start_timeout - self.clock.now()) if start_timeout else left
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "content-length", "connection")}
         try:
             with httpx.Client(timeout=httpx.Timeout(self.clock.real(first), connect=5.0)) as client, \
@@ -915,7 +1037,8 @@ class SimulatedKnative:
                 h.end_headers()
                 for chunk in resp.iter_raw():
                     if self.clock.now() - started >= timeout:
-                        h.close_connection = True  # timeout.go: headers already sent, so the stream is cut
+                        text = b"activator request timeout"  # the headers are gone: the text ends the body
+                        h.wfile.write(f"{len(text):x}\r\n".encode() + text + b"\r\n0\r\n\r\n")
                         return
                     if chunk:
                         h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
@@ -924,7 +1047,7 @@ class SimulatedKnative:
         except httpx.TimeoutException:
             if self.clock.now() - started >= timeout or start_timeout:
                 try:
-                    _answer(h, 504, b"request timeout")
+                    _answer(h, 504, b"activator request timeout")
                 except OSError:
                     h.close_connection = True
         except httpx.HTTPError:

@@ -184,11 +184,11 @@ class KnativeWebhook:
             if not c.get("name"):
                 name = cfg.user_container_name if len(containers) == 1 else f"{cfg.user_container_name}-0"
                 c["name"] = name if name not in taken else f"{name}-x"
-            resources = c.setdefault("resources", {})
-            resources.setdefault("limits", {})
-            requests = resources.setdefault("requests", {})
-            if cfg.revision_ephemeral_storage_request and "ephemeral-storage" not in requests:
-                requests["ephemeral-storage"] = cfg.revision_ephemeral_storage_request
+            # Resource defaults from config-defaults; Go's omitempty keeps empty maps out of what is stored.
+            if cfg.revision_ephemeral_storage_request and "ephemeral-storage" not in \
+                    (c.get("resources") or {}).get("requests", {}):
+                c.setdefault("resources", {}).setdefault("requests", {})["ephemeral-storage"] = \
+                    cfg.revision_ephemeral_storage_request
             probe = c.get("readinessProbe")
             if probe is None and (len(containers) == 1 or c.get("ports")):
                 probe = c["readinessProbe"] = {}

@@ -386,7 +386,11 @@ class FakeKube:
         watching = query.get("watch") in ("true", "1", "True")
         verb = {"GET": "watch" if watching else ("get" if name else "list"), "POST": "create", "PATCH": "patch",
                 "DELETE": "delete", "PUT": "update"}[method]
-        if not self._allowed(plural, verb, name):
+        # A list or watch narrowed by fieldSelector=metadata.name=X is authorized as a request for X (the API
+        # server's RequestInfo takes the name from it), so a rule with resourceNames can allow it.
+        named = name or next((t.partition("=")[2] for t in (query.get("fieldSelector") or "").split(",")
+                              if t.startswith("metadata.name=")), None)
+        if not self._allowed(plural, verb, named):
             qualified = f"{plural}.{api_group(plural)}" if api_group(plural) else plural
             return self._send(h, 403, status_body(
                 403, "Forbidden", f'{qualified}{" " + repr(name) if name else ""} is forbidden: '

@@ -349,7 +349,10 @@ def test_revision_failure_is_reported_with_knatives_reason(kube: FakeKube, sim: 
     started = time.monotonic()
     with pytest.raises(WorkerFailed) as info:
         actuator(kube).ensure_ready(EMBEDDED)
-    assert "RevisionFailed" in info.value.message and "Container failed with" in info.value.message
+    # The Service's Ready says the route's view; the requester adds why the Revision failed, with the log's tail
+    # (the worker container's terminationMessagePolicy is FallbackToLogsOnError).
+    assert "does not have any ready Revision" in info.value.message
+    assert "ExitCode1: Container failed with: RuntimeError: model failed to load" in info.value.message
     assert time.monotonic() - started < 10, "a failed revision must fail fast, not at the deadline"
 
 

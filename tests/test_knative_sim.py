@@ -271,16 +271,17 @@ def test_the_activator_answers_504_past_the_revisions_timeout(kube, sim, api, up
 
 
 def test_queue_proxy_cuts_a_stream_at_timeout_seconds(kube, sim, api, upstream):
-    """pkg/queue/sharedmain/handlers.go, pkg/http/handler/timeout.go (a total cap, even mid-stream)."""
+    """pkg/http/handler/timeout.go timeoutAndWriteError, cmd/activator/main.go (a total cap, even mid-stream: the
+    timeout text ends the body)."""
     sim.behaviour["w"] = f"upstream:{upstream.url}"
     upstream.chunks, upstream.chunk_gap = 50, 0.1  # 5 real s = 500 sim s of streaming
     create(api, service(spec={"timeoutSeconds": 100}))
     sim.wait_until(lambda: ready(kube) == "True", 30, "ready")
-    with pytest.raises(httpx.RemoteProtocolError):
-        with httpx.stream("POST", f"{route(sim)}/v1/completions", json={}, timeout=30) as resp:
-            assert resp.status_code == 200
-            for _ in resp.iter_raw():
-                pass
+    with httpx.stream("POST", f"{route(sim)}/v1/completions", json={}, timeout=30) as resp:
+        assert resp.status_code == 200
+        body = b"".join(resp.iter_raw())
+    assert body.endswith(b"activator request timeout"), "after the headers the text ends the body"
+    assert body.count(b"data:") < 50, "cut short"
 
 
 def test_no_response_start_within_its_timeout_is_a_504(kube, sim, api, upstream):
@@ -318,9 +319,11 @@ def test_an_unschedulable_pod_fails_the_service_until_it_schedules(kube, sim, ap
     sim.behaviour["w"] = "unschedulable:60"  # the node pool takes a minute to scale up
     create(api, service())
     sim.wait_until(lambda: ready(kube) == "False", 30, "the Service to report it")
-    cond = next(c for c in svc_status(kube)["conditions"] if c["type"] == "Ready")
-    assert cond["reason"] == "RevisionFailed"
-    assert cond["message"].startswith('Revision "w-00001" failed with message: 0/3 nodes are available')
+    conds = {c["type"]: c for c in svc_status(kube)["conditions"]}
+    assert conds["Ready"]["reason"] == "RevisionMissing", "the route's word is the Service's (condition_set.go)"
+    assert conds["ConfigurationsReady"]["reason"] == "RevisionFailed"
+    assert conds["ConfigurationsReady"]["message"].startswith(
+        'Revision "w-00001" failed with message: 0/3 nodes are available')
     rev = kube.get_object(NS, "w-00001", plural="revisions")
     ra = next(c for c in rev["status"]["conditions"] if c["type"] == "ResourcesAvailable")
     assert ra["status"] == "False" and ra["reason"] == "Unschedulable"
@@ -332,7 +335,7 @@ def test_a_container_that_exits_fails_the_revision(kube, sim, api):
     sim.behaviour["w"] = "fail"
     create(api, service())
     sim.wait_until(lambda: ready(kube) == "False", 30, "the failure")
-    cond = next(c for c in svc_status(kube)["conditions"] if c["type"] == "Ready")
+    cond = next(c for c in svc_status(kube)["conditions"] if c["type"] == "ConfigurationsReady")
     assert cond["reason"] == "RevisionFailed" and "Container failed with:" in cond["message"]
 
 
@@ -573,7 +576,9 @@ def test_container_healthy_false_sticks_until_a_pod_is_ready_and_after_a_scale_t
     assert health["status"] == "False", "no pod left to clear it: it sticks"
     status = svc_status(kube)
     assert ready(kube) == "False" and status["latestReadyRevisionName"] == "w-00001"
-    assert next(c for c in status["conditions"] if c["type"] == "Ready")["reason"] == "RevisionFailed"
+    ready_cond = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready_cond["reason"] == "RevisionMissing", "the route's word: its target failed"
+    assert ready_cond["message"] == 'Revision "w-00001" failed to become ready.'
 
 
 def test_a_revision_that_never_initialized_says_initial_scale_was_never_achieved(kube, sim, api):
@@ -640,4 +645,67 @@ def test_before_1_21_a_revision_annotation_change_rolls_a_new_pod_and_never_reac
         sim.wait_until(lambda: not sim.live_pods("w"), 200, "the idle revision to scale to zero anyway")
         # min-scale 1 on the Revision never reached its PA: it scaled to zero as created (min-scale 0).
     finally:
+        sim.stop()
+
+
+def test_the_service_says_the_routes_reason_and_the_revision_says_why(kube, sim, api):
+    """service.go propagates ConfigurationsReady then RoutesReady through knative.dev/pkg's condition set
+    (condition_set.go: the last dependent marked False names Ready), route_lifecycle.go MarkConfigurationFailed;
+    reconcile_resources.go puts the container's termination message in the Revision; with
+    terminationMessagePolicy FallbackToLogsOnError the kubelet makes the log's tail that message."""
+    sim.behaviour["w"] = "fail"
+    body = service()
+    body["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    create(api, body)
+    sim.wait_until(lambda: ready(kube) == "False", 30, "the failure")
+    assert httpx.post(f"{route(sim)}/x", json={}, timeout=5).status_code == 404, "no route programmed yet"
+    conds = {c["type"]: c for c in svc_status(kube)["conditions"]}
+    assert conds["Ready"]["reason"] == "RevisionMissing"
+    assert conds["Ready"]["message"] == 'Configuration "w" does not have any ready Revision.'
+    assert conds["ConfigurationsReady"]["reason"] == "RevisionFailed"
+    assert conds["ConfigurationsReady"]["message"].startswith('Revision "w-00001" failed with message: Container '
+                                                              'failed with: RuntimeError: model failed to load')
+    health = revision_condition(kube, "w-00001", "ContainerHealthy")
+    assert health["reason"] == "ExitCode1" and "model failed to load" in health["message"]
+    (pod,) = sim.live_pods("w")
+    assert pod_object(kube, pod.name)["status"]["containerStatuses"][0]["lastState"]["terminated"]["reason"] == \
+        "Error"
+
+
+def test_an_unreachable_revision_loses_its_min_scale(kube, sim, api):
+    """resources/pa.go reachability (routingState reserve: the route no longer uses it), pa_lifecycle.go
+    ScaleBounds: the old Revision's min-scale 1 no longer keeps its pod once the new one takes the traffic."""
+    create(api, service(annotations={"autoscaling.knative.dev/min-scale": "1"}))
+    sim.wait_until(lambda: ready(kube) == "True", 30, "ready")
+    (old,) = sim.live_pods("w")
+    patch(api, "w", {"spec": {"template": {"metadata": {"annotations": {"x": "y"}}}}})
+    sim.wait_until(lambda: svc_status(kube).get("latestReadyRevisionName") == "w-00002", 30, "revision 2")
+    sim.wait_until(lambda: old.deleting, 200, "the old revision's pod to go despite its min-scale 1")
+    assert len(sim.live_pods("w")) == 1 and sim.live_pods("w")[0] is not old
+
+
+def test_a_pod_is_pending_until_its_container_first_starts_and_a_named_watch_is_authorized_by_name(kube, tmp_path,
+                                                                                                   api):
+    """The kubelet's pod phase; RBAC resourceNames against a list or watch by fieldSelector=metadata.name
+    (the API server's RequestInfo takes the name from it)."""
+    from kube_fake import Rule
+
+    sim = make_sim(kube, tmp_path)
+    try:
+        body = service(annotations={"autoscaling.knative.dev/min-scale": "1"})
+        body["spec"]["template"]["spec"]["containers"][0]["env"] = [
+            {"name": "T", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]
+        create(api, body)
+        sim.wait_until(lambda: sim.live_pods("w") and sim.live_pods("w")[0].published, 30, "the pod")
+        (pod,) = sim.live_pods("w")
+        assert pod_object(kube, pod.name)["status"]["phase"] == "Pending", "never started: Pending"
+        kube.role = [Rule(frozenset({"serving.knative.dev"}), frozenset({"services"}), frozenset({"list", "watch"}),
+                          frozenset({"w"}))]
+        assert api.list_namespaced_custom_object(GROUP, VERSION, NS, "services",
+                                                 field_selector="metadata.name=w")["items"]
+        with pytest.raises(ApiException) as info:
+            api.list_namespaced_custom_object(GROUP, VERSION, NS, "services")
+        assert info.value.status == 403
+    finally:
+        kube.role = None
         sim.stop()

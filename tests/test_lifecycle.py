@@ -232,6 +232,18 @@ def test_a_release_handed_to_the_platform_answers_at_once_and_holds_the_budget_u
     assert waiting.result().actuation.path == "cold" and h.phase("a") == "cold"
 
 
+def test_shutdown_does_not_wait_for_a_release_the_platform_is_finishing():
+    import time
+
+    h = harness(ONE)
+    ready(h, "a")
+    h.machine.request_release("a")
+    h.machine.stop_pending(h.handle("a"), "released")
+    began = time.monotonic()
+    h.machine.shutdown(timeout=30)
+    assert time.monotonic() - began < 1, "the pod's removal is Knative's business once released"
+
+
 def test_a_request_during_a_platform_release_takes_the_worker_back_without_waiting_for_the_stop():
     h = harness(ONE)
     h.effects.reclaimable = True

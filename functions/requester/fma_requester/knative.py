@@ -445,6 +445,9 @@ class KnativeEffects(Effects):
             # The latest Revision itself has not failed: the Service is not Ready because its route still points
             # at an older Revision that did (configuration.go keeps the latest ready one until a newer is ready).
             return "wait", f"revision {latest} is deploying ({own.get('reason') or own.get('status')})"
+        # The Service's own Ready names the route's view ("Configuration ... does not have any ready Revision"):
+        # the Revision says why it failed.
+        cause = f"; revision {latest}: {own.get('reason')}: {own.get('message')}" if own else ""
         pods = [pod for pod in self.kube.list_pods(f"{LABEL_REVISION}={latest}") if not _terminating(pod)] \
             if latest else []
         if not pods:
@@ -452,7 +455,7 @@ class KnativeEffects(Effects):
         if latest == status.get("latestReadyRevisionName") and any(pod_is_running(pod) for pod in pods):
             restarts = max(int(_user_container(pod).get("restartCount") or 0) for pod in pods)
             return "wait", f"the worker's container restarted ({restarts} restart(s)); waiting for it to be ready"
-        return "fail", ""
+        return "fail", cause
 
     def _wait_ready(self, name: str, handle: WorkerHandle, obj: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Follow the Service with a watch until it is ready at its generation.
@@ -478,7 +481,7 @@ class KnativeEffects(Effects):
                 elif action == "wait":
                     verdict, text = "pending", why
                 else:
-                    raise RuntimeError(f"worker Service {name} failed: {text}")
+                    raise RuntimeError(f"worker Service {name} failed: {text}{why}")
             handle.progress = text
             if verdict == "ready":
                 return obj
@@ -649,8 +652,8 @@ class KnativeEffects(Effects):
             if not pods:
                 log.info("released worker Service %s: its pods are gone", name)
                 return
-            if handle.stop_abandoned.is_set():
-                return
+            if handle.stop_abandoned.is_set() or self._closing.is_set():
+                return  # taken back by a request, or the requester is shutting down: Knative finishes it
             stuck = next((why for pod in pods if not _terminating(pod) and (why := pod_is_stuck(pod))), None)
             if stuck and not deleted:
                 log.warning("released worker Service %s has a pod that cannot become ready (%s); Knative would keep "

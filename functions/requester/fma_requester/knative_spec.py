@@ -183,6 +183,9 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
                                                                          "key": "worker-token"}}}]
             if tmpl.token_secret else []),
         "readinessProbe": {"httpGet": {"path": READINESS_PATH}, "initialDelaySeconds": 1, "periodSeconds": 1},
+        # A worker that exits without a termination message (a failed load, an OOM kill) gets the end of its log
+        # there, which Knative puts in the Revision's "Container failed with: ..." (reconcileDeployment).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"limits": limits, "requests": requests},
         "securityContext": {
             "runAsNonRoot": True,
