@@ -235,6 +235,28 @@ def test_a_request_that_reaches_a_sleeping_pod_is_refused_at_once_not_held(kube:
     woken.done()
 
 
+def test_a_start_or_sleep_overtaken_by_a_release_writes_nothing_after_it(kube: FakeKube, sim: SimulatedKnative):
+    """A release cancels the worker's handle and writes under the model's lock, so an effect still running for
+    that handle cannot re-pin the Revision after the release (which would keep the pod while it counts as gone)."""
+    from fma_requester.effects import WorkerHandle
+
+    act = actuator(kube)
+    act.ensure_ready(EMBEDDED).done()
+    act.release(EMBEDDED)
+    released = revision_annotations(kube, f"{SVC}-00001")
+    late = WorkerHandle(EMBEDDED)
+    late.cancel()  # a start the release overtook
+    spec = registry().get(EMBEDDED)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        act.kn_effects.start(spec, late, 30)
+    late.data["revision"] = f"{SVC}-00001"
+    with pytest.raises(RuntimeError, match="cancelled"):
+        act.kn_effects._write(late, "sleep", lambda: None)
+    act.kn_effects._unpin(spec, late)
+    assert revision_annotations(kube, f"{SVC}-00001") == released, "the release's annotations still hold"
+    assert "fma.llm-d.ai/released" in kube.get_object(NS, SVC)["metadata"]["annotations"]
+
+
 def test_sleep_of_a_model_that_may_run_several_pods_is_refused_with_409(kube: FakeKube, sim: SimulatedKnative):
     from fma_common.errors import Conflict
 

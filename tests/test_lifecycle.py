@@ -232,6 +232,42 @@ def test_a_release_handed_to_the_platform_answers_at_once_and_holds_the_budget_u
     assert waiting.result().actuation.path == "cold" and h.phase("a") == "cold"
 
 
+def test_a_second_release_while_the_platform_finishes_the_first_answers_at_once():
+    h = harness(ONE)
+    ready(h, "a")
+    h.machine.request_release("a")
+    h.machine.stop_pending(h.handle("a"), "released")
+    assert h.machine.request_release("a").done, "nothing more to wait for: the platform has the release"
+
+
+def test_no_reclaim_when_the_platform_is_removing_the_worker_whatever_happens():
+    h = harness(ONE)
+    h.effects.reclaimable = True
+    h.effects.can_reclaim = lambda handle: not handle.data.get("deleted")
+    ready(h, "a")
+    h.machine.request_release("a")
+    h.handle("a").data["deleted"] = True  # e.g. a release by deleting the Service
+    ticket = h.machine.admit("a")
+    assert h.phase("a") == "stopping" and h.effects.calls.count(("start", "a")) == 1, "it waits for the stop"
+    h.executor.deliver_next("stop", "a")
+    h.executor.deliver_next("start", "a")
+    assert ticket.result().actuation.path == "cold"
+
+
+def test_a_late_report_that_the_worker_sleeps_does_not_undo_the_wake_it_caused():
+    h = harness(ONE)
+    ready(h, "a")
+    first, second = h.machine.admit("a").result(), h.machine.admit("a").result()
+    h.machine.worker_asleep(first)  # both got 503 worker_sleeping; the first report has it woken
+    first.done()
+    woken = h.machine.admit("a")
+    h.executor.deliver_next("wake", "a")
+    woken.result().done()
+    h.machine.worker_asleep(second)  # the second report arrives after the wake
+    second.done()
+    assert h.phase("a") == "ready"
+
+
 def test_shutdown_does_not_wait_for_a_release_the_platform_is_finishing():
     import time
 

@@ -25,11 +25,12 @@ class WorkerLease:
     never put to sleep, evicted or scaled to zero. Calling it twice is harmless."""
 
     def __init__(self, model: str, url: str, actuation: Actuation, on_done: Callable[[WorkerLease], None],
-                 handle: object | None = None) -> None:
+                 handle: object | None = None, epoch: int | None = None) -> None:
         self.model = model
         self.url = url
         self.actuation = actuation
         self.handle = handle  # the worker incarnation this lease is on
+        self.epoch = epoch  # the actuator's count of effects on it when leased (a later report may be stale)
         self._on_done = on_done
         self._done = False
         self._lock = threading.Lock()

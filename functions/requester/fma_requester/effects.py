@@ -120,6 +120,10 @@ class Effects(abc.ABC):
     # autoscaler removes the pod, a minute or more later.
     reclaimable = False
 
+    def can_reclaim(self, handle: WorkerHandle) -> bool:
+        """Whether this stop in progress may still be taken back (with ``reclaimable``)."""
+        return self.reclaimable
+
     def stop_timeout(self, spec: ModelSpec, grace: float) -> float:
         """How long :meth:`stop` may take: its grace, unless the platform needs longer to remove the worker."""
         return grace

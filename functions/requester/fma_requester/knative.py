@@ -45,7 +45,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -272,6 +272,11 @@ class KnativeEffects(Effects):
     stop_on_shutdown = False  # workers are Knative's to scale down; deleting fma-requester collects them
     reclaimable = True  # a release ends when the autoscaler removes the pod; a request meanwhile keeps it
 
+    def can_reclaim(self, handle: WorkerHandle) -> bool:
+        """Not when the release deleted the Service: its pods are going whatever happens, so a start would only
+        run a second worker beside them (it waits for them instead: ``_wait_orphans``)."""
+        return not handle.data.get("deleted")
+
     def __init__(self, registry: ModelRegistry, kn: KnativeSettings, *, api: Any = None,
                  control_timeout_s: float = 120.0, token: str | None = None) -> None:
         self.registry = registry
@@ -342,6 +347,18 @@ class KnativeEffects(Effects):
     def _model_lock(self, model: str) -> threading.Lock:
         with self._lock:
             return self._model_locks.setdefault(model, threading.Lock())
+
+    def _write(self, handle: WorkerHandle, what: str, write: Callable[[], Any]) -> Any:
+        """One write for ``handle``'s worker, under the model's lock and only while the handle is current.
+
+        A stop cancels the handle first and writes under the same lock, so a start, sleep or wake still running
+        when a release begins can never land a write after it (a re-pin after the release would keep the pod and
+        its memory while the state machine counts the worker gone).
+        """
+        with self._model_lock(handle.model):
+            if handle.cancelled:
+                raise RuntimeError(f"{what} of {handle.model} cancelled: the worker is being released")
+            return write()
 
     # ---- the Service ------------------------------------------------------------------------
 
@@ -476,7 +493,8 @@ class KnativeEffects(Effects):
                 if action == "recreate" and not recreated:
                     recreated = True
                     log.warning("worker Service %s is stuck (%s; %s): starting a new Revision", name, text, why)
-                    obj = self.kube.patch(name, restart_patch(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+                    touch = restart_patch(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                    obj = self._write(handle, "start", lambda touch=touch: self.kube.patch(name, touch))
                     verdict, text = "pending", f"recovering: {why}; a new Revision was started"
                 elif action == "wait":
                     verdict, text = "pending", why
@@ -531,11 +549,12 @@ class KnativeEffects(Effects):
         handle.data["service"] = name
         body = self.manifest(spec)
         try:
-            with self._model_lock(spec.name):  # a stop this start takes back has finished its writes
-                obj = self._ensure_service(spec, body)
+            self._wait_orphans(name, handle, deadline)
+            obj = self._write(handle, "start", lambda: self._ensure_service(spec, body))
+            handle.data["uid"] = obj["metadata"].get("uid")
             obj = self._wait_ready(name, handle, obj, deadline)
             handle.data["revision"] = (obj.get("status") or {}).get("latestReadyRevisionName")
-            self._pin(obj, body)
+            self._pin(obj, body, handle)
             self._settle_pods(name, handle, deadline)
         except (ApiError, RuntimeError, TimeoutError):
             raise
@@ -548,12 +567,14 @@ class KnativeEffects(Effects):
             raise RuntimeError(f"worker Service {name} is ready but has no address")
         handle.data["revision"] = (obj.get("status") or {}).get("latestReadyRevisionName")
         with self._lock:
+            if handle.cancelled:  # released meanwhile: the watch must follow the incarnation that replaced it
+                raise RuntimeError(f"start of {name} cancelled")
             self._handles[spec.name] = handle
         log.info("worker Service %s for %s ready at %s (revision %s)", name, spec.name, url,
                  (obj.get("status") or {}).get("latestReadyRevisionName"))
         return url
 
-    def _pin(self, obj: dict[str, Any], body: dict[str, Any]) -> None:
+    def _pin(self, obj: dict[str, Any], body: dict[str, Any], handle: WorkerHandle) -> None:
         """Give the ready Revision the model's own scaling back (a release set it to zero).
 
         Not before Serving 1.21: there a Revision's annotations are copied into
@@ -569,7 +590,16 @@ class KnativeEffects(Effects):
         patch = pin_patch(revision, body["spec"]["template"]["metadata"]["annotations"])
         if patch is not None:
             log.info("re-pinning revision %s to the model's scaling", name)
-            self.kube.patch_revision(name, patch)
+            self._write(handle, "start", lambda: self.kube.patch_revision(name, patch))
+
+    def _wait_orphans(self, name: str, handle: WorkerHandle, deadline: float) -> None:
+        """Pods left by a Service deleted moments ago (a release by deletion) are being collected, and hold their
+        memory until they are gone: a new Service's pod must not start beside them."""
+        while self.kube.list_pods(f"{LABEL_SERVICE}={name}") and self.kube.get(name) is None:
+            if time.monotonic() >= deadline or handle.cancelled:
+                raise TimeoutError(f"the pods of the deleted worker Service {name} are still there")
+            handle.progress = f"waiting for the pods of the deleted Service {name} to go"
+            self._wait_pods_change(name, min(deadline - time.monotonic(), self.pod_wait_s))
 
     def _settle_pods(self, name: str, handle: WorkerHandle, deadline: float) -> None:
         """Before traffic goes to the route: wait out pods still terminating when none is left running (the
@@ -620,6 +650,7 @@ class KnativeEffects(Effects):
                 if handle.stop_abandoned.is_set():
                     return  # a request took the worker back before anything was written
                 deleted = self._release(name)
+                handle.data["deleted"] = deleted
             how = "its Service deleted" if deleted else "released"
             self.listener.stop_pending(handle, f"{how}; Knative removes its pods (waiting up to "
                                                f"{self.kn.release_timeout_s:.0f} s)")
@@ -656,10 +687,13 @@ class KnativeEffects(Effects):
                 return  # taken back by a request, or the requester is shutting down: Knative finishes it
             stuck = next((why for pod in pods if not _terminating(pod) and (why := pod_is_stuck(pod))), None)
             if stuck and not deleted:
-                log.warning("released worker Service %s has a pod that cannot become ready (%s); Knative would keep "
-                            "it until its activation times out: deleting the Service", name, stuck)
-                self.kube.delete(name)
-                deleted = True
+                with self._model_lock(handle.model):
+                    if handle.stop_abandoned.is_set():
+                        return
+                    log.warning("released worker Service %s has a pod that cannot become ready (%s); Knative would "
+                                "keep it until its activation times out: deleting the Service", name, stuck)
+                    self.kube.delete(name)
+                    deleted = handle.data["deleted"] = True
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -730,7 +764,7 @@ class KnativeEffects(Effects):
                                 "sleep; release it, or send it a request first", status=409)
         pin = pin_patch(obj, {**self._scaling(spec), MIN_SCALE: "1"})
         if pin is not None:
-            self.kube.patch_revision(revision, pin)
+            self._write(handle, "sleep", lambda: self.kube.patch_revision(revision, pin))
         try:
             for url in pods:
                 self._control.sleep(handle, level, timeout, url=url)
@@ -752,11 +786,16 @@ class KnativeEffects(Effects):
         return self.manifest(spec)["spec"]["template"]["metadata"]["annotations"]
 
     def _unpin(self, spec: ModelSpec, handle: WorkerHandle) -> None:
+        if handle.cancelled:
+            return  # a release is under way: its annotations, not the model's, are the ones that hold
         revision = handle.data.get("revision")
         obj = self.kube.get_revision(revision) if revision else None
         patch = pin_patch(obj, self._scaling(spec)) if obj else None
         if patch is not None:
-            self.kube.patch_revision(revision, patch)
+            try:
+                self._write(handle, "unpin", lambda: self.kube.patch_revision(revision, patch))
+            except RuntimeError:
+                pass  # released meanwhile: nothing to give back
 
     def probe(self, spec: ModelSpec, handle: WorkerHandle, timeout: float) -> bool:
         """The Service is there and ready, and when its Revision has pods running, one answers ``/health``.
@@ -796,6 +835,9 @@ class KnativeEffects(Effects):
         with self._lock:
             handle = self._handles.get(model)
         if kind == "DELETED":
+            uid = obj.get("metadata", {}).get("uid")
+            if handle is not None and handle.data.get("uid") not in (None, uid):
+                return  # an older Service of that name (deleted by a release) whose event arrives late
             self.listener.worker_gone(handle, model)
             return
         verdict, text = readiness(obj)

@@ -561,7 +561,8 @@ class Lifecycle(Actuator):
             self.metrics.actuation.labels(slot.name, "warm").observe(actuation.seconds)
             slot.last_actuation = actuation  # /v1/workers shows the latest request's actuation
         assert slot.handle is not None and slot.handle.url is not None
-        return WorkerLease(slot.name, slot.handle.url, actuation, self._lease_done, handle=slot.handle)
+        return WorkerLease(slot.name, slot.handle.url, actuation, self._lease_done, handle=slot.handle,
+                           epoch=slot.token)
 
     def _lease_done(self, lease: WorkerLease) -> None:
         with self._cond:
@@ -647,7 +648,7 @@ class Lifecycle(Actuator):
         """A stop the platform is still carrying out may be taken back by a request (Knative: a released worker's
         pod stays until its autoscaler removes it; a start re-pins it) - past the backoff, after a failure."""
         return slot.phase == Phase.STOPPING and self.effects.reclaimable and slot.handle is not None \
-            and (slot.after_stop == Trigger.STOPPED or now >= slot.retry_at)
+            and self.effects.can_reclaim(slot.handle) and (slot.after_stop == Trigger.STOPPED or now >= slot.retry_at)
 
     def _activate(self, slot: Slot) -> None:
         now = self.clock()
@@ -865,9 +866,10 @@ class Lifecycle(Actuator):
         with self._cond:
             slot = self._slot(model)
             op = Op()
-            if slot.phase in (Phase.COLD, Phase.FAILED):
+            if slot.phase in (Phase.COLD, Phase.FAILED) or \
+                    (slot.phase == Phase.STOPPING and slot.handle is not None and slot.handle.pending):
                 self._begin_stop(slot, "released")
-                op.finish()
+                op.finish()  # cold, or a release the platform already has: nothing more to wait for here
             else:
                 slot.stop_ops.append(op)
                 self._begin_stop(slot, "released")
@@ -1030,8 +1032,9 @@ class Lifecycle(Actuator):
         adopted before it said so): it is sleeping, and the next request wakes it."""
         with self._cond:
             slot = self._slots.get(lease.model)
-            if slot is None or slot.handle is not lease.handle or slot.phase != Phase.READY:
-                return
+            if slot is None or slot.handle is not lease.handle or slot.phase != Phase.READY \
+                    or lease.epoch != slot.token:
+                return  # another request's report already had it woken (the slot moved on since this lease)
             log.warning("the worker for %s answered that it is asleep; waking it for the next request", slot.name)
             self._fire(slot, Trigger.FOUND_ASLEEP)
             self._settle()
