@@ -698,6 +698,40 @@ def test_a_removed_model_still_holds_its_place_until_its_worker_has_stopped():
     assert h.effects.calls[-1] == ("start", "b")
 
 
+def test_a_request_that_ends_after_its_model_was_removed_ends_cleanly():
+    """Issue 21, defect 1: lease.done() indexed the models by name, so it raised KeyError once a reload had
+    removed the model (a finished answer became a 500), and abandoning a queued request raised too."""
+    from fma_requester.registry import ModelRegistry
+
+    h = harness(TWO)
+    ready(h, "a")
+    lease = h.machine.admit("a").result()
+    queued = h.machine.admit("b")  # b waits: a holds the only awake place
+    h.machine.reload(ModelRegistry.from_text("models:\n  - {name: c, source: 'embedded:smollm2-135m-instruct'}\n"))
+    lease.done()  # no KeyError: it gives back to the slot it came from
+    h.machine.abandon(queued)
+    h.executor.run_until_quiet()
+    assert h.effects.alive("a") == 0 and "a" not in h.machine._retiring
+
+
+def test_a_request_that_ends_after_its_model_was_removed_and_added_back_leaves_the_new_slot_alone():
+    """Issue 21, defect 1: the old lease decremented the new slot: in_flight -1, never idle again."""
+    from fma_requester.registry import ModelRegistry
+
+    h = harness(ONE)
+    ready(h, "a")
+    lease = h.machine.admit("a").result()
+    h.machine.reload(ModelRegistry.from_text("models:\n  - {name: b, source: 'embedded:smollm2-135m-instruct'}\n"))
+    h.executor.run_until_quiet()  # a's worker stops; its slot is gone
+    h.machine.reload(ModelRegistry.from_text(ONE))
+    lease.done()
+    assert h.machine.describe("a").in_flight == 0
+    ready(h, "a")
+    h.clock.advance(301)
+    h.machine.tick()
+    assert h.phase("a") == "stopping", "idle again: scaled to zero after its idle timeout"
+
+
 def test_a_model_added_back_while_its_worker_stops_gets_the_same_slot():
     from fma_requester.registry import ModelRegistry
 

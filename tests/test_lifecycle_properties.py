@@ -2,14 +2,21 @@
 
 Requests, deliveries of effect outcomes in any order, scripted failures,
 releases, sleeps, crashes, finished requests and the passing of time are
-mixed at random; after every step the machine must keep its promises:
+mixed at random, with every other public event of the machine: a models file
+reloaded (models removed, added back, changed), a worker removed behind its
+back (``worker_gone``), a running worker found (``worker_found``, in each of
+its states), a request that could not reach its worker
+(``worker_unreachable``), leases that end after their model changed. After
+every step the machine must keep its promises:
 
 * at most one worker process per model, ever;
 * awake workers within ``max_loaded`` and the memory budget, counting the
-  ones that are starting, going to sleep or stopping;
+  ones that are starting, going to sleep or stopping, and those of removed
+  models until they have stopped;
 * no slot in a transitional phase past its deadline;
 * every request answered (a lease or an error) or still waiting within its
-  own deadline, and the in-flight count equal to the leases held.
+  own deadline, and each slot's in-flight count equal to the leases taken from
+  it and never below zero.
 
 Physics of the fake world: a stop always completes within its grace (as
 SIGKILL guarantees); any other effect may answer late or never.
@@ -23,14 +30,22 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from machine_harness import EffectRefused, harness
 
 from fma_common.errors import ApiError
+from fma_requester.effects import WorkerHandle
 from fma_requester.lifecycle import TRANSITIONAL, Phase
+from fma_requester.registry import ModelRegistry
 
 MODELS = ("a", "b", "c")
 MAX_LOADED, SLEEPERS, MEMORY, AWAKE_MIB, ASLEEP_MIB = 2, 1, 2000, 800, 300
-YAML = (f"budget: {{max_loaded: {MAX_LOADED}, sleepers: {SLEEPERS}, memory_mib: {MEMORY}}}\n"
-        "defaults: {idle_timeout: 120s, queue_timeout: 30s, max_queue: 4, start_timeout: 60s}\nmodels:\n"
-        + "".join(f"  - {{name: {m}, source: 'embedded:smollm2-135m-instruct', memory_mib: {AWAKE_MIB},"
-                  f" sleep_memory_mib: {ASLEEP_MIB}}}\n" for m in MODELS))
+
+
+def models_yaml(models: tuple[str, ...] = MODELS, idle: str = "120s") -> str:
+    return (f"budget: {{max_loaded: {MAX_LOADED}, sleepers: {SLEEPERS}, memory_mib: {MEMORY}}}\n"
+            f"defaults: {{idle_timeout: {idle}, queue_timeout: 30s, max_queue: 4, start_timeout: 60s}}\nmodels:\n"
+            + "".join(f"  - {{name: {m}, source: 'embedded:smollm2-135m-instruct', memory_mib: {AWAKE_MIB},"
+                      f" sleep_memory_mib: {ASLEEP_MIB}}}\n" for m in models))
+
+
+YAML = models_yaml()
 GRACE = 10.0  # the harness's drain timeout: a stop's grace
 
 OUTCOMES = {
@@ -49,6 +64,7 @@ class ActuationMachine(RuleBasedStateMachine):
         self.leases: list = []
         self.ops: list = []
         self.violations: list[str] = []
+        self.lease_slot: dict[int, object] = {}  # id(lease) -> the slot it was taken from
         self.h.effects.on_sleep = self._sleep_begins
 
     def _sleep_begins(self, model: str) -> None:
@@ -58,12 +74,16 @@ class ActuationMachine(RuleBasedStateMachine):
 
     # ---- rules ------------------------------------------------------------------------------
 
+    def _slots(self) -> list:
+        """Every slot the machine holds: served models, and removed ones whose workers are still stopping."""
+        return [*self.h.machine._slots.values(), *self.h.machine._retiring.values()]
+
     @rule(model=st.sampled_from(MODELS))
     def request(self, model: str) -> None:
         try:
             self.tickets.append(self.h.machine.admit(model))
         except ApiError as exc:
-            assert exc.status in (429, 503), exc  # refused at once, with a retryable status
+            assert exc.status in (404, 429, 503), exc  # refused at once: retryable, or a model no longer served
 
     @rule(data=st.data())
     def deliver_an_effect(self, data: st.DataObject) -> None:
@@ -84,20 +104,64 @@ class ActuationMachine(RuleBasedStateMachine):
 
     @rule(model=st.sampled_from(MODELS))
     def release(self, model: str) -> None:
-        self.ops.append(self.h.machine.request_release(model))
+        try:
+            self.ops.append(self.h.machine.request_release(model))
+        except ApiError as exc:
+            assert exc.status == 404
 
     @rule(model=st.sampled_from(MODELS), level=st.sampled_from([1, 2]))
     def sleep(self, model: str, level: int) -> None:
         try:
             self.ops.append(self.h.machine.request_sleep(model, level))
         except ApiError as exc:
-            assert exc.status == 409
+            assert exc.status in (404, 409)
+
+    def _handle(self, model: str) -> WorkerHandle | None:
+        slot = self.h.machine._slots.get(model)
+        return slot.handle if slot is not None else None
 
     @rule(model=st.sampled_from(MODELS))
     def crash(self, model: str) -> None:
-        handle = self.h.handle(model)
+        handle = self._handle(model)
         if handle is not None and self.h.effects.alive(model):
             self.h.crash(model, "killed")
+
+    @rule(keep=st.sets(st.sampled_from(MODELS), min_size=1), changed=st.booleans())
+    def reload(self, keep: set[str], changed: bool) -> None:
+        """A new models file: some models removed (their waiters get 404), some added back, settings changed."""
+        models = tuple(m for m in MODELS if m in keep)
+        self.h.machine.reload(ModelRegistry.from_text(models_yaml(models, "90s" if changed else "120s")))
+
+    @rule(model=st.sampled_from(MODELS))
+    def worker_gone(self, model: str) -> None:
+        """The worker was removed behind the machine's back (its Knative Service deleted)."""
+        handle = self._handle(model)
+        if handle is not None and self.h.effects.alive(model):
+            self.h.effects.kill(model)
+            self.h.machine.worker_gone(handle, model)
+
+    @rule(model=st.sampled_from(MODELS), state=st.sampled_from(["ready", "sleeping", "releasing"]))
+    def worker_found(self, model: str, state: str) -> None:
+        """A worker already running is found for a model the machine thinks cold (a requester restart)."""
+        slot = self.h.machine._slots.get(model)
+        if slot is None or slot.phase != Phase.COLD or self.h.effects.alive(model):
+            return
+        slots = self._slots()
+        awake = sum(1 for s in slots if s.holds == "awake")
+        used = awake * AWAKE_MIB + sum(ASLEEP_MIB for s in slots if s.holds == "asleep")
+        if awake + 1 > MAX_LOADED or used + AWAKE_MIB > MEMORY:
+            return  # a world that starts over its budget is not the machine's doing (see docs/design.md)
+        found = WorkerHandle(model)
+        found.url = f"http://fake/{model}/{found.serial}"
+        self.h.effects.processes.setdefault(model, set()).add(found.serial)
+        self.h.machine.worker_found(model, found, state)
+        if slot.handle is not found:  # not adopted after all: nothing runs it
+            self.h.effects.processes[model].discard(found.serial)
+
+    @rule(data=st.data())
+    def a_request_could_not_reach_its_worker(self, data: st.DataObject) -> None:
+        if self.leases:
+            self.h.machine.worker_unreachable(data.draw(st.sampled_from(self.leases)))
 
     @rule(seconds=st.sampled_from([0.5, 3.0, 11.0, 25.0, 61.0, 130.0]))
     def time_passes(self, seconds: float) -> None:
@@ -112,6 +176,7 @@ class ActuationMachine(RuleBasedStateMachine):
             self.tickets.remove(t)
             if t.lease is not None:
                 self.leases.append(t.lease)
+                self.lease_slot[id(t.lease)] = self.h.machine._slots[t.model]  # leased in this very step
 
     # ---- invariants -------------------------------------------------------------------------------
 
@@ -122,15 +187,17 @@ class ActuationMachine(RuleBasedStateMachine):
 
     @invariant()
     def awake_workers_within_the_budget_transitional_ones_included(self) -> None:
-        snap = self.h.machine.slot_snapshot()
-        awake = [m for m, s in snap.items() if s["holds"] == "awake"]
-        asleep = [m for m, s in snap.items() if s["holds"] == "asleep"]
-        assert len(awake) <= MAX_LOADED, snap
-        assert len(awake) * AWAKE_MIB + len(asleep) * ASLEEP_MIB <= MEMORY, snap
+        slots = self._slots()
+        awake = [s.name for s in slots if s.holds == "awake"]
+        asleep = [s.name for s in slots if s.holds == "asleep"]
+        assert len(awake) <= MAX_LOADED, (awake, asleep)
+        assert len(awake) * AWAKE_MIB + len(asleep) * ASLEEP_MIB <= MEMORY, (awake, asleep)
         # A worker alive in the world is one the machine counts.
-        for m, s in snap.items():
+        for m in MODELS:
             if self.h.effects.alive(m):
-                assert s["phase"] not in (Phase.COLD, Phase.FAILED) and s["holds"] != "none", (m, s)
+                held = [s for s in slots if s.name == m and s.phase not in (Phase.COLD, Phase.FAILED)
+                        and s.holds != "none"]
+                assert held, (m, [(s.name, s.phase, s.holds) for s in slots])
 
     @invariant()
     def no_slot_in_a_transitional_phase_past_its_deadline(self) -> None:
@@ -145,17 +212,19 @@ class ActuationMachine(RuleBasedStateMachine):
         now = self.h.clock()
         snap = self.h.machine.slot_snapshot()
         for t in self.tickets:
-            assert t in self.h.machine._slots[t.model].tickets, "a waiting request was dropped"
+            slot = self.h.machine._slots.get(t.model)
+            assert slot is not None and t in slot.tickets, "a waiting request was dropped"
             assert now < t.deadline or not t.done
-        for m in MODELS:
-            held = sum(1 for lease in self.leases if lease.model == m and not lease.is_done)
-            assert snap[m]["in_flight"] == held, (m, snap[m], held)
+        for slot in self._slots():
+            held = sum(1 for lease in self.leases if self.lease_slot.get(id(lease)) is slot and not lease.is_done)
+            assert slot.in_flight >= 0, (slot.name, slot.in_flight)
+            assert slot.in_flight == held, (slot.name, slot.in_flight, held, snap.get(slot.name))
 
     @invariant()
     def a_request_whose_start_failed_is_answered_at_once(self) -> None:
         for t in self.tickets:
-            slot = self.h.machine._slots[t.model]
-            if not t.done and t.attempt is not None:
+            slot = self.h.machine._slots.get(t.model)
+            if slot is not None and not t.done and t.attempt is not None:
                 assert slot.phase in (Phase.STARTING, Phase.WAKING) and slot.activation.attempt == t.attempt, \
                     (t, slot.phase)
 
@@ -182,6 +251,8 @@ class ActuationMachine(RuleBasedStateMachine):
         assert all(op.done for op in self.ops), "every release and sleep was answered"
 
 
-ActuationMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None,
+# 300 examples: with reloads among the events, the search found a lease ending after its model was removed and added
+# back (in_flight -1, a KeyError) at example 90 of a derandomized run, before the fix; about 10 s here.
+ActuationMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None,
                                               suppress_health_check=[HealthCheck.too_slow])
 test_the_state_machine_keeps_its_promises_under_random_interleavings = ActuationMachine.TestCase

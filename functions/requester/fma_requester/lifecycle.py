@@ -213,6 +213,9 @@ class Ticket:
     attempt: int | None = None
     lease: WorkerLease | None = None
     error: ApiError | None = None
+    # The slot it waits in: a models reload may replace the model's slot (removed, then added back), and this
+    # request belongs to the one it joined.
+    slot: Slot | None = None
 
     @property
     def done(self) -> bool:
@@ -454,7 +457,7 @@ class Lifecycle(Actuator):
             if self._closing:
                 raise WorkerNotReady("the requester is shutting down", headers={"Retry-After": "5"})
             ticket = Ticket(model, now, now + (slot.spec.queue_timeout if slot.spec.queue_timeout is not None
-                                               else 120.0))
+                                               else 120.0), slot=slot)
             if slot.phase == Phase.READY and not slot.tickets:
                 ticket.lease = self._lease(slot, ticket)
                 return ticket
@@ -499,7 +502,8 @@ class Lifecycle(Actuator):
     def abandon(self, ticket: Ticket) -> None:  # type: ignore[override]
         """The client left while it waited: its place in the queue goes, and a lease it got is given back."""
         with self._cond:
-            slot = self._slots[ticket.model]
+            slot = ticket.slot
+            assert slot is not None
             if ticket in slot.tickets:
                 slot.tickets.remove(ticket)
                 self.metrics.queued.labels(slot.name).set(len(slot.tickets))
@@ -511,7 +515,8 @@ class Lifecycle(Actuator):
             lease.done()
 
     def _expire(self, ticket: Ticket) -> None:
-        slot = self._slots[ticket.model]
+        slot = ticket.slot
+        assert slot is not None
         if ticket in slot.tickets:
             slot.tickets.remove(ticket)
             self.metrics.queued.labels(slot.name).set(len(slot.tickets))
@@ -561,12 +566,12 @@ class Lifecycle(Actuator):
             self.metrics.actuation.labels(slot.name, "warm").observe(actuation.seconds)
             slot.last_actuation = actuation  # /v1/workers shows the latest request's actuation
         assert slot.handle is not None and slot.handle.url is not None
-        return WorkerLease(slot.name, slot.handle.url, actuation, self._lease_done, handle=slot.handle,
-                           epoch=slot.token)
+        # The lease gives back to the slot it came from, which a models reload may have retired or replaced since.
+        return WorkerLease(slot.name, slot.handle.url, actuation, lambda lease: self._lease_done(slot, lease),
+                           handle=slot.handle, epoch=slot.token)
 
-    def _lease_done(self, lease: WorkerLease) -> None:
+    def _lease_done(self, slot: Slot, lease: WorkerLease) -> None:
         with self._cond:
-            slot = self._slots[lease.model]
             slot.in_flight -= 1
             self._touch(slot)
             self.metrics.in_flight.labels(slot.name).set(slot.in_flight)
