@@ -74,3 +74,12 @@ def test_warm_progress_names_the_state_and_what_it_waits_for():
     line = progress_line("m", {"state": "starting", "phase": "starting", "detail": "waiting for a node"}, 3.2)
     assert line == "m: 3.20s starting: waiting for a node"
     assert progress_line("m", None, 0.01) == "m: 0.01s asking the requester"
+
+
+def test_an_unknown_embedded_model_is_one_line_naming_the_known_ones(capsys):
+    """Issue 21, defect 9: `fma model-path nosuch` ended in a KeyError traceback."""
+    from fma_cli.main import main
+
+    assert main(["model-path", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "fma: 'nosuch' is not an embedded model (smollm2-135m-instruct)"

@@ -621,8 +621,10 @@ def model_path(model: str, dtype: str) -> None:
       fma model-path
       ls "$(fma model-path)"
     """
-    from fma_worker.model_store import default_cache_dir, embedded_cache_dir, is_converted
+    from fma_worker.model_store import EMBEDDED_MODELS, default_cache_dir, embedded_cache_dir, is_converted
 
+    if model not in EMBEDDED_MODELS:
+        raise CliError(f"{model!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)})", EXIT_USAGE)
     folder = embedded_cache_dir(model, dtype, default_cache_dir())
     click.echo(folder)
     if not is_converted(folder):

@@ -75,7 +75,9 @@ def _transformers_version() -> str:
 
 def embedded_cache_dir(name: str, dtype: str, cache_dir: Path) -> Path:
     """The converted folder for an embedded model; it may not exist yet."""
-    entry = EMBEDDED_MODELS[name]
+    entry = EMBEDDED_MODELS.get(name)
+    if entry is None:
+        raise ModelSourceError(f"{name!r} is not an embedded model (embedded: {', '.join(EMBEDDED_MODELS)})")
     try:
         wheel = importlib.metadata.version(entry.distribution)
     except importlib.metadata.PackageNotFoundError as exc:
