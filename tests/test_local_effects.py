@@ -66,9 +66,15 @@ def test_fork_is_refused_only_for_what_cannot_be_re_read():
     assert is_reread("HF_HUB_OFFLINE") and is_reread("TRANSFORMERS_OFFLINE") and not is_reread("OMP_NUM_THREADS")
 
 
-def test_model_names_make_safe_log_file_names():
-    assert log_file_name("meta-llama/Llama-3.1-8B") == "meta-llama_Llama-3.1-8B.log"
-    assert log_file_name("../../etc/passwd") == "etc_passwd.log"
+def test_model_names_make_safe_log_file_names_that_never_collide():
+    """Issue 21, defect 5: `a/b` and `a_b` shared one log, and a model named `launcher` wrote into the launcher's,
+    so a failed start quoted another model's log tail."""
+    assert log_file_name("a_b") == "worker-a_b.log"
+    assert log_file_name("meta-llama/Llama-3.1-8B").startswith("worker-meta-llama_Llama-3.1-8B-")
+    assert "/" not in log_file_name("../../etc/passwd") and not log_file_name("../../etc/passwd").startswith(".")
+    names = ["a/b", "a_b", "a b", "launcher", "launcher.log", "..", "", "x" * 300]
+    files = {log_file_name(n) for n in names} | {"launcher.log"}
+    assert len(files) == len(names) + 1, "one file per model, none of them the launcher's"
 
 
 def test_logs_rotate_by_size_and_an_appending_writer_keeps_writing(tmp_path: Path):
@@ -107,6 +113,6 @@ def test_housekeeping_rotates_worker_logs(tmp_path: Path):
         log_path = effects.supervisor.log_path("org/model")
         log_path.write_bytes(b"z" * 10_000)
         effects.housekeeping()
-        assert log_path.stat().st_size == 0 and (log_path.parent / "org_model.log.1").stat().st_size == 10_000
+        assert log_path.stat().st_size == 0 and log_path.with_name(log_path.name + ".1").stat().st_size == 10_000
     finally:
         effects.close()

@@ -19,6 +19,7 @@ owns the operating-system side of local workers:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -38,8 +39,16 @@ log = logging.getLogger("fma.requester.supervision")
 
 
 def log_file_name(model: str) -> str:
-    """A file name for a model's log: model names may hold ``/`` and worse."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("._") + ".log"
+    """A file name for a model's log, distinct for every model name and from the launcher's ``launcher.log``.
+
+    Model names may hold ``/`` and worse, so they are made safe; when that changed the name (``a/b`` and ``a_b``
+    would both be ``a_b``) a short hash of the exact name is added. The ``worker-`` prefix keeps a model named
+    ``launcher`` out of the launcher's log.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("._") or "model"
+    if slug != model:
+        slug += "-" + hashlib.sha256(model.encode()).hexdigest()[:8]
+    return f"worker-{slug}.log"
 
 
 class ProcessSupervisor:
