@@ -44,8 +44,8 @@ def test_a_forked_worker_with_prepared_parts_writes_what_a_fresh_process_writes(
         started = [line for line in req.log().splitlines() if "starting worker for" in line]
         assert any("for forked on" in line and "launcher" in line for line in started)
         assert any("for fresh on" in line and "plain" in line for line in started)
-        assert "the launcher prepared" in (tmp_path / "logs" / "forked.log").read_text()
-        assert "the launcher prepared" not in (tmp_path / "logs" / "fresh.log").read_text()
+        assert "the launcher prepared" in (tmp_path / "logs" / "worker-forked.log").read_text()
+        assert "the launcher prepared" not in (tmp_path / "logs" / "worker-fresh.log").read_text()
         # The start's timeline: nothing spent on the tokenizer or the modules, both built before the fork.
         steps = worker_state(req.spi, "forked")["last_start"]["steps"]
         assert steps["tokenizer"] < 0.05 and steps["skeleton"] == 0.0, steps
