@@ -218,6 +218,51 @@ def test_sigterm_on_the_requester_leaves_no_child_processes(tmp_path: Path, conv
         wait_for(lambda: not req.tagged_pids(), 15, "every child process (launcher and workers) to exit")
 
 
+def test_sigterm_answers_a_request_still_waiting_for_its_worker_with_503_shutting_down(tmp_path: Path,
+                                                                                     converted_model_dir: Path):
+    """Issue 21, defect 7: a non-streamed request waiting for a worker (here: for the budget, while the only
+    awake place is busy past the drain) got no answer and was reset at the drain deadline; now it gets 503
+    shutting_down with Retry-After before the deadline."""
+    import threading
+
+    models = tmp_path / "models.yaml"
+    models.write_text("budget: {max_loaded: 1, sleepers: 0}\nmodels:\n"
+                      + "".join(f"  - {{name: {m}, source: 'embedded:{EMBEDDED}', dtype: float32}}\n"
+                                for m in ("a", "b")))
+    with requester(tmp_path, models, FMA_DRAIN_TIMEOUT="4s") as req:
+        httpx.post(f"{req.spi}/v1/workers/a/warm", timeout=120).raise_for_status()
+        streaming = threading.Event()
+        answers: list[httpx.Response] = []
+
+        def long_stream() -> None:  # not streamed: it holds a's place through the whole drain
+            body = {"model": "a", "prompt": "Tell me a long story", "max_tokens": 2000, "logit_bias": {"2": -100}}
+            streaming.set()
+            try:
+                httpx.post(f"{req.spi}/v1/completions", json=body, timeout=120)
+            except httpx.HTTPError:
+                pass  # cut at the drain deadline: what is in flight past it is gunicorn's to end
+
+        def waiting_request() -> None:
+            answers.append(httpx.post(f"{req.spi}/v1/completions", timeout=120,
+                                      json={"model": "b", "prompt": "Hello", "max_tokens": 4}))
+
+        threads = [threading.Thread(target=long_stream), threading.Thread(target=waiting_request)]
+        threads[0].start()
+        assert streaming.wait(60)
+        wait_for(lambda: worker_state(req.spi, "a")["in_flight"] == 1, 30, "a to be busy")
+        threads[1].start()
+        wait_for(lambda: worker_state(req.spi, "b")["queued"] == 1, 30, "b's request to wait for the budget")
+        req.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        (answer,) = answers
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "shutting_down" and answer.headers["Retry-After"] == "1"
+        assert req.proc.wait(60) == 0
+        # The worker still generating for a's request ends too: its requester is gone (the lifeline).
+        wait_for(lambda: not req.tagged_pids(), 15, "every child process to exit")
+
+
 def test_sigkill_on_the_requester_still_leaves_no_workers(tmp_path: Path, converted_model_dir: Path):
     with requester(tmp_path, models_yaml(tmp_path)) as req:
         httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/warm", timeout=120).raise_for_status()

@@ -92,6 +92,7 @@ def refused_asleep(status: int, body: bytes | None) -> bool:
 
 
 KEEPALIVE = b": keepalive\n\n"
+DRAIN_POLL_S = 0.5  # how often a request waiting for its worker looks at the drain deadline
 
 
 class KeepaliveStream:
@@ -204,6 +205,20 @@ class DataPlane:
             upstream.stream.on_broken = lambda: self.actuator.worker_unreachable(lease)
         return upstream
 
+    def _wait_for_worker(self, model: str) -> Any:
+        """A lease for a request that is not streamed: waits like ``ensure_ready``, but a request still waiting
+        for its worker when the drain deadline comes is answered 503 ``shutting_down`` (retry elsewhere or
+        later), never left to be reset when gunicorn kills what is left."""
+        ticket = self.actuator.admit(model)
+        while True:
+            lease = self.actuator.wait_for(ticket, timeout=DRAIN_POLL_S)
+            if lease is not None:
+                return lease
+            if drain.closing_soon():
+                self.actuator.abandon(ticket)
+                raise ShuttingDown(f"the requester is shutting down before the worker for {model} was ready; "
+                                   f"retry the request", headers={"Retry-After": "1"})
+
     def complete(self, model: str, path: str, body: bytes, stream: bool) -> Completion:
         """Serve one request: raises a typed :class:`ApiError` (an :class:`UpstreamAnswer`
         for the worker's own error answers) or returns the worker's success.
@@ -219,7 +234,7 @@ class DataPlane:
                     return Completion(200, {"Content-Type": "text/event-stream"}, None,
                                       stream=KeepaliveStream(self, ticket, model, path, body, self.keepalive_s))
             else:
-                lease = self.actuator.ensure_ready(model)
+                lease = self._wait_for_worker(model)
             self.log_lease(model, lease.actuation)
             upstream = self.forward(lease, model, path, body, stream)
             if attempt == 1 and upstream.stream is None and refused_asleep(upstream.status, upstream.body):

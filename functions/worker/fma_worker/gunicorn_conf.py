@@ -20,6 +20,7 @@ loads on its thread; it is still set well above the longest model load seen.
 
 import os
 import signal
+import threading
 
 from fma_common.procs import watch_lifeline
 from fma_worker import runtime_env, timeline
@@ -47,16 +48,31 @@ proc_name = f"fma-worker:{_settings.model}"
 control_socket_disable = True
 
 
+LIFELINE_GRACE_S = 2.0  # the requester is gone: nobody can receive what is still being generated
+
+
+def _requester_gone() -> None:
+    """SIGTERM (what can end in a moment ends: streams notice their client left), then the whole process group
+    is killed: a non-streamed generation for a client that no longer exists would otherwise run on for the full
+    ``graceful_timeout``, holding the model's memory with no requester to count it."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    timer = threading.Timer(LIFELINE_GRACE_S, lambda: os.killpg(os.getpgrp(), signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
+
+
 def when_ready(server) -> None:
-    """Shut down gracefully if the process that started us goes away.
+    """Shut down if the process that started us goes away.
 
     A requester passes the read end of a pipe in ``FMA_LIFELINE_FD``; EOF on it
     means the requester is gone (even after SIGKILL), so no worker outlives it.
+    Workers lead their own process group (``start_new_session``, or ``setsid``
+    in the launcher), which is what the escalation kills.
     """
     timeline.mark("listening")
     fd = os.environ.get("FMA_LIFELINE_FD")
     if fd and fd.isdigit():
-        watch_lifeline(int(fd), lambda: os.kill(os.getpid(), signal.SIGTERM))
+        watch_lifeline(int(fd), _requester_gone)
 
 
 def post_fork(server, worker) -> None:
