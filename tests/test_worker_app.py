@@ -290,6 +290,30 @@ def test_a_wake_that_brings_back_damaged_weights_fails_with_the_reason(tiny_mode
     assert_envelope(complete(c, max_tokens=2), 503, code="worker_failed")
 
 
+def test_a_level_2_sleep_waits_for_the_batchers_last_step_before_emptying_the_weights(tiny_model_dir: Path):
+    """Issue 21, defect 4: the weights were emptied, then the batcher waited for: a cancelled stream's last step
+    could run on emptied parameters. Now the batcher goes idle first, and a batch that will not is a 409."""
+    import fma_worker.engine as engine_module
+
+    app = make_app(tiny_model_dir)
+    engine = app.extensions["fma"]["engine"]
+    c = app.test_client()
+    order: list[str] = []
+    real_wait, real_emptied = engine.batcher.wait_idle, engine_module._emptied
+    engine.batcher.wait_idle = lambda timeout: order.append("batch idle") or real_wait(timeout)
+    engine_module._emptied = lambda model, torch: order.append("weights emptied") or real_emptied(model, torch)
+    try:
+        assert c.post("/sleep?level=2").status_code == 200
+        assert order == ["batch idle", "weights emptied"]
+        assert c.post("/wake_up").status_code == 200
+        engine.batcher.wait_idle = lambda timeout: False  # a step that does not end in time
+        busy = c.post("/sleep?level=2")
+        assert_envelope(busy, 409)
+        assert engine._model is not None and c.get("/ready").status_code == 200, "refused: still serving"
+    finally:
+        engine_module._emptied = real_emptied
+
+
 def test_bad_sleep_level_is_400(client):
     assert_envelope(client.post("/sleep?level=3"), 400, param="level")
 

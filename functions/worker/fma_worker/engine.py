@@ -461,6 +461,14 @@ class Engine:
                     raise Conflict(f"{self._in_flight} generation(s) still running after "
                                    f"{self.settings.sleep_drain_timeout_s:.0f} s; sleep cancelled")
                 self._cond.wait(remaining)
+        # A request's use can end before the batcher's last step for it does (a stream whose client left): the
+        # weights move only once no step can touch them any more.
+        if not self.batcher.wait_idle(max(0.0, deadline - time.monotonic())):
+            with self._cond:
+                self._set_state("ready")
+            raise Conflict(f"the batch was still running after {self.settings.sleep_drain_timeout_s:.0f} s; "
+                           f"sleep cancelled")
+        with self._cond:
             self._sleep_level = level
         torch = self._torch
         try:
@@ -483,7 +491,6 @@ class Engine:
             self._skeleton = _emptied(self._model, torch) if self._mapped else None
             self._model = None
             self._lm = None  # the batcher's view holds the model too
-            self.batcher.wait_idle(5.0)  # its last step may still hold it for a moment
             gc.collect()
             _trim_heap()
             if self.device.startswith("cuda"):
