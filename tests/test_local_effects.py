@@ -116,3 +116,31 @@ def test_housekeeping_rotates_worker_logs(tmp_path: Path):
         assert log_path.stat().st_size == 0 and log_path.with_name(log_path.name + ".1").stat().st_size == 10_000
     finally:
         effects.close()
+
+
+def test_a_hung_worker_whose_launcher_died_is_killed_and_its_exit_reported_only_then(monkeypatch):
+    """Issue 21, defect 3: the launcher's children were marked exited the moment it died, so the stop that
+    followed skipped SIGKILL; a stopped (hung) worker lived on, reparented, beside its replacement."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fma_common.procs import stop_process_group
+    from fma_requester import launcher_client
+    from fma_requester.launcher_client import LaunchedProcess
+
+    monkeypatch.setattr(launcher_client, "ORPHAN_GRACE_S", 0.5)
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        os.kill(hung.pid, signal.SIGSTOP)  # it will not act on SIGTERM
+        child = LaunchedProcess(hung.pid)
+        child._orphaned()  # what the client does for each child when the launcher's stdout closes
+        assert child.poll() is None, "not reported exited while it still runs"
+        began = time.monotonic()
+        stop_process_group(child, 30)  # the actuator's stop after worker_exited
+        assert hung.wait(5) == -signal.SIGKILL, "killed, not left hung"
+        assert child.poll() is not None and time.monotonic() - began < 5
+    finally:
+        if hung.poll() is None:
+            hung.kill()

@@ -17,14 +17,33 @@ import itertools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("fma.requester.launcher")
+
+# When the launcher is gone, its children are stopped: SIGTERM, then SIGKILL for their process group after this.
+ORPHAN_GRACE_S = 5.0
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (not ours to wait for: an orphan's exit is reaped by init)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class LauncherError(RuntimeError):
@@ -61,6 +80,25 @@ class LaunchedProcess:
     def _exit(self, code: int) -> None:
         self.returncode = code
         self._exited.set()
+
+    def _orphaned(self) -> None:
+        """The launcher that reported this process's exit is gone: stop the process, and report its exit only
+        once it is really gone. A hung or stopped worker ignores SIGTERM; marked exited at once, it would be
+        skipped by the stop that follows (no SIGKILL) and live on beside the worker that replaces it."""
+        def stop() -> None:
+            self.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + ORPHAN_GRACE_S
+            killed = False
+            while _alive(self.pid):
+                if not killed and time.monotonic() >= deadline:
+                    log.warning("pid %s did not stop within %.0f s of its launcher's end; killing it", self.pid,
+                                ORPHAN_GRACE_S)
+                    self.kill_group()
+                    killed = True
+                time.sleep(0.05)
+            self._exit(-signal.SIGKILL if killed else -1)
+
+        threading.Thread(target=stop, name=f"fma-orphan-{self.pid}", daemon=True).start()
 
 
 class LauncherClient:
@@ -140,9 +178,9 @@ class LauncherClient:
         for waiter in pending:
             waiter["event"].set()
         for child in children:
-            child.send_signal(15)
-            child._exit(-1)
-        log.warning("launcher exited (code %s)", self.proc.poll())
+            child._orphaned()
+        log.warning("launcher exited (code %s); stopping the %d worker(s) it had forked", self.proc.poll(),
+                    len(children))
 
     def _write(self, message: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
