@@ -135,3 +135,68 @@ def test_a_remembered_review_ends_with_the_token():
     senders.sender(f"Bearer {short}")
     assert len(calls) == 2
     assert senders.sender("Bearer not-a-jwt") is None and len(calls) == 2, "API keys are never sent for review"
+
+
+def _fake_jwt(i: int) -> str:
+    return f"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4IiwiaSI6{i}fQ.sig{i}"
+
+
+def test_made_up_tokens_cost_the_api_server_a_bounded_number_of_reviews_per_client():
+    """Issue 21, defect 6: every POST / with a new JWT-shaped string cost a TokenReview, and a full cache was
+    cleared wholesale (a Trigger's remembered token with it)."""
+    from fma_common.errors import RateLimited
+
+    now = [1000.0]
+    calls: list[str] = []
+
+    def review(token: str, audience: str) -> Review:
+        calls.append(token)
+        return Review(True, TRIGGER_SA, (audience,)) if token == "e30.good.sig" else Review(False, error="invalid")
+
+    senders = EventSenders(AUDIENCE, (TRIGGER_SA,), review, max_entries=8, reviews_per_minute=60, burst=5,
+                           clock=lambda: now[0])
+    assert senders.sender("Bearer e30.good.sig", "10.0.0.9") == TRIGGER_SA
+    refused = 0
+    for i in range(50):  # one client making tokens up
+        try:
+            assert senders.sender(f"Bearer {_fake_jwt(i)}", "10.0.0.66") is None
+        except RateLimited as exc:
+            refused += 1
+            assert exc.status == 429 and exc.headers["Retry-After"] == "1"
+    assert len(calls) == 1 + 5 and refused == 45, "the burst, then 429s that cost the API server nothing"
+    for i in range(20):  # many clients, one made-up token each: within their budgets, so reviewed
+        senders.sender(f"Bearer {_fake_jwt(100 + i)}", f"10.1.0.{i}")
+    assert senders.sender("Bearer e30.good.sig", "10.0.0.9") == TRIGGER_SA
+    assert calls.count("e30.good.sig") == 1, "refusals never evict an accepted sender"
+    assert senders.sender(f"Bearer {_fake_jwt(119)}", "10.1.0.19") is None
+    assert calls.count(_fake_jwt(119)) == 1, "a refusal is remembered a while too"
+    now[0] += 11
+    senders.sender(f"Bearer {_fake_jwt(119)}", "10.1.0.19")
+    assert calls.count(_fake_jwt(119)) == 2, "... only a short while"
+    now[0] += 60  # the client's budget refills
+    assert senders.sender(f"Bearer {_fake_jwt(200)}", "10.0.0.66") is None
+
+
+def test_a_client_flooding_post_with_made_up_tokens_gets_429_and_the_api_server_a_bounded_load(app_client,
+                                                                                             kube: FakeKube):
+    answers = [warm_event(app_client, _fake_jwt(i)).status_code for i in range(40)]
+    reviews = [m for m, p in kube.requests if p.endswith("/tokenreviews")]
+    assert answers.count(401) == len(reviews) and 429 in answers
+    assert len(reviews) <= 20, f"{len(reviews)} TokenReviews for 40 made-up tokens from one client"
+    good = kube.issue_token(TRIGGER_SA, (AUDIENCE,))
+    assert warm_event(app_client, good).status_code == 429, "this client's budget is spent, for new tokens too"
+
+
+def test_made_up_tokens_claiming_ever_new_sources_are_bounded_all_together():
+    from fma_common.errors import RateLimited
+
+    calls: list[str] = []
+    senders = EventSenders(AUDIENCE, (TRIGGER_SA,), lambda t, a: calls.append(t) or Review(False),
+                           reviews_per_minute=60, burst=5, total_per_minute=120, clock=lambda: 1000.0)
+    limited = 0
+    for i in range(200):  # a different X-Forwarded-For each time
+        try:
+            senders.sender(f"Bearer {_fake_jwt(i)}", f"203.0.113.{i}")
+        except RateLimited:
+            limited += 1
+    assert len(calls) == 20 and limited == 180, "the total budget's burst, whatever the sources claim"

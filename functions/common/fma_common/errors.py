@@ -110,6 +110,18 @@ class QueueFull(ApiError):
         self.headers.setdefault("Retry-After", str(self.retry_after))
 
 
+class RateLimited(ApiError):
+    """This client asked for more of something costly than its share (e.g. token checks); retry later."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.headers.setdefault("Retry-After", str(max(1, int(retry_after))))
+
+
 class ShuttingDown(ApiError):
     """The server is draining for shutdown and can no longer finish this; retry (another replica, or soon)."""
 

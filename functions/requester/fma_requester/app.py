@@ -158,13 +158,19 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     register_error_handlers(app)
     install_access_log(app, "fma.requester.access")
 
+    def client_address() -> str:
+        """Who sent the request, for per-client budgets: the first X-Forwarded-For address (Knative's ingress and
+        activator add it), else the peer."""
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        return forwarded.split(",")[0].strip() or request.remote_addr or ""
+
     @app.before_request
     def _authorize() -> None:
         need = required_role(request.method, request.path)
         if need is not None:
             header = request.headers.get("Authorization")
             if senders is not None and keys.enabled and request.path == p.PATH_CLOUDEVENTS \
-                    and keys.role_of(header) is None and (sender := senders.sender(header)):
+                    and keys.role_of(header) is None and (sender := senders.sender(header, client_address())):
                 # A Broker delivery with a valid OIDC token of an allowed Trigger: events only, any type.
                 g.fma_event_sender = sender
             else:

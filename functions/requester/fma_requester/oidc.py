@@ -11,6 +11,14 @@ matches one of ``FMA_EVENTS_OIDC_SUBJECTS``. The audience alone proves nothing: 
 its own ServiceAccount for any audience. A review is remembered for a minute (never past the token's ``exp``)
 so a busy Trigger costs one review a minute, not one per event. The API server failing is a 503: the Broker
 retries, and no event is refused for our outage.
+
+Anyone who reaches ``POST /`` can present a JWT-shaped string, and each new one would cost the API server a
+TokenReview. So reviews of tokens not seen before are budgeted per source (the client's address as the edge
+sees it): past ``reviews_per_minute`` (and a burst), the answer is 429 ``rate_limited`` without asking the API
+server. The source is the first ``X-Forwarded-For`` address, which a client can set, so a second budget bounds
+all sources together (``total_per_minute``): whatever a client claims, the API server's load stays bounded, and
+a Broker refused during a flood gets a 429, which it retries. Refusals are remembered too, for a shorter time, and apart from the accepted senders: a flood of made-up
+tokens evicts only other refusals (least recently used first), never a Trigger's remembered token.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fma_common.errors import AuthUnavailable
+from fma_common.errors import AuthUnavailable, RateLimited
 
 log = logging.getLogger("fma.requester.oidc")
 
@@ -54,32 +63,84 @@ def _expiry(token: str) -> float | None:
         return None
 
 
+class _Remembered:
+    """Token hashes and what their review said, until a time; least recently used first out when full."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._items: OrderedDict[bytes, tuple[float, str | None]] = OrderedDict()
+
+    def get(self, key: bytes, now: float) -> tuple[float, str | None] | None:
+        hit = self._items.get(key)
+        if hit is None or hit[0] <= now:
+            return None
+        self._items.move_to_end(key)
+        return hit
+
+    def put(self, key: bytes, until: float, user: str | None) -> None:
+        self._items[key] = (until, user)
+        self._items.move_to_end(key)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+
+class _Budget:
+    """A token bucket per source: ``rate`` per second, at most ``burst`` at once; sources least recently seen
+    are forgotten first (a forgotten source starts with a full bucket again)."""
+
+    def __init__(self, per_minute: float, burst: int, max_sources: int = 4096) -> None:
+        self._rate, self._burst, self._max = per_minute / 60.0, float(burst), max_sources
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # source -> (tokens, at)
+
+    def take(self, source: str, now: float) -> float:
+        """0 if one review may go ahead now, else the seconds until one may."""
+        tokens, at = self._buckets.get(source, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - at) * self._rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self._rate
+        self._buckets[source] = (tokens - 1 if wait == 0 else tokens, now)
+        self._buckets.move_to_end(source)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
+        return wait
+
+
 class EventSenders:
     def __init__(self, audience: str, subjects: tuple[str, ...], review: Reviewer, *, remember_s: float = 60.0,
-                 max_entries: int = 1024, clock: Callable[[], float] = time.time) -> None:
+                 refused_s: float = 10.0, max_entries: int = 1024, reviews_per_minute: float = 60.0,
+                 burst: int = 20, total_per_minute: float = 600.0, clock: Callable[[], float] = time.time) -> None:
         if not subjects:
             raise ValueError("FMA_EVENTS_OIDC_SUBJECTS: name the ServiceAccounts allowed to send events "
                              "(e.g. system:serviceaccount:llm:*-oidc-eventing.knative.dev-trigger)")
         self.audience, self.subjects, self._review = audience, subjects, review
-        self._remember_s, self._max, self._clock = remember_s, max_entries, clock
-        self._cache: dict[bytes, tuple[float, str | None]] = {}  # sha256(token) -> (until, allowed user)
+        self._remember_s, self._refused_s, self._clock = remember_s, refused_s, clock
+        self._accepted = _Remembered(max_entries)  # a flood of made-up tokens never evicts these
+        self._refused = _Remembered(max_entries)
+        self._budget = _Budget(reviews_per_minute, burst)
+        self._total = _Budget(total_per_minute, max(burst, int(total_per_minute / 6)), max_sources=1)
+        self._per_minute = reviews_per_minute
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"EventSenders(audience={self.audience!r}, subjects={list(self.subjects)!r})"
 
-    def sender(self, authorization: str | None) -> str | None:
+    def sender(self, authorization: str | None, source: str = "") -> str | None:
         """The allowed sender a Bearer token proves, or None. Raises :class:`AuthUnavailable` when the
-        API server cannot say."""
+        API server cannot say, and :class:`RateLimited` when ``source`` has asked for too many new reviews."""
         scheme, _, token = (authorization or "").strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or token.count(".") != 2:  # not a JWT: an API key, or nothing
             return None
         key, now = hashlib.sha256(token.encode()).digest(), self._clock()
         with self._lock:
-            hit = self._cache.get(key)
-        if hit and hit[0] > now:
-            return hit[1]
+            hit = self._accepted.get(key, now) or self._refused.get(key, now)
+            if hit is not None:
+                return hit[1]
+            wait = self._budget.take(source, now) or self._total.take("", now)
+        if wait:
+            log.warning("event sender tokens from %s: more new tokens than %s a minute; not reviewing this one",
+                        source or "an unknown source", int(self._per_minute))
+            raise RateLimited("too many new event-sender tokens from this client; retry later",
+                              retry_after=int(wait + 0.999))
         try:
             review = self._review(token, self.audience)
         except Exception as exc:  # the API server down, slow or refusing us: not the sender's fault
@@ -87,13 +148,10 @@ class EventSenders:
             raise AuthUnavailable(f"cannot check the event sender's token now (TokenReview failed: "
                                      f"{type(exc).__name__}); retry") from None
         user = self._allowed(review)
-        until = min(now + self._remember_s, _expiry(token) or now + self._remember_s)
+        keep = self._remember_s if user is not None else self._refused_s
+        until = min(now + keep, _expiry(token) or now + keep)
         with self._lock:
-            if len(self._cache) >= self._max:
-                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-                if len(self._cache) >= self._max:
-                    self._cache.clear()
-            self._cache[key] = (until, user)
+            (self._accepted if user is not None else self._refused).put(key, until, user)
         return user
 
     def _allowed(self, review: Review) -> str | None:
