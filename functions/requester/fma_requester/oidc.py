@@ -17,8 +17,9 @@ TokenReview. So reviews of tokens not seen before are budgeted per source (the c
 sees it): past ``reviews_per_minute`` (and a burst), the answer is 429 ``rate_limited`` without asking the API
 server. The source is the first ``X-Forwarded-For`` address, which a client can set, so a second budget bounds
 all sources together (``total_per_minute``): whatever a client claims, the API server's load stays bounded, and
-a Broker refused during a flood gets a 429, which it retries. Refusals are remembered too, for a shorter time, and apart from the accepted senders: a flood of made-up
-tokens evicts only other refusals (least recently used first), never a Trigger's remembered token.
+a Broker refused during a flood gets a 429, which it retries. Refusals are remembered too, for a shorter time,
+and apart from the accepted senders: a flood of made-up tokens evicts only other refusals (least recently used
+first), never a Trigger's remembered token.
 """
 
 from __future__ import annotations
