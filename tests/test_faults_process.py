@@ -131,3 +131,27 @@ def test_a_worker_that_cannot_start_backs_off_instead_of_restarting_in_a_storm(t
         assert attempts in (2, 3), f"{attempts} start attempts in 8 s: the backoff (2 s, then doubling) spaces them"
         assert len(answers) > attempts, "requests during the backoff are answered at once, without a new start"
         assert complete(req.spi, "tiny").status_code == 200
+
+
+def test_a_request_sent_to_a_worker_that_already_died_is_served_by_a_new_worker(tmp_path: Path, two_models: Path):
+    """Issue 21, defect 8: right after a worker was killed, before its exit was noticed, the slot still said ready
+    and the request went to the dead worker's pooled connection: 502 worker_unreachable (reset, or refused). No
+    live worker can have accepted it, so it goes again to a new worker: the client sees a cold start. The exit is
+    kept from being noticed by stopping the launcher, which reports it, for a second."""
+    with requester(tmp_path, two_models) as req:
+        for attempt in range(3):
+            assert complete(req.spi, "tiny").status_code == 200  # leaves a pooled connection to the worker
+            requesters = req.requester_pids()
+            launcher = next(pid for pid in req.tagged_pids() if pid not in requesters and
+                            b"fma_worker.launcher" in Path(f"/proc/{pid}/cmdline").read_bytes() and
+                            any(f"PPid:\t{r}\n" in Path(f"/proc/{pid}/status").read_text() for r in requesters))
+            os.kill(launcher, signal.SIGSTOP)
+            try:
+                os.kill(worker_pid(req.log(), "tiny"), signal.SIGKILL)
+                threading.Timer(1.0, os.kill, (launcher, signal.SIGCONT)).start()  # so the new worker can fork
+                resp = complete(req.spi, "tiny")
+            finally:
+                os.kill(launcher, signal.SIGCONT)
+            assert resp.status_code == 200, (attempt, resp.text)
+            assert resp.headers["X-FMA-Actuation"].startswith("cold;"), resp.headers["X-FMA-Actuation"]
+        assert "retrying on a new worker" in req.log()

@@ -116,6 +116,12 @@ class Actuator(abc.ABC):
     def worker_unreachable(self, lease: WorkerLease) -> None:  # noqa: B027 - optional hook
         """A request could not reach its worker: check whether the worker is still there."""
 
+    def worker_lost(self, lease: WorkerLease) -> bool:
+        """A request's connection to its worker failed before any answer: is that worker gone (so nothing can be
+        working on the request)? Asks now; a gone worker is replaced. The default only probes later."""
+        self.worker_unreachable(lease)
+        return False
+
     def start(self) -> None:  # noqa: B027 - optional hook
         """Begin background work (reaper, preloads)."""
 

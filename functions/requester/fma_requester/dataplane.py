@@ -140,6 +140,8 @@ class KeepaliveStream:
                 try:
                     upstream = plane.forward(lease, self._model, self._path, self._body, True)
                 except ApiError as err:
+                    if isinstance(err, UpstreamError):
+                        plane.actuator.worker_lost(lease)  # gone? replaced now, for the next request
                     yield sse_error(err)
                     return
                 if attempt == 1 and upstream.stream is None and refused_asleep(upstream.status, upstream.body):
@@ -192,9 +194,9 @@ class DataPlane:
             upstream = self.proxy.forward(lease, path, body, stream)
         except (UpstreamError, UpstreamTimeout) as exc:
             self.metrics.requests.labels(model, path, str(exc.status)).inc()
-            if exc.code in ("worker_unreachable", "upstream_timeout"):
-                # Gone, or hung (a SIGSTOPped or wedged process)? A probe off the request's path tells; a worker
-                # that does not answer its /health is replaced, so the model does not stay unusable.
+            if exc.code == "upstream_timeout":
+                # Hung (a SIGSTOPped or wedged process)? A probe off the request's path tells; a worker that does
+                # not answer its /health is replaced, so the model does not stay unusable.
                 self.actuator.worker_unreachable(lease)
             raise
         except ApiError as exc:
@@ -236,7 +238,19 @@ class DataPlane:
             else:
                 lease = self._wait_for_worker(model)
             self.log_lease(model, lease.actuation)
-            upstream = self.forward(lease, model, path, body, stream)
+            try:
+                upstream = self.forward(lease, model, path, body, stream)
+            except UpstreamError as exc:
+                # The connection failed before the worker answered; a worker that is gone is replaced. The request
+                # goes again, to a new worker (the client sees a cold start), only when no live process can have
+                # accepted it: refused, or sent into a socket already closed (docs/design.md, request flow).
+                # A worker that died while it had the request may have died of it: that is a 502, not a retry.
+                gone = self.actuator.worker_lost(lease)
+                if gone and attempt == 1 and getattr(exc, "not_received", False):
+                    log.warning("%s: the worker was gone before it took the request (%s); retrying on a new "
+                                "worker", model, exc.message[:200])
+                    continue
+                raise
             if attempt == 1 and upstream.stream is None and refused_asleep(upstream.status, upstream.body):
                 # Asleep though we thought it awake (put to sleep by someone else, or adopted before it said so):
                 # it refused before doing anything, so the request goes again, through a wake.

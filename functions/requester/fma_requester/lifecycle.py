@@ -178,6 +178,7 @@ class ThreadExecutor:
 
 
 EXITED_STOP_GRACE_S = 1.0  # a worker that went away is killed after this, not after the drain timeout
+LOST_PROBE_S = 2.0  # a request waits this long at most to learn whether its worker is gone
 
 
 @dataclass(frozen=True)
@@ -1056,6 +1057,21 @@ class Lifecycle(Actuator):
                 op.finish()
             slot.stop_ops.clear()
             self._cond.notify_all()
+
+    def worker_lost(self, lease: WorkerLease) -> bool:
+        """The request's connection to its worker failed before any answer. True when that worker is gone: the
+        probe (the process's exit, then its ``/health``) says so, or the model already has another worker."""
+        with self._cond:
+            slot = self._slots.get(lease.model) or self._retiring.get(lease.model)
+            if slot is None or slot.handle is not lease.handle:
+                return True  # replaced (or stopped) since: the worker this request went to is no more
+            if slot.phase != Phase.READY:
+                return slot.phase in (Phase.STOPPING, Phase.COLD, Phase.FAILED)
+            handle, spec = slot.handle, slot.spec
+        alive = _safe(lambda: self.effects.probe(spec, handle, LOST_PROBE_S), default=False)
+        if not alive:
+            self.worker_exited(handle, "the worker stopped answering (a request's connection failed)")
+        return not alive
 
     def worker_unreachable(self, lease: WorkerLease) -> None:
         """A request could not reach its worker: probe it (off the request's path); gone means exited."""

@@ -33,6 +33,21 @@ log = logging.getLogger("fma.requester.proxy")
 _DROP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
 
 
+def refused_before_received(exc: BaseException) -> bool:
+    """Whether a failed send proves no live process accepted the request: the connection was refused, or the
+    peer's socket was already closed (a reset or a broken pipe on the request itself: a pooled connection to a
+    worker that had died). A worker that dies *after* reading a request closes with an EOF instead ("Server
+    disconnected without sending a response"): that one may have been working on it."""
+    if isinstance(exc, httpx.ConnectError):
+        return True
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionResetError, BrokenPipeError, ConnectionRefusedError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class SSETail:
     """Follows an SSE byte stream event by event, to tell how it ended.
 
@@ -173,8 +188,9 @@ class WorkerProxy:
         except httpx.HTTPError as exc:
             lease.done()
             self.metrics.upstream_errors.labels(lease.model, "connect").inc()
-            raise UpstreamError(f"worker for {lease.model} is unreachable: {exc}", code="worker_unreachable") \
-                from None
+            error = UpstreamError(f"worker for {lease.model} is unreachable: {exc}", code="worker_unreachable")
+            error.not_received = refused_before_received(exc)
+            raise error from None
         first_byte = time.monotonic() - started
         self.metrics.ttfb.labels(lease.model).observe(first_byte)
         log.info("upstream POST %s%s -> %d first byte %.1f ms", lease.model, path, resp.status_code,
