@@ -61,21 +61,36 @@ def test_waiters_are_served_in_arrival_order():
     assert order == [0, 1, 2]
 
 
-def test_rows_and_tokens_are_both_budgets_and_a_big_request_runs_alone():
+def test_rows_and_kv_slots_are_both_budgets_and_a_big_request_runs_alone():
     adm = Admission(rows=4, max_queue=2, timeout_s=0.05, tokens=1000)
-    a = adm.acquire(rows=3, tokens=300)
+    a = adm.acquire(rows=3, width=100)  # 3 rows of up to 100 tokens: 300 slots
     with pytest.raises(QueueFull):
-        adm.acquire(rows=2, tokens=10)  # rows: 3 + 2 > 4
-    b = adm.acquire(rows=1, tokens=600)
-    with pytest.raises(QueueFull):
-        adm.acquire(rows=0, tokens=200)  # tokens: 900 + 200 > 1000
+        adm.acquire(rows=2, width=10)  # rows: 3 + 2 > 4
+    b = adm.acquire(rows=1, width=250)  # 4 rows padded to 250: 1000 slots
+    assert adm.kv_slots == 1000
     a.release()
     b.release()
-    huge = adm.acquire(rows=8, tokens=5000)  # larger than the whole budget: alone, it runs
+    huge = adm.acquire(rows=8, width=5000)  # larger than the whole budget: alone, it runs
     assert adm.busy == 1 and adm.busy_rows == 8
     with pytest.raises(QueueFull):
         adm.acquire()
     huge.release()
+
+
+def test_a_long_request_beside_short_ones_is_counted_at_its_length_for_every_row():
+    """Issue 21, defect 2: admission summed each request's own length (one 420-token request beside 7 short ones
+    counted 504 tokens) while the cache, padded to its longest row, held 8 x 420 slots per layer."""
+    adm = Admission(rows=16, max_queue=8, timeout_s=0.05, tokens=1200)
+    long = adm.acquire(rows=1, width=420)
+    short = [adm.acquire(rows=1, width=12) for _ in range(1)]
+    assert adm.kv_slots == 2 * 420
+    with pytest.raises(QueueFull):
+        adm.acquire(rows=1, width=12)  # a third row would make the padded cache 3 x 420 = 1260 > 1200
+    long.release()
+    more = [adm.acquire(rows=1, width=12) for _ in range(14)]  # without the long row, short ones fit by the dozen
+    assert adm.kv_slots == 15 * 12
+    for lease in short + more:
+        lease.release()
 
 
 def test_a_big_request_at_the_head_is_not_overtaken_by_small_ones():

@@ -314,6 +314,34 @@ def test_a_level_2_sleep_waits_for_the_batchers_last_step_before_emptying_the_we
         engine_module._emptied = real_emptied
 
 
+def test_a_batchs_kv_cache_stays_within_the_admitted_budget_with_a_long_row_beside_short_ones(tiny_model_dir: Path):
+    """Issue 21, defect 2: admission summed each request's own length, but the batch's cache is padded to its
+    longest row; with one long request beside short ones it held many times FMA_MAX_BATCH_TOKENS."""
+    import threading
+
+    app = make_app(tiny_model_dir, FMA_MAX_BATCH_TOKENS="600", FMA_MAX_BATCH="16", FMA_QUEUE_TIMEOUT="60s",
+                   FMA_MAX_TOKENS="200")
+    engine = app.extensions["fma"]["engine"]
+    engine.batcher.peak_kv_slots = 0
+    results: list[int] = []
+
+    def ask(prompt: str, max_tokens: int) -> None:
+        resp = app.test_client().post("/v1/completions", json={
+            "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "logit_bias": {"0": -100, "1": -100, "2": -100}})
+        results.append(resp.status_code)
+
+    long = threading.Thread(target=ask, args=("hello " * 60, 150))  # about 210 slots per row
+    long.start()
+    shorts = [threading.Thread(target=ask, args=("hi", 6)) for _ in range(10)]
+    for t in shorts:
+        t.start()
+    for t in [long, *shorts]:
+        t.join(120)
+    assert results == [200] * 11
+    assert 0 < engine.batcher.peak_kv_slots <= 600, f"the cache held {engine.batcher.peak_kv_slots} slots"
+
+
 def test_bad_sleep_level_is_400(client):
     assert_envelope(client.post("/sleep?level=3"), 400, param="level")
 

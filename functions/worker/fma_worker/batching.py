@@ -140,6 +140,7 @@ class Batcher:
         self._positions: Any = None  # [B], that token's position
         self._stopping = False
         self._busy = False  # in a step (it may hold the model); False only while waiting for work
+        self.peak_kv_slots = 0  # the most cache slots (rows x padded length) a step has held, per layer
         self._thread = threading.Thread(target=self._loop, name="fma-batcher", daemon=True)
         self._thread.start()
 
@@ -346,6 +347,7 @@ class Batcher:
                        use_cache=True, **lm.forward_extra, **{lm.cache_kw: self._cache})
         self._cache = getattr(out, lm.cache_kw)
         self._mask = mask
+        self.peak_kv_slots = max(self.peak_kv_slots, int(mask.shape[0]) * int(mask.shape[1]))
         self._positions = self._positions + 1
         logits = out.logits[:, -1, : lm.vocab_size].float()
         self._on_step(rows)

@@ -108,9 +108,9 @@ class CompletionService:
         return ModelList(data=[ModelCard(id=self.settings.model, created=self.engine.created,
                                          max_model_len=self.engine.context_length or None)])
 
-    def _admit(self, rows: int, tokens: int) -> Lease:
+    def _admit(self, rows: int, width: int) -> Lease:
         try:
-            lease = self.admission.acquire(rows, tokens)
+            lease = self.admission.acquire(rows, width)
         except ApiError:
             self.metrics.rejected.labels(self.settings.model, "queue_full").inc()
             raise
@@ -175,8 +175,8 @@ class CompletionService:
         self.check_model(req.model)
         self.engine.check_serving()
         prepared = self._prepare_completion(req)
-        # Prompts of one request run one after another: the batch holds the largest of them.
-        lease = self._admit(req.n, max(req.n * (len(p.prompt_ids) + p.params.max_tokens) for p in prepared))
+        # Prompts of one request run one after another: its n rows may grow to the longest of them.
+        lease = self._admit(req.n, max(len(p.prompt_ids) + p.params.max_tokens for p in prepared))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
@@ -267,7 +267,7 @@ class CompletionService:
         messages = req.chat_messages()
         prompt_ids = self.engine.render_chat(messages)
         params = req.to_sampling_params(len(prompt_ids), self.limits(), self.engine.vocab_size)
-        lease = self._admit(params.n, params.n * (len(prompt_ids) + params.max_tokens))
+        lease = self._admit(params.n, len(prompt_ids) + params.max_tokens)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:

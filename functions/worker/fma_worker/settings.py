@@ -49,9 +49,9 @@ class WorkerSettings(EnvSettings):
                                   ge=1024)
     max_batch: int = setting("FMA_MAX_BATCH", "16", "sequences generated together, one forward pass per step "
                              "(a request with `n` choices counts `n`); the rest wait in the queue", ge=1, le=256)
-    max_batch_tokens: int = setting("FMA_MAX_BATCH_TOKENS", "32768", "tokens the running batch may hold (prompt + "
-                                    "`max_tokens`, times `n`, summed): bounds the KV cache; a request larger than "
-                                    "this runs alone", ge=64)
+    max_batch_tokens: int = setting("FMA_MAX_BATCH_TOKENS", "32768", "KV slots the running batch may hold: its "
+                                    "rows times the longest row (prompt + `max_tokens`), since the cache is padded "
+                                    "to its longest row; a request larger than this runs alone", ge=64)
     prefill_chunk: int = setting("FMA_PREFILL_CHUNK", "256", "prompt tokens prefilled per step: a longer prompt is "
                                  "prefilled in chunks between decode steps, so running streams wait at most one "
                                  "chunk", ge=1)
