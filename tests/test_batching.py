@@ -155,3 +155,85 @@ def test_weights_mapped_from_the_file_answer_like_from_pretrained(engine: Engine
     for (name, a), (_, b) in zip(engine._model.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert engine._model.generation_config.to_dict() == reference.generation_config.to_dict()
+
+
+MIXED = [  # prompt lengths from a few tokens to ~70, max_tokens from 3 to 40: rows leave at different steps
+    ("Hi", 3),
+    ("The capital of France is", 8),
+    (" ".join(["The quick brown fox jumps over the lazy dog."] * 7), 24),
+    ("def fibonacci(n):", 40),
+    ("Once upon a time, in a small village by the sea, there lived an old fisherman who", 12),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(converted_model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(converted_model_dir), dtype=torch.float32).eval()
+
+
+def test_mixed_lengths_in_one_batch_match_generate_greedy(engine: Engine, reference):
+    """Issue 21: a long row beside short ones and rows leaving early, all in one batch, give what transformers'
+    generate gives each prompt alone (greedy), not only what the same batcher gives alone."""
+    import torch
+
+    jobs = [(p, SamplingParams(max_tokens=m, temperature=0.0, logit_bias={2: -100.0})) for p, m in MIXED]
+    batched, widest = together(engine, jobs)
+    assert widest >= 4, "the requests shared forward passes"
+    for (prompt, max_tokens), (text,) in zip(MIXED, batched, strict=True):
+        ids = engine.encode(prompt)
+        with torch.inference_mode():
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                                     suppress_tokens=[2])[0, len(ids):].tolist()
+        assert text == engine.decode(out), (prompt[:30], max_tokens)
+
+
+def test_mixed_lengths_seeded_sampling_is_the_same_batched_as_alone(engine: Engine):
+    jobs = [(p, SamplingParams(max_tokens=m, temperature=0.8, top_p=0.9, seed=100 + i, n=1 + i % 2))
+            for i, (p, m) in enumerate(MIXED)]
+    alone = [run(engine, p, params) for p, params in jobs]
+    batched, widest = together(engine, jobs)
+    assert widest >= 4
+    assert batched == alone
+
+
+def test_a_row_failing_mid_batch_leaves_the_others_as_generate_has_them(engine: Engine, reference,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    original = StopTextTracker.push
+    pushed: dict[int, int] = {}
+
+    def push(self, piece, *, final=False):
+        if "BOOM" in self.stops:
+            pushed[id(self)] = pushed.get(id(self), 0) + 1
+            if pushed[id(self)] > 5:  # fails after a few steps, while the others run
+                raise RuntimeError("a broken stop tracker")
+        return original(self, piece, final=final)
+
+    monkeypatch.setattr(StopTextTracker, "push", push)
+    jobs = [(p, SamplingParams(max_tokens=m, temperature=0.0, logit_bias={2: -100.0})) for p, m in MIXED[1:4]]
+    jobs.append(("Tell me a story", SamplingParams(max_tokens=30, temperature=0.0, stop=("BOOM",))))
+    results: list = [None] * len(jobs)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = run(engine, *jobs[i])
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert isinstance(results[-1], Exception) and "generation failed" in str(results[-1])
+    for (prompt, max_tokens), (text,) in zip(MIXED[1:4], results[:-1], strict=True):
+        ids = engine.encode(prompt)
+        with torch.inference_mode():
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                                     suppress_tokens=[2])[0, len(ids):].tolist()
+        assert text == engine.decode(out), prompt[:30]
+    wait_for(lambda: engine.batcher.rows == 0, 5, "the batch to empty")
