@@ -7,7 +7,13 @@ Everything runs as real servers driven over HTTP, the way users drive them:
   concurrent clients (tokens/s over the wall time, time to first token p50/p99).
 * ``peers``: the same load against ``transformers serve`` on the same converted
   folder, without and with ``--continuous-batching`` (fewer requests: the
-  batching peer makes a lone request crawl).
+  batching peer makes a lone request crawl). This *uniform* load is the best
+  case for a left-padded batch: every client sends the same prompt and the same
+  ``max_tokens``, so no row waits on another's padding and none leaves early.
+* ``mixed``: our worker and ``transformers serve --continuous-batching`` side by
+  side under a *mixed* load: prompt lengths and ``max_tokens`` drawn per request
+  from a stated, seeded distribution (``mixed_plan``), the same sequence for
+  both, at 1, 8 and 16 clients.
 * ``requester_hop``: the same streaming load sent directly to a worker and
   through the requester, interleaved in rounds, in one run.
 * ``many_models``: a requester with 12 copies of the embedded model and a
@@ -122,6 +128,106 @@ def load(url: str, model: str, clients: int, requests: int, new_tokens: int, cou
     return {"tokens_per_s": round(sum(tokens) / wall, 2), "ttft_p50_s": round(pct(ttfts, 0.5), 4),
             "ttft_p99_s": round(pct(ttfts, 0.99), 4), "requests": len(tokens),
             "mean_tokens": round(statistics.mean(tokens), 1)}
+
+
+# ---- the mixed workload ------------------------------------------------------------------------------
+
+MIXED_LEVELS = (1, 8, 16)
+MIXED_SEED = 21
+# Prompt length in words (about 1.3 tokens each): mostly short, some long, as chat traffic is.
+MIXED_WORDS = ((8, 0.35), (24, 0.25), (64, 0.2), (160, 0.15), (320, 0.05))
+MIXED_NEW_TOKENS = (8, 128)  # max_tokens, uniform between these
+_WORDS = ("the dragon learned to paint the mountains at dawn with colours nobody in the valley had seen and "
+          "every evening the villagers climbed the hill to watch the sky change").split()
+
+
+def mixed_plan(requests: int, seed: int = MIXED_SEED) -> list[tuple[list[dict], int]]:
+    """``requests`` chats: (messages, max_tokens), prompt lengths and max_tokens drawn from the stated
+    distribution with a fixed seed, so every server gets the same sequence."""
+    rng = random.Random(seed)
+    plan = []
+    for i in range(requests):
+        words = rng.choices([w for w, _ in MIXED_WORDS], [p for _, p in MIXED_WORDS])[0]
+        text = " ".join(_WORDS[(i + k) % len(_WORDS)] for k in range(words))
+        plan.append(([{"role": "user", "content": f"Continue this story: {text}"}],
+                     rng.randint(*MIXED_NEW_TOKENS)))
+    return plan
+
+
+def chat_plan_item(http: httpx.Client, model: str, messages: list[dict], new_tokens: int, ours: bool) -> str:
+    body: dict = {"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    if ours:
+        body["logit_bias"] = {"2": -100}  # <|im_end|>: exactly new_tokens tokens
+    text = ""
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            raise RuntimeError(f"{resp.status_code}: {resp.text[:300]}")
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                for choice in event.get("choices", []):
+                    text += (choice.get("delta") or {}).get("content") or ""
+    return text
+
+
+def load_mixed(url: str, model: str, clients: int, plan: list[tuple[list[dict], int]], count: Counter,
+               ours: bool) -> dict:
+    """The plan's requests, in order, from ``clients`` threads at once; tokens/s over the wall time."""
+    tokens: list[int] = []
+    errors: list[str] = []
+    nxt = [0]
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=900, headers=AUTH) as http:
+            while True:
+                with lock:
+                    if nxt[0] >= len(plan):
+                        return
+                    messages, new_tokens = plan[nxt[0]]
+                    nxt[0] += 1
+                try:
+                    text = chat_plan_item(http, model, messages, new_tokens, ours)
+                except Exception as exc:
+                    errors.append(str(exc))
+                    continue
+                with lock:
+                    tokens.append(count.tokens(text))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]}")
+    return {"tokens_per_s": round(sum(tokens) / wall, 2), "requests": len(tokens), "tokens": sum(tokens),
+            "wall_s": round(wall, 2)}
+
+
+def bench_mixed(servers: list[tuple[str, str, str, bool]], count: Counter, per_client: int,
+                rounds: int) -> dict:
+    """Each level on each server in turn, ``rounds`` times (the median is kept)."""
+    samples: dict[str, dict[str, list[dict]]] = {label: {} for label, *_ in servers}
+    for r in range(rounds):
+        for c in MIXED_LEVELS:
+            plan = mixed_plan(max(4, c * per_client), MIXED_SEED + c)
+            for label, url, model, ours in servers:
+                res = load_mixed(url, model, c, plan, count, ours)
+                samples[label].setdefault(str(c), []).append(res)
+                print(f"round {r + 1} mixed {label}: {c} clients {res['tokens_per_s']} tok/s "
+                      f"({res['tokens']} tokens, {res['requests']} requests)", file=sys.stderr)
+    out: dict[str, dict] = {}
+    for label, levels in samples.items():
+        out[label] = {c: {**min(runs, key=lambda x: x["tokens_per_s"]),
+                          "tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in runs), 2),
+                          "tokens_per_s_runs": [x["tokens_per_s"] for x in runs]} for c, runs in levels.items()}
+    return out
 
 
 def start_worker(workdir: Path, env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
@@ -339,7 +445,7 @@ def main() -> int:
     parser.add_argument("--hop-rounds", type=int, default=3)
     parser.add_argument("--many-clients", type=int, default=16)
     parser.add_argument("--many-per-client", type=int, default=6)
-    parser.add_argument("--skip", default="", help="comma-separated: worker (with the peers), hop, many")
+    parser.add_argument("--skip", default="", help="comma-separated: worker (with the peers), mixed, hop, many")
     parser.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     parser.add_argument("--chart-only", action="store_true", help="redraw the chart from --out and stop")
     args = parser.parse_args()
@@ -356,7 +462,8 @@ def main() -> int:
     count = Counter(AutoTokenizer.from_pretrained(str(folder)))
     report: dict = {"machine": machine(), "model": MODEL, "new_tokens": args.new_tokens,
                     "label": "CPU only, float32, warm caches (model converted and in the page cache), greedy chat "
-                             "requests; tokens/s = generated tokens of all clients / wall time"}
+                             "requests; tokens/s = generated tokens of all clients / wall time; uniform load: every "
+                             "client the same prompt and max_tokens (the best case for left-padded batching)"}
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -384,6 +491,33 @@ def main() -> int:
             for key in ("worker", "peers"):
                 if key in previous:
                     report[key] = previous[key]
+        if "mixed" not in skip:
+            procs = []
+            try:
+                proc, url = start_worker(workdir)
+                procs.append(proc)
+                servers_mixed = [("fma worker", url, MODEL, True)]
+                proc, url = start_peer(folder, workdir, True)
+                procs.append(proc)
+                servers_mixed.append(("transformers serve --continuous-batching", url, str(folder), False))
+                for _label, url, model, ours in servers_mixed:  # warm: kernels, allocator
+                    chat_plan_item(httpx.Client(base_url=url, timeout=600, headers=AUTH), model, MESSAGES, 4, ours)
+                mixed = bench_mixed(servers_mixed, count, args.per_client, args.rounds)
+            finally:
+                for proc in procs:
+                    stop_process_group(proc)
+            report["mixed"] = {
+                "label": (f"mixed load: per request a prompt of "
+                          f"{', '.join(f'{w} words ({p:.0%})' for w, p in MIXED_WORDS)}"
+                          f" and max_tokens uniform in {MIXED_NEW_TOKENS[0]}..{MIXED_NEW_TOKENS[1]} (seed "
+                          f"{MIXED_SEED} + clients), greedy, streamed chat; the same sequence for both servers; ours "
+                          f"generates exactly max_tokens (EOS suppressed), the peer may stop earlier: tokens/s counts "
+                          f"what each generated"),
+                "levels": list(MIXED_LEVELS), "requests_per_client": args.per_client, "rounds": args.rounds,
+                "results": mixed}
+            print(f"mixed: {json.dumps(mixed)}", file=sys.stderr)
+        elif "mixed" in previous:
+            report["mixed"] = previous["mixed"]
         if "hop" not in skip:
             report["requester_hop"] = bench_hop(workdir, count, args.new_tokens, args.hop_rounds, 4)
             print(f"requester hop: {report['requester_hop']}", file=sys.stderr)
