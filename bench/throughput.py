@@ -35,7 +35,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from common import machine
@@ -65,9 +67,11 @@ class Counter:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
 
-def chat_stream(http: httpx.Client, model: str, new_tokens: int, ours: bool) -> tuple[float, str, float]:
+def chat_stream(http: httpx.Client, model: str, new_tokens: int, ours: bool,
+                messages: list[dict] | None = None) -> tuple[float, str, float]:
     """One greedy streamed chat: (time to first token, text, wall seconds)."""
-    body: dict = {"model": model, "messages": MESSAGES, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    body: dict = {"model": model, "messages": messages or MESSAGES, "max_tokens": new_tokens, "temperature": 0,
+                  "stream": True}
     if ours:
         body["logit_bias"] = {"2": -100}  # <|im_end|>: every request makes exactly new_tokens tokens
     started = time.perf_counter()
@@ -92,29 +96,29 @@ def chat_stream(http: httpx.Client, model: str, new_tokens: int, ours: bool) -> 
     return ttft or 0.0, text, time.perf_counter() - started
 
 
-def load(url: str, model: str, clients: int, requests: int, new_tokens: int, count: Counter, ours: bool) -> dict:
-    """``requests`` chats from ``clients`` threads at once; tokens/s over the wall time."""
-    ttfts: list[float] = []
-    tokens: list[int] = []
+def drive(url: str, clients: int, jobs: list, one: Callable[[httpx.Client, Any], Any]) -> tuple[list, float]:
+    """``jobs`` taken in order by ``clients`` threads at once, each with its own pooled client: the results of
+    ``one(http, job)`` and the wall time; raises if any job failed."""
+    results: list = []
     errors: list[str] = []
-    left = [requests]
+    nxt = [0]
     lock = threading.Lock()
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=600, headers=AUTH) as http:
+        with httpx.Client(base_url=url, timeout=900, headers=AUTH) as http:
             while True:
                 with lock:
-                    if left[0] == 0:
+                    if nxt[0] >= len(jobs):
                         return
-                    left[0] -= 1
+                    job = jobs[nxt[0]]
+                    nxt[0] += 1
                 try:
-                    ttft, text, _ = chat_stream(http, model, new_tokens, ours)
+                    result = one(http, job)
                 except Exception as exc:
                     errors.append(str(exc))
                     continue
                 with lock:
-                    ttfts.append(ttft)
-                    tokens.append(count.tokens(text))
+                    results.append(result)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -125,6 +129,17 @@ def load(url: str, model: str, clients: int, requests: int, new_tokens: int, cou
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]}")
+    return results, wall
+
+
+def load(url: str, model: str, clients: int, requests: int, new_tokens: int, count: Counter, ours: bool) -> dict:
+    """``requests`` chats from ``clients`` threads at once; tokens/s over the wall time."""
+    def one(http: httpx.Client, _job: int) -> tuple[float, int]:
+        ttft, text, _ = chat_stream(http, model, new_tokens, ours)
+        return ttft, count.tokens(text)
+
+    results, wall = drive(url, clients, list(range(requests)), one)
+    ttfts, tokens = [r[0] for r in results], [r[1] for r in results]
     return {"tokens_per_s": round(sum(tokens) / wall, 2), "ttft_p50_s": round(pct(ttfts, 0.5), 4),
             "ttft_p99_s": round(pct(ttfts, 0.99), 4), "requests": len(tokens),
             "mean_tokens": round(statistics.mean(tokens), 1)}
@@ -155,57 +170,16 @@ def mixed_plan(requests: int, seed: int = MIXED_SEED) -> list[tuple[list[dict], 
 
 
 def chat_plan_item(http: httpx.Client, model: str, messages: list[dict], new_tokens: int, ours: bool) -> str:
-    body: dict = {"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True}
-    if ours:
-        body["logit_bias"] = {"2": -100}  # <|im_end|>: exactly new_tokens tokens
-    text = ""
-    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
-        if resp.status_code != 200:
-            resp.read()
-            raise RuntimeError(f"{resp.status_code}: {resp.text[:300]}")
-        for line in resp.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise RuntimeError(event["error"])
-                for choice in event.get("choices", []):
-                    text += (choice.get("delta") or {}).get("content") or ""
-    return text
+    return chat_stream(http, model, new_tokens, ours, messages)[1]
 
 
 def load_mixed(url: str, model: str, clients: int, plan: list[tuple[list[dict], int]], count: Counter,
                ours: bool) -> dict:
     """The plan's requests, in order, from ``clients`` threads at once; tokens/s over the wall time."""
-    tokens: list[int] = []
-    errors: list[str] = []
-    nxt = [0]
-    lock = threading.Lock()
+    def one(http: httpx.Client, job: tuple[list[dict], int]) -> int:
+        return count.tokens(chat_plan_item(http, model, job[0], job[1], ours))
 
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=900, headers=AUTH) as http:
-            while True:
-                with lock:
-                    if nxt[0] >= len(plan):
-                        return
-                    messages, new_tokens = plan[nxt[0]]
-                    nxt[0] += 1
-                try:
-                    text = chat_plan_item(http, model, messages, new_tokens, ours)
-                except Exception as exc:
-                    errors.append(str(exc))
-                    continue
-                with lock:
-                    tokens.append(count.tokens(text))
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]}")
+    tokens, wall = drive(url, clients, plan, one)
     return {"tokens_per_s": round(sum(tokens) / wall, 2), "requests": len(tokens), "tokens": sum(tokens),
             "wall_s": round(wall, 2)}
 

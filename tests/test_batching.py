@@ -46,8 +46,10 @@ def run(engine: Engine, prompt: str, params: SamplingParams, *, close_after: int
     return texts
 
 
-def together(engine: Engine, jobs: list[tuple[str, SamplingParams]]) -> tuple[list[list[str]], int]:
-    """Run every job at once; the answers, and the most rows one step carried."""
+def together(engine: Engine, jobs: list[tuple[str, SamplingParams]], *,
+             errors_too: bool = False) -> tuple[list[list[str]], int]:
+    """Run every job at once; the answers (an exception where one failed, with ``errors_too``), and the most
+    rows one step carried."""
     widest = [0]
     engine.batcher._on_step = lambda rows: widest.__setitem__(0, max(widest[0], rows))
     results: list[list[str] | BaseException] = [[] for _ in jobs]
@@ -67,7 +69,7 @@ def together(engine: Engine, jobs: list[tuple[str, SamplingParams]]) -> tuple[li
         t.join(120)
     engine.batcher._on_step = lambda rows: None
     for r in results:
-        if isinstance(r, BaseException):
+        if isinstance(r, BaseException) and not errors_too:
             raise r
     return results, widest[0]  # type: ignore[return-value]
 
@@ -216,19 +218,7 @@ def test_a_row_failing_mid_batch_leaves_the_others_as_generate_has_them(engine: 
     monkeypatch.setattr(StopTextTracker, "push", push)
     jobs = [(p, SamplingParams(max_tokens=m, temperature=0.0, logit_bias={2: -100.0})) for p, m in MIXED[1:4]]
     jobs.append(("Tell me a story", SamplingParams(max_tokens=30, temperature=0.0, stop=("BOOM",))))
-    results: list = [None] * len(jobs)
-
-    def one(i: int) -> None:
-        try:
-            results[i] = run(engine, *jobs[i])
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results, _ = together(engine, jobs, errors_too=True)
     assert isinstance(results[-1], Exception) and "generation failed" in str(results[-1])
     for (prompt, max_tokens), (text,) in zip(MIXED[1:4], results[:-1], strict=True):
         ids = engine.encode(prompt)
