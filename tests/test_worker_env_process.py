@@ -60,7 +60,7 @@ def test_per_model_hub_settings_reach_the_worker_with_and_without_the_launcher(t
         resp = httpx.post(f"{req.spi}/v1/completions", timeout=120,
                           json={"model": "tiny", "prompt": "Hello", "max_tokens": 3})
         assert resp.status_code == 200, resp.text
-        seen = effective_hub((tmp_path / "logs" / "tiny.log").read_text())
+        seen = effective_hub((tmp_path / "logs" / "worker-tiny.log").read_text())
         assert seen == {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": True}
         resp = httpx.post(f"{req.spi}/v1/completions", timeout=120,
                           json={"model": "tiny-omp", "prompt": "Hello", "max_tokens": 3})
