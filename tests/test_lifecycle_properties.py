@@ -6,7 +6,8 @@ mixed at random, with every other public event of the machine: a models file
 reloaded (models removed, added back, changed), a worker removed behind its
 back (``worker_gone``), a running worker found (``worker_found``, in each of
 its states), a request that could not reach its worker
-(``worker_unreachable``), leases that end after their model changed. After
+(``worker_unreachable``), a worker found asleep (``worker_asleep``), a stop the
+platform finishes (``stop_pending``), leases that end after their model changed. After
 every step the machine must keep its promises:
 
 * at most one worker process per model, ever;
@@ -162,6 +163,19 @@ class ActuationMachine(RuleBasedStateMachine):
     def a_request_could_not_reach_its_worker(self, data: st.DataObject) -> None:
         if self.leases:
             self.h.machine.worker_unreachable(data.draw(st.sampled_from(self.leases)))
+
+    @rule(data=st.data())
+    def a_request_found_its_worker_asleep(self, data: st.DataObject) -> None:
+        """The worker answered 503 worker_sleeping (someone else put it to sleep)."""
+        if self.leases:
+            self.h.machine.worker_asleep(data.draw(st.sampled_from(self.leases)))
+
+    @rule(model=st.sampled_from(MODELS))
+    def the_platform_has_the_stop(self, model: str) -> None:
+        """A stop handed to the platform (a Knative release waiting for its pod): its callers are answered."""
+        slot = self.h.machine._slots.get(model)
+        if slot is not None and slot.phase == Phase.STOPPING and slot.handle is not None:
+            self.h.machine.stop_pending(slot.handle, "released; waiting for the platform")
 
     @rule(seconds=st.sampled_from([0.5, 3.0, 11.0, 25.0, 61.0, 130.0]))
     def time_passes(self, seconds: float) -> None:
