@@ -85,8 +85,9 @@ Kubernetes
   ``doBackOff``; ``pkg/kubelet/kubelet.go`` ``backOffPeriod``, ``MaxContainerBackOff``;
   forgotten after a long run), in the same pod, at the same address, with
   ``restartCount`` and ``lastState.terminated`` (``OOMKilled`` or ``Error``; its
-  message the termination log, or the log's tail with
-  ``terminationMessagePolicy: FallbackToLogsOnError``). A pod is ``Pending``
+  message what the container wrote to its termination log, else the log's tail with
+  ``terminationMessagePolicy: FallbackToLogsOnError``: ``kuberuntime_container.go``
+  ``getTerminationMessage``). A pod is ``Pending``
   until its container first started.
 * Pods are published as Pod objects (labels, IP, port, conditions, container
   statuses, ``deletionTimestamp`` while terminating) so the requester sees
@@ -243,6 +244,7 @@ class Pod:
     deleting_at: float = 0.0  # wall clock, for deletionTimestamp
     ready_at: float | None = None
     proc: subprocess.Popen | None = None
+    termination_file: Path | None = None  # the host file mounted at terminationMessagePath (process pods)
     port: int | None = None  # a real container keeps its pod's address across restarts
     url: str | None = None
     in_flight: int = 0
@@ -694,6 +696,12 @@ class SimulatedKnative:
         env.update(PORT=str(pod.port), FMA_HOST="127.0.0.1", K_SERVICE=rev.service, K_REVISION=rev.name)
         if self.cache_dir:
             env["FMA_CACHE_DIR"] = str(self.cache_dir)  # the image's converted model
+        # The kubelet bind-mounts a fresh host file at the container's terminationMessagePath
+        # (kuberuntime_container.go, startContainer/generateContainerConfig); the worker writes its last words to
+        # FMA_TERMINATION_LOG (/dev/termination-log in a pod), pointed here at that host file.
+        pod.termination_file = self.workdir / f"{pod.name}.{pod.restarts}.termination-log"
+        pod.termination_file.write_text("")
+        env["FMA_TERMINATION_LOG"] = str(pod.termination_file)
         pod.proc = start_gunicorn(WORKER_CONFIG, WORKER_APP, env,
                                   self.workdir / f"{pod.name}.{pod.restarts}.log")
         pod.url = f"http://127.0.0.1:{pod.port}"
@@ -714,7 +722,15 @@ class SimulatedKnative:
         if pod.started_at is not None and now - pod.started_at >= CRASH_BACKOFF_RESET_S:
             pod.backoff = 0.0
         pod.ready = False
-        message = pod.log_tail if policy == "FallbackToLogsOnError" and code != 0 else ""
+        # getTerminationMessage (kuberuntime_container.go): the file's contents (at most 4096 bytes) when there are
+        # any; else, with FallbackToLogsOnError and a failed exit, the log's tail.
+        written = ""
+        if pod.termination_file is not None:
+            try:
+                written = pod.termination_file.read_bytes()[:4096].decode(errors="replace")
+            except OSError:
+                written = ""
+        message = written or (pod.log_tail if policy == "FallbackToLogsOnError" and code != 0 else "")
         pod.last_exit = (code, "OOMKilled" if code == 137 else "Error" if code else "Completed", message)
         pod.state, pod.restarts = "waiting", pod.restarts + 1
         pod.reason = "CrashLoopBackOff"

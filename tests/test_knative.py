@@ -133,7 +133,9 @@ def test_shared_gpu_binding_requests_no_gpu_and_pins_to_the_requesters_node():
     pod = svc["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
-    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "GPU-aaa,GPU-bbb"} in container["env"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == env["FMA_GPU_UUIDS"] == "GPU-aaa", "the model shares 1 of the 2"
+    assert env["FMA_GPUS"] == "1" and env["FMA_GPU_BINDING"] == "shared", "the worker checks it sees its GPU"
     assert "nodeSelector" not in pod, "the hostname label is not the node's name under --hostname-override"
     term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
     assert term == {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["gpu-node-7"]}]}
@@ -579,7 +581,9 @@ def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kub
         "users": [{"name": "fma", "user": {"token": "not-a-secret"}}],
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fma", "namespace": NS}}]}))
     models = tmp_path / "models.yaml"
-    models.write_text(f"models:\n  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32}}\n")
+    # No GPU here: the model asks for none (a worker given one it cannot see would refuse to start).
+    models.write_text(f"models:\n  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32, "
+                      "knative: {gpus: 0}}\n")
     # The shipped template: workers get FMA_WORKER_TOKEN from the Secret fma-keys, and answer only with it.
     template = tmp_path / "worker-template.yaml"
     template.write_text((REPO / "knative" / "base" / "worker-template.yaml").read_text())

@@ -22,7 +22,8 @@ KUSTOMIZATIONS = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "knativ
 # What the deployments need enabled in config-features: knative/cluster/config-features.yaml.
 CLUSTER = yaml.safe_load((REPO / "knative" / "cluster" / "config-features.yaml").read_text())["data"]
 FLAGS = {path: {"kubernetes.podspec-fieldref": "enabled"} for path in KUSTOMIZATIONS}
-SHARED = {"kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "enabled"}
+SHARED = {"kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "enabled",
+          "kubernetes.podspec-runtimeclassname": "enabled"}  # knative/cluster/config-features.yaml
 
 MODELS = """
 models:

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.process
 
 SPEED = 20.0
 TOKEN = "fma-worker-token-for-tests"
-SHARED_FLAGS = {"kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "enabled"}
+SHARED_FLAGS = {"kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "enabled",
+                "kubernetes.podspec-runtimeclassname": "enabled"}  # knative/cluster/config-features.yaml
 
 
 class Cluster:

@@ -168,9 +168,29 @@ def test_the_config_map_has_no_name_hash_so_a_models_edit_rolls_out_nothing(path
 
 
 def test_the_cluster_flags_file_enables_what_the_example_needs():
+    """Every flag the example's rendered workers need (the simulated webhook's field mask decides), and no other."""
+    from knative_webhook import ClusterConfig, KnativeWebhook
+
+    from fma_requester.knative_spec import WorkerTemplate, render_worker_service
+    from fma_requester.registry import ModelRegistry
+
     data = yaml.safe_load((REPO / "knative" / "cluster" / "config-features.yaml").read_text())["data"]
-    assert data == {"kubernetes.podspec-fieldref": "enabled", "kubernetes.podspec-affinity": "enabled",
-                    "kubernetes.podspec-tolerations": "enabled"}
+    docs = render("knative/overlays/examples/fma-requester")
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "fma-requester-config"]
+    template = WorkerTemplate(**yaml.safe_load(cm["data"]["worker-template.yaml"]))
+    workers = [render_worker_service(spec, template, gpu_uuids=["GPU-aaa"], node_name="n1")
+               for spec in ModelRegistry.from_text(cm["data"]["models.yaml"])]
+
+    def refusals(flags: dict[str, str]) -> list[str]:
+        hook = KnativeWebhook(ClusterConfig(features=flags))
+        return [e for w in workers for e in hook.validate_service(hook.defaulted(w))]
+
+    assert refusals(data) == []
+    for flag in data:
+        if flag != "kubernetes.podspec-fieldref":  # the requester's own NODE_NAME, not a worker field
+            assert refusals({k: v for k, v in data.items() if k != flag}), f"{flag} is needed by a worker"
+    assert set(data) == {"kubernetes.podspec-fieldref", "kubernetes.podspec-affinity",
+                         "kubernetes.podspec-tolerations", "kubernetes.podspec-runtimeclassname"}
 
 
 @pytest.mark.parametrize("overlay", ["knative/overlays/examples/fma-requester", "knative/overlays/dedicated-gpu",

@@ -44,7 +44,7 @@ from . import protocol as p
 from .actuator import Actuator
 from .dataplane import DataPlane
 from .events import EmitterConfig, SinkEmitter, parse_overrides
-from .gpus import nvidia_smi
+from .gpus import gpu_uuids, nvidia_smi
 from .metrics import RequesterMetrics
 from .proxy import WorkerProxy
 from .registry import ModelRegistry
@@ -219,7 +219,7 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
 
     @app.get(p.PATH_ACCELERATORS)
     def accelerators() -> Response:
-        uuids = [row[0] for row in nvidia_smi(["uuid"])]
+        uuids = gpu_uuids()  # a MIG instance by its own MIG- UUID, not its parent GPU's
         if not uuids:
             return Response("no GPUs found\n", 500, mimetype="text/plain")
         return json_response(uuids)

@@ -393,8 +393,15 @@ class KnativeEffects(Effects):
         shared = spec.knative.gpu_binding == "shared"
         assert self.kn.template is not None
         tmpl = dataclasses.replace(self.kn.template, image=self.worker_image())
-        return render_worker_service(spec, tmpl, owner=self.owner_reference(),
-                                     gpu_uuids=gpu_uuids() if shared else None,
+        uuids = gpu_uuids() if shared and spec.knative.gpus else None
+        if uuids is not None and len(uuids) < spec.knative.gpus:
+            # The worker will refuse to start and say why (its check names what it was given); said here too, since
+            # this is where the cause is: the requester's own pod holds fewer devices than the model shares.
+            log.warning("model %s shares %d of the requester's GPUs (gpu_binding: shared) but this requester sees "
+                        "%d (nvidia-smi -L: %s); its worker will refuse to start. Give the requester that many "
+                        "nvidia.com/gpu, or set the model's knative.gpus to 0 to run it on the CPU",
+                        spec.name, spec.knative.gpus, len(uuids), ", ".join(uuids) or "none")
+        return render_worker_service(spec, tmpl, owner=self.owner_reference(), gpu_uuids=uuids,
                                      node_name=self.kn.node_name if shared else None)
 
     def _ensure_service(self, spec: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:

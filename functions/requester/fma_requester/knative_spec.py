@@ -16,8 +16,9 @@ Rules followed (design.md, notes/knative.md):
 * GPU binding ``dedicated`` (its own ``nvidia.com/gpu``) or ``shared``
   (0 GPUs, on the requester's node by ``nodeAffinity`` on the Node's
   ``metadata.name``, tolerating the ``nvidia.com/gpu`` taint, the requester's
-  GPU UUIDs in ``NVIDIA_VISIBLE_DEVICES``; needs the ``kubernetes.podspec-affinity``
-  and ``kubernetes.podspec-tolerations`` flags).
+  GPU UUIDs in ``NVIDIA_VISIBLE_DEVICES``, under the template's ``gpu_runtime_class``;
+  needs the ``kubernetes.podspec-affinity``, ``kubernetes.podspec-tolerations``
+  and, with a RuntimeClass, ``kubernetes.podspec-runtimeclassname`` flags).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ RETENTION = "autoscaling.knative.dev/scale-to-zero-pod-retention-period"
 RELEASE_ANNOTATIONS = {MIN_SCALE: "0", RETENTION: "0s"}
 # Pod-spec keys the requester may render; one it rendered before and no longer does is removed on adoption.
 OWNED_POD_KEYS = ("containerConcurrency", "timeoutSeconds", "responseStartTimeoutSeconds", "containers", "volumes",
-                  "nodeSelector", "affinity", "tolerations", "serviceAccountName", "automountServiceAccountToken")
+                  "nodeSelector", "affinity", "tolerations", "serviceAccountName", "automountServiceAccountToken",
+                  "runtimeClassName")
 # Knative's defaults and limits (config/core/configmaps/defaults.yaml, pkg/apis/...): see registry validation.
 RESERVED_ENV = ("PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION")
 CONTAINER_CONCURRENCY_MAX = 1000
@@ -109,6 +111,15 @@ class WorkerTemplate:
     scale_to_zero_retention: str = "5m"
     service_account: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # How a worker with gpu_binding: shared gets the requester's device, which the node's NVIDIA container runtime
+    # decides (README "GPU nodes"; nvidia-container-toolkit internal/config/image/cuda_image.go, gpu-operator
+    # object_controls.go transformToolkitCtrForCDI): the RuntimeClass its pods run under (None: the node's default
+    # runtime, right only where that is the NVIDIA runtime in legacy mode; "nvidia-legacy": the GPU Operator's
+    # legacy-hook class, which applies NVIDIA_VISIBLE_DEVICES on its CDI-default nodes), and, for a runtime in CDI
+    # mode, the CDI kind the device UUIDs are qualified with (e.g. "k8s.device-plugin.nvidia.com/gpu" with
+    # runtimeClassName "nvidia": a bare UUID would resolve against the GPU Operator's management kind and fail).
+    gpu_runtime_class: str | None = None
+    gpu_device_kind: str | None = None
     # A Secret whose key ``worker-token`` every worker gets as FMA_WORKER_TOKEN (the requester reads the same
     # key): workers answer only the requester. None: workers accept anyone the NetworkPolicy lets in.
     token_secret: str | None = None
@@ -152,15 +163,28 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
     limits: dict[str, str] = {"cpu": tmpl.cpu, "memory": tmpl.memory}
     requests: dict[str, str] = {"cpu": tmpl.cpu, "memory": tmpl.memory}
     pod_extra: dict[str, Any] = {}
+    if kn.gpus:
+        # What the worker checks before it loads (fma_worker/gpu_check.py): a worker given a GPU that sees none
+        # exits with the reason instead of running on the CPU.
+        env["FMA_GPUS"] = str(kn.gpus)
+        env["FMA_GPU_BINDING"] = kn.gpu_binding
     if kn.gpu_binding == "dedicated":
         if kn.gpus:
             limits["nvidia.com/gpu"] = str(kn.gpus)
     else:
         # llm-d dual-pods style: the requester holds the GPU in the scheduler's
         # books; the worker runs beside it on the same node with 0 GPUs and is
-        # pointed at the requester's devices.
-        if gpu_uuids:
-            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_uuids)
+        # pointed at the requester's devices (a MIG instance by its MIG- UUID).
+        given = (gpu_uuids or [])[:kn.gpus]
+        if given:
+            kind = tmpl.gpu_device_kind
+            env["NVIDIA_VISIBLE_DEVICES"] = ",".join(f"{kind}={u}" if kind else u for u in given)
+            env["NVIDIA_DRIVER_CAPABILITIES"] = "compute,utility"
+            env["FMA_GPU_UUIDS"] = ",".join(given)
+        if kn.gpus and tmpl.gpu_runtime_class:
+            # Behind config-features kubernetes.podspec-runtimeclassname (fieldmask.go PodSpecMask).
+            pod_extra["runtimeClassName"] = tmpl.gpu_runtime_class
+            env["FMA_GPU_RUNTIME_CLASS"] = tmpl.gpu_runtime_class  # named in the worker's reason if it sees no GPU
         if node_name:
             # By the Node object's name, not its hostname label: the two differ under a kubelet
             # --hostname-override, and matchFields on metadata.name cannot.

@@ -30,6 +30,8 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from fma_common.errors import Conflict, InvalidRequest, WorkerFailed, WorkerNotR
 from . import prepared, runtime_env, timeline
 from .batching import Batcher, BatchStream
 from .generation import LoadedModel
+from .gpu_check import GpuUnavailable, gpu_problem, parse_device_list, visible_devices, write_termination_message
 from .metrics import WorkerMetrics
 from .model_store import ensure_embedded_converted, parse_source
 from .protocol import SamplingParams
@@ -210,11 +213,28 @@ class Engine:
     def _load_guarded(self) -> None:
         try:
             self.load()
-        except Exception as exc:  # the worker stays up to report why it is not ready
-            log.exception("model %s failed to load", self.settings.model)
+        except Exception as exc:
+            if isinstance(exc, GpuUnavailable):  # the reason is the whole story: no traceback
+                log.error("model %s cannot start: %s", self.settings.model, exc)
+            else:
+                log.exception("model %s failed to load", self.settings.model)
             with self._cond:
                 self._error = f"{type(exc).__name__}: {exc}"
                 self._set_state("failed")
+            if self.settings.exit_on_load_failure:
+                self._exit_failed()
+            # Otherwise the worker stays up to report why it is not ready (/ready), as the local requester reads it.
+
+    def _exit_failed(self) -> None:
+        """Under Knative a worker that stays up unready is only seen at the progress deadline (minutes); one that
+        exits is seen at once, with this reason as the Revision's "Container failed with: ..."."""
+        write_termination_message(f"{self.settings.model}: {self._error}")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        # 3 is gunicorn's WORKER_BOOT_ERROR: its arbiter halts instead of starting another worker that would fail
+        # the same way (gunicorn/arbiter.py, reap_workers).
+        os._exit(3)
 
     def load(self) -> LoadReport:
         s = self.settings
@@ -231,6 +251,11 @@ class Engine:
         phases["import"] = time.monotonic() - t0
         log.info("hub settings in effect: %s", runtime_env.effective_hub_settings())
 
+        if s.gpus and s.device != "cpu":
+            problem = gpu_problem(s.gpu_binding, s.gpus, parse_device_list(s.gpu_uuids), visible_devices(torch),
+                                  os.environ)
+            if problem:
+                raise GpuUnavailable(problem)
         self.device = resolve_device(s.device, torch)
         self.dtype_name = resolve_dtype_name(s.dtype, self.device)
         source = parse_source(s.source)

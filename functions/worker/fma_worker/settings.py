@@ -30,6 +30,18 @@ class WorkerSettings(EnvSettings):
         "FMA_DTYPE", "auto", "`auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16` or `float16`")
     device: Annotated[str, Lower] = setting(
         "FMA_DEVICE", "auto", "`auto` (`cuda` when available, else `cpu`), `cuda`, `cuda:N` or `cpu`")
+    gpus: int = setting("FMA_GPUS", "0", "GPUs this worker was given (the requester sets it from the model's "
+                        "`knative.gpus`); when above 0 the worker refuses to start, with the reason, unless CUDA "
+                        "sees them", ge=0, le=64)
+    gpu_binding: Annotated[Literal["none", "dedicated", "shared"], Lower] = setting(
+        "FMA_GPU_BINDING", "none", "how the GPUs were given: `dedicated` (its own `nvidia.com/gpu`), `shared` (the "
+        "requester's, by device UUID) or `none`; names the likely cause when they are missing")
+    gpu_uuids: str | None = setting("FMA_GPU_UUIDS", None, "the devices it was given (`GPU-...`/`MIG-...`, comma "
+                                    "separated): CUDA must see these, not others", shown="unset")
+    exit_on_load_failure: Flag | None = setting(
+        "FMA_EXIT_ON_LOAD_FAILURE", None, "exit (the reason in the log and `/dev/termination-log`) when the model "
+        "cannot load, so Knative reports the failed Revision at once; otherwise the worker stays up and `/ready` "
+        "says why", shown="`true` under Knative (`K_SERVICE` set), else `false`")
     cache_dir: Path | None = setting("FMA_CACHE_DIR", None, "where converted models are kept",
                                      shown="`$XDG_CACHE_HOME/fma` or `~/.cache/fma`")
     max_tokens: int = setting("FMA_MAX_TOKENS", "2048", "largest `max_tokens` a request may ask for", ge=1)
@@ -103,5 +115,7 @@ class WorkerSettings(EnvSettings):
             "source": source,
             "cache_dir": self.cache_dir.expanduser() if self.cache_dir else default_cache_dir(env),
             "torch_threads": self.torch_threads or cores,
+            "exit_on_load_failure": (self.exit_on_load_failure if self.exit_on_load_failure is not None
+                                     else bool(env.get("K_SERVICE"))),
             "worker_threads": self.worker_threads or self.max_batch + self.max_queue + 8,
         })
