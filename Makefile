@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
+.PHONY: wait-sinkbinding e2e doctor run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -105,7 +105,8 @@ images:
 deploy-manifests:
 	@test -n "$(REGISTRY)" || { echo "make deploy: set REGISTRY=registry.example.com/you (and TAG=...)"; exit 2; }
 	@tmp=$$(mktemp -d) && \
-	  { printf 'resources:\n  - %s\nimages:\n' "$$(realpath --relative-to=$$tmp $(CURDIR)/$(OVERLAY))"; \
+	  { printf 'namespace: %s\nresources:\n  - %s\nimages:\n' "$(NAMESPACE)" \
+	      "$$(realpath --relative-to=$$tmp $(CURDIR)/$(OVERLAY))"; \
 	    for image in fma-requester fma-worker; do \
 	      printf '  - name: ghcr.io/llm-d-incubation/%s\n    newName: %s/%s\n    newTag: "%s"\n' \
 	        "$$image" "$(REGISTRY)" "$$image" "$(TAG)"; done; } > $$tmp/kustomization.yaml && \
@@ -116,11 +117,26 @@ deploy-manifests:
 # EVENTING=false: the requester alone (a cluster without Knative Eventing).
 EVENTING ?= true
 NAMESPACE ?= fma-example
+
+# With Eventing's authentication-oidc on, the SinkBinding mounts its token at /oidc only once
+# status.oidcTokenSecretName is set (pkg/apis/sources/v1/sinkbinding_lifecycle.go, Do): wait for it, so the
+# requester is created with the volume instead of getting it in a second Revision (a second GPU while it rolls).
+wait-sinkbinding:
+	@if [ "$$(kubectl get configmap config-features -n knative-eventing -o jsonpath='{.data.authentication-oidc}' \
+	    2>/dev/null)" = enabled ]; then \
+	  echo "waiting for the SinkBinding's OIDC token Secret"; \
+	  for i in $$(seq 180); do \
+	    name=$$(kubectl get sinkbinding fma-requester-events -n $(NAMESPACE) \
+	      -o jsonpath='{.status.oidcTokenSecretName}' 2>/dev/null); \
+	    [ -n "$$name" ] && { echo "SinkBinding token Secret: $$name"; exit 0; }; sleep 1; done; \
+	  echo "the SinkBinding fma-requester-events has no OIDC token Secret after 180 s: kubectl describe sinkbinding fma-requester-events -n $(NAMESPACE)"; \
+	  exit 1; fi
 deploy:
 	@if [ "$(EVENTING)" = true ]; then \
 	  $(MAKE) --no-print-directory -s deploy-manifests REGISTRY=$(REGISTRY) TAG=$(TAG) OVERLAY=knative/eventing \
 	    | kubectl apply -f - && \
-	  kubectl wait --for=condition=Ready broker/fma -n fma-example --timeout=180s; fi
+	  kubectl wait --for=condition=Ready broker/fma -n $(NAMESPACE) --timeout=180s && \
+	  $(MAKE) --no-print-directory -s wait-sinkbinding; fi
 	@# The requester's API keys and the workers' token: random ones the first time, never overwritten after.
 	@kubectl create namespace $(NAMESPACE) --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 	@kubectl get secret fma-keys -n $(NAMESPACE) >/dev/null 2>&1 || { \

@@ -36,6 +36,18 @@ Read from knative/eventing ``knative-v1.22.2``; each behaviour names the file it
   (``pkg/auth/serviceaccount.go``, ``kmeta.ChildName``), the token reused until 5 minutes before it expires
   (``pkg/auth/token_provider.go``; here: for the Broker's life).
 
+* **The channel** (the Broker's InMemoryChannel ``<broker>-kne-trigger``): synchronous unless the Broker carries
+  ``messaging.knative.dev/async-handler`` parsed true by Go's ``strconv.ParseBool`` (``broker.go`` ``ReconcileKind``
+  copies every ``messaging.knative.dev*`` annotation to the channel; ``inmemorychannel.go``
+  ``newConfigForInMemoryChannel``). *Synchronous*: the ingress answers its producer only after every matching
+  Trigger's delivery ended - its subscriber's cold start, every retry and backoff, the reply's own ingress (itself
+  synchronous) and the dead letter - 202 when all succeeded or were dead-lettered, else 500 with no body, never the
+  subscriber's status (``fanout_event_handler.go`` ``dispatch``; ``event_receiver.go`` ``ServeHTTP``;
+  ``ingress_handler.go`` ``receive`` turns any non-2xx into 500). The fan-out gives up after 15 minutes without a
+  further result (``defaultTimeout``, restarted per awaited result): 500. Deliveries run on the producer's request
+  context: a producer that hangs up cancels them, retries included (here: the connection to the subscriber is shut).
+  *Asynchronous*: 202 once the event parsed, deliveries in the background, their failures only logged.
+
 Not simulated: the channel's own persistence (delivery here is in memory, one thread per event and
 Trigger), TLS, CESQL filters, EventTypes, OIDC at the ingress. Waits run ``speed`` times faster than wall
 time.
@@ -44,8 +56,13 @@ time.
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
 import json
+import queue
 import re
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -53,17 +70,34 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent
 
 TTL_ATTRIBUTE = "knativebrokerttl"
+ASYNC_ANNOTATION = "messaging.knative.dev/async-handler"  # in_memory_channel_types.go AsyncHandlerAnnotation
+FANOUT_TIMEOUT_S = 15 * 60.0  # fanout_event_handler.go defaultTimeout
 MAX_TTL = 255
 ERROR_DATA_MAX = 1024
 
 _PERIOD = re.compile(r"^P(?!$)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?"
                      r"(?:T(?=\d)(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+
+
+def go_parse_bool(text: str | None) -> bool:
+    """Go's ``strconv.ParseBool``; anything it refuses counts as false (``newConfigForInMemoryChannel``)."""
+    return text in ("1", "t", "T", "TRUE", "true", "True")
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """The producer closed its side (Go's request context is cancelled then)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 def iso8601_seconds(text: str) -> float:
@@ -194,6 +228,9 @@ class SimulatedBroker:
                  resolve: Callable[[Mapping[str, Any]], str], *, speed: float = 1.0,
                  oidc_token: Callable[[str, str], str] | None = None) -> None:
         self.oidc_token = oidc_token  # (ServiceAccount username, audience) -> JWT, as a TokenRequest gives
+        annotations = (broker.get("metadata") or {}).get("annotations") or {}
+        self.asynchronous = go_parse_bool(annotations.get(ASYNC_ANNOTATION))
+        self.fanout_timeout_s = FANOUT_TIMEOUT_S
         self._tokens: dict[tuple[str, str], str] = {}
         self.name = broker["metadata"]["name"]
         self.namespace = broker["metadata"].get("namespace", "default")
@@ -220,7 +257,7 @@ class SimulatedBroker:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status = broker_sim._ingress(self.path, dict(self.headers), body)
+                status = broker_sim._ingress(self.path, dict(self.headers), body, producer=self.connection)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -237,7 +274,8 @@ class SimulatedBroker:
 
     # ---- ingress ----------------------------------------------------------------------------
 
-    def _ingress(self, path: str, headers: dict[str, str], body: bytes) -> int:
+    def _ingress(self, path: str, headers: dict[str, str], body: bytes, producer: socket.socket | None = None,
+                 cancel: threading.Event | None = None) -> int:
         if path.rstrip("/") != f"/{self.namespace}/{self.name}":
             return 404
         try:
@@ -260,16 +298,51 @@ class SimulatedBroker:
         with self._lock:
             self.received.append(view)
         data = event.get_data()
+        cancel = cancel or threading.Event()
+        results: queue.Queue[bool] = queue.Queue()
+        started = 0
         for trigger in self.triggers:
             if trigger_matches(trigger.spec, view):
-                thread = threading.Thread(target=self._dispatch, args=(trigger, attrs, data), daemon=True)
+                # Asynchronous: on context.Background(), so the producer hanging up cancels nothing.
+                own = threading.Event() if self.asynchronous else cancel
+                thread = threading.Thread(
+                    target=lambda t=trigger, c=own: results.put(self._dispatch(t, attrs, data, c)), daemon=True)
                 self._threads.append(thread)
                 thread.start()
-        return 202
+                started += 1
+        if self.asynchronous or not started:
+            return 202
+        ok = True
+        for _ in range(started):
+            result = self._await(results, producer, cancel)
+            if result is None:  # the fan-out timed out, or the producer hung up
+                return 500
+            ok = ok and result
+        return 202 if ok else 500
+
+    def _await(self, results: queue.Queue[bool], producer: socket.socket | None, cancel: threading.Event
+               ) -> bool | None:
+        """The next delivery's result, or None when the fan-out's timer ran out (it restarts per result) or the
+        producer hung up (then every delivery of the event is cancelled)."""
+        deadline = time.monotonic() + self.fanout_timeout_s / self.speed
+        while time.monotonic() < deadline:
+            try:
+                return results.get(timeout=0.02)
+            except queue.Empty:
+                pass
+            if producer is not None and _hung_up(producer):
+                cancel.set()
+                return None
+            if cancel.is_set():
+                return None
+        cancel.set()
+        return None
 
     # ---- dispatch ---------------------------------------------------------------------------
 
-    def _dispatch(self, trigger: SimTrigger, attrs: dict[str, Any], data: Any) -> None:
+    def _dispatch(self, trigger: SimTrigger, attrs: dict[str, Any], data: Any, cancel: threading.Event) -> bool:
+        """One Trigger's delivery of one event, to the end: True when it was delivered (or replied, and the reply
+        accepted) or dead-lettered, False when it failed or was cancelled."""
         ttl = attrs[TTL_ATTRIBUTE]
         delivered = {k: v for k, v in attrs.items() if k != TTL_ATTRIBUTE}
         event = CloudEvent(delivered, data)
@@ -286,7 +359,10 @@ class SimulatedBroker:
         subscriber = self.resolve(trigger.spec["subscriber"])
         last_body, last_status = b"", None
         for attempt in range(d.retry + 1):
-            status, retry_after, resp_headers, body = self._post(subscriber, headers, msg.body, d.timeout_s)
+            if cancel.is_set():
+                record.outcome = "cancelled"
+                return False
+            status, retry_after, resp_headers, body = self._post(subscriber, headers, msg.body, d.timeout_s, cancel)
             if status is not None and 200 <= status < 300:
                 reply = _reply_event(resp_headers, body)
                 if reply is _NOT_AN_EVENT:
@@ -295,20 +371,25 @@ class SimulatedBroker:
                     record.attempts.append(Attempt(status, retry_after, time.monotonic()))
                     if reply is None:
                         record.outcome = "delivered"
-                    else:
-                        record.outcome = "replied"
-                        self._reenqueue(reply, ttl)
-                    return
+                        return True
+                    record.outcome = "replied"
+                    return 200 <= self._reenqueue(reply, ttl, cancel) < 300
             record.attempts.append(Attempt(status, retry_after, time.monotonic()))
             last_body, last_status = body, status
             if not should_retry(status) or attempt == d.retry:
                 break
-            time.sleep(d.backoff(attempt, status, retry_after) / self.speed)
-        if d.dead_letter:
-            self._dead_letter(self.resolve(d.dead_letter), subscriber, delivered, data, last_status, last_body)
+            if cancel.wait(d.backoff(attempt, status, retry_after) / self.speed):
+                record.outcome = "cancelled"
+                return False
+        if cancel.is_set():
+            record.outcome = "cancelled"
+            return False
+        if d.dead_letter and self._dead_letter(self.resolve(d.dead_letter), subscriber, delivered, data, last_status,
+                                               last_body):
             record.outcome = "dead-lettered"
-        else:
-            record.outcome = "failed"
+            return True  # event_dispatcher.go send: a dead letter accepted is a delivery that succeeded
+        record.outcome = "failed"
+        return False
 
     def _token_for(self, trigger: str, audience: str) -> str:
         suffix = "-oidc-eventing.knative.dev-trigger"
@@ -320,31 +401,53 @@ class SimulatedBroker:
                 self._tokens[(user, audience)] = self.oidc_token(user, audience)
             return self._tokens[(user, audience)]
 
-    def _post(self, url: str, headers: Mapping[str, str], body: bytes, timeout: float | None
-              ) -> tuple[int | None, str | None, dict[str, str], bytes]:
-        try:
-            resp = self._http.post(url, content=body, headers=dict(headers),
-                                   timeout=None if timeout is None else timeout / self.speed)
-        except httpx.HTTPError:
-            return None, None, {}, b""
-        return resp.status_code, resp.headers.get("Retry-After"), dict(resp.headers), resp.content
+    def _post(self, url: str, headers: Mapping[str, str], body: bytes, timeout: float | None,
+              cancel: threading.Event | None = None) -> tuple[int | None, str | None, dict[str, str], bytes]:
+        """One attempt, on its own connection so a cancelled context can shut it (the subscriber, or an activator
+        holding the request for a cold pod, sees the client go away)."""
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80,
+                                          timeout=None if timeout is None else timeout / self.speed)
+        done = threading.Event()
 
-    def _reenqueue(self, reply: CloudEvent, ttl: int) -> None:
+        def watch() -> None:
+            while not done.wait(0.02):
+                if cancel is not None and cancel.is_set():
+                    if conn.sock is not None:
+                        with contextlib.suppress(OSError):
+                            conn.sock.shutdown(socket.SHUT_RDWR)
+                    return
+
+        threading.Thread(target=watch, daemon=True).start()
+        try:
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            conn.request("POST", target, body=body,
+                         headers={**dict(headers), "Content-Length": str(len(body))})
+            resp = conn.getresponse()
+            content = resp.read()
+            return resp.status, resp.getheader("Retry-After"), dict(resp.getheaders()), content
+        except (OSError, http.client.HTTPException):
+            return None, None, {}, b""
+        finally:
+            done.set()
+            conn.close()
+
+    def _reenqueue(self, reply: CloudEvent, ttl: int, cancel: threading.Event | None = None) -> int:
         attrs = {**reply.get_attributes(), TTL_ATTRIBUTE: ttl}
         msg = to_binary_event(CloudEvent(attrs, reply.get_data()))
-        self._ingress(f"/{self.namespace}/{self.name}", dict(msg.headers), msg.body)
+        return self._ingress(f"/{self.namespace}/{self.name}", dict(msg.headers), msg.body, cancel=cancel)
 
     def _dead_letter(self, url: str, subscriber: str, attrs: dict[str, Any], data: Any, status: int | None,
-                     body: bytes) -> None:
+                     body: bytes) -> bool:
         encoded = base64.b64encode(body).decode()[:ERROR_DATA_MAX]
         extra = {"knativeerrordest": subscriber, "knativeerrorcode": str(status if status else -1)}
         if encoded:
             extra["knativeerrordata"] = encoded
         msg = to_binary_event(CloudEvent({**attrs, **extra}, data))
         try:
-            self._http.post(url, content=msg.body, headers=dict(msg.headers), timeout=10)
+            return self._http.post(url, content=msg.body, headers=dict(msg.headers), timeout=10).is_success
         except httpx.HTTPError:
-            pass
+            return False
 
     # ---- for tests --------------------------------------------------------------------------
 

@@ -98,24 +98,38 @@ def test_lifecycle_events_and_only_they_reach_the_event_log(docs: list[dict]):
 
 def test_every_trigger_to_the_requester_carries_a_whole_delivery_sized_for_a_cold_start(docs: list[dict]):
     """A Trigger's delivery replaces the Broker's whole (pkg/reconciler/broker/trigger/trigger.go), so each one
-    needs its retries and dead-letter sink, and each attempt must outlast the longest wait for a cold start."""
+    needs its retries and dead-letter sink. Each layer answers strictly before the one that retries it: a model's
+    wait for its worker < the requester's deadline for an event (FMA_EVENTS_DEADLINE) < its Revision's
+    timeoutSeconds (queue-proxy's cut) < the Trigger's delivery.timeout (the Broker's retry). Before issue 22 the
+    Trigger's timeout equalled timeoutSeconds, so a long completion could be cut by the Broker and run again."""
+    from fma_common.settings import parse_duration
     (broker,) = by_kind(docs, "Broker", "fma")
     requester = render("knative/overlays/examples/fma-requester")
     (svc,) = by_kind(requester, "Service", "fma-requester")
     timeout_seconds = svc["spec"]["template"]["spec"]["timeoutSeconds"]
     (cm,) = by_kind(requester, "ConfigMap", "fma-requester-config")
     longest_wait = max(spec.queue_timeout for spec in ModelRegistry.from_text(cm["data"]["models.yaml"]))
+    env = {e["name"]: e.get("value") for e in svc["spec"]["template"]["spec"]["containers"][0]["env"]}
+    deadline = parse_duration(env.get("FMA_EVENTS_DEADLINE", "540s"))
+    assert longest_wait < deadline < timeout_seconds
     for d in [broker["spec"]["delivery"]] + [t["spec"]["delivery"] for t in requester_triggers(docs)]:
         assert d["retry"] >= 3 and d["backoffPolicy"] == "exponential"
         assert d["deadLetterSink"]["ref"]["name"] == "fma-event-log" and d["deadLetterSink"]["uri"] == "/dead-letter"
-        attempt = iso8601_seconds(d["timeout"])
-        assert longest_wait < attempt <= timeout_seconds, \
-            "an attempt outlasts the requester's own wait and stops where Knative would cut it anyway"
+        assert timeout_seconds < iso8601_seconds(d["timeout"]), "the Broker gives up only after Knative would have"
 
 
 def test_the_sinkbinding_gives_the_requester_the_broker(docs: list[dict]):
     (sb,) = by_kind(docs, "SinkBinding")
-    assert sb["spec"]["subject"] == REQUESTER_REF
+    subject = sb["spec"]["subject"]
+    # By label, so the binding makes its OIDC token Secret before the requester exists (psbinding
+    # ReconcileSubject stops at a named subject that is missing) and the requester is created with /oidc.
+    assert "name" not in subject and {k: subject[k] for k in ("apiVersion", "kind")} == \
+        {k: REQUESTER_REF[k] for k in ("apiVersion", "kind")}
+    (requester,) = by_kind(render("knative/overlays/examples/fma-requester"), "Service", "fma-requester")
+    labels = requester["metadata"]["labels"]
+    assert subject["selector"]["matchLabels"].items() <= labels.items(), "the selector picks the requester"
+    workers_labels = {"app.kubernetes.io/managed-by": "fma-requester", "llm-d.ai/role": "decode"}
+    assert not subject["selector"]["matchLabels"].items() <= workers_labels.items(), "and not its workers"
     assert sb["spec"]["sink"]["ref"] == {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": "fma"}
     assert sb["spec"]["ceOverrides"]["extensions"], "K_CE_OVERRIDES carries something to see on every event"
 

@@ -260,3 +260,29 @@ def test_only_the_requester_knative_and_prometheus_reach_the_workers(path: str, 
     # Each worker gets the token the requester sends, from the same Secret key.
     env = {e["name"]: e for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["FMA_WORKER_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "fma-keys", "key": "worker-token"}}
+
+
+@pytest.mark.parametrize("how", ["knative/base", "knative/overlays/examples/fma-requester",
+                                 "knative/overlays/dedicated-gpu", "make deploy NAMESPACE=team-a"])
+def test_every_binding_names_its_service_account_where_that_account_is_deployed(how: str):
+    """Issue 22: tokenreview-rbac.yaml named `default`, right only once an overlay moved it; the base alone and
+    `make deploy NAMESPACE=...` bound a ServiceAccount that was not there."""
+    import subprocess
+
+    if how.startswith("make"):
+        out = subprocess.run(["make", "-s", "deploy-manifests", "REGISTRY=r.example.com/me", "TAG=1",
+                              "NAMESPACE=team-a", "OVERLAY=knative/overlays/examples/fma-requester"],
+                             cwd=REPO, capture_output=True, text=True, check=True, timeout=120).stdout
+        docs = [d for d in yaml.safe_load_all(out) if d]
+    else:
+        docs = render(how)
+    accounts = {d["metadata"]["name"]: d["metadata"].get("namespace") for d in by_kind(docs, "ServiceAccount")}
+    assert accounts and all(accounts.values())
+    if how.startswith("make"):
+        assert set(accounts.values()) == {"team-a"}
+    bindings = by_kind(docs, "RoleBinding") + by_kind(docs, "ClusterRoleBinding")
+    assert len(bindings) >= 3
+    for binding in bindings:
+        for subject in binding["subjects"]:
+            if subject["kind"] == "ServiceAccount" and subject["name"] in accounts:
+                assert subject["namespace"] == accounts[subject["name"]], binding["metadata"]["name"]

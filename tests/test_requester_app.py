@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -264,6 +265,7 @@ class ScriptedWorker:
     def __init__(self) -> None:
         self.answer: tuple[int, str, bytes] = (200, "application/json", b"{}")
         self.requests: list[dict] = []
+        self.delay_s = 0.0  # how long it "generates" before answering
         worker = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -272,6 +274,7 @@ class ScriptedWorker:
 
             def do_POST(self) -> None:
                 worker.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                time.sleep(worker.delay_s)
                 status, ctype, body = worker.answer
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
@@ -456,3 +459,53 @@ def test_new_requests_while_draining_get_503_shutting_down_with_retry_after(clie
         assert client.get("/health").status_code == 200, "probes still answer while draining"
     finally:
         drain.reset()
+
+
+# ---- issue 22: each layer answers before the one that retries it; one completion per event -------------------
+
+def deadline_client(fake: FakeActuator, deadline: str):
+    registry = ModelRegistry.from_text(
+        "models:\n" + "".join(f"  - {{name: {m}, source: 'embedded:smollm2-135m-instruct'}}\n" for m in MODELS))
+    app = create_app(RequesterSettings.from_env({"FMA_LOG_LEVEL": "warning", "FMA_EVENTS_DEADLINE": deadline}),
+                     registry=registry, actuator=fake)
+    return app.test_client()
+
+
+def test_an_event_still_waiting_for_its_worker_at_its_deadline_fails_permanently(fake):
+    """Not a 503 (the Broker would deliver it again and wait again): completion.failed, deadline_exceeded."""
+    fake.gate.clear()  # the worker never becomes ready
+    started = time.monotonic()
+    resp = completion_event(deadline_client(fake, "1s"))
+    assert 1.0 <= time.monotonic() - started < 5
+    assert resp.status_code == 200 and resp.headers["ce-type"] == "ai.llm-d.fma.completion.failed"
+    assert resp.get_json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_an_event_whose_worker_is_still_generating_at_its_deadline_fails_permanently(fake, worker):
+    worker.delay_s = 3.0
+    started = time.monotonic()
+    resp = completion_event(deadline_client(fake, "1s"))
+    assert 1.0 <= time.monotonic() - started < 2.9, "cut at the deadline, not when the worker answered"
+    assert resp.headers["ce-type"] == "ai.llm-d.fma.completion.failed"
+    assert resp.get_json()["error"]["code"] == "deadline_exceeded"
+    assert ("unreachable", "model-b") not in fake.calls, "a busy worker is not probed as if it hung"
+
+
+def test_an_event_delivered_again_gets_the_first_reply_not_a_second_completion(client, fake, worker):
+    worker.answer = (200, "application/json", json.dumps({"id": "cmpl-1", "object": "text_completion",
+                                                          "choices": []}).encode())
+    first = completion_event(client)
+    again = completion_event(client)
+    assert len(worker.requests) == 1, "one completion"
+    assert again.data == first.data and again.headers["ce-id"] == first.headers["ce-id"], "the same reply event"
+    other = client.post("/", json={"model": "model-b", "prompt": "x"}, headers={
+        "ce-specversion": "1.0", "ce-type": "ai.llm-d.fma.completion.requested", "ce-source": "/other", "ce-id": "c9"})
+    assert other.status_code == 200 and len(worker.requests) == 2, "the same id from another source is another event"
+
+
+def test_an_event_that_failed_transiently_is_done_again_when_redelivered(client, fake, worker):
+    fake.refuse_with = QueueFull("busy", retry_after=1)
+    assert completion_event(client).status_code == 429
+    fake.refuse_with = None
+    assert completion_event(client).headers["ce-type"] == "ai.llm-d.fma.completion.succeeded"
+    assert len(worker.requests) == 1

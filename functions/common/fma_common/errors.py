@@ -164,6 +164,15 @@ class UpstreamTimeout(ApiError):
     code = "upstream_timeout"
 
 
+class DeadlineExceeded(ApiError):
+    """The request's own deadline passed (a CloudEvent's ``FMA_EVENTS_DEADLINE``): permanent, not retried, so the
+    layer that would retry it gets an answer before its own timeout does."""
+
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
 class UpstreamError(ApiError):
     status = 502
     type = "server_error"

@@ -120,6 +120,9 @@ def encode_event(event: CloudEvent, structured: bool) -> tuple[bytes, dict[str, 
 # request and matches a reply by the same value in the reply attribute (the resource's defaults:
 # pkg/apis/eventing/v1alpha1/requestreply_defaults.go); echoing it is what lets a reply find its caller.
 CORRELATION_ATTRIBUTE = "correlationid"
+# CloudEvents' sequence extension (cloudevents/spec extensions/sequence.md): a sender's events in order, compared as
+# strings. The requester's lifecycle events carry it; the event log orders by it.
+SEQUENCE_ATTRIBUTE = "sequence"
 REPLY_ATTRIBUTE = "replyid"
 
 

@@ -49,6 +49,7 @@ from .metrics import RequesterMetrics
 from .proxy import WorkerProxy
 from .registry import ModelRegistry
 from .reload import FileWatcher
+from .replies import ReplyCache
 from .settings import RequesterSettings
 
 log = logging.getLogger("fma.requester")
@@ -300,12 +301,14 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
         return json_response({"object": "fma.requester", "status_page": p.PATH_UI, "workers": p.PATH_WORKERS,
                               "models": p.PATH_MODELS, "metrics": p.PATH_METRICS, "cloudevents": "POST /"})
 
+    replies = ReplyCache()
+
     @app.post(p.PATH_CLOUDEVENTS)
     def cloudevent() -> Response:
         incoming = events.parse_event(dict(request.headers), request.get_data())
         if incoming.type in p.CONTROL_TYPES and not g.get("fma_event_sender"):
             keys.require(request.headers.get("Authorization"), "admin")  # it changes state: an admin key's to send
-        return handle_event(incoming, actuator, plane)
+        return handle_event(incoming, actuator, plane, replies, settings.events_deadline_s)
 
     if settings.models_file and settings.models_reload_s > 0:
         paths = [Path(settings.models_file)]
@@ -324,11 +327,25 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     return app
 
 
-def handle_event(incoming: events.IncomingEvent, actuator: Actuator, plane: DataPlane) -> Response:
-    """A CloudEvent in, a reply in the same mode out (or a transient error: the broker retries)."""
+def handle_event(incoming: events.IncomingEvent, actuator: Actuator, plane: DataPlane,
+                 replies: ReplyCache | None = None, deadline_s: float | None = None) -> Response:
+    """A CloudEvent in, a reply in the same mode out (or a transient error: the broker retries). A
+    ``completion.requested`` delivered again (same source and id) gets the first delivery's reply, not a second
+    completion (replies.py)."""
     kind = incoming.type
     if kind not in p.REQUEST_TYPES:
         raise InvalidRequest(f"unsupported event type {kind!r}; this requester accepts {', '.join(p.REQUEST_TYPES)}")
+    if kind == p.COMPLETION_REQUESTED and replies is not None:
+        key = (str(incoming.event.get_source()), incoming.id)
+        body, headers = replies.answer(key, lambda: _reply(incoming, actuator, plane, deadline_s))
+    else:
+        body, headers = _reply(incoming, actuator, plane, deadline_s)
+    return Response(body, 200, headers=headers)
+
+
+def _reply(incoming: events.IncomingEvent, actuator: Actuator, plane: DataPlane,
+           deadline_s: float | None) -> tuple[bytes, dict[str, str]]:
+    kind = incoming.type
     failed_type = p.COMPLETION_FAILED if kind == p.COMPLETION_REQUESTED else p.WORKER_FAILED
     try:
         data = incoming.data_object()
@@ -336,7 +353,7 @@ def handle_event(incoming: events.IncomingEvent, actuator: Actuator, plane: Data
         if not isinstance(model, str) or not model:
             raise InvalidRequest("the event names no model: set data.model or the subject attribute")
         if kind == p.COMPLETION_REQUESTED:
-            outcome = plane.complete_event(model, data)
+            outcome = plane.complete_event(model, data, deadline_s)
             reply_type, payload = (p.COMPLETION_SUCCEEDED, outcome.data) if outcome.ok else \
                 (p.COMPLETION_FAILED, outcome.data)
         elif kind in (p.WORKER_WARM_REQUESTED, p.PING_TYPE):
@@ -349,7 +366,7 @@ def handle_event(incoming: events.IncomingEvent, actuator: Actuator, plane: Data
         if p.is_transient(err.status):
             raise  # no reply event: the broker retries
         body, headers = events.reply_to(incoming, failed_type, p.EVENT_SOURCE, err.envelope())
-    return Response(body, 200, headers=headers)
+    return body, headers
 
 
 def shutdown_all(timeout: float) -> None:

@@ -23,11 +23,20 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fma_common.errors import ApiError, ShuttingDown, UpstreamAnswer, UpstreamError, UpstreamTimeout, error_envelope
+from fma_common.errors import (
+    ApiError,
+    DeadlineExceeded,
+    ShuttingDown,
+    UpstreamAnswer,
+    UpstreamError,
+    UpstreamTimeout,
+    error_envelope,
+)
 from fma_common.http import sse_error
 
 from . import drain
@@ -188,12 +197,24 @@ class DataPlane:
         else:
             log.info("%s served after a %s start of %.2f s", model, actuation.path, actuation.seconds)
 
-    def forward(self, lease: Any, model: str, path: str, body: bytes, stream: bool) -> Any:
-        """Send to the worker and count the answer; a worker that cannot be reached is reported."""
+    def forward(self, lease: Any, model: str, path: str, body: bytes, stream: bool,
+                deadline: float | None = None) -> Any:
+        """Send to the worker and count the answer; a worker that cannot be reached is reported. With a
+        ``deadline`` (monotonic), the worker's answer is waited for until then and no longer."""
+        read_timeout = None
+        if deadline is not None:
+            read_timeout = deadline - time.monotonic()
+            if read_timeout <= 0:
+                lease.done()
+                raise DeadlineExceeded(f"the request's deadline passed before the worker for {model} was free")
         try:
-            upstream = self.proxy.forward(lease, path, body, stream)
+            upstream = self.proxy.forward(lease, path, body, stream, read_timeout=read_timeout)
         except (UpstreamError, UpstreamTimeout) as exc:
             self.metrics.requests.labels(model, path, str(exc.status)).inc()
+            if exc.code == "upstream_timeout" and deadline is not None and time.monotonic() >= deadline - 0.05:
+                # Our deadline, not a hung worker: the worker is busy with a long answer, so no probe.
+                raise DeadlineExceeded(f"the worker for {model} had not answered when the request's deadline "
+                                       f"passed") from None
             if exc.code == "upstream_timeout":
                 # Hung (a SIGSTOPped or wedged process)? A probe off the request's path tells; a worker that does
                 # not answer its /health is replaced, so the model does not stay unusable.
@@ -207,21 +228,26 @@ class DataPlane:
             upstream.stream.on_broken = lambda: self.actuator.worker_unreachable(lease)
         return upstream
 
-    def _wait_for_worker(self, model: str) -> Any:
+    def _wait_for_worker(self, model: str, deadline: float | None = None) -> Any:
         """A lease for a request that is not streamed: waits like ``ensure_ready``, but a request still waiting
         for its worker when the drain deadline comes is answered 503 ``shutting_down`` (retry elsewhere or
-        later), never left to be reset when gunicorn kills what is left."""
+        later), never left to be reset when gunicorn kills what is left; one still waiting at its own
+        ``deadline`` is answered 504 ``deadline_exceeded``."""
         ticket = self.actuator.admit(model)
         while True:
             lease = self.actuator.wait_for(ticket, timeout=DRAIN_POLL_S)
             if lease is not None:
                 return lease
+            if deadline is not None and time.monotonic() >= deadline:
+                self.actuator.abandon(ticket)
+                raise DeadlineExceeded(f"the worker for {model} was not ready within the request's deadline")
             if drain.closing_soon():
                 self.actuator.abandon(ticket)
                 raise ShuttingDown(f"the requester is shutting down before the worker for {model} was ready; "
                                    f"retry the request", headers={"Retry-After": "1"})
 
-    def complete(self, model: str, path: str, body: bytes, stream: bool) -> Completion:
+    def complete(self, model: str, path: str, body: bytes, stream: bool, deadline: float | None = None
+                 ) -> Completion:
         """Serve one request: raises a typed :class:`ApiError` (an :class:`UpstreamAnswer`
         for the worker's own error answers) or returns the worker's success.
 
@@ -236,10 +262,10 @@ class DataPlane:
                     return Completion(200, {"Content-Type": "text/event-stream"}, None,
                                       stream=KeepaliveStream(self, ticket, model, path, body, self.keepalive_s))
             else:
-                lease = self._wait_for_worker(model)
+                lease = self._wait_for_worker(model, deadline)
             self.log_lease(model, lease.actuation)
             try:
-                upstream = self.forward(lease, model, path, body, stream)
+                upstream = self.forward(lease, model, path, body, stream, deadline)
             except UpstreamError as exc:
                 # The connection failed before the worker answered; a worker that is gone is replaced. The request
                 # goes again, to a new worker (the client sees a cold start), only when no live process can have
@@ -275,14 +301,17 @@ class DataPlane:
                                 headers={"X-FMA-Actuation": lease.actuation.header()})
         return Completion(upstream.status, headers, lease.actuation, body=upstream.body, stream=upstream.stream)
 
-    def complete_event(self, model: str, data: dict[str, Any]) -> EventOutcome:
+    def complete_event(self, model: str, data: dict[str, Any], deadline_s: float | None = None) -> EventOutcome:
         """A whole completion for a CloudEvent. Transient failures are raised (the
-        broker retries: no reply event); permanent ones are a failed outcome."""
+        broker retries: no reply event); permanent ones are a failed outcome, the
+        ``deadline_s`` passing included (retrying would pass it again)."""
         body = json.dumps({**data, "model": model, "stream": False}).encode()
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
         try:
-            done = self.complete(model, p.PATH_COMPLETIONS, body, stream=False)
+            done = self.complete(model, p.PATH_COMPLETIONS, body, stream=False, deadline=deadline)
         except ApiError as err:
-            if p.is_transient(err.status):
+            # Our own deadline is permanent whatever its status: a redelivery would wait as long and be cut again.
+            if p.is_transient(err.status) and not isinstance(err, DeadlineExceeded):
                 raise
             return EventOutcome(False, err.envelope())
         return EventOutcome(True, done.json())  # complete() checked it is a JSON object

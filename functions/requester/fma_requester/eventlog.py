@@ -13,6 +13,14 @@ is one log line, and the last ``FMA_EVENTLOG_KEEP`` are kept in memory for
   subscriber's last answer, base64; ``pkg/kncloudevents/event_dispatcher.go``)
   logged at warning and counted in ``fma_dead_letters_total{type}``.
 
+Delivery is at least once and, through an asynchronous channel, in no
+particular order (a Broker retries a delivery whose answer it did not see;
+the channel dispatches each event on its own). So an event whose ``source``
+and ``id`` were already recorded is answered 202 and not recorded again (the
+CloudEvents spec: the pair identifies an event), counted in
+``fma_events_duplicate_total``; and events that carry the ``sequence``
+extension are kept in their sender's order, whatever order they came in.
+
 Event data is not logged or kept unless ``FMA_EVENTLOG_DATA=true``: a
 dead-lettered ``completion.requested`` carries a prompt. Answers are ``202``
 with no body, so nothing is sent back into the Broker.
@@ -71,8 +79,30 @@ def create_app(settings: EventLogSettings | None = None) -> Flask:
     received = Counter("fma_events_received", "CloudEvents received, by type and route", ["type", "route"],
                        registry=registry)
     dead = Counter("fma_dead_letters", "Events the Broker could not deliver, by type", ["type"], registry=registry)
+    duplicates = Counter("fma_events_duplicate", "Events received again (same source and id) and not recorded",
+                         ["type"], registry=registry)
     kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=settings.keep)
+    # (source, id) of recent events, to answer a redelivery without recording it twice. Bounded: a Broker's
+    # retries of one event come within minutes, far fewer than this many events apart.
+    seen: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+    seen_max = max(1000, 4 * settings.keep)
     lock = threading.Lock()
+
+    def keep_in_order(attrs: dict[str, Any]) -> None:
+        """Append, then move back past later events of the same sender (by ``sequence``). Under ``lock``."""
+        kept.append(attrs)
+        seq = attrs.get(events.SEQUENCE_ATTRIBUTE)
+        if seq is None or settings.keep == 0:
+            return
+        i = len(kept) - 1
+        while i > 0:
+            before = kept[i - 1]
+            if before.get("source") != attrs["source"] or before.get(events.SEQUENCE_ATTRIBUTE) is None or \
+                    str(before[events.SEQUENCE_ATTRIBUTE]) <= str(seq):
+                break
+            kept[i] = before
+            i -= 1
+        kept[i] = attrs
 
     app = Flask("fma_eventlog")
     register_error_handlers(app)
@@ -91,9 +121,22 @@ def create_app(settings: EventLogSettings | None = None) -> Flask:
         if settings.log_data:
             data = ev.get_data()
             attrs["data"] = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else data
-        received.labels(attrs["type"], route).inc()
+        key = (str(attrs["source"]), str(attrs["id"]))
         with lock:
-            kept.append(attrs)
+            repeated = route == "lifecycle" and key in seen
+            if not repeated and route == "lifecycle":
+                seen[key] = None
+                while len(seen) > seen_max:
+                    seen.popitem(last=False)
+                keep_in_order(attrs)
+            elif not repeated:
+                kept.append(attrs)
+        if repeated:
+            duplicates.labels(attrs["type"]).inc()
+            log.info("event %s id=%s from %s received again; already recorded", attrs["type"], attrs["id"],
+                     attrs["source"])
+            return Response(status=202)
+        received.labels(attrs["type"], route).inc()
         shown = {"type", "id", "source", "subject", "time", "route", "received", "data", *KNATIVE_ERROR_EXTENSIONS}
         extra = " ".join(f"{k}={attrs[k]}" for k in sorted(attrs) if k not in shown)
         if route == "dead-letter":

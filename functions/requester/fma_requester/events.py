@@ -11,6 +11,14 @@ once per event. ``K_CE_OVERRIDES`` (``{"extensions": {...}}``) is applied to
 every event; overrides that are not valid JSON or not valid extension names
 are logged once at start-up and ignored, as Knative's own adapters do with
 bad overrides.
+
+Each event carries CloudEvents' ``sequence`` extension (``extensions/sequence.md``:
+a string, ordered lexicographically): this process's start time in
+milliseconds then a counter, both zero-padded, so it grows across restarts.
+A sender retry re-sends the same event (same ``id``, same ``sequence``). An
+asynchronous channel delivers each event on its own (Eventing's fan-out runs a
+goroutine per event), so arrival order is not send order; the event log puts
+them back in order and drops a repeated ``id`` (``fma_requester/eventlog.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Any
 import httpx
 from prometheus_client import Counter
 
-from fma_common.events import encode_event, make_event
+from fma_common.events import SEQUENCE_ATTRIBUTE, encode_event, make_event
 
 from .protocol import EVENT_SOURCE
 
@@ -89,6 +97,8 @@ class SinkEmitter:
         self._closed = False
         self._burst: dict[str, int] = {}  # drops since the burst's first, by reason
         self._burst_logged_at = 0.0
+        self._epoch_ms = int(time.time() * 1000)
+        self._counter = 0  # the sender thread's alone
 
     def __call__(self, type_: str, data: dict[str, Any]) -> None:
         if not self.sink or self._closed:
@@ -129,8 +139,13 @@ class SinkEmitter:
             return None
         return token or None
 
+    def next_sequence(self) -> str:
+        self._counter += 1
+        return f"{self._epoch_ms:015d}-{self._counter:012d}"
+
     def _deliver(self, client: httpx.Client, type_: str, data: dict[str, Any]) -> None:
-        event = make_event(type_, EVENT_SOURCE, data, subject=data.get("model"), extensions=self.config.overrides)
+        extensions = {**self.config.overrides, SEQUENCE_ATTRIBUTE: self.next_sequence()}
+        event = make_event(type_, EVENT_SOURCE, data, subject=data.get("model"), extensions=extensions)
         body, headers = encode_event(event, structured=False)
         token = self._token()
         if token:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -173,12 +174,18 @@ class WorkerProxy:
     def close(self) -> None:
         self._client.close()
 
-    def forward(self, lease: WorkerLease, path: str, body: bytes, stream: bool) -> UpstreamResponse:
+    def forward(self, lease: WorkerLease, path: str, body: bytes, stream: bool,
+                read_timeout: float | None = None) -> UpstreamResponse:
         """Send ``body`` to the worker. The lease is released when the answer is
-        complete - for a stream, when the stream ends or is closed."""
+        complete - for a stream, when the stream ends or is closed. ``read_timeout``
+        replaces the configured one for this request (a deadline's remainder)."""
         started = time.monotonic()
+        extra: dict[str, Any] = {}
+        if read_timeout is not None:
+            pool = self._client.timeout
+            extra["timeout"] = httpx.Timeout(read_timeout, connect=pool.connect, pool=pool.pool)
         request = self._client.build_request("POST", f"{lease.url}{path}", content=body,
-                                             headers={"Content-Type": "application/json", **self._auth})
+                                             headers={"Content-Type": "application/json", **self._auth}, **extra)
         try:
             resp = self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:

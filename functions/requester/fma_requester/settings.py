@@ -115,6 +115,11 @@ class RequesterSettings(EnvSettings):
                                 "falls this far behind, new events are dropped and counted", ge=1, le=100_000)
     events_timeout_s: Duration = setting("FMA_EVENTS_TIMEOUT", "2s", "longest wait for the sink to answer one "
                                          "lifecycle event")
+    events_deadline_s: Duration = setting(
+        "FMA_EVENTS_DEADLINE", "540s", "longest a `completion.requested` event may take, its worker's start "
+        "included; past it the reply is `completion.failed` (`deadline_exceeded`), not a retry. Each layer answers "
+        "before the one that retries it: this, below the requester's `timeoutSeconds` (600), below the Triggers' "
+        "`delivery.timeout` (PT11M)")
     events_retries: int = setting("FMA_EVENTS_RETRIES", "2", "retries of a lifecycle event the sink did not "
                                   "take (5xx, 404, 408, 409, 429, no answer), before it is dropped", ge=0, le=10)
 
