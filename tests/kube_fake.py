@@ -64,8 +64,14 @@ CRD_PATH = re.compile(r"^/apis/apiextensions\.k8s\.io/v1/customresourcedefinitio
 CRDS = "customresourcedefinitions"
 CLUSTER = ""  # the namespace key of cluster-scoped objects in the store
 KINDS = {"services": "Service", "revisions": "Revision", "configurations": "Configuration", "routes": "Route",
-         "pods": "Pod", "secrets": "Secret", CRDS: "CustomResourceDefinition"}
-CORE = {"pods", "secrets"}  # served under /api/v1, API group ""
+         "pods": "Pod", "secrets": "Secret", "configmaps": "ConfigMap", CRDS: "CustomResourceDefinition"}
+CORE = {"pods", "secrets", "configmaps"}  # served under /api/v1, API group ""
+# Read-only, any API group (what `fma doctor` reads): /apis/G/V[/namespaces/NS]/PLURAL[/NAME] for plurals not
+# above, and the cluster-scoped core ones. Stored under "G/PLURAL" (put_generic).
+GENERIC = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)"
+                     r"(?:/(?P<name>[^/]+))?$")
+CORE_CLUSTER = re.compile(r"^/api/v1/(?P<plural>nodes|namespaces)(?:/(?P<name>[^/]+))?$")
+SSAR = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 
 
 def api_group(plural: str) -> str:
@@ -176,6 +182,9 @@ class FakeKube:
         self.requests: list[tuple[str, str]] = []
         self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []  # (event type, plural, object)
         self.admission: list[AdmissionHook] = []
+        # SelfSubjectAccessReviews asked by impersonation (Impersonate-User): the rules each user has (from
+        # load_role on the manifests that bind them). Without impersonation the asker is an admin: allowed.
+        self.subject_rules: dict[str, list[Rule]] = {}
         self.after_create: Callable[[], None] | None = None  # e.g. compact history right after a create
         self._stopping = False
         fake = self
@@ -240,6 +249,13 @@ class FakeKube:
             self.objects[(plural, meta["namespace"], meta["name"])] = obj
             self._record("ADDED", plural, obj)
             return copy.deepcopy(obj)
+
+    def put_generic(self, obj: dict[str, Any], group: str, plural: str) -> None:
+        """An object of any API group for the read-only paths (cluster-scoped when it has no namespace)."""
+        with self.cond:
+            obj = copy.deepcopy(obj)
+            meta = obj.setdefault("metadata", {})
+            self.objects[(f"{group}/{plural}", meta.get("namespace") or CLUSTER, meta["name"])] = obj
 
     def get_object(self, ns: str, name: str, plural: str = "services") -> dict[str, Any] | None:
         with self.cond:
@@ -375,9 +391,17 @@ class FakeKube:
                 code = self.fail_next.pop(0) if self.fail_next else self.fail_all
                 return self._send(h, code, status_body(code, "InternalError", "etcdserver: request timed out"))
             return self._token_review(h, raw)
+        if method == "POST" and url.path == SSAR:
+            return self._access_review(h, raw)
         crd = CRD_PATH.match(url.path)
         if crd and method == "GET" and crd.group("name"):
             return self._get_crd(h, crd.group("name"))
+        generic = GENERIC.match(url.path) or CORE_CLUSTER.match(url.path)
+        plural_of = (generic.group("plural") if generic else None)
+        if generic and method == "GET" and plural_of not in KINDS:
+            group = generic.groupdict().get("group") or ""
+            return self._get_generic(h, f"{group}/{plural_of}", generic.groupdict().get("ns") or CLUSTER,
+                                     generic.group("name"), query.get("labelSelector"))
         match = PATH.match(url.path)
         if not match or match.group("plural") not in KINDS:
             return self._send(h, 404, status_body(404, "NotFound", f"the server could not find {url.path}"))
@@ -478,6 +502,36 @@ class FakeKube:
             self.objects[(plural, ns, name)] = updated
             self._record("MODIFIED", plural, updated)
             return self._send(h, 200, copy.deepcopy(updated))
+
+    def _get_generic(self, h: BaseHTTPRequestHandler, key: str, ns: str, name: str | None,
+                     selector: str | None) -> None:
+        with self.cond:
+            if name:
+                obj = self.objects.get((key, ns, name))
+                if obj is None:
+                    return self._send(h, 404, status_body(404, "NotFound", f'{key} "{name}" not found', name))
+                return self._send(h, 200, copy.deepcopy(obj))
+            items = [copy.deepcopy(o) for (p, n, _), o in sorted(self.objects.items())
+                     if p == key and n == ns and matches_labels(o, selector)]
+            return self._send(h, 200, {"kind": "List", "apiVersion": "v1",
+                                       "metadata": {"resourceVersion": str(self.rv)}, "items": items})
+
+    def _access_review(self, h: BaseHTTPRequestHandler, raw: bytes) -> None:
+        """A SelfSubjectAccessReview (authorization.k8s.io/v1), asked as the impersonated user, if any: RBAC's
+        RuleAllows over that user's rules (group, resource, verb, resourceNames)."""
+        review = json.loads(raw or b"{}")
+        attrs = (review.get("spec") or {}).get("resourceAttributes") or {}
+        user = h.headers.get("Impersonate-User")
+        if user is None:
+            allowed = True
+        else:
+            group, resource, verb, name = (attrs.get("group") or "", attrs.get("resource"), attrs.get("verb"),
+                                           attrs.get("name"))
+            allowed = any(group in r.groups and (resource in r.resources or "*" in r.resources)
+                          and (verb in r.verbs or "*" in r.verbs) and (not r.names or name in r.names)
+                          for r in self.subject_rules.get(user, []))
+        review["status"] = {"allowed": allowed}
+        return self._send(h, 201, review)
 
     def _get_crd(self, h: BaseHTTPRequestHandler, name: str) -> None:
         """GET a CustomResourceDefinition (cluster-scoped; RBAC may name the one a ClusterRole allows)."""

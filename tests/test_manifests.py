@@ -286,3 +286,19 @@ def test_every_binding_names_its_service_account_where_that_account_is_deployed(
         for subject in binding["subjects"]:
             if subject["kind"] == "ServiceAccount" and subject["name"] in accounts:
                 assert subject["namespace"] == accounts[subject["name"]], binding["metadata"]["name"]
+
+
+def test_the_shipped_rbac_grants_exactly_the_access_the_requester_declares():
+    """fma_requester.kube.REQUESTER_ACCESS is what `fma doctor` asks the cluster about: the same list."""
+    from fma_requester.kube import REQUESTER_ACCESS
+
+    docs = render("knative/overlays/examples/fma-requester")
+    granted = set()
+    for role in by_kind(docs, "Role") + by_kind(docs, "ClusterRole"):
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        for name in rule.get("resourceNames") or [None]:
+                            granted.add((group, resource, verb, role["kind"] == "Role", name))
+    assert granted == {(a.group, a.resource, a.verb, a.namespaced, a.name) for a in REQUESTER_ACCESS}

@@ -610,6 +610,42 @@ def prepare(model: str, dtype: str) -> None:
     click.echo(folder)
 
 
+@cli.command(context_settings=CONTEXT)
+@click.option("-n", "--namespace", default=None, help="where the example is deployed (default: the kubeconfig "
+              "context's namespace, else fma-example)")
+@click.option("--kubeconfig", default=None, envvar="KUBECONFIG", help="kubeconfig file (default: $KUBECONFIG, "
+              "~/.kube/config, or in-cluster)")
+@click.option("--context", "kube_context", default=None, help="kubeconfig context")
+@click.option("--no-eventing", is_flag=True, help="skip the Eventing checks (deployed with EVENTING=false)")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def doctor(namespace: str | None, kubeconfig: str | None, kube_context: str | None, no_eventing: bool,
+           output: str) -> None:
+    """Check a live cluster for what this deployment needs: pass / warn / fail per check, each failure with the
+    command that fixes it. Read-only. Exit 1 when any check fails."""
+    from kubernetes import client, config
+
+    from .doctor import FAIL, Cluster, render_json, render_text, run_checks
+
+    configuration = client.Configuration()
+    try:
+        if kubeconfig or kube_context or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_kube_config(config_file=kubeconfig, context=kube_context,
+                                    client_configuration=configuration)
+            if namespace is None:
+                _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+                if kube_context:
+                    contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
+                    active = next((c for c in contexts if c["name"] == kube_context), active)
+                namespace = (active.get("context") or {}).get("namespace")
+        else:
+            config.load_incluster_config(client_configuration=configuration)
+    except (config.ConfigException, OSError) as exc:
+        raise click.ClickException(f"no cluster to check: {exc}") from None
+    checks = run_checks(Cluster(configuration), namespace or "fma-example", eventing=not no_eventing)
+    click.echo(render_json(checks) if output == "json" else render_text(checks, colour=sys.stdout.isatty()))
+    sys.exit(1 if any(c.status == FAIL for c in checks) else 0)
+
+
 @cli.command("model-path", context_settings=CONTEXT)
 @click.argument("model", default="smollm2-135m-instruct")
 @click.option("--dtype", default="float32", show_default=True)

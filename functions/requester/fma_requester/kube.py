@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from fma_common.errors import ApiError
@@ -371,3 +372,32 @@ class KubeClient:
         resp = self._call("watch", self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
                           PLURAL, **kwargs)
         return WatchStream(resp)
+
+
+@dataclass(frozen=True)
+class Access:
+    """One (API group, resource, verb) the requester uses; the shipped Role and ClusterRoles grant exactly these
+    (tests/test_manifests.py) and ``fma doctor`` asks the cluster whether it does (a SelfSubjectAccessReview)."""
+
+    group: str
+    resource: str
+    verb: str
+    namespaced: bool = True
+    name: str | None = None  # a resourceNames grant
+
+    def __str__(self) -> str:
+        what = f"{self.resource}.{self.group}" if self.group else self.resource
+        return f"{self.verb} {what}{'/' + self.name if self.name else ''}"
+
+
+REQUESTER_ACCESS: tuple[Access, ...] = (
+    *(Access("serving.knative.dev", "services", verb) for verb in ("get", "list", "watch", "create", "patch",
+                                                                    "delete")),
+    Access("serving.knative.dev", "revisions", "get"),
+    Access("serving.knative.dev", "revisions", "patch"),
+    Access("", "pods", "list"),
+    Access("", "pods", "watch"),
+    Access("authentication.k8s.io", "tokenreviews", "create", namespaced=False),
+    Access("apiextensions.k8s.io", "customresourcedefinitions", "get", namespaced=False,
+           name="services.serving.knative.dev"),
+)
