@@ -58,6 +58,13 @@ bench-throughput: prepare
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
+# The deployed example end to end (tests/e2e), only through the Kubernetes API and the requester's route:
+# here against the simulated cluster; with REGISTRY= (and KUBECONFIG=, TAG=) against a real cluster, into the
+# namespace fma-e2e, with the images you pushed (make images REGISTRY=... TAG=...).
+e2e: prepare
+	FMA_E2E=1 E2E_REGISTRY="$(REGISTRY)" E2E_TAG="$(or $(TAG),latest)" E2E_OVERLAY="$(or $(E2E_OVERLAY),knative/overlays/cpu)" \
+	  $(BIN)/python -m pytest -s -q tests/e2e $(PYTEST_ARGS)
+
 # The fuzz of both services from their /openapi.json, long: 200 examples per operation (make test runs 6).
 fuzz: $(STAMP)
 	FMA_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -s -q tests/test_fuzz_process.py

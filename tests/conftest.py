@@ -65,6 +65,9 @@ def no_stray_processes() -> Iterator[None]:
     assert not stray, f"processes left running by the tests (now killed): {stray}"
 
 
+# The end-to-end suite deploys the whole example (minutes): `make e2e` runs it (FMA_E2E=1), `make test` does not.
+collect_ignore_glob = [] if os.environ.get("FMA_E2E") else ["e2e/*"]
+
 @pytest.fixture(scope="session")
 def converted_model_dir() -> Path:
     """The embedded model converted into the user's cache (what `make run` uses).

@@ -109,6 +109,7 @@ hand.
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 import math
@@ -819,8 +820,13 @@ class SimulatedKnative:
                      _cond("Ready", "True" if pod.ready else "False")]
             user_state: dict[str, Any] = {"running": {}} if pod.state == "running" else \
                 {"waiting": {"reason": pod.reason, **({"message": pod.message} if pod.message else {})}}
-            user = {"name": container.get("name") or "user-container", "ready": pod.ready,
-                    "restartCount": pod.restarts, "state": user_state, "lastState": {}}
+            # image and imageID are required in a ContainerStatus (core/v1 types.go; typed clients refuse a status
+            # without them): the image as written, its ID once pulled ("" while waiting, as the kubelet reports).
+            image = container.get("image") or "registry.example/fma-worker:latest"
+            pulled = f"{image.split('@')[0]}@sha256:{hashlib.sha256(image.encode()).hexdigest()}" \
+                if pod.ever_started else ""
+            user = {"name": container.get("name") or "user-container", "ready": pod.ready, "image": image,
+                    "imageID": pulled, "restartCount": pod.restarts, "state": user_state, "lastState": {}}
             if pod.last_exit is not None:
                 code, reason, message = pod.last_exit
                 user["lastState"] = {"terminated": {"exitCode": code, "reason": reason,
@@ -830,8 +836,10 @@ class SimulatedKnative:
                                       "conditions": conds}
             if pod.scheduled:
                 status["podIP"] = "127.0.0.1" if pod.url else f"10.244.0.{hash(pod.name) % 200 + 2}"
+                queue_image = "gcr.io/knative-releases/knative.dev/serving/cmd/queue"
                 status["containerStatuses"] = [
-                    user, {"name": "queue-proxy", "ready": pod.ready, "restartCount": 0,
+                    user, {"name": "queue-proxy", "ready": pod.ready, "restartCount": 0, "image": queue_image,
+                           "imageID": f"{queue_image}@sha256:{hashlib.sha256(queue_image.encode()).hexdigest()}",
                            "state": {"running": {}}, "lastState": {}}]
             body = {"apiVersion": "v1", "kind": "Pod",
                     "metadata": {"name": pod.name, "namespace": rev.namespace,

@@ -181,6 +181,10 @@ def test_release_starts_no_pod_and_creates_no_revision(kube: FakeKube, sim: Simu
     assert ann["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "5m", "the model's own value back"
     assert "fma.llm-d.ai/released" not in (kube.get_object(NS, SVC)["metadata"].get("annotations") or {})
     assert sim.revisions_created[SVC] == 1
+    # Issue 22 (found by make e2e): the Service is Ready at zero pods, so before, this start returned "ready" with
+    # no pod at all and a warm warmed nothing. A start ends with a pod: one request through the route scaled the
+    # Revision from zero.
+    assert len(sim.live_pods(SVC)) == 1 and sim.pods_started[SVC] == 2
 
 
 # ---- the sleep ladder: warm -> sleeping -> scaled to zero, and back ------------------------------

@@ -57,7 +57,8 @@ def test_requester_is_pinned_with_its_gpu(path: str):
     assert ann["autoscaling.knative.dev/min-scale"] == "1" and ann["autoscaling.knative.dev/max-scale"] == "1"
     assert template["metadata"]["labels"]["llm-d.ai/component"] == "fma-requester"
     (c,) = containers(svc)
-    assert c["resources"]["limits"] == {"cpu": "2", "memory": "512Mi", "nvidia.com/gpu": "1"}
+    gpu = {} if path == "knative/overlays/cpu" else {"nvidia.com/gpu": "1"}  # the CPU overlay holds none
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "512Mi", **gpu}
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["env"][0] == {"name": "FMA_ACTUATOR", "value": "knative"}
@@ -302,3 +303,20 @@ def test_the_shipped_rbac_grants_exactly_the_access_the_requester_declares():
                         for name in rule.get("resourceNames") or [None]:
                             granted.add((group, resource, verb, role["kind"] == "Role", name))
     assert granted == {(a.group, a.resource, a.verb, a.namespaced, a.name) for a in REQUESTER_ACCESS}
+
+
+def test_the_cpu_overlay_asks_for_no_gpu_anywhere_it_runs():
+    """For kind, minikube and the simulated cluster of make e2e: no GPU limit, no GPU binding, no RuntimeClass."""
+    from fma_requester.knative_spec import WorkerTemplate, render_worker_service
+    from fma_requester.registry import ModelRegistry
+
+    docs = render("knative/overlays/cpu")
+    (svc,) = by_kind(docs, "Service", "fma-requester")
+    assert "nvidia.com/gpu" not in containers(svc)[0]["resources"]["limits"]
+    (cm,) = by_kind(docs, "ConfigMap", "fma-requester-config")
+    template = WorkerTemplate(**yaml.safe_load(cm["data"]["worker-template.yaml"]))
+    assert template.gpu_runtime_class is None
+    for spec in ModelRegistry.from_text(cm["data"]["models.yaml"]):
+        pod = render_worker_service(spec, template)["spec"]["template"]["spec"]
+        assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"] and "runtimeClassName" not in pod
+        assert "FMA_GPUS" not in {e["name"] for e in pod["containers"][0]["env"]}

@@ -563,6 +563,7 @@ class KnativeEffects(Effects):
             handle.data["revision"] = (obj.get("status") or {}).get("latestReadyRevisionName")
             self._pin(obj, body, handle)
             self._settle_pods(name, handle, deadline)
+            self._scale_from_zero(name, obj, handle, deadline)
         except (ApiError, RuntimeError, TimeoutError):
             raise
         except Exception as exc:  # ApiException and friends: keep the status in the message
@@ -624,6 +625,29 @@ class KnativeEffects(Effects):
             if self._control.is_sleeping(url, 10.0):
                 log.info("worker Service %s: its pod at %s is asleep; waking it", name, url)
                 self._control.wake(handle, max(1.0, deadline - time.monotonic()), url=url)
+
+    def _scale_from_zero(self, name: str, obj: dict[str, Any], handle: WorkerHandle, deadline: float) -> None:
+        """A ready Service need not have a pod: one released (or scaled to zero by Knative) stays Ready at zero
+        pods, and adopting it writes nothing, so no new Revision starts one. A start must end with a pod (a warm
+        or a scheduled pre-warm that leaves none warms nothing): one request through the route makes the
+        activator scale the Revision from zero and hold the request until the pod is ready
+        (pkg/activator/handler/handler.go); ``/health`` is open and cheap."""
+        if any(not _terminating(pod) for pod in self.kube.list_pods(f"{LABEL_SERVICE}={name}")):
+            return
+        url = _address(obj)
+        if not url:
+            return
+        handle.progress = f"scaling {name} from zero (a request through its route)"
+        log.info("worker Service %s is ready with no pod; scaling it from zero through its route", name)
+        import httpx
+
+        try:
+            resp = httpx.get(f"{url}/health", timeout=max(1.0, deadline - time.monotonic()))
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"worker Service {name}: scaling from zero through {url} failed: {exc}") from None
+        if resp.status_code >= 500:
+            raise RuntimeError(f"worker Service {name}: scaling from zero through {url} answered "
+                               f"{resp.status_code}: {resp.text[:200]}")
 
     def stop_timeout(self, spec: ModelSpec, grace: float) -> float:
         return self.kn.release_timeout_s + self.kn.kube_timeout_s
