@@ -200,3 +200,48 @@ def test_a_structured_reply_is_understood_too(subs):
         assert got.get_type() == "done"
     finally:
         b.stop()
+
+
+# ---- the channel: synchronous (Eventing's default) or asynchronous (issue 22) ----------------------------------
+
+def test_a_synchronous_channel_answers_after_its_subscribers_and_500_when_one_failed(subs):
+    """fanout_event_handler.go dispatch + event_receiver.go: 202 only once every delivery ended; a failed one
+    (after its retries, no dead letter) is 500 for the producer, never the subscriber's own status."""
+    subs["ok"] = Subscriber([(200, {}, b"")])
+    subs["bad"] = Subscriber([(400, {}, b"")])
+    b = broker(subs, [("t1", {"filter": {"attributes": {"type": "a"}}}, "ok"),
+                      ("t2", {"filter": {"attributes": {"type": "b"}}}, "bad")])
+    try:
+        assert send(b, "a", id="1").status_code == 202 and len(subs["ok"].requests) == 1, "answered after it"
+        assert send(b, "b", id="2").status_code == 500
+    finally:
+        b.stop()
+
+
+def test_a_synchronous_fan_out_gives_up_after_its_timeout_with_500(subs):
+    subs["slow"] = Subscriber([(200, {}, b"")])
+    b = broker(subs, [("t", {}, "slow")])
+    b.fanout_timeout_s = 0.0  # defaultTimeout (15 min) with no further result
+    try:
+        assert send(b, "a", id="1").status_code == 500
+    finally:
+        b.stop()
+
+
+def test_an_asynchronous_channel_answers_202_before_any_delivery(subs):
+    """The Broker's messaging.knative.dev/async-handler, copied to its channel (broker.go), read with ParseBool."""
+    subs["bad"] = Subscriber([(400, {}, b"")])
+
+    def resolve(dest: dict[str, Any]) -> str:
+        return subs[dest["ref"]["name"]].url
+
+    for value, asynchronous in (("true", True), ("1", True), ("True", True), ("yes", False), ("false", False)):
+        trigger = {"metadata": {"name": "t"}, "spec": {"broker": "b", "subscriber": {"ref": {"name": "bad"}}}}
+        b = SimulatedBroker({"metadata": {"name": "b", "namespace": "ns",
+                                          "annotations": {"messaging.knative.dev/async-handler": value}}},
+                            [trigger], resolve, speed=SPEED)
+        try:
+            assert b.asynchronous is asynchronous, value
+            assert send(b, "a", id=value).status_code == (202 if asynchronous else 500), value
+        finally:
+            b.stop()

@@ -253,7 +253,7 @@ def check_features(cluster: Cluster, dep: Deployment) -> list[Check]:
     return out or [Check("features", PASS, "no gated PodSpec field is used")]
 
 
-def check_autoscaler(cluster: Cluster) -> list[Check]:
+def check_autoscaler(cluster: Cluster, dep: Deployment | None = None) -> list[Check]:
     data = _data(cluster.get("", "v1", "configmaps", "config-autoscaler", SERVING_NS))
     if data.get("enable-scale-to-zero", "true").lower() == "false":
         return [Check("autoscaler", FAIL, "enable-scale-to-zero is false: idle workers keep their pods (and GPUs)",
@@ -261,8 +261,11 @@ def check_autoscaler(cluster: Cluster) -> list[Check]:
     window = data.get("stable-window", "60s")
     retention = data.get("scale-to-zero-pod-retention-period", "0s")
     grace = data.get("scale-to-zero-grace-period", "30s")
-    return [Check("autoscaler", PASS, f"scale to zero on; an idle pod goes after the stable window ({window}) "
-                  f"and its retention ({retention}, per Revision: the worker template's), drained for {grace}")]
+    own = dep.template.scale_to_zero_retention if dep is not None and dep.template is not None else None
+    kept = f"the workers' retention ({own}; the cluster default is {retention})" if own else \
+        f"the retention ({retention})"
+    return [Check("autoscaler", PASS, f"scale to zero on; an idle worker's pod goes after the stable window "
+                  f"({window}) and {kept}, then the scale-to-zero grace period ({grace})")]
 
 
 def check_defaults(cluster: Cluster, dep: Deployment) -> list[Check]:
@@ -460,7 +463,7 @@ def run_checks(cluster: Cluster, namespace: str, eventing: bool = True) -> list[
         ("eventing", lambda: check_eventing(cluster) if eventing else []),
         ("requester", lambda: check_requester(cluster, dep)),
         ("features", lambda: check_features(cluster, dep)),
-        ("autoscaler", lambda: check_autoscaler(cluster)),
+        ("autoscaler", lambda: check_autoscaler(cluster, dep)),
         ("defaults", lambda: check_defaults(cluster, dep)),
         ("rbac", lambda: check_rbac(cluster, namespace)),
         ("broker", lambda: check_broker(cluster, namespace) if eventing else []),
