@@ -65,16 +65,23 @@ def test_fewer_devices_than_given_is_refused():
     assert why is not None and "given 2 GPUs" in why and "sees 1 CUDA device" in why
 
 
-def test_cuda_reports_bare_uuids_and_they_match_the_gpu_and_mig_names_nvidia_smi_writes():
+def test_cuda_reports_bare_uuids_and_they_match_the_names_nvidia_smi_writes():
     assert bare_uuid(UUID_A) == bare_uuid(UUID_A.removeprefix("GPU-").upper())
     assert gpu_problem("shared", 1, [UUID_A], Visible(CUDA, (UUID_A.removeprefix("GPU-"),)), {}) is None
     assert gpu_problem("shared", 1, [MIG_1], Visible(CUDA, (MIG_1.removeprefix("MIG-"),)), {}) is None
 
 
-def test_a_worker_that_sees_another_device_than_the_one_given_is_refused():
-    """On a MIG node the parent GPU's UUID is not the instance the requester holds."""
-    why = gpu_problem("shared", 1, [MIG_1], Visible(CUDA, (MIG_2.removeprefix("MIG-"),)), {})
-    assert why is not None and MIG_1 in why and "MIG- UUID" in why
+def test_a_worker_that_sees_another_gpu_than_the_one_given_is_refused():
+    other = "GPU-0f6b3a2e-9e7c-4c41-8f3a-1b2c3d4e5f60"
+    why = gpu_problem("shared", 1, [UUID_A], Visible(CUDA, (other.removeprefix("GPU-"),)), {})
+    assert why is not None and UUID_A in why and "other devices" in why
+
+
+def test_a_mig_instance_is_counted_not_compared():
+    """Whether CUDA's device UUID is a MIG instance's own is not confirmed without a MIG GPU: a wrong refusal
+    would stop a correct setup, so only the count is checked."""
+    assert gpu_problem("shared", 1, [MIG_1], Visible(CUDA, (MIG_2.removeprefix("MIG-"),)), {}) is None
+    assert gpu_problem("shared", 1, [MIG_1], Visible(CUDA, ()), {}) is not None
 
 
 def test_nothing_is_checked_without_a_gpu_or_where_devices_are_named_by_index():

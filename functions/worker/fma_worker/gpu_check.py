@@ -18,9 +18,8 @@ one that fits:
 * **dedicated**: the device plugin gave the container its devices; seeing
   none means the image's torch has no CUDA or the driver is not mounted.
 
-Device identities are compared by UUID without the ``GPU-``/``MIG-`` prefix
-``nvidia-smi`` writes: CUDA reports the bare UUID of a MIG instance the same
-way as of a whole GPU.
+Whole GPUs are compared by UUID without the ``GPU-`` prefix ``nvidia-smi``
+writes (CUDA reports the bare UUID); MIG instances are counted only.
 """
 
 from __future__ import annotations
@@ -97,14 +96,17 @@ def gpu_problem(binding: str, expected: int, given: Sequence[str], seen: Visible
                      "container toolkit (kubectl describe node: nvidia.com/gpu allocatable; the GPU Operator's "
                      "validator pods)")
         return f"given {wanted}, {how}, but {sees}; {env_note}. Likely cause: {cause}"
-    if _names_devices(given):
+    # Identities are compared for whole GPUs only: CUDA's device UUID is the GPU's (nvidia-smi's GPU- without the
+    # prefix); that it is the instance's own for a MIG device is not confirmed here (no MIG GPU to look at), and a
+    # wrong refusal would stop a correct setup, so a MIG instance is counted, not compared.
+    if _names_devices(given) and all(g.strip().upper().startswith("GPU-") for g in given):
         want = {bare_uuid(g) for g in given}
         have = {bare_uuid(u) for u in seen.uuids if u}
         missing = sorted(g for g in given if bare_uuid(g) not in have)
         if have and missing and want - have:
             return (f"given {wanted}, {how}, but CUDA sees other devices ({', '.join(seen.uuids)}): "
                     f"{', '.join(missing)} not among them; {env_note}. The requester and the worker must name the "
-                    f"same devices (a MIG instance by its MIG- UUID, not its parent GPU's)")
+                    f"same devices")
     return None
 
 
