@@ -14,19 +14,23 @@ Read from knative/eventing ``knative-v1.22.2``; each behaviour names the file it
 * **Delivery** to the subscriber (``handleDispatchToSubscriberRequest``): the TTL extension removed, headers
   ``Prefer: reply`` (``pkg/kncloudevents/event_dispatcher.go``) and ``Kn-Namespace``, binary mode unless the
   Trigger's ``delivery.format`` says ``json``. Retries follow the Trigger's ``delivery``, or the Broker's when
-  the Trigger has none - the whole spec, not field by field (``pkg/reconciler/broker/trigger/trigger.go``):
+  the Trigger has none - the whole spec, not field by field (``pkg/reconciler/broker/trigger/trigger.go``),
+  but for the dead-letter sink, which falls back to the Broker's (``pkg/reconciler/subscription/subscription.go``
+  ``resolveDeadLetterSink``, from the channel's delivery):
   ``SelectiveRetry`` retries no answer, 5xx, 404, 408, 409 and 429 and nothing else; the wait before retry
   ``i`` (from 0) is ``backoffDelay * 2**i`` (exponential) or ``backoffDelay * i`` (linear), and - only when
   ``retryAfterMax`` is set, which needs the alpha flag ``delivery-retryafter`` - at least the 429/503
   ``Retry-After``, capped by ``retryAfterMax`` (``pkg/kncloudevents/retries.go``; the attempt counter is
   go-retryablehttp's, starting at 0). ``delivery.timeout`` bounds each attempt.
 * **Replies** (``writeResponse``): a 2xx whose body is a CloudEvent is sent back into the Broker with the
-  TTL it was delivered with, so the ingress takes one off; a 2xx with a non-empty body that is not a
-  CloudEvent is a failed delivery (502), retried like any other; an empty 2xx is done.
+  TTL it was delivered with, so the ingress takes one off, with the delivery's retries; a reply that cannot be
+  delivered sends the original event to the dead-letter sink (``event_dispatcher.go`` ``send``); a 2xx with a
+  non-empty body that is not a CloudEvent is a failed delivery (502), retried like any other; an empty 2xx is
+  done.
 * **Dead letters** (``event_dispatcher.go``, ``dispatchExecutionInfoTransformers``): after the last attempt
-  the original event goes to ``deadLetterSink`` with ``knativeerrordest`` (the subscriber's URL),
-  ``knativeerrorcode`` and ``knativeerrordata`` (the last answer's body, base64, cut at 1024 characters:
-  ``pkg/kncloudevents/attributes/knative_error.go``).
+  the original event goes to ``deadLetterSink`` (with the delivery's retries) with ``knativeerrordest`` (the
+  subscriber's URL), ``knativeerrorcode`` and ``knativeerrordata`` (the last answer's body, base64, cut at
+  1024 characters: ``pkg/kncloudevents/attributes/knative_error.go``); with no answer at all, none of them.
 
 * **Sender identity** (feature ``authentication-oidc``, when ``oidc_token`` is given): a delivery to a
   subscriber with an audience (``spec.subscriber.audience``; ``pkg/reconciler/broker/trigger/trigger.go`` puts
@@ -86,6 +90,29 @@ _PERIOD = re.compile(r"^P(?!$)(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)W)?(?:(\d+)D)?"
                      r"(?:T(?=\d)(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
 
 
+class _Scope:
+    """A request context (Go's ``context.WithCancel``): cancelled by itself or by its parent, never the other way."""
+
+    def __init__(self, parent: _Scope | None = None) -> None:
+        self._event = threading.Event()
+        self._parent = parent
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set() or (self._parent is not None and self._parent.is_set())
+
+    def wait(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not self.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self._event.wait(min(left, 0.02))
+        return True
+
+
 def go_parse_bool(text: str | None) -> bool:
     """Go's ``strconv.ParseBool``; anything it refuses counts as false (``newConfigForInMemoryChannel``)."""
     return text in ("1", "t", "T", "TRUE", "true", "True")
@@ -141,6 +168,17 @@ class Delivery:
                 after = 0.0
             wait = max(wait, min(after, self.retry_after_max_s))
         return wait
+
+
+def _trigger_delivery(own: Mapping[str, Any] | None, broker: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """trigger.go subscribeToBrokerChannel: the Trigger's delivery or else the Broker's, whole - except the dead-letter
+    sink, which a Subscription without one takes from its channel, whose delivery is the Broker's
+    (subscription.go resolveDeadLetterSink; broker.go gives the channel ``b.Spec.Delivery``)."""
+    if not own:
+        return broker
+    if "deadLetterSink" not in own and broker and broker.get("deadLetterSink"):
+        return {**own, "deadLetterSink": broker["deadLetterSink"]}
+    return own
 
 
 def should_retry(status: int | None) -> bool:
@@ -239,7 +277,7 @@ class SimulatedBroker:
         broker_delivery = (broker.get("spec") or {}).get("delivery")
         self.triggers = [
             SimTrigger(t["metadata"]["name"], t["spec"],
-                       Delivery.from_spec(t["spec"].get("delivery") or broker_delivery))
+                       Delivery.from_spec(_trigger_delivery(t["spec"].get("delivery"), broker_delivery)))
             for t in triggers if t["spec"].get("broker") == self.name]
         self.records: list[DeliveryRecord] = []
         self.received: list[dict[str, Any]] = []  # every event the ingress accepted, attributes only
@@ -275,7 +313,7 @@ class SimulatedBroker:
     # ---- ingress ----------------------------------------------------------------------------
 
     def _ingress(self, path: str, headers: dict[str, str], body: bytes, producer: socket.socket | None = None,
-                 cancel: threading.Event | None = None) -> int:
+                 parent: _Scope | None = None) -> int:
         if path.rstrip("/") != f"/{self.namespace}/{self.name}":
             return 404
         try:
@@ -298,13 +336,13 @@ class SimulatedBroker:
         with self._lock:
             self.received.append(view)
         data = event.get_data()
-        cancel = cancel or threading.Event()
+        cancel = _Scope(parent)  # this request's context: a reply's own fan-out timing out cancels only its own
         results: queue.Queue[bool] = queue.Queue()
         started = 0
         for trigger in self.triggers:
             if trigger_matches(trigger.spec, view):
                 # Asynchronous: on context.Background(), so the producer hanging up cancels nothing.
-                own = threading.Event() if self.asynchronous else cancel
+                own = _Scope() if self.asynchronous else cancel
                 thread = threading.Thread(
                     target=lambda t=trigger, c=own: results.put(self._dispatch(t, attrs, data, c)), daemon=True)
                 self._threads.append(thread)
@@ -320,8 +358,7 @@ class SimulatedBroker:
             ok = ok and result
         return 202 if ok else 500
 
-    def _await(self, results: queue.Queue[bool], producer: socket.socket | None, cancel: threading.Event
-               ) -> bool | None:
+    def _await(self, results: queue.Queue[bool], producer: socket.socket | None, cancel: _Scope) -> bool | None:
         """The next delivery's result, or None when the fan-out's timer ran out (it restarts per result) or the
         producer hung up (then every delivery of the event is cancelled)."""
         deadline = time.monotonic() + self.fanout_timeout_s / self.speed
@@ -340,7 +377,7 @@ class SimulatedBroker:
 
     # ---- dispatch ---------------------------------------------------------------------------
 
-    def _dispatch(self, trigger: SimTrigger, attrs: dict[str, Any], data: Any, cancel: threading.Event) -> bool:
+    def _dispatch(self, trigger: SimTrigger, attrs: dict[str, Any], data: Any, cancel: _Scope) -> bool:
         """One Trigger's delivery of one event, to the end: True when it was delivered (or replied, and the reply
         accepted) or dead-lettered, False when it failed or was cancelled."""
         ttl = attrs[TTL_ATTRIBUTE]
@@ -372,8 +409,14 @@ class SimulatedBroker:
                     if reply is None:
                         record.outcome = "delivered"
                         return True
-                    record.outcome = "replied"
-                    return 200 <= self._reenqueue(reply, ttl, cancel) < 300
+                    # event_dispatcher.go send: the reply goes to the Broker with the same retries; a reply that
+                    # cannot be delivered sends the original event to the dead-letter sink.
+                    if self._send_reply(reply, ttl, cancel, d):
+                        record.outcome = "replied"
+                        return True
+                    record.outcome = "reply-failed"
+                    last_body, last_status = body, status
+                    break
             record.attempts.append(Attempt(status, retry_after, time.monotonic()))
             last_body, last_status = body, status
             if not should_retry(status) or attempt == d.retry:
@@ -385,10 +428,24 @@ class SimulatedBroker:
             record.outcome = "cancelled"
             return False
         if d.dead_letter and self._dead_letter(self.resolve(d.dead_letter), subscriber, delivered, data, last_status,
-                                               last_body):
+                                               last_body, d, cancel):
             record.outcome = "dead-lettered"
             return True  # event_dispatcher.go send: a dead letter accepted is a delivery that succeeded
-        record.outcome = "failed"
+        if record.outcome != "reply-failed":
+            record.outcome = "failed"
+        return False
+
+    def _send_reply(self, reply: CloudEvent, ttl: int, cancel: _Scope, d: Delivery) -> bool:
+        for attempt in range(d.retry + 1):
+            if cancel.is_set():
+                return False
+            status = self._reenqueue(reply, ttl, cancel)
+            if 200 <= status < 300:
+                return True
+            if not should_retry(status) or attempt == d.retry:
+                return False
+            if cancel.wait(d.backoff(attempt, status, None) / self.speed):
+                return False
         return False
 
     def _token_for(self, trigger: str, audience: str) -> str:
@@ -402,7 +459,7 @@ class SimulatedBroker:
             return self._tokens[(user, audience)]
 
     def _post(self, url: str, headers: Mapping[str, str], body: bytes, timeout: float | None,
-              cancel: threading.Event | None = None) -> tuple[int | None, str | None, dict[str, str], bytes]:
+              cancel: _Scope | None = None) -> tuple[int | None, str | None, dict[str, str], bytes]:
         """One attempt, on its own connection so a cancelled context can shut it (the subscriber, or an activator
         holding the request for a cold pod, sees the client go away)."""
         parts = urlsplit(url)
@@ -432,22 +489,31 @@ class SimulatedBroker:
             done.set()
             conn.close()
 
-    def _reenqueue(self, reply: CloudEvent, ttl: int, cancel: threading.Event | None = None) -> int:
+    def _reenqueue(self, reply: CloudEvent, ttl: int, parent: _Scope | None = None) -> int:
         attrs = {**reply.get_attributes(), TTL_ATTRIBUTE: ttl}
         msg = to_binary_event(CloudEvent(attrs, reply.get_data()))
-        return self._ingress(f"/{self.namespace}/{self.name}", dict(msg.headers), msg.body, cancel=cancel)
+        return self._ingress(f"/{self.namespace}/{self.name}", dict(msg.headers), msg.body, parent=parent)
 
     def _dead_letter(self, url: str, subscriber: str, attrs: dict[str, Any], data: Any, status: int | None,
-                     body: bytes) -> bool:
-        encoded = base64.b64encode(body).decode()[:ERROR_DATA_MAX]
-        extra = {"knativeerrordest": subscriber, "knativeerrorcode": str(status if status else -1)}
-        if encoded:
-            extra["knativeerrordata"] = encoded
+                     body: bytes, d: Delivery, cancel: _Scope) -> bool:
+        """event_dispatcher.go send: the dead letter gets the same retries and per-attempt timeout, on the same
+        context. The error extensions come from the filter's answer; with no answer at all (a timeout, a connection
+        that failed) there is none to decode, and the event goes without them (dispatchExecutionInfoTransformers)."""
+        extra: dict[str, str] = {}
+        if status is not None:
+            extra = {"knativeerrordest": subscriber, "knativeerrorcode": str(status)}
+            encoded = base64.b64encode(body).decode()[:ERROR_DATA_MAX]
+            if encoded:
+                extra["knativeerrordata"] = encoded
         msg = to_binary_event(CloudEvent({**attrs, **extra}, data))
-        try:
-            return self._http.post(url, content=msg.body, headers=dict(msg.headers), timeout=10).is_success
-        except httpx.HTTPError:
-            return False
+        for attempt in range(d.retry + 1):
+            answer, retry_after, _, _ = self._post(url, dict(msg.headers), msg.body, d.timeout_s, cancel)
+            if answer is not None and 200 <= answer < 300:
+                return True
+            if not should_retry(answer) or attempt == d.retry or \
+                    cancel.wait(d.backoff(attempt, answer, retry_after) / self.speed):
+                return False
+        return False
 
     # ---- for tests --------------------------------------------------------------------------
 

@@ -3,14 +3,18 @@
 What a client of a Service at zero sees, from knative/serving ``knative-v1.22.x``:
 
 * The activator takes the request and holds it while the revision scales from zero
-  (``pkg/activator/handler/handler.go`` ``ServeHTTP`` -> ``throttler.Try``); the
-  first held request is what starts the pod (the activator reports its
-  concurrency to the autoscaler), and the pod then comes up whatever happens to
-  that request. Held requests go through once a pod is ready, in the order they
-  came (``pkg/activator/net/throttler.go``: the breaker's queue).
+  (``pkg/activator/handler/handler.go`` ``ServeHTTP`` -> ``pkg/activator/net/throttler.go``
+  ``Try``); the first held request is what starts the pod (the activator reports
+  its concurrency to the autoscaler), and the pod then comes up whatever happens
+  to that request. Held requests go through once a pod is ready, all at once and
+  in no particular order (``containerConcurrency: 0``, the event log's: no
+  breaker limits them) - here each held request's thread races for it.
 * A request whose client went away while it was held never reaches the pod: the
-  throttler returns with the request context's error (``handler.go``: the
-  ``context.Canceled`` branch) - here: the client's socket is watched while held.
+  throttler's wait returns with the request context's error
+  (``pkg/queue/breaker.go`` ``Maybe``) - here: the client's socket is watched.
+
+Not simulated: the activator's 504 at the Revision's ``timeoutSeconds``, and a
+client that hangs up after its request went through.
 * Once up, the pod stays until ``idle_s`` with no request (the stable window and
   drain of ``knative_sim.py``, shortened); then the next request is cold again.
 
@@ -47,9 +51,6 @@ class ColdService:
         self._lock = threading.Condition()
         self._ready_at: float | None = None  # when the current pod is (or was) ready; None: scaled to zero
         self._last_request = 0.0
-        self._tickets = 0
-        self._serving = 0  # the ticket allowed through next: arrival order
-        self._abandoned: set[int] = set()  # tickets whose client went away before their turn
         svc = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -84,12 +85,6 @@ class ColdService:
         self._server.shutdown()
         self._server.server_close()
 
-    def _advance(self) -> None:
-        self._serving += 1
-        while self._serving in self._abandoned:
-            self._abandoned.discard(self._serving)
-            self._serving += 1
-
     def _through(self, client: socket.socket, method: str, path: str, headers: dict[str, str], body: bytes
                  ) -> tuple[int, list[tuple[str, str]], bytes] | None:
         with self._lock:
@@ -100,22 +95,14 @@ class ColdService:
                 self.cold_starts += 1
                 self._ready_at = now + self.start_delay_s
             self._last_request = now
-            ticket, self._tickets = self._tickets, self._tickets + 1
             while True:
                 if _client_gone(client):
                     self.dropped += 1
-                    if ticket == self._serving:
-                        self._advance()
-                    else:
-                        self._abandoned.add(ticket)
-                    self._lock.notify_all()
                     return None
-                if time.monotonic() >= self._ready_at and ticket == self._serving:
+                if time.monotonic() >= self._ready_at:
                     break
                 self._lock.wait(0.02)
-            self._advance()
             self.forwarded += 1
-            self._lock.notify_all()
         conn = http.client.HTTPConnection(self.target.hostname, self.target.port, timeout=600)
         try:
             conn.request(method, path, body=body if method == "POST" else None,

@@ -245,3 +245,26 @@ def test_an_asynchronous_channel_answers_202_before_any_delivery(subs):
             assert send(b, "a", id=value).status_code == (202 if asynchronous else 500), value
         finally:
             b.stop()
+
+
+def test_a_reply_the_broker_cannot_take_is_retried_then_the_original_goes_to_the_dead_letter_sink(subs):
+    """event_dispatcher.go send: the reply goes with the delivery's retries; when it still fails, the original
+    event is dead-lettered, which counts as delivered (the synchronous producer gets 202)."""
+    subs["replier"] = Subscriber([reply_of("r")])
+    subs["bad"] = Subscriber([(400, {}, b"")])
+    # The dead-letter sink refuses the reply's own dead letters (so the reply's fan-out fails: 500 at the ingress,
+    # twice), then takes the original event.
+    subs["dls"] = Subscriber([(400, {}, b""), (400, {}, b""), (202, {}, b"")])
+    b = broker(subs, [("t1", {"filter": {"attributes": {"type": "a"}}}, "replier"),
+                      ("t2", {"filter": {"attributes": {"type": "r"}}}, "bad")],
+               delivery={"retry": 1, "backoffPolicy": "linear", "backoffDelay": "PT0.1S",
+                         "deadLetterSink": {"ref": {"name": "dls"}}})
+    try:
+        assert send(b, "a", id="1").status_code == 202
+        (first,) = b.deliveries("t1")
+        assert first.outcome == "dead-lettered" and len(subs["replier"].requests) == 1
+        types = [{k.lower(): v for k, v in h.items()}.get("ce-type") for h, _, _ in subs["dls"].requests]
+        assert types == ["r", "r", "a"], types
+        assert len(subs["bad"].requests) == 2, "the reply went twice (one retry), and failed each time"
+    finally:
+        b.stop()

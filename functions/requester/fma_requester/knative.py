@@ -258,6 +258,12 @@ def pod_is_running(pod: Mapping[str, Any]) -> bool:
     return "running" in (_user_container(pod).get("state") or {})
 
 
+def pod_is_ready(pod: Mapping[str, Any]) -> bool:
+    """The pod's Ready condition (the kubelet's, from the readiness probe queue-proxy answers)."""
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
 def _terminating(pod: Mapping[str, Any]) -> bool:
     return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
 
@@ -628,26 +634,61 @@ class KnativeEffects(Effects):
 
     def _scale_from_zero(self, name: str, obj: dict[str, Any], handle: WorkerHandle, deadline: float) -> None:
         """A ready Service need not have a pod: one released (or scaled to zero by Knative) stays Ready at zero
-        pods, and adopting it writes nothing, so no new Revision starts one. A start must end with a pod (a warm
-        or a scheduled pre-warm that leaves none warms nothing): one request through the route makes the
-        activator scale the Revision from zero and hold the request until the pod is ready
-        (pkg/activator/handler/handler.go); ``/health`` is open and cheap."""
-        if any(not _terminating(pod) for pod in self.kube.list_pods(f"{LABEL_SERVICE}={name}")):
-            return
-        url = _address(obj)
-        if not url:
-            return
-        handle.progress = f"scaling {name} from zero (a request through its route)"
-        log.info("worker Service %s is ready with no pod; scaling it from zero through its route", name)
+        pods, and adopting it writes nothing, so no new Revision starts one. A start must end with a ready pod of
+        the ready Revision (a warm or a scheduled pre-warm that leaves none warms nothing): a request through the
+        route makes the activator scale the Revision from zero and hold the request until a pod is ready
+        (pkg/activator/handler/handler.go); ``/health`` is open and cheap.
+
+        Asked in slices, so a release (which cancels the start) ends it; the activator answers 504 after the
+        Revision's ``timeoutSeconds`` and a gateway may answer 502/503 while it programs the route: asked again
+        until a pod is ready or the start's deadline. Success is a pod seen ready, not an answer."""
         import httpx
 
-        try:
-            resp = httpx.get(f"{url}/health", timeout=max(1.0, deadline - time.monotonic()))
-        except httpx.HTTPError as exc:
-            raise RuntimeError(f"worker Service {name}: scaling from zero through {url} failed: {exc}") from None
-        if resp.status_code >= 500:
-            raise RuntimeError(f"worker Service {name}: scaling from zero through {url} answered "
-                               f"{resp.status_code}: {resp.text[:200]}")
+        revision = (obj.get("status") or {}).get("latestReadyRevisionName")
+        url = _address(obj)
+        if not revision or not url:
+            return
+        selector = f"{LABEL_REVISION}={revision}"
+
+        def serving() -> bool:
+            return any(not _terminating(pod) and pod_is_ready(pod) for pod in self.kube.list_pods(selector))
+
+        if serving():
+            return
+        log.info("worker Service %s is ready with no ready pod; scaling revision %s from zero through its route",
+                 name, revision)
+        last = "no answer yet"
+        while True:
+            if handle.cancelled:
+                raise RuntimeError(f"start of {name} cancelled")
+            if serving():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"worker Service {name}: no pod of {revision} became ready after a request "
+                                   f"through its route ({last})")
+            pods = [p for p in self.kube.list_pods(selector) if not _terminating(p)]
+            stuck = next((why for why in map(pod_is_stuck, pods) if why), None)
+            handle.progress = f"scaling {name} from zero: " + (stuck or (f"{len(pods)} pod(s) starting" if pods
+                                                                         else "waiting for the activator"))
+            try:
+                resp = httpx.get(f"{url}/health", timeout=min(remaining, self.watch_window_s))
+            except httpx.TimeoutException:
+                last = "the route held the request past the slice"  # the activator is still waiting for a pod
+                continue
+            except httpx.HTTPError as exc:
+                raise RuntimeError(f"worker Service {name}: a request through {url} to scale it from zero "
+                                   f"failed: {exc}") from None
+            if resp.status_code in (502, 503, 504):
+                last = f"the route answered {resp.status_code}"
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                continue
+            if not resp.is_success:
+                raise RuntimeError(f"worker Service {name}: a request through {url} to scale it from zero was "
+                                   f"answered {resp.status_code}: {resp.text[:200]}")
+            last = "the route answered 200"
+            # The answer came from a ready pod; its Pod object may lag a moment behind.
+            self._wait_pods_change(name, min(max(0.0, deadline - time.monotonic()), 1.0))
 
     def stop_timeout(self, spec: ModelSpec, grace: float) -> float:
         return self.kn.release_timeout_s + self.kn.kube_timeout_s
