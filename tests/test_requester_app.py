@@ -509,3 +509,14 @@ def test_an_event_that_failed_transiently_is_done_again_when_redelivered(client,
     fake.refuse_with = None
     assert completion_event(client).headers["ce-type"] == "ai.llm-d.fma.completion.succeeded"
     assert len(worker.requests) == 1
+
+
+def test_a_repeat_in_the_other_mode_gets_the_same_reply_in_its_own_mode(client, fake, worker):
+    """Same source and id, first binary then structured: one completion, the same reply event, each in its mode."""
+    first = completion_event(client)
+    structured = client.post("/", content_type="application/cloudevents+json", data=json.dumps({
+        "specversion": "1.0", "type": "ai.llm-d.fma.completion.requested", "source": "/t", "id": "c9",
+        "datacontenttype": "application/json", "data": {"model": "model-b", "prompt": "x"}}))
+    assert len(worker.requests) == 1
+    assert structured.content_type.startswith("application/cloudevents+json")
+    assert structured.get_json()["id"] == first.headers["ce-id"]

@@ -621,7 +621,14 @@ def prepare(model: str, dtype: str) -> None:
 def doctor(namespace: str | None, kubeconfig: str | None, kube_context: str | None, no_eventing: bool,
            output: str) -> None:
     """Check a live cluster for what this deployment needs: pass / warn / fail per check, each failure with the
-    command that fixes it. Read-only. Exit 1 when any check fails."""
+    command that fixes it. Read-only. Exit 1 when any check fails.
+
+    \b
+    Examples:
+      fma doctor                           # the kubeconfig's cluster, namespace fma-example
+      kn fma doctor -n team-a -o json      # for scripts
+      fma doctor --no-eventing             # deployed with make deploy EVENTING=false
+    """
     from kubernetes import client, config
 
     from .doctor import FAIL, Cluster, render_json, render_text, run_checks

@@ -126,10 +126,15 @@ SEQUENCE_ATTRIBUTE = "sequence"
 REPLY_ATTRIBUTE = "replyid"
 
 
-def reply_to(incoming: IncomingEvent, type_: str, source: str, data: Any,
-             subject: str | None = None) -> tuple[bytes, dict[str, str]]:
+def reply_event(incoming: IncomingEvent, type_: str, source: str, data: Any,
+                subject: str | None = None) -> CloudEvent:
     correlation = incoming.event.get_extension(CORRELATION_ATTRIBUTE)
     extensions = {REPLY_ATTRIBUTE: str(correlation)} if correlation else None
-    event = make_event(type_, source, data, subject=subject or incoming.subject, requestid=incoming.id,
-                       extensions=extensions)
-    return encode_event(event, incoming.structured)
+    return make_event(type_, source, data, subject=subject or incoming.subject, requestid=incoming.id,
+                      extensions=extensions)
+
+
+def reply_to(incoming: IncomingEvent, type_: str, source: str, data: Any,
+             subject: str | None = None) -> tuple[bytes, dict[str, str]]:
+    """The reply event, encoded in the mode the request came in."""
+    return encode_event(reply_event(incoming, type_, source, data, subject), incoming.structured)

@@ -18,6 +18,7 @@ import os
 import secrets
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -51,6 +52,9 @@ from .registry import ModelRegistry
 from .reload import FileWatcher
 from .replies import ReplyCache
 from .settings import RequesterSettings
+
+if TYPE_CHECKING:
+    from cloudevents.core.v1.event import CloudEvent
 
 log = logging.getLogger("fma.requester")
 
@@ -336,15 +340,17 @@ def handle_event(incoming: events.IncomingEvent, actuator: Actuator, plane: Data
     if kind not in p.REQUEST_TYPES:
         raise InvalidRequest(f"unsupported event type {kind!r}; this requester accepts {', '.join(p.REQUEST_TYPES)}")
     if kind == p.COMPLETION_REQUESTED and replies is not None:
+        # The same reply event (same id) for a repeat, in the mode the repeat came in.
         key = (str(incoming.event.get_source()), incoming.id)
-        body, headers = replies.answer(key, lambda: _reply(incoming, actuator, plane, deadline_s))
+        reply = replies.answer(key, lambda: _reply(incoming, actuator, plane, deadline_s))
     else:
-        body, headers = _reply(incoming, actuator, plane, deadline_s)
+        reply = _reply(incoming, actuator, plane, deadline_s)
+    body, headers = events.encode_event(reply, incoming.structured)
     return Response(body, 200, headers=headers)
 
 
 def _reply(incoming: events.IncomingEvent, actuator: Actuator, plane: DataPlane,
-           deadline_s: float | None) -> tuple[bytes, dict[str, str]]:
+           deadline_s: float | None) -> CloudEvent:
     kind = incoming.type
     failed_type = p.COMPLETION_FAILED if kind == p.COMPLETION_REQUESTED else p.WORKER_FAILED
     try:
@@ -361,12 +367,11 @@ def _reply(incoming: events.IncomingEvent, actuator: Actuator, plane: DataPlane,
             reply_type, payload = p.WORKER_READY_EVENT, actuator.describe(model).as_dict()
         else:
             reply_type, payload = p.WORKER_RELEASED, actuator.release(model).as_dict()
-        body, headers = events.reply_to(incoming, reply_type, p.EVENT_SOURCE, payload, subject=model)
+        return events.reply_event(incoming, reply_type, p.EVENT_SOURCE, payload, subject=model)
     except ApiError as err:
         if p.is_transient(err.status):
             raise  # no reply event: the broker retries
-        body, headers = events.reply_to(incoming, failed_type, p.EVENT_SOURCE, err.envelope())
-    return body, headers
+        return events.reply_event(incoming, failed_type, p.EVENT_SOURCE, err.envelope())
 
 
 def shutdown_all(timeout: float) -> None:
