@@ -118,8 +118,8 @@ def go_parse_bool(text: str | None) -> bool:
     return text in ("1", "t", "T", "TRUE", "true", "True")
 
 
-def _hung_up(conn: socket.socket) -> bool:
-    """The producer closed its side (Go's request context is cancelled then)."""
+def client_hung_up(conn: socket.socket) -> bool:
+    """The client closed its side of this server connection (Go cancels the request's context then)."""
     try:
         readable, _, _ = select.select([conn], [], [], 0)
         return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
@@ -367,7 +367,7 @@ class SimulatedBroker:
                 return results.get(timeout=0.02)
             except queue.Empty:
                 pass
-            if producer is not None and _hung_up(producer):
+            if producer is not None and client_hung_up(producer):
                 cancel.set()
                 return None
             if cancel.is_set():

@@ -24,20 +24,13 @@ The server behind it is any URL (a real event log, a real requester).
 from __future__ import annotations
 
 import http.client
-import select
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-
-def _client_gone(conn: socket.socket) -> bool:
-    try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
+from broker_sim import client_hung_up
 
 
 class ColdService:
@@ -96,7 +89,7 @@ class ColdService:
                 self._ready_at = now + self.start_delay_s
             self._last_request = now
             while True:
-                if _client_gone(client):
+                if client_hung_up(client):
                     self.dropped += 1
                     return None
                 if time.monotonic() >= self._ready_at:

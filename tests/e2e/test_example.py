@@ -21,6 +21,8 @@ import pytest
 import yaml
 from targets import Target, make_target
 
+from conftest import wait_for
+
 pytestmark = [pytest.mark.process, pytest.mark.e2e]
 
 MODEL = "smollm2-135m-instruct"
@@ -80,15 +82,6 @@ def admin(target: Target, method: str, path: str, **kw: Any) -> httpx.Response:
 def state(target: Target, model: str) -> dict:
     data = admin(target, "GET", "/v1/workers").json()["data"]
     return next(w for w in data if w["model"] == model)
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_the_deployed_requester_is_ready_and_serves_the_example_model(target: Target):
