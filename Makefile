@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: wait-sinkbinding e2e doctor run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
+.PHONY: wait-sinkbinding e2e doctor functions run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -64,6 +64,11 @@ clean:
 e2e: prepare
 	FMA_E2E=1 E2E_REGISTRY="$(REGISTRY)" E2E_TAG="$(or $(TAG),latest)" E2E_OVERLAY="$(or $(E2E_OVERLAY),knative/overlays/cpu)" \
 	  $(BIN)/python -m pytest -s -q tests/e2e $(PYTEST_ARGS)
+
+# The requester function built as knative/func's host builder builds it (its scaffold, a fresh venv,
+# pip install . --target lib from the package registry) and served by func-python (tests/test_function_build.py).
+functions: prepare
+	FMA_FUNCTIONS=1 $(BIN)/python -m pytest -s -q tests/test_function_build.py $(PYTEST_ARGS)
 
 # The fuzz of both services from their /openapi.json, long: 200 examples per operation (make test runs 6).
 fuzz: $(STAMP)

@@ -65,8 +65,10 @@ def no_stray_processes() -> Iterator[None]:
     assert not stray, f"processes left running by the tests (now killed): {stray}"
 
 
-# The end-to-end suite deploys the whole example (minutes): `make e2e` runs it (FMA_E2E=1), `make test` does not.
-collect_ignore_glob = [] if os.environ.get("FMA_E2E") else ["e2e/*"]
+# The end-to-end suite deploys the whole example (minutes): `make e2e` runs it (FMA_E2E=1), `make test` does not;
+# nor the functions built as func's host builder builds them, from the package registry (`make functions`).
+collect_ignore_glob = ([] if os.environ.get("FMA_E2E") else ["e2e/*"]) + \
+    ([] if os.environ.get("FMA_FUNCTIONS") else ["test_function_build.py"])
 
 @pytest.fixture(scope="session")
 def converted_model_dir() -> Path:

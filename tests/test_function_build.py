@@ -1,0 +1,123 @@
+"""The requester function built as knative/func's host builder builds it, then served by func-python.
+
+The steps are knative/func's (``pkg/oci/python_builder.go`` at c18d604): the scaffolding
+``templates/python/scaffolding/instanced-http`` (vendored in tests/data/knative-func-c18d604/) written beside the
+function, with ``f`` linking the function's folder; a fresh virtual environment with nothing of this project;
+``pip install --upgrade pip`` and ``pip install . --target lib`` (func-python and the function's own
+dependencies from the package registry); then ``python service/main.py`` with only ``lib`` on its path, as the
+image runs it. The requester runs in knative mode against the fake API server and the Knative simulator, whose
+pods are real worker processes with the embedded model: a cold start, a completion, a stream and a chat, through
+func-python's hypercorn and the WSGI bridge.
+
+Run by ``make functions`` (it installs from the registry, about 30 s with a warm pip cache), not ``make test``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from knative_sim import SimulatedKnative
+from kube_fake import FakeKube, load_role
+from test_knative import NS, RBAC
+
+from conftest import EMBEDDED, REPO, free_port
+
+pytestmark = [pytest.mark.process, pytest.mark.functions]
+
+SCAFFOLD = REPO / "tests/data/knative-func-c18d604/scaffolding/instanced-http"
+
+
+def host_build(function: Path, into: Path) -> Path:
+    """The host builder's steps; returns the build folder (its lib/ holds everything the image runs)."""
+    build = into / ".func" / "build"
+    shutil.copytree(SCAFFOLD, build)
+    (build / "f").symlink_to(function, target_is_directory=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(build / ".venv")], check=True, timeout=120)
+    python = build / ".venv" / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "pip"], check=True,
+                   timeout=300)
+    pip = build / ".venv" / "bin" / "pip"
+    subprocess.run([str(pip), "install", "-q", "--upgrade", "pip"], cwd=build, check=True, timeout=300)
+    subprocess.run([str(pip), "install", "-q", ".", "--target", "lib"], cwd=build, check=True, timeout=900)
+    return build
+
+
+def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_path: Path,
+                                                                         converted_model_dir: Path):
+    t0 = time.monotonic()
+    build = host_build(REPO / "functions" / "requester", tmp_path)
+    lib = build / "lib"
+    print(f"host build in {time.monotonic() - t0:.1f} s")
+    for package in ("function", "fma_requester", "fma_common", "func_python", "service"):
+        assert (lib / package).is_dir(), f"{package} is in lib"
+    assert not (lib / "torch").exists() and not (lib / "gevent").exists(), "the requester needs neither"
+
+    kube = FakeKube(role=load_role(*RBAC)).start()
+    sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10)
+    proc = None
+    try:
+        kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                         "metadata": {"name": "fma-requester", "namespace": NS}, "spec": {}})
+        kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fma-keys", "namespace": NS},
+                         "data": {"worker-token": base64.b64encode(b"t").decode()}}, plural="secrets")
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
+            "users": [{"name": "fma", "user": {"token": "not-a-secret"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fma", "namespace": NS}}]}))
+        models = tmp_path / "models.yaml"
+        models.write_text(f"models:\n  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32, "
+                          "knative: {gpus: 0}}\n")
+        port = free_port()
+        # Only lib on the path, and the image's command; the environment is what func.yaml's run.envs and the
+        # cluster would give it (here: the fake API server and the shipped worker template).
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(lib),
+               "LISTEN_ADDRESS": f"127.0.0.1:{port}", "FMA_ACTUATOR": "knative", "KUBECONFIG": str(kubeconfig),
+               "FMA_NAMESPACE": NS, "FMA_MODELS": str(models), "FMA_WORKER_TOKEN": "t",
+               "FMA_WORKER_TEMPLATE": str(REPO / "knative" / "base" / "worker-template.yaml"),
+               "FMA_STREAM_KEEPALIVE": "0.5s"}
+        log = (tmp_path / "function.log").open("w")
+        proc = subprocess.Popen([str(build / ".venv" / "bin" / "python"), "service/main.py"], cwd=build, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail((tmp_path / "function.log").read_text()[-3000:])
+        assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok", "the app's own probe, not func's"
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+        started = time.monotonic()
+        first = client.completions.create(model=EMBEDDED, prompt="Once upon a time", max_tokens=8, temperature=0)
+        print(f"cold start and completion through func-python in {time.monotonic() - started:.1f} s")
+        assert first.choices[0].text
+        chunks = list(client.completions.create(model=EMBEDDED, prompt="Hello", max_tokens=8, stream=True))
+        assert len(chunks) >= 2 and "".join(c.choices[0].text for c in chunks if c.choices)
+        chat = client.chat.completions.create(model=EMBEDDED, temperature=0, max_tokens=30, messages=[
+            {"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
+        assert "Paris" in chat.choices[0].message.content
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        sim.stop()
+        kube.stop()
