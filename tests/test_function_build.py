@@ -7,7 +7,8 @@ function, with ``f`` linking the function's folder; a fresh virtual environment 
 dependencies from the package registry); then ``python service/main.py`` with only ``lib`` on its path, as the
 image runs it. The requester runs in knative mode against the fake API server and the Knative simulator, whose
 pods are real worker processes with the embedded model: a cold start, a completion, a stream and a chat, through
-func-python's hypercorn and the WSGI bridge.
+func-python's hypercorn and the WSGI bridge. The worker function, built the same way, serves the converted model
+from a folder (``path:``: a function image embeds no model) a completion, and sleeps and wakes.
 
 Run by ``make functions`` (it installs from the registry, about 30 s with a warm pip cache), not ``make test``.
 """
@@ -121,3 +122,50 @@ def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_
                 proc.kill()
         sim.stop()
         kube.stop()
+
+
+def start_function(build: Path, env: dict[str, str], tmp_path: Path, name: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = (tmp_path / f"{name}.log").open("w")
+    proc = subprocess.Popen([str(build / ".venv" / "bin" / "python"), "service/main.py"], cwd=build,
+                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(build / "lib"),
+                                 "LISTEN_ADDRESS": f"127.0.0.1:{port}", **env},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_the_worker_built_by_the_host_builder_serves_and_sleeps_through_func_python(tmp_path: Path,
+                                                                                 converted_model_dir: Path):
+    t0 = time.monotonic()
+    build = host_build(REPO / "functions" / "worker", tmp_path)
+    print(f"worker host build in {time.monotonic() - t0:.1f} s")
+    assert (build / "lib" / "fma_worker").is_dir() and (build / "lib" / "torch").is_dir()
+    proc, url = start_function(build, {"FMA_MODEL": EMBEDDED, "FMA_MODEL_SOURCE": f"path:{converted_model_dir}",
+                                       "FMA_DTYPE": "float32", "FMA_DEVICE": "cpu"}, tmp_path, "worker")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail((tmp_path / "worker.log").read_text()[-3000:])
+        print(f"worker function ready {time.monotonic() - t0:.1f} s after the build began")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        done = client.completions.create(model=EMBEDDED, prompt="Once upon a time", max_tokens=8, temperature=0)
+        assert done.choices[0].text
+        assert httpx.post(f"{url}/sleep", params={"level": 1}, timeout=60).status_code == 200
+        assert httpx.get(f"{url}/is_sleeping", timeout=10).json()["is_sleeping"] is True
+        assert httpx.get(f"{url}/health/readiness", timeout=10).status_code == 200, "asleep, still loaded"
+        assert httpx.post(f"{url}/wake_up", timeout=60).status_code == 200
+        again = client.completions.create(model=EMBEDDED, prompt="Once upon a time", max_tokens=8, temperature=0)
+        assert again.choices[0].text == done.choices[0].text, "woken, the same weights"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
