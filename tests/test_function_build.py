@@ -113,6 +113,51 @@ def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_
         chat = client.chat.completions.create(model=EMBEDDED, temperature=0, max_tokens=30, messages=[
             {"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
         assert "Paris" in chat.choices[0].message.content
+
+        # Eight streams at once through func-python: none waits for another to start.
+        def stream(out: list[float]) -> None:
+            t = time.monotonic()
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+                    "model": EMBEDDED, "prompt": "Tell me a story", "max_tokens": 24, "stream": True}) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        out.append(time.monotonic() - t)
+            out.append(time.monotonic() - t)
+
+        import threading
+
+        results: list[list[float]] = [[] for _ in range(8)]
+        threads = [threading.Thread(target=stream, args=(r,)) for r in results]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(180)
+        firsts = sorted(r[0] for r in results)
+        shortest = min(r[-1] for r in results)
+        print(f"8 streams through func-python: first tokens {[round(f, 2) for f in firsts]} s, "
+              f"the shortest stream {shortest:.2f} s")
+        assert firsts[-1] < shortest, "every stream had its first token before any stream ended"
+
+        # A client that leaves mid-stream: the requester closes its upstream stream, the worker frees the row.
+        (pod,) = sim.live_pods(f"fma-worker-{EMBEDDED}")
+
+        def in_flight() -> float:
+            text = httpx.get(f"{pod.url}/metrics", timeout=10).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("fma_worker_in_flight{"))
+
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+                "model": EMBEDDED, "prompt": "Tell me a long story", "max_tokens": 1500, "stream": True}) as resp:
+            seen = 0
+            for line in resp.iter_lines():
+                seen += line.startswith("data: {")
+                if seen >= 3:
+                    break
+        left = time.monotonic()
+        while in_flight() and time.monotonic() - left < 20:
+            time.sleep(0.1)
+        print(f"a stream left after 3 tokens: its worker row freed {time.monotonic() - left:.2f} s later")
+        assert in_flight() == 0, "freed long before 1500 tokens"
     finally:
         if proc is not None:
             proc.terminate()
