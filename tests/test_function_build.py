@@ -158,6 +158,38 @@ def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_
             time.sleep(0.1)
         print(f"a stream left after 3 tokens: its worker row freed {time.monotonic() - left:.2f} s later")
         assert in_flight() == 0, "freed long before 1500 tokens"
+
+        # SIGTERM with streams open: each ends with [DONE] or an error event, never cut without a word.
+        import signal
+
+        ends: list[list[str]] = [[] for _ in range(3)]
+        started = [threading.Event() for _ in range(3)]
+
+        def long_stream(i: int) -> None:
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+                        "model": EMBEDDED, "prompt": "Tell me a long story", "max_tokens": 1500,
+                        "stream": True, "logit_bias": {"2": -100}}) as resp:  # no end-of-text: it runs long
+                    for line in resp.iter_lines():
+                        if line.startswith("data: "):
+                            ends[i].append(line)
+                            started[i].set()
+            except httpx.HTTPError as exc:
+                ends[i].append(f"transport error: {exc}")
+                started[i].set()
+
+        threads = [threading.Thread(target=long_stream, args=(i,)) for i in range(3)]
+        for th in threads:
+            th.start()
+        assert all(e.wait(60) for e in started)
+        proc.send_signal(signal.SIGTERM)
+        for th in threads:
+            th.join(60)
+        last = [lines[-1] for lines in ends]
+        print(f"SIGTERM with 3 streams open, their last lines: {[line[:80] for line in last]}")
+        assert all(line == "data: [DONE]" or '"shutting_down"' in line for line in last), last
+        assert any('"shutting_down"' in line for line in last), "1500 tokens outlast the 3 s grace: said so"
+        assert proc.wait(30) == 0
     finally:
         if proc is not None:
             proc.terminate()

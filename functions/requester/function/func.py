@@ -38,7 +38,43 @@ class Requester:
         # them; the requester's own admission (max_queue per model) answers 429 before they run out.
         self.threads = int(dict(cfg).get("FMA_FUNCTION_THREADS", "256"))
         self.bridge = WsgiBridge(self.app.wsgi_app, threads=self.threads, max_body=settings.max_body_bytes)
+        self._drain_on_sigterm()
         log.info("requester function started (%s actuator, %d threads)", settings.actuator, self.threads)
+
+    def _drain_on_sigterm(self) -> None:
+        """On SIGTERM func-python's hypercorn stops accepting, waits its ``graceful_timeout`` (3 s) and cancels what
+        is left: a stream cut there ends with neither ``[DONE]`` nor an error. So the requester's drain starts with
+        the signal, with that grace as its deadline, and its relayed streams end themselves with a
+        ``shutting_down`` error event before it (fma_requester/drain.py), as under gunicorn.
+
+        func-python installs its SIGTERM handler on the event loop before the server starts us (start runs in the
+        lifespan startup, on that loop); ours is put in front of it and then calls it. asyncio keeps a loop's
+        handlers in ``_signal_handlers`` (CPython's unix_events.py); without it the drain is not wired (logged)."""
+        import asyncio
+        import signal
+
+        from fma_requester import drain
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not under an ASGI server's loop (a test calling start() directly)
+        try:
+            from hypercorn.config import Config
+
+            grace = float(Config().graceful_timeout)
+        except ImportError:
+            grace = 3.0
+        previous = getattr(loop, "_signal_handlers", {}).get(signal.SIGTERM)
+        if previous is None:
+            log.warning("no SIGTERM handler on the server's loop: streams open at shutdown end without an event")
+            return
+
+        def on_sigterm() -> None:
+            drain.begin(grace)
+            previous._run()  # func-python's own: stop the server
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self.bridge is None:
