@@ -65,10 +65,12 @@ e2e: prepare
 	FMA_E2E=1 E2E_REGISTRY="$(REGISTRY)" E2E_TAG="$(or $(TAG),latest)" E2E_OVERLAY="$(or $(E2E_OVERLAY),knative/overlays/cpu)" \
 	  $(BIN)/python -m pytest -s -q tests/e2e $(PYTEST_ARGS)
 
-# The requester function built as knative/func's host builder builds it (its scaffold, a fresh venv,
-# pip install . --target lib from the package registry) and served by func-python (tests/test_function_build.py).
+# The functions: the requester's instance in process (tests/test_requester_function.py), then both built as
+# knative/func's host builder builds them (its scaffold, a fresh venv, pip install . --target lib from the package
+# registry) and served by func-python (tests/test_function_build.py). About 3 minutes; not part of make test.
 functions: prepare
-	FMA_FUNCTIONS=1 $(BIN)/python -m pytest -s -q tests/test_function_build.py $(PYTEST_ARGS)
+	FMA_FUNCTIONS=1 $(BIN)/python -m pytest -s -q tests/test_requester_function.py tests/test_function_build.py \
+	  $(PYTEST_ARGS)
 
 # The fuzz of both services from their /openapi.json, long: 200 examples per operation (make test runs 6).
 fuzz: $(STAMP)
