@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: wait-sinkbinding e2e doctor functions run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
+.PHONY: wait-sinkbinding e2e doctor functions cold-subscriber run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -64,6 +64,11 @@ clean:
 e2e: prepare
 	FMA_E2E=1 E2E_REGISTRY="$(REGISTRY)" E2E_TAG="$(or $(TAG),latest)" E2E_OVERLAY="$(or $(E2E_OVERLAY),knative/overlays/cpu)" \
 	  $(BIN)/python -m pytest -s -q tests/e2e $(PYTEST_ARGS)
+
+# Lifecycle events and completions through a synchronous and an asynchronous Broker channel to a cold subscriber
+# (tests/test_cold_subscriber.py): about a minute of real cold starts, so not part of make test (CI time).
+cold-subscriber: prepare
+	FMA_COLD_SUBSCRIBER=1 $(BIN)/python -m pytest -s -q tests/test_cold_subscriber.py $(PYTEST_ARGS)
 
 # The functions: the requester's instance in process (tests/test_requester_function.py), then both built as
 # knative/func's host builder builds them (its scaffold, a fresh venv, pip install . --target lib from the package

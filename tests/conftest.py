@@ -68,7 +68,8 @@ def no_stray_processes() -> Iterator[None]:
 # The end-to-end suite deploys the whole example (minutes): `make e2e` runs it (FMA_E2E=1), `make test` does not;
 # nor the functions built as func's host builder builds them, from the package registry (`make functions`).
 collect_ignore_glob = ([] if os.environ.get("FMA_E2E") else ["e2e/*"]) + \
-    ([] if os.environ.get("FMA_FUNCTIONS") else ["test_function_build.py", "test_requester_function.py"])
+    ([] if os.environ.get("FMA_FUNCTIONS") else ["test_function_build.py", "test_requester_function.py"]) + \
+    ([] if os.environ.get("FMA_COLD_SUBSCRIBER") else ["test_cold_subscriber.py"])  # make cold-subscriber, ~1 min
 
 @pytest.fixture(scope="session")
 def converted_model_dir() -> Path:
