@@ -610,3 +610,17 @@ class FakeKube:
             h.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+
+def write_kubeconfig(path: Path, server: str, *, namespace: str | None = None, token: str = "not-a-secret",
+                     user: str = "fma") -> Path:
+    """A kubeconfig for one cluster and one bearer token (what the tests hand the real kubernetes client)."""
+    context: dict[str, Any] = {"cluster": "fake", "user": user}
+    if namespace:
+        context["namespace"] = namespace
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "fake", "context": context}]}))
+    return path

@@ -52,7 +52,7 @@ def scope(path: str, body_len: int | None = None, query: bytes = b"") -> dict[st
             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 1)}
 
 
-async def call(bridge: WsgiBridge, sc: dict[str, Any], body: bytes = b"", *, disconnect_after: int | None = None
+async def call(bridge: Any, sc: dict[str, Any], body: bytes = b"", *, disconnect_after: int | None = None
                ) -> tuple[int, list[tuple[float, bytes]]]:
     """Run one request; with ``disconnect_after`` the client goes away after that many body chunks."""
     sent: list[tuple[float, bytes]] = []

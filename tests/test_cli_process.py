@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube_fake import FakeKube
+from kube_fake import FakeKube, write_kubeconfig
 
 from conftest import EMBEDDED, Requester, free_port, requester, worker_state
 
@@ -209,11 +209,7 @@ def test_kn_plugin_finds_the_requester_through_the_cluster(shared: Requester, tm
                          "metadata": {"name": "fma-requester", "namespace": "llm"}, "spec": {},
                          "status": {"url": shared.spi}})
         kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
-            "users": [{"name": "me", "user": {"token": "t"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me", "namespace": "llm"}}]}))
+        write_kubeconfig(kubeconfig, kube.url, namespace="llm", token="t", user="me")
         env = {"KUBECONFIG": str(kubeconfig)}
         found = run("models", "-o", "json", exe=KN_FMA, env=env)
         assert found.returncode == 0, found.stderr

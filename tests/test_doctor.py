@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kube_fake import CLUSTER, CRDS, FakeKube, load_role
+from kube_fake import CLUSTER, CRDS, FakeKube, load_role, write_kubeconfig
 from test_manifests import by_kind, render
 
 from conftest import REPO
@@ -52,11 +52,7 @@ class Cluster:
     def __init__(self, tmp_path: Path) -> None:
         self.kube = FakeKube().start()
         self.kubeconfig = tmp_path / "kubeconfig"
-        self.kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "admin",
-            "clusters": [{"name": "fake", "cluster": {"server": self.kube.url}}],
-            "users": [{"name": "admin", "user": {"token": "admin-token"}}],
-            "contexts": [{"name": "admin", "context": {"cluster": "fake", "user": "admin", "namespace": NS}}]}))
+        write_kubeconfig(self.kubeconfig, self.kube.url, namespace=NS, token="admin-token", user="admin")
         self.install()
 
     def install(self) -> None:
@@ -251,11 +247,7 @@ def test_no_eventing_skips_the_eventing_checks(cluster: Cluster):
 
 def test_an_unreachable_cluster_is_a_clear_failure_not_a_traceback(tmp_path: Path):
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "x",
-        "clusters": [{"name": "x", "cluster": {"server": "http://127.0.0.1:9"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "x", "context": {"cluster": "x", "user": "u"}}]}))
+    write_kubeconfig(kubeconfig, "http://127.0.0.1:9", token="t", user="u")
     out = subprocess.run([sys.executable, "-m", "fma_cli.main", "doctor"], capture_output=True, text=True,
                          env={**os.environ, "KUBECONFIG": str(kubeconfig)}, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr

@@ -21,7 +21,7 @@ from broker_sim import SimulatedBroker
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event
 from cloudevents.core.v1.event import CloudEvent
 from eventing_webhook import errors as webhook_errors
-from kube_fake import FakeKube, load_role
+from kube_fake import FakeKube, load_role, write_kubeconfig
 from test_events import closed_port
 from test_manifests import by_kind, render
 
@@ -192,11 +192,7 @@ def test_the_broker_path_end_to_end_with_the_example_manifests(tmp_path: Path, t
     kube = FakeKube(role=load_role(REPO / "knative/base/role.yaml", REPO / "knative/base/tokenreview-rbac.yaml"))
     kube.start()
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
-        "users": [{"name": "fma", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fma", "namespace": "fma-example"}}]}))
+    write_kubeconfig(kubeconfig, kube.url, namespace="fma-example")
     auth_env = {"FMA_API_KEYS": "infer-key", "FMA_ADMIN_KEYS": "admin-key", "KUBECONFIG": str(kubeconfig),
                 "FMA_EVENTS_OIDC_AUDIENCE": env["FMA_EVENTS_OIDC_AUDIENCE"],
                 "FMA_EVENTS_OIDC_SUBJECTS": env["FMA_EVENTS_OIDC_SUBJECTS"].replace("$(POD_NAMESPACE)", "fma-example")}

@@ -26,9 +26,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 from knative_sim import SimulatedKnative
-from kube_fake import FakeKube, load_role
+from kube_fake import FakeKube, load_role, write_kubeconfig
 from test_knative import NS, RBAC
 
 from conftest import EMBEDDED, REPO, free_port
@@ -72,11 +71,7 @@ def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_
         kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fma-keys", "namespace": NS},
                          "data": {"worker-token": base64.b64encode(b"t").decode()}}, plural="secrets")
         kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
-            "users": [{"name": "fma", "user": {"token": "not-a-secret"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fma", "namespace": NS}}]}))
+        write_kubeconfig(kubeconfig, kube.url, namespace=NS)
         models = tmp_path / "models.yaml"
         models.write_text(f"models:\n  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32, "
                           "knative: {gpus: 0}}\n")

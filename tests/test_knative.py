@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from knative_sim import SimulatedKnative
 from knative_webhook import ClusterConfig
-from kube_fake import FakeKube, load_role
+from kube_fake import FakeKube, load_role, write_kubeconfig
 from kubernetes import client
 
 from conftest import EMBEDDED, REPO
@@ -579,11 +579,7 @@ def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kub
 
     sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10)
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
-        "users": [{"name": "fma", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fma", "namespace": NS}}]}))
+    write_kubeconfig(kubeconfig, kube.url, namespace=NS)
     models = tmp_path / "models.yaml"
     # No GPU here: the model asks for none (a worker given one it cannot see would refuse to start).
     models.write_text(f"models:\n  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', dtype: float32, "
@@ -637,12 +633,6 @@ def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kub
                 assert rss_kib < 150 * 1024, f"requester process {pid} uses {rss_kib} KiB in knative mode"
     finally:
         sim.stop()
-
-
-def yaml_dump(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data)
 
 
 def test_lifecycle_events_reach_k_sink_as_cloudevents(kube: FakeKube, sim: SimulatedKnative):

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from knative_sim import DRAIN_S, PA_REENQUEUE_S, SimulatedKnative
 from knative_webhook import ClusterConfig
-from kube_fake import FakeKube, load_role
+from kube_fake import FakeKube, load_role, write_kubeconfig
 from test_knative import NS, RBAC
 
 from conftest import REPO, Requester, requester, wait_for
@@ -51,11 +51,7 @@ class Cluster:
         self.template = tmp_path / "worker-template.yaml"
         self.template.write_text(yaml.safe_dump({**shipped, **template}))
         self.kubeconfig = tmp_path / "kubeconfig"
-        self.kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.kube.url}}],
-            "users": [{"name": "fma", "user": {"token": "not-a-secret"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fma", "namespace": NS}}]}))
+        write_kubeconfig(self.kubeconfig, self.kube.url, namespace=NS)
         self.runs = 0
 
     @contextmanager

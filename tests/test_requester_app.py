@@ -473,20 +473,16 @@ def deadline_client(fake: FakeActuator, deadline: str):
 
 def test_an_event_still_waiting_for_its_worker_at_its_deadline_fails_permanently(fake):
     """Not a 503 (the Broker would deliver it again and wait again): completion.failed, deadline_exceeded."""
-    fake.gate.clear()  # the worker never becomes ready
-    started = time.monotonic()
+    fake.gate.clear()  # the worker never becomes ready: without the deadline this would wait until the test's timeout
     resp = completion_event(deadline_client(fake, "1s"))
-    assert 1.0 <= time.monotonic() - started < 5
     assert resp.status_code == 200 and resp.headers["ce-type"] == "ai.llm-d.fma.completion.failed"
     assert resp.get_json()["error"]["code"] == "deadline_exceeded"
 
 
 def test_an_event_whose_worker_is_still_generating_at_its_deadline_fails_permanently(fake, worker):
-    worker.delay_s = 3.0
-    started = time.monotonic()
+    worker.delay_s = 10.0  # it would answer with a success after 10 s: the failed reply says the deadline cut it
     resp = completion_event(deadline_client(fake, "1s"))
-    assert 1.0 <= time.monotonic() - started < 2.9, "cut at the deadline, not when the worker answered"
-    assert resp.headers["ce-type"] == "ai.llm-d.fma.completion.failed"
+    assert resp.headers["ce-type"] == "ai.llm-d.fma.completion.failed", "cut at the deadline, not the answer"
     assert resp.get_json()["error"]["code"] == "deadline_exceeded"
     assert ("unreachable", "model-b") not in fake.calls, "a busy worker is not probed as if it hung"
 

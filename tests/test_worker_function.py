@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_asgi_wsgi import call, scope
 
 from conftest import REPO
 
@@ -36,30 +37,11 @@ def load_function(name: str) -> Any:
 
 async def request(instance: Any, method: str, path: str, body: dict | None = None, *,
                   leave_after: int | None = None, query: bytes = b"") -> tuple[int, bytes]:
+    """One request through the instance's ASGI handle, as func-python's server delivers it (test_asgi_wsgi.call)."""
     raw = json.dumps(body).encode() if body is not None else b""
-    scope = {"type": "http", "method": method, "path": path, "query_string": query, "http_version": "1.1",
-             "scheme": "http", "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 1),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]}
-    status, chunks, gone, first = 0, [], asyncio.Event(), [True]
-
-    async def receive() -> dict[str, Any]:
-        if first[0]:
-            first[0] = False
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message.get("body"):
-            chunks.append(message["body"])
-            if leave_after is not None and len(chunks) >= leave_after:
-                gone.set()
-
-    await instance.handle(scope, receive, send)
-    return status, b"".join(chunks)
+    sc = {**scope(path, len(raw), query), "method": method}
+    status, chunks = await call(instance.handle, sc, raw, disconnect_after=leave_after)
+    return status, b"".join(chunk for _, chunk in chunks)
 
 
 @pytest.fixture()

@@ -59,7 +59,7 @@ def kube_client(kubeconfig: Path) -> Any:
 class Target:
     ns: str
     url: str
-    broker_url: str | None
+    broker_url: str
     api_key: str
     admin_key: str
     kubeconfig: Path
@@ -137,13 +137,10 @@ class SimTarget(Target):
                                                                        "RoutesReady")]})
 
     def _kubeconfig(self, user: str, token: str) -> Path:
-        path = self.dir / f"kubeconfig-{user}"
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "sim",
-            "clusters": [{"name": "sim", "cluster": {"server": self.kube.url}}],
-            "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "sim", "context": {"cluster": "sim", "user": user, "namespace": "fma-example"}}]}))
-        return path
+        from kube_fake import write_kubeconfig
+
+        return write_kubeconfig(self.dir / f"kubeconfig-{user}", self.kube.url, namespace="fma-example", token=token,
+                                user=user)
 
     def _apply(self, docs: list[dict[str, Any]]) -> None:
         """What `make deploy` applies, as far as the fake API server serves it; and the Secret it creates."""
@@ -233,7 +230,7 @@ class SimTarget(Target):
             "KUBECONFIG": str(self._kubeconfig("fma-requester", "requester-sa-token")),
             "FMA_NAMESPACE": self.ns, "FMA_BIND": f"127.0.0.1:{port}", "PORT": str(port),
             # The SinkBinding's webhook (sinkbinding_lifecycle.go, Do): the Broker's address and the overrides.
-            "K_SINK": self.broker_url or "", "K_CE_OVERRIDES": json.dumps({"extensions": binding["spec"]
+            "K_SINK": self.broker_url, "K_CE_OVERRIDES": json.dumps({"extensions": binding["spec"]
                                                                          ["ceOverrides"]["extensions"]}),
             "K_SERVICE": "fma-requester",
         })

@@ -137,8 +137,6 @@ def test_a_release_scales_the_worker_to_zero(target: Target):
 
 
 def test_a_cloudevent_through_the_broker_warms_the_model(target: Target):
-    if target.broker_url is None:
-        pytest.skip("no Broker")
     from cloudevents.core.bindings.http import to_binary_event
     from cloudevents.core.v1.event import CloudEvent
 

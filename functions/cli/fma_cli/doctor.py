@@ -143,15 +143,6 @@ def _patch_cm(name: str, namespace: str, key: str, value: str) -> str:
             f"-p '{json.dumps({'data': {key: value}})}'")
 
 
-def _go_seconds(text: str) -> float | None:
-    from fma_requester.knative_spec import parse_go_duration
-
-    try:
-        return parse_go_duration(text)
-    except ValueError:
-        return None
-
-
 # ---- the checks ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -163,6 +154,7 @@ class Deployment:
     models: Any  # a ModelRegistry, or None when the ConfigMap is missing or unreadable
     template: Any  # a WorkerTemplate, or None
     problem: str | None = None
+    image_set: bool = False  # the worker template names an image (else workers follow the requester's)
 
     @property
     def shared_gpu(self) -> bool:
@@ -188,7 +180,7 @@ def load_deployment(cluster: Cluster, namespace: str) -> Deployment:
         template = WorkerTemplate(namespace=namespace, **fields)
     except Exception as exc:  # a bad file is what this check reports, whatever it raised
         return Deployment(namespace, requester, None, None, f"{CONFIG_MAP} does not parse: {exc}")
-    return Deployment(namespace, requester, models, template)
+    return Deployment(namespace, requester, models, template, image_set="image" in fields)
 
 
 def check_serving(cluster: Cluster) -> list[Check]:
@@ -426,8 +418,7 @@ def check_images(cluster: Cluster, dep: Deployment) -> list[Check]:
 
     containers = dep.requester_spec().get("containers") or [{}]
     image = containers[0].get("image") or "?"
-    worker_image = (dep.template.image if dep.template and "image" in _explicit_template(cluster, dep) else
-                    worker_image_for(image))
+    worker_image = dep.template.image if dep.template and dep.image_set else worker_image_for(image)
     failing = []
     for selector in (f"serving.knative.dev/service={REQUESTER}", "app.kubernetes.io/managed-by=fma-requester"):
         for pod in cluster.list("", "v1", "pods", dep.namespace, selector):
@@ -441,11 +432,6 @@ def check_images(cluster: Cluster, dep: Deployment) -> list[Check]:
                       "push the images (make images REGISTRY=...) and deploy with the same REGISTRY and TAG, or add "
                       "an imagePullSecret to the fma-requester ServiceAccount")]
     return [Check("images", PASS, f"requester {image}, workers {worker_image}: no pod failing to pull them")]
-
-
-def _explicit_template(cluster: Cluster, dep: Deployment) -> dict:
-    cm = cluster.get("", "v1", "configmaps", CONFIG_MAP, dep.namespace)
-    return yaml.safe_load(_data(cm).get("worker-template.yaml") or "") or {}
 
 
 def run_checks(cluster: Cluster, namespace: str, eventing: bool = True) -> list[Check]:

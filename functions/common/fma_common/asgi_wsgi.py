@@ -203,3 +203,17 @@ class WsgiBridge:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class BridgedFunction:
+    """The part of a func-python instance both services share: ``handle`` serves ``self.bridge`` once ``start`` has
+    built it; a request before that (func-python calls ``start`` first) is a 503 with Retry-After, not a crash."""
+
+    bridge: WsgiBridge | None = None
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.bridge is None:
+            await send({"type": "http.response.start", "status": 503, "headers": [(b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": b"starting\n"})
+            return
+        await self.bridge(scope, receive, send)

@@ -16,12 +16,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from fma_common.asgi_wsgi import BridgedFunction
+
 log = logging.getLogger("fma.requester.function")
 
 
-class Requester:
+class Requester(BridgedFunction):
     def __init__(self) -> None:
-        self.bridge: Any = None
         self.app: Any = None
         self.drain_timeout_s = 30.0
         self.threads = 256
@@ -75,13 +76,6 @@ class Requester:
             previous._run()  # func-python's own: stop the server
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-
-    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if self.bridge is None:
-            await send({"type": "http.response.start", "status": 503, "headers": [(b"retry-after", b"1")]})
-            await send({"type": "http.response.body", "body": b"starting\n"})
-            return
-        await self.bridge(scope, receive, send)
 
     def stop(self) -> None:
         from fma_requester.app import shutdown_all

@@ -14,12 +14,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from fma_common.asgi_wsgi import BridgedFunction
+
 log = logging.getLogger("fma.worker.function")
 
 
-class Worker:
+class Worker(BridgedFunction):
     def __init__(self) -> None:
-        self.bridge: Any = None
         self.engine: Any = None
         self.drain_timeout_s = 60.0
 
@@ -36,13 +37,6 @@ class Worker:
         self.bridge = WsgiBridge(app.wsgi_app, threads=settings.worker_threads or 64,
                                  max_body=settings.max_body_bytes)
         log.info("worker function started for %s", settings.model)
-
-    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if self.bridge is None:  # func-python calls start() first; a request before it is a 503, not a crash
-            await send({"type": "http.response.start", "status": 503, "headers": [(b"retry-after", b"1")]})
-            await send({"type": "http.response.body", "body": b"starting\n"})
-            return
-        await self.bridge(scope, receive, send)
 
     def stop(self) -> None:
         """Drain what is in flight (up to FMA_GRACEFUL_TIMEOUT), then free the model."""
