@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_for
+from fma_common.wire import SamplingParams
 from fma_worker.engine import Engine
 from fma_worker.metrics import WorkerMetrics
-from fma_worker.protocol import SamplingParams
 from fma_worker.settings import WorkerSettings
 from fma_worker.text import StopTextTracker
 
@@ -192,6 +192,7 @@ def test_mixed_lengths_in_one_batch_match_generate_greedy(engine: Engine, refere
         assert text == engine.decode(out), (prompt[:30], max_tokens)
 
 
+@pytest.mark.slow
 def test_mixed_lengths_seeded_sampling_is_the_same_batched_as_alone(engine: Engine):
     jobs = [(p, SamplingParams(max_tokens=m, temperature=0.8, top_p=0.9, seed=100 + i, n=1 + i % 2))
             for i, (p, m) in enumerate(MIXED)]

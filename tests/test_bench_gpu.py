@@ -34,6 +34,7 @@ def test_wheels_are_unpacked_without_pip(tmp_path: Path):
 
 
 @pytest.mark.process
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path: Path):
     out = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--device", "cpu", "--size", "tiny",

@@ -29,6 +29,7 @@ def greedy(client: OpenAI, model: str) -> list[str]:
     return [*texts, chat.choices[0].message.content or ""]
 
 
+@pytest.mark.slow
 def test_a_forked_worker_with_prepared_parts_writes_what_a_fresh_process_writes(tmp_path: Path,
                                                                                 converted_model_dir: Path):
     models = tmp_path / "models.yaml"

@@ -16,6 +16,7 @@ Run by ``make functions`` (it installs from the registry, about 30 s with a warm
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -193,6 +194,50 @@ def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_
             except subprocess.TimeoutExpired:
                 proc.kill()
         sim.stop()
+        kube.stop()
+
+
+def test_the_requester_folder_alone_with_make_function_sources_builds_and_serves(tmp_path: Path):
+    """What the pack and s2i builders and on-cluster builds see: the function's folder and nothing beside it."""
+    tree = tmp_path / "tree" / "functions"
+    shutil.copytree(REPO / "functions" / "common", tree / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "functions" / "requester", tree / "requester",
+                    ignore=shutil.ignore_patterns("__pycache__", "fma_common"))
+    (tree / "worker").mkdir()  # the target fills both functions
+    subprocess.run(["make", "-s", "function-sources", f"FUNCTIONS={tree}"], cwd=REPO, check=True, timeout=60)
+    alone = tmp_path / "alone" / "requester"
+    shutil.copytree(tree / "requester", alone)
+    assert not (alone.parent / "common").exists()
+    build = host_build(alone, tmp_path / "alone")
+    assert (build / "lib" / "fma_common" / "wire.py").is_file()
+    assert not (build / "lib" / "fma_worker").exists(), "the wire types are shared code now"
+    kube = FakeKube(role=load_role(*RBAC)).start()
+    try:
+        kubeconfig = tmp_path / "kubeconfig"
+        write_kubeconfig(kubeconfig, kube.url, namespace=NS)
+        models = tmp_path / "models.yaml"
+        models.write_text(f"models:\n  - {{name: {EMBEDDED}, source: 'embedded:{EMBEDDED}', knative: {{gpus: 0}}}}\n")
+        proc, url = start_function(build, {
+            "FMA_ACTUATOR": "knative", "KUBECONFIG": str(kubeconfig), "FMA_NAMESPACE": NS, "FMA_MODELS": str(models),
+            "FMA_WORKER_TOKEN": "t", "FMA_WORKER_TEMPLATE": str(REPO / "knative" / "base" / "worker-template.yaml")},
+            tmp_path, "alone")
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            else:
+                pytest.fail((tmp_path / "alone.log").read_text()[-3000:])
+            assert [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]] == [EMBEDDED]
+            schema = httpx.get(f"{url}/openapi.json", timeout=10).json()
+            assert "CompletionRequest" in json.dumps(schema), "the wire types came with fma_common"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    finally:
         kube.stop()
 
 

@@ -5,12 +5,18 @@
   CLI accepts (``cmd/build.go``) though the schema's enum lists only pack and s2i.
 * Where a func.yaml and the kustomize manifests say the same thing (the requester's env, probes, scale,
   resources, ServiceAccount; a worker's env, probes and scale as the requester renders it), they agree.
+* The shared code a folder-alone build needs (pack, s2i, on-cluster): ``make function-sources`` copies it into
+  each function's folder, and a copy that differs from its source fails here (pack would ship the stale one).
 """
 
 from __future__ import annotations
 
 import copy
+import filecmp
 import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -112,3 +118,49 @@ def test_the_schema_is_funcs_own_unchanged():
     source = (REPO / "tests/data/knative-func-c18d604/SOURCE").read_text()
     assert "c18d6045a1b0cb6c2b411f03082ab9ed20ba90b3" in source
     assert SCHEMA["$ref"] == "#/definitions/Function" and "BuildSpec" in SCHEMA["definitions"]
+
+
+def differences(copy_dir: Path, source: Path) -> list[str]:
+    """Files that differ between a copy of a package and its source (bytecode caches aside)."""
+    def files(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    ours, theirs = files(copy_dir), files(source)
+    _, mismatch, errors = filecmp.cmpfiles(copy_dir, source, sorted(ours & theirs), shallow=False)
+    return sorted((ours ^ theirs) | set(mismatch) | set(errors))
+
+
+def test_both_functions_take_their_shared_code_from_one_build_hook():
+    hooks = [(REPO / "functions" / name / "hatch_build.py").read_text() for name in FUNCTIONS]
+    assert hooks[0] == hooks[1]
+    for name in FUNCTIONS:
+        pyproject = (REPO / "functions" / name / "pyproject.toml").read_text()
+        assert "[tool.hatch.build.targets.wheel.hooks.custom]" in pyproject
+        assert "force-include" not in pyproject and "fma_worker/protocol" not in pyproject, \
+            "the hook alone says where fma_common comes from"
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_a_copy_of_the_shared_code_in_a_function_folder_equals_its_source(name: str):
+    copied = REPO / "functions" / name / "fma_common"
+    if not copied.exists():
+        pytest.skip(f"no copy in functions/{name} (make function-sources makes one)")
+    assert differences(copied, REPO / "functions/common/fma_common") == [], \
+        f"functions/{name}/fma_common is stale: run make function-sources before a pack or s2i build"
+
+
+def test_make_function_sources_copies_the_shared_code_into_each_folder(tmp_path: Path):
+    functions = tmp_path / "functions"
+    shutil.copytree(REPO / "functions/common/fma_common", functions / "common/fma_common")
+    (functions / "requester").mkdir()
+    (functions / "worker/fma_common").mkdir(parents=True)
+    (functions / "worker/fma_common/removed_since.py").write_text("")  # a stale copy is replaced, not merged
+    subprocess.run(["make", "-s", "function-sources", f"FUNCTIONS={functions}"], cwd=REPO, check=True,
+                   capture_output=True, timeout=60)
+    for name in FUNCTIONS:
+        assert differences(functions / name / "fma_common", REPO / "functions/common/fma_common") == []
+    assert (REPO / ".gitignore").read_text().count("/fma_common/") >= 2, "the copies are never committed"
+    for name in FUNCTIONS:
+        # An on-cluster build uploads the folder less what the folder's own .gitignore names (knative/func
+        # pkg/pipelines/tekton/pipelines_provider.go sourcesAsTarStream): the copy must not be named there.
+        own = REPO / "functions" / name / ".gitignore"
+        assert not own.exists() or "fma_common" not in own.read_text()

@@ -16,6 +16,7 @@ import load
 pytestmark = pytest.mark.process
 
 
+@pytest.mark.slow
 def test_two_hundred_requests_from_fifty_clients_end_200_or_429_and_none_is_lost(tmp_path: Path,
                                                                                     converted_model_dir: Path):
     report = load.run(requests=200, clients=50, workdir=tmp_path, max_queue=2)
@@ -26,6 +27,7 @@ def test_two_hundred_requests_from_fifty_clients_end_200_or_429_and_none_is_lost
     assert report["requester_peak_rss_mib"] < 150, report
 
 
+@pytest.mark.slow
 def test_sigterm_during_load_finishes_what_is_in_flight_refuses_the_rest_clearly_and_leaves_no_child(
         tmp_path: Path, converted_model_dir: Path):
     report = load.run(requests=200, clients=50, workdir=tmp_path, max_queue=2, sigterm_after=60)

@@ -87,6 +87,7 @@ def test_real_model_ends_a_chat_answer_on_im_end(converted_model_dir: Path):
     assert " " in tok.decode(out, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_two_processes_converting_at_once_convert_once(tmp_path: Path):
     """The file lock: both processes get the folder, only one dequantizes."""
     script = (

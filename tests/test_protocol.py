@@ -4,7 +4,7 @@ import pytest
 
 from fma_common.errors import InvalidRequest, UnsupportedParameter
 from fma_common.http import parse_model
-from fma_worker.protocol import ChatCompletionRequest, CompletionRequest, Limits
+from fma_common.wire import ChatCompletionRequest, CompletionRequest, Limits
 
 LIMITS = Limits(max_tokens=100, max_n=4, context_length=50)
 

@@ -271,6 +271,7 @@ def test_sigkill_on_the_requester_still_leaves_no_workers(tmp_path: Path, conver
         wait_for(lambda: not req.tagged_pids(), 60, "orphaned workers and launcher to notice and exit")
 
 
+@pytest.mark.slow
 def test_requester_holds_256_concurrent_streams(tmp_path: Path, tiny_model_dir: Path):
     """A burst of 256 streaming requests for a cold model: one requester process
     (gevent) holds all 256 connections open while the worker starts, then

@@ -240,8 +240,8 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
 
     @app.get(p.PATH_OPENAPI)
     def openapi() -> Response:
-        # Built on first use: the completion schemas are the worker's request models (fma_worker.protocol,
-        # pydantic only), which building the requester must not import (tests/test_requester_imports.py).
+        # Built on first use: the document holds every route's pydantic schema (fma_common.wire's request and
+        # answer models), work a requester that is never asked for it should not do at start.
         if not openapi_doc:
             openapi_doc.update(document("fma requester", version(), p.__doc__ or "", p.routes()))
         return json_response(openapi_doc)

@@ -164,8 +164,8 @@ PATH_OPENAPI = "/openapi.json"
 
 
 def routes() -> list[Any]:
+    from fma_common import wire
     from fma_common.openapi import Route
-    from fma_worker import protocol as worker
 
     infer = (400, 404, 413, 429, 502, 503, 504)
     workers = f"{PATH_WORKERS}/<path:model>"
@@ -181,10 +181,10 @@ def routes() -> list[Any]:
         Route("GET", PATH_OPENAPI, "this document", errors=()),
         Route("GET", PATH_MODELS, "the configured models and their workers' state", auth="infer", errors=()),
         Route("POST", PATH_COMPLETIONS, "OpenAI completions: starts or wakes the model's worker as needed",
-              body=worker.CompletionRequest, answer=worker.CompletionResponse, streams=True, auth="infer",
+              body=wire.CompletionRequest, answer=wire.CompletionResponse, streams=True, auth="infer",
               errors=infer),
-        Route("POST", PATH_CHAT, "OpenAI chat completions", body=worker.ChatCompletionRequest,
-              answer=worker.ChatCompletionResponse, streams=True, auth="infer", errors=infer),
+        Route("POST", PATH_CHAT, "OpenAI chat completions", body=wire.ChatCompletionRequest,
+              answer=wire.ChatCompletionResponse, streams=True, auth="infer", errors=infer),
         Route("GET", PATH_WORKERS, "every model's worker status", auth="infer", errors=()),
         Route("GET", workers, "one model's worker status", auth="infer", errors=(404,)),
         Route("POST", f"{workers}/warm", "start the worker (and park it asleep with level=sleep1|sleep2)",

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from fma_common import events
+from fma_common import wire as p
 from fma_common.auth import KeyRing
 from fma_common.errors import ApiError, InvalidRequest
 from fma_common.http import (
@@ -31,7 +32,6 @@ from fma_common.logs import setup_logging
 from fma_common.openapi import document, version
 from fma_common.settings import describe
 
-from . import protocol as p
 from . import timeline
 from .admission import Admission
 from .engine import Engine

@@ -39,9 +39,9 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 
 from fma_common.errors import ApiError, InternalError
+from fma_common.wire import SamplingParams
 
 from .generation import ChoiceDelta, LoadedModel, sample
-from .protocol import SamplingParams
 from .text import StopTextTracker
 
 log = logging.getLogger("fma.worker.batching")

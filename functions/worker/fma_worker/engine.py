@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fma_common.errors import Conflict, InvalidRequest, WorkerFailed, WorkerNotReady, WorkerSleeping
+from fma_common.wire import SamplingParams
 
 from . import prepared, runtime_env, timeline
 from .batching import Batcher, BatchStream
@@ -46,7 +47,6 @@ from .generation import LoadedModel
 from .gpu_check import GpuUnavailable, gpu_problem, parse_device_list, visible_devices, write_termination_message
 from .metrics import WorkerMetrics
 from .model_store import ensure_embedded_converted, parse_source
-from .protocol import SamplingParams
 from .settings import WorkerSettings
 
 log = logging.getLogger("fma.worker.engine")

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import SamplingParams
+from fma_common.wire import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,7 @@ from dataclasses import dataclass
 
 from fma_common.errors import ApiError, InternalError, InvalidRequest, ModelNotFound
 from fma_common.http import SSE_DONE, sse_error, sse_event
-
-from .admission import Admission, Lease
-from .engine import Engine
-from .generation import ChoiceDelta
-from .metrics import WorkerMetrics
-from .protocol import (
+from fma_common.wire import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -40,6 +35,11 @@ from .protocol import (
     SamplingParams,
     Usage,
 )
+
+from .admission import Admission, Lease
+from .engine import Engine
+from .generation import ChoiceDelta
+from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 
 log = logging.getLogger("fma.worker.serving")

@@ -1,4 +1,7 @@
-"""Wire types of the worker: OpenAI completions and chat completions, plus paths.
+"""OpenAI wire types: completions and chat completions, plus the worker's paths.
+
+The worker validates with them; the requester documents its routes with them (its OpenAPI schemas), so they
+live in the shared package a requester image or function carries without anything else of the worker.
 
 Requests validate themselves (types, ranges, unsupported parameters) and turn
 into :class:`SamplingParams`, the only thing the engine sees. Limits that
