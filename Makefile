@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: wait-sinkbinding test-slow e2e doctor functions function-sources cold-subscriber run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
+.PHONY: wait-sinkbinding test-slow bench-quality e2e doctor functions function-sources cold-subscriber run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -52,7 +52,11 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m fma_cli.docs README.md docs/design.md
 
-bench: bench-throughput bench-actuation
+bench: bench-throughput bench-actuation bench-quality
+
+# float32 against bfloat16 through the worker's own engine: perplexity of a fixed text, greedy outputs side by side.
+bench-quality: prepare
+	$(BIN)/python bench/quality.py --out bench/results/quality.json
 
 # The chart and the peer (transformers serve) need packages the project does not: installed here only.
 bench-throughput: prepare

@@ -175,13 +175,17 @@ def chat_plan_item(http: httpx.Client, model: str, messages: list[dict], new_tok
 
 def load_mixed(url: str, model: str, clients: int, plan: list[tuple[list[dict], int]], count: Counter,
                ours: bool) -> dict:
-    """The plan's requests, in order, from ``clients`` threads at once; tokens/s over the wall time."""
-    def one(http: httpx.Client, job: tuple[list[dict], int]) -> int:
-        return count.tokens(chat_plan_item(http, model, job[0], job[1], ours))
+    """The plan's requests, in order, from ``clients`` threads at once; tokens/s over the wall time and the
+    time to first token's p50 and p99."""
+    def one(http: httpx.Client, job: tuple[list[dict], int]) -> tuple[int, float]:
+        ttft, text, _wall = chat_stream(http, model, job[1], ours, job[0])
+        return count.tokens(text), ttft
 
-    tokens, wall = drive(url, clients, plan, one)
+    results, wall = drive(url, clients, plan, one)
+    tokens = [n for n, _ in results]
+    ttfts = [t for _, t in results]
     return {"tokens_per_s": round(sum(tokens) / wall, 2), "requests": len(tokens), "tokens": sum(tokens),
-            "wall_s": round(wall, 2)}
+            "wall_s": round(wall, 2), "ttft_p50_s": round(pct(ttfts, 0.5), 3), "ttft_p99_s": round(pct(ttfts, 0.99), 3)}
 
 
 def bench_mixed(servers: list[tuple[str, str, str, bool]], count: Counter, per_client: int,
@@ -215,11 +219,11 @@ def start_worker(workdir: Path, env_extra: dict[str, str] | None = None) -> tupl
     return proc, url
 
 
-def start_peer(folder: Path, workdir: Path, batching: bool) -> tuple[subprocess.Popen, str]:
+def start_peer(folder: Path, workdir: Path, batching: bool, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     port = free_port()
     exe = Path(sys.executable).parent / "transformers"
     args = [str(exe), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-            "--dtype", "float32", "--log-level", "warning"]
+            "--dtype", dtype, "--log-level", "warning"]
     if batching:
         args.append("--continuous-batching")
     log = (workdir / f"peer-{port}.log").open("w")
@@ -420,6 +424,8 @@ def main() -> int:
     parser.add_argument("--many-clients", type=int, default=16)
     parser.add_argument("--many-per-client", type=int, default=6)
     parser.add_argument("--skip", default="", help="comma-separated: worker (with the peers), mixed, hop, many")
+    parser.add_argument("--mixed-dtypes", default="float32,bfloat16",
+                        help="the mixed load runs once per dtype, ours and the peer both in it")
     parser.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     parser.add_argument("--chart-only", action="store_true", help="redraw the chart from --out and stop")
     args = parser.parse_args()
@@ -445,7 +451,7 @@ def main() -> int:
             # Our worker and the peers, all up at once and measured in turn (see bench_servers).
             procs = []
             try:
-                proc, url = start_worker(workdir)
+                proc, url = start_worker(workdir, {"FMA_DTYPE": "float32"})  # as the peers (label)
                 procs.append(proc)
                 servers = [("fma worker", url, MODEL, True, LEVELS)]
                 peer_levels = tuple(int(c) for c in args.peer_levels.split(","))
@@ -468,15 +474,22 @@ def main() -> int:
         if "mixed" not in skip:
             procs = []
             try:
-                proc, url = start_worker(workdir)
-                procs.append(proc)
-                servers_mixed = [("fma worker", url, MODEL, True)]
-                proc, url = start_peer(folder, workdir, True)
-                procs.append(proc)
-                servers_mixed.append(("transformers serve --continuous-batching", url, str(folder), False))
-                for _label, url, model, ours in servers_mixed:  # warm: kernels, allocator
-                    chat_plan_item(httpx.Client(base_url=url, timeout=600, headers=AUTH), model, MESSAGES, 4, ours)
-                mixed = bench_mixed(servers_mixed, count, args.per_client, args.rounds)
+                mixed = {}
+                for dtype in args.mixed_dtypes.split(","):
+                    # Each dtype's own converted folder, for both: the peer gets what our worker loads.
+                    dtype_folder = ensure_embedded_converted(MODEL, dtype, default_cache_dir())
+                    proc, url = start_worker(workdir, {"FMA_DTYPE": dtype})
+                    procs.append(proc)
+                    servers_mixed = [("fma worker", url, MODEL, True)]
+                    proc, url = start_peer(dtype_folder, workdir, True, dtype)
+                    procs.append(proc)
+                    servers_mixed.append(("transformers serve --continuous-batching", url, str(dtype_folder), False))
+                    for _label, url, model, ours in servers_mixed:  # warm: kernels, allocator
+                        chat_plan_item(httpx.Client(base_url=url, timeout=600, headers=AUTH), model, MESSAGES, 4,
+                                       ours)
+                    mixed[dtype] = bench_mixed(servers_mixed, count, args.per_client, args.rounds)
+                    while procs:  # one pair up at a time: two CPU servers would share the cores
+                        stop_process_group(procs.pop())
             finally:
                 for proc in procs:
                     stop_process_group(proc)
@@ -486,9 +499,9 @@ def main() -> int:
                           f" and max_tokens uniform in {MIXED_NEW_TOKENS[0]}..{MIXED_NEW_TOKENS[1]} (seed "
                           f"{MIXED_SEED} + clients), greedy, streamed chat; the same sequence for both servers; ours "
                           f"generates exactly max_tokens (EOS suppressed), the peer may stop earlier: tokens/s counts "
-                          f"what each generated"),
+                          f"what each generated; per dtype, both servers computing in it (CPU, warm caches)"),
                 "levels": list(MIXED_LEVELS), "requests_per_client": args.per_client, "rounds": args.rounds,
-                "results": mixed}
+                "results_by_dtype": mixed}
             print(f"mixed: {json.dumps(mixed)}", file=sys.stderr)
         elif "mixed" in previous:
             report["mixed"] = previous["mixed"]

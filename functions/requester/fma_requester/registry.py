@@ -27,7 +27,7 @@ budget: {max_loaded: 3, sleepers: 2}
 models:
   - name: smollm2-135m-instruct
     source: embedded:smollm2-135m-instruct
-    dtype: float32
+    dtype: auto
     device: auto
     idle_timeout: 300s
     preload: false

@@ -41,12 +41,12 @@ from typing import Any
 from fma_common.errors import Conflict, InvalidRequest, WorkerFailed, WorkerNotReady, WorkerSleeping
 from fma_common.wire import SamplingParams
 
-from . import prepared, runtime_env, timeline
+from . import dtype_policy, prepared, runtime_env, timeline
 from .batching import Batcher, BatchStream
 from .generation import LoadedModel
 from .gpu_check import GpuUnavailable, gpu_problem, parse_device_list, visible_devices, write_termination_message
 from .metrics import WorkerMetrics
-from .model_store import ensure_embedded_converted, parse_source
+from .model_store import EMBEDDED_MODELS, ModelSource, ensure_embedded_converted, parse_source
 from .settings import WorkerSettings
 
 log = logging.getLogger("fma.worker.engine")
@@ -101,10 +101,15 @@ def resolve_device(requested: str, torch: Any) -> str:
     return requested
 
 
-def resolve_dtype_name(requested: str, device: str) -> str:
-    if requested != "auto":
-        return requested
-    return "bfloat16" if device.startswith("cuda") else "float32"
+def source_checkpoint_dtype(source: ModelSource, transformers: Any) -> str | None:
+    """The type the model's weights were published in, for dtype "auto" (dtype_policy.choose)."""
+    if source.kind == "embedded":
+        return EMBEDDED_MODELS[source.ref].checkpoint_dtype
+    if source.kind == "path":
+        return dtype_policy.folder_checkpoint_dtype(Path(source.ref))
+    config = transformers.AutoConfig.from_pretrained(source.ref)  # cached with the weights; small
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return dtype_policy.checkpoint_dtype({"dtype": str(value).removeprefix("torch.")}) if value else None
 
 
 # A fixed text whose next-token logits are recorded while the weights are known good and checked after each
@@ -257,8 +262,11 @@ class Engine:
             if problem:
                 raise GpuUnavailable(problem)
         self.device = resolve_device(s.device, torch)
-        self.dtype_name = resolve_dtype_name(s.dtype, self.device)
         source = parse_source(s.source)
+        choice = dtype_policy.choose(s.dtype, self.device, source_checkpoint_dtype(source, transformers),
+                                     dtype_policy.host_native(self.device, torch))
+        self.dtype_name = choice.dtype
+        log.info("computing in %s: %s", choice.dtype, choice.reason)
         t = time.monotonic()
         if source.kind == "embedded":
             self._folder = ensure_embedded_converted(source.ref, self.dtype_name, s.cache_dir)

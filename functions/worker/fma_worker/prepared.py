@@ -137,7 +137,8 @@ def target(env: Mapping[str, str]) -> tuple[Path, str, bool] | None:
     """
     import torch
 
-    from .model_store import embedded_cache_dir, is_converted, parse_source
+    from . import dtype_policy
+    from .model_store import EMBEDDED_MODELS, embedded_cache_dir, is_converted, parse_source
     from .settings import WorkerSettings
 
     settings = WorkerSettings.from_env(env)
@@ -149,8 +150,17 @@ def target(env: Mapping[str, str]) -> tuple[Path, str, bool] | None:
         device_cpu = False
     else:
         device_cpu = True
-    dtype = settings.dtype if settings.dtype != "auto" else "float32"
     source = parse_source(settings.source or "")
+    if settings.dtype != "auto":
+        dtype = settings.dtype
+    else:  # device_cpu here: the same choice the engine will make (dtype_policy), from the CPU's flags
+        if source.kind == "embedded":
+            checkpoint = EMBEDDED_MODELS[source.ref].checkpoint_dtype
+        elif source.kind == "path":
+            checkpoint = dtype_policy.folder_checkpoint_dtype(Path(source.ref))
+        else:
+            return None
+        dtype = dtype_policy.choose("auto", "cpu", checkpoint, dtype_policy.host_native("cpu")).dtype
     if source.kind == "embedded":
         assert settings.cache_dir is not None
         folder = embedded_cache_dir(source.ref, dtype, settings.cache_dir)

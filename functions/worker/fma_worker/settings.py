@@ -27,7 +27,9 @@ class WorkerSettings(EnvSettings):
         "FMA_MODEL_SOURCE", None, "where weights come from: `embedded:NAME`, `hf:ORG/NAME` or `path:/folder`",
         shown="`embedded:NAME` if NAME is embedded")
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Lower] = setting(
-        "FMA_DTYPE", "auto", "`auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16` or `float16`")
+        "FMA_DTYPE", "auto", "`auto` (the checkpoint's own type where the device multiplies it natively: bfloat16 on "
+        "CPUs with avx512_bf16 or AMX and on GPUs from compute capability 8.0; a GPU never float32; else "
+        "float32), `float32`, `bfloat16` or `float16`")
     device: Annotated[str, Lower] = setting(
         "FMA_DEVICE", "auto", "`auto` (`cuda` when available, else `cpu`), `cuda`, `cuda:N` or `cpu`")
     gpus: int = setting("FMA_GPUS", "0", "GPUs this worker was given (the requester sets it from the model's "
