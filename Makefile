@@ -91,9 +91,10 @@ functions: prepare
 FUNCTIONS ?= functions
 function-sources:
 	@for f in requester worker; do \
-	  rm -rf $(FUNCTIONS)/$$f/fma_common && cp -r $(FUNCTIONS)/common/fma_common $(FUNCTIONS)/$$f/fma_common && \
-	  find $(FUNCTIONS)/$$f/fma_common -name __pycache__ -prune -exec rm -rf {} + && \
-	  echo "$(FUNCTIONS)/$$f/fma_common: copied from $(FUNCTIONS)/common/fma_common"; \
+	  rm -rf $(FUNCTIONS)/$$f/vendored && mkdir -p $(FUNCTIONS)/$$f/vendored && \
+	  cp -r $(FUNCTIONS)/common/fma_common $(FUNCTIONS)/$$f/vendored/fma_common && \
+	  find $(FUNCTIONS)/$$f/vendored -name __pycache__ -prune -exec rm -rf {} + && \
+	  echo "$(FUNCTIONS)/$$f/vendored/fma_common: copied from $(FUNCTIONS)/common/fma_common"; \
 	done
 
 # The fuzz of both services from their /openapi.json, long: 200 examples per operation (make test runs 6).

@@ -39,11 +39,15 @@ import httpx
 from common import machine, stream_once, summary
 
 from fma_common.procs import free_port, start_gunicorn, stop_process_group, wait_ready
-from fma_worker.model_store import default_cache_dir, ensure_embedded_converted
+from fma_worker import dtype_policy
+from fma_worker.model_store import EMBEDDED_MODELS, default_cache_dir, ensure_embedded_converted
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Once upon a time"
 WORKER_TOKEN = "bench-worker-token"  # workers answer only their requester; the hop row calls one directly
+# What dtype "auto" serves on this machine (the local rows use the default models file, dtype auto): the floor,
+# the plain script and the labels use the same.
+SERVED = dtype_policy.choose("auto", "cpu", EMBEDDED_MODELS[MODEL].checkpoint_dtype, dtype_policy.host_native("cpu"))
 
 
 def floor() -> dict[str, float]:
@@ -55,7 +59,7 @@ def floor() -> dict[str, float]:
         t = time.perf_counter()
         dst[:] = src  # one memcpy
         best = min(best, time.perf_counter() - t)
-    folder = ensure_embedded_converted(MODEL, "float32", default_cache_dir())
+    folder = ensure_embedded_converted(MODEL, SERVED.dtype, default_cache_dir())
     weights = folder / "model.safetensors"
     reads = []
     for _ in range(3):
@@ -84,7 +88,7 @@ def naive_cold() -> float:
     """The plain script, in a fresh interpreter: spawn to first token, wall time."""
     import subprocess
 
-    folder = ensure_embedded_converted(MODEL, "float32", default_cache_dir())
+    folder = ensure_embedded_converted(MODEL, SERVED.dtype, default_cache_dir())  # loads in its config's dtype
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     out = subprocess.run([sys.executable, "-c", NAIVE, str(folder), repr(time.time())], capture_output=True,
                          text=True, env=env, timeout=300, check=True)
@@ -141,7 +145,7 @@ def warm_then_wakes(req: Requester, results: dict[str, list[float]]) -> None:
         results[f"wake_l{level}"].append(req.ttft())
 
 
-def knative_section(workdir: Path, runs: int) -> dict[str, object]:
+def knative_section(workdir: Path, runs: int, dtype: str) -> dict[str, object]:
     """Cold and wake through the Knative path: a requester in knative mode, the fake API server and the
     Knative simulator (tests/), whose pods are real worker processes behind its activator and queue-proxy."""
     import yaml
@@ -154,7 +158,7 @@ def knative_section(workdir: Path, runs: int) -> dict[str, object]:
     kube = FakeKube().start()
     kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
                      "metadata": {"name": "fma-requester", "namespace": "bench"}, "spec": {}})
-    cache = ensure_embedded_converted(MODEL, "float32", default_cache_dir()).parents[2]
+    cache = ensure_embedded_converted(MODEL, dtype, default_cache_dir()).parents[2]
     speed = 10.0
     sim = SimulatedKnative(kube, workdir, cache_dir=cache, default="process", speed=speed)
     service = "fma-worker-smollm2-135m-instruct"
@@ -164,10 +168,11 @@ def knative_section(workdir: Path, runs: int) -> dict[str, object]:
         "clusters": [{"name": "sim", "cluster": {"server": kube.url}}], "users": [{"name": "u", "user": {}}],
         "contexts": [{"name": "sim", "context": {"cluster": "sim", "user": "u", "namespace": "bench"}}]}))
     models = workdir / "models.yaml"
-    models.write_text(f"models:\n  - {{name: {MODEL}, source: 'embedded:{MODEL}', dtype: float32}}\n")
+    models.write_text(f"models:\n  - {{name: {MODEL}, source: 'embedded:{MODEL}', dtype: {dtype}}}\n")
     env = {"FMA_ACTUATOR": "knative", "KUBECONFIG": str(kubeconfig), "FMA_NAMESPACE": "bench",
            "FMA_MODELS": str(models)}
     req = Requester(workdir, launcher=False, extra_env=env)
+    steps: dict[str, list[float]] = {}
     try:
         results["cold_new_service"].append(req.ttft())  # creates the Service, its Revision and first pod
         for _ in range(runs):
@@ -175,6 +180,8 @@ def knative_section(workdir: Path, runs: int) -> dict[str, object]:
             req.release()  # answers once Knative has the release; the pod goes after the stable window and drain
             sim.wait_until(lambda: not sim.pods(service), 600, "the released pod to be gone, drain included")
             results["cold"].append(req.ttft())  # re-pinned, then scaled from zero by the activator
+            for step, secs in req.last_start().items():
+                steps.setdefault(step, []).append(secs)
         counts = {"revisions_created": sim.revisions_created.get(service, 0),
                   "pods_started": sim.pods_started.get(service, 0)}
     finally:
@@ -182,12 +189,13 @@ def knative_section(workdir: Path, runs: int) -> dict[str, object]:
         sim.stop()
         kube.stop()
     for name, values in results.items():
-        print(f"knative {name:16} " + " ".join(f"{v:.3f}" for v in values), file=sys.stderr)
-    return {"metric": "time to first token through the requester in knative mode, seconds",
+        print(f"knative {dtype} {name:16} " + " ".join(f"{v:.3f}" for v in values), file=sys.stderr)
+    return {"metric": "time to first token through the requester in knative mode, seconds", "dtype": dtype,
             "setup": f"fake API server + Knative simulator (clock x{speed:g}); each pod is a real worker process "
                      "(a plain process: no pre-warmed launcher on this path) behind the simulated activator and "
                      "queue-proxy; a real cluster adds scheduling, image pulls and network hops",
-            "results": {name: summary(values) for name, values in results.items()}, **counts}
+            "results": {name: summary(values) for name, values in results.items()},
+            "cold_start_timeline": {step: summary(values) for step, values in steps.items()}, **counts}
 
 
 def chart(report: dict, path: Path) -> None:
@@ -217,6 +225,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--overhead-runs", type=int, default=40)
     parser.add_argument("--skip-knative", action="store_true")
+    parser.add_argument("--knative-dtypes", default=f"float32,{SERVED.dtype}",
+                        help="the Knative path once per dtype, in this order (float32 was the only one before)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/actuation.json"))
     args = parser.parse_args()
     results: dict[str, list[float]] = {k: [] for k in ("naive_cold", "cold_plain_process", "cold_after_start",
@@ -272,7 +282,8 @@ def main() -> int:
             req.close()
         for name, values in results.items():
             print(f"{name:10} " + " ".join(f"{v:.3f}" for v in values), file=sys.stderr)
-        knative = None if args.skip_knative else knative_section(workdir, args.runs)
+        dtypes = dict.fromkeys(args.knative_dtypes.split(","))
+        knative = None if args.skip_knative else {d: knative_section(workdir, args.runs, d) for d in dtypes}
 
     import torch
 
@@ -283,6 +294,8 @@ def main() -> int:
     report = {"machine": machine(), "model": MODEL, "runs": args.runs,
               "metric": "time to first token through the requester, seconds",
               "labels": {"actuator": "local", "device": device, "page_cache": "warm (weights read once first)",
+                         "dtype": f"{SERVED.dtype} (dtype auto: {SERVED.reason}); the plain script loads the same "
+                                  "converted folder",
                          "wake_l1": "on a CPU device level 1 moves no weights (they stay in host memory)"
                                     if device == "cpu" else "weights to pinned host memory and back",
                          "naive_cold": "plain script in a fresh process: import transformers, from_pretrained, "

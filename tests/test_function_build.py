@@ -202,7 +202,7 @@ def test_the_requester_folder_alone_with_make_function_sources_builds_and_serves
     tree = tmp_path / "tree" / "functions"
     shutil.copytree(REPO / "functions" / "common", tree / "common", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "functions" / "requester", tree / "requester",
-                    ignore=shutil.ignore_patterns("__pycache__", "fma_common"))
+                    ignore=shutil.ignore_patterns("__pycache__", "vendored"))
     (tree / "worker").mkdir()  # the target fills both functions
     subprocess.run(["make", "-s", "function-sources", f"FUNCTIONS={tree}"], cwd=REPO, check=True, timeout=60)
     alone = tmp_path / "alone" / "requester"

@@ -141,26 +141,34 @@ def test_both_functions_take_their_shared_code_from_one_build_hook():
 
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_a_copy_of_the_shared_code_in_a_function_folder_equals_its_source(name: str):
-    copied = REPO / "functions" / name / "fma_common"
+    copied = REPO / "functions" / name / "vendored" / "fma_common"
     if not copied.exists():
         pytest.skip(f"no copy in functions/{name} (make function-sources makes one)")
     assert differences(copied, REPO / "functions/common/fma_common") == [], \
-        f"functions/{name}/fma_common is stale: run make function-sources before a pack or s2i build"
+        f"functions/{name}/vendored/fma_common is stale: run make function-sources before a pack or s2i build"
+
+
+def test_the_repositorys_own_install_imports_the_shared_code_from_its_source():
+    """Not from a function's copy: setuptools' package discovery over functions/* would otherwise map fma_common
+    to functions/requester/vendored's copy, and an edit to the source would not be what runs."""
+    import fma_common
+
+    assert Path(fma_common.__file__).parent == REPO / "functions/common/fma_common"
 
 
 def test_make_function_sources_copies_the_shared_code_into_each_folder(tmp_path: Path):
     functions = tmp_path / "functions"
     shutil.copytree(REPO / "functions/common/fma_common", functions / "common/fma_common")
     (functions / "requester").mkdir()
-    (functions / "worker/fma_common").mkdir(parents=True)
-    (functions / "worker/fma_common/removed_since.py").write_text("")  # a stale copy is replaced, not merged
+    (functions / "worker/vendored/fma_common").mkdir(parents=True)
+    (functions / "worker/vendored/fma_common/removed_since.py").write_text("")  # a stale copy is replaced, not merged
     subprocess.run(["make", "-s", "function-sources", f"FUNCTIONS={functions}"], cwd=REPO, check=True,
                    capture_output=True, timeout=60)
     for name in FUNCTIONS:
-        assert differences(functions / name / "fma_common", REPO / "functions/common/fma_common") == []
-    assert (REPO / ".gitignore").read_text().count("/fma_common/") >= 2, "the copies are never committed"
+        assert differences(functions / name / "vendored/fma_common", REPO / "functions/common/fma_common") == []
+    assert (REPO / ".gitignore").read_text().count("/vendored/") >= 2, "the copies are never committed"
     for name in FUNCTIONS:
         # An on-cluster build uploads the folder less what the folder's own .gitignore names (knative/func
         # pkg/pipelines/tekton/pipelines_provider.go sourcesAsTarStream): the copy must not be named there.
         own = REPO / "functions" / name / ".gitignore"
-        assert not own.exists() or "fma_common" not in own.read_text()
+        assert not own.exists() or "vendored" not in own.read_text()

@@ -3,8 +3,9 @@
 knative/func's host builder builds from this folder inside the repository, so ``../common/fma_common`` is
 there. The pack and s2i builders, and on-cluster builds, upload this folder alone (knative/func
 ``pkg/buildpacks/builder.go``, ``pkg/s2i/builder.go``): for them ``make function-sources`` copies the shared code
-into it (git-ignored; ``tests/test_functions.py`` fails while a copy differs from its source). The sibling wins
-when both exist, so a stale copy never reaches a host build.
+into its ``vendored/`` folder (git-ignored, and excluded from the repository's own editable install, which would
+otherwise map ``fma_common`` to the copy; ``tests/test_functions.py`` fails while a copy differs from its
+source). The sibling wins when both exist, so a stale copy never reaches a host build.
 
 The worker function has the same file (``functions/worker/hatch_build.py``); a test keeps them identical.
 """
@@ -25,7 +26,7 @@ class SharedCode(BuildHookInterface):
         root = Path(self.root)
         for package in SHARED:
             sibling = root.parent / "common" / package
-            copy = root / package
+            copy = root / "vendored" / package
             source = sibling if sibling.is_dir() else copy if copy.is_dir() else None
             if source is None:
                 raise FileNotFoundError(
