@@ -168,7 +168,9 @@ def knative_section(workdir: Path, runs: int, dtype: str) -> dict[str, object]:
         "clusters": [{"name": "sim", "cluster": {"server": kube.url}}], "users": [{"name": "u", "user": {}}],
         "contexts": [{"name": "sim", "context": {"cluster": "sim", "user": "u", "namespace": "bench"}}]}))
     models = workdir / "models.yaml"
-    models.write_text(f"models:\n  - {{name: {MODEL}, source: 'embedded:{MODEL}', dtype: {dtype}}}\n")
+    # gpus 0: a worker given a GPU on this CPU machine refuses to start (issue 22's check), as it should.
+    models.write_text(f"models:\n  - {{name: {MODEL}, source: 'embedded:{MODEL}', dtype: {dtype}, "
+                      "knative: {gpus: 0}}\n")
     env = {"FMA_ACTUATOR": "knative", "KUBECONFIG": str(kubeconfig), "FMA_NAMESPACE": "bench",
            "FMA_MODELS": str(models)}
     req = Requester(workdir, launcher=False, extra_env=env)

@@ -53,6 +53,19 @@ def host_build(function: Path, into: Path) -> Path:
     return build
 
 
+def wait_func_ready(url: str, log: Path, timeout: float) -> None:
+    """Until func-python's readiness endpoint (answered from the instance's ready()) says 200, or fail with the log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(log.read_text()[-3000:])
+
+
 def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_path: Path,
                                                                          converted_model_dir: Path):
     t0 = time.monotonic()
@@ -88,15 +101,7 @@ def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_
         proc = subprocess.Popen([str(build / ".venv" / "bin" / "python"), "service/main.py"], cwd=build, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            pytest.fail((tmp_path / "function.log").read_text()[-3000:])
+        wait_func_ready(url, tmp_path / "function.log", 60)
         assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok", "the app's own probe, not func's"
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
@@ -222,15 +227,7 @@ def test_the_requester_folder_alone_with_make_function_sources_builds_and_serves
             "FMA_WORKER_TOKEN": "t", "FMA_WORKER_TEMPLATE": str(REPO / "knative" / "base" / "worker-template.yaml")},
             tmp_path, "alone")
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            else:
-                pytest.fail((tmp_path / "alone.log").read_text()[-3000:])
+            wait_func_ready(url, tmp_path / "alone.log", 60)
             assert [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]] == [EMBEDDED]
             schema = httpx.get(f"{url}/openapi.json", timeout=10).json()
             assert "CompletionRequest" in json.dumps(schema), "the wire types came with fma_common"
@@ -260,16 +257,7 @@ def test_the_worker_built_by_the_host_builder_serves_and_sleeps_through_func_pyt
     proc, url = start_function(build, {"FMA_MODEL": EMBEDDED, "FMA_MODEL_SOURCE": f"path:{converted_model_dir}",
                                        "FMA_DTYPE": "float32", "FMA_DEVICE": "cpu"}, tmp_path, "worker")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail((tmp_path / "worker.log").read_text()[-3000:])
+        wait_func_ready(url, tmp_path / "worker.log", 120)
         print(f"worker function ready {time.monotonic() - t0:.1f} s after the build began")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         done = client.completions.create(model=EMBEDDED, prompt="Once upon a time", max_tokens=8, temperature=0)

@@ -612,6 +612,10 @@ def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kub
             assert "Paris" in chat.choices[0].message.content
             status = worker_state(req.spi)
             assert status["state"] == "ready" and status["backend"] == "knative"
+            # The cold start's timeline, asked of the pod: its own boot and load phases (no spawn: another clock).
+            steps = status["last_start"]["steps"]
+            assert {"arbiter", "app", "import", "tokenizer", "weights", "total"} <= set(steps), steps
+            assert "spawn" not in steps and steps["total"] > steps["import"] > 0, steps
             svc = kube.get_object(NS, SVC)
             assert svc["metadata"]["ownerReferences"][0]["name"] == "fma-requester"
             slept = httpx.post(f"{req.spi}/v1/workers/{EMBEDDED}/sleep", params={"level": 1}, timeout=60)

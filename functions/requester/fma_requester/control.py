@@ -76,6 +76,16 @@ class WorkerControl:
             return None
         return value if isinstance(value, bool) else None
 
+    def start_report(self, url: str, timeout: float) -> dict[str, Any]:
+        """The worker's account of its own start (``GET /ready?wait=``: its boot and load phases), {} if none."""
+        try:
+            resp = self._http.get(f"{url}{p.WORKER_READY}", params={"wait": "0.01"}, timeout=timeout)
+            resp.raise_for_status()
+            start = resp.json().get("start")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return {}
+        return start if isinstance(start, dict) else {}
+
     def alive(self, handle: WorkerHandle, timeout: float, url: str | None = None) -> bool:
         target = url or handle.url
         if not target:

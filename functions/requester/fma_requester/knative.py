@@ -558,6 +558,7 @@ class KnativeEffects(Effects):
         """Create or adopt the Service, wait until it is ready, give its Revision the model's scaling, and
         make sure no pod of it is left asleep (a request must never wait on a pod that nobody wakes)."""
         deadline = time.monotonic() + timeout
+        asked_at = time.monotonic()
         name = worker_service_name(spec.name)
         handle.data["service"] = name
         body = self.manifest(spec)
@@ -584,9 +585,21 @@ class KnativeEffects(Effects):
             if handle.cancelled:  # released meanwhile: the watch must follow the incarnation that replaced it
                 raise RuntimeError(f"start of {name} cancelled")
             self._handles[spec.name] = handle
+        handle.steps = self._start_steps(handle, asked_at)
         log.info("worker Service %s for %s ready at %s (revision %s)", name, spec.name, url,
                  (obj.get("status") or {}).get("latestReadyRevisionName"))
         return url
+
+    def _start_steps(self, handle: WorkerHandle, asked_at: float) -> dict[str, float]:
+        """The start's timeline: the pod's own boot and load phases (asked of the pod, not through the route),
+        and ``total`` from the ask until the start ended here. No ``spawn`` or ``ready_seen``: the pod's clock is
+        another node's, so only its own durations are comparable."""
+        pods = self._pods(handle)
+        start = self._control.start_report(pods[0], 5.0) if pods else {}
+        steps = {k: round(float(v), 4) for k, v in (start.get("steps") or {}).items()
+                 if isinstance(v, (int, float)) and k != "spawn"}
+        steps["total"] = round(time.monotonic() - asked_at, 4)
+        return steps
 
     def _pin(self, obj: dict[str, Any], body: dict[str, Any], handle: WorkerHandle) -> None:
         """Give the ready Revision the model's own scaling back (a release set it to zero).
