@@ -34,7 +34,7 @@ run: prepare
 worker: prepare
 	FMA_HOST=127.0.0.1 $(BIN)/fma worker --model $(MODEL) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) function-sources
 	@bash tests/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

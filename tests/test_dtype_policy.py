@@ -71,3 +71,18 @@ def test_the_launcher_prepares_the_type_the_worker_will_compute_in(tmp_path: Pat
     assert found is not None
     folder_type = dp.folder_checkpoint_dtype(converted_model_dir)
     assert found[1] == dp.choose("auto", "cpu", folder_type, native).dtype
+
+
+def test_each_source_kind_says_its_checkpoint_type(tmp_path: Path):
+    import types
+
+    import torch
+
+    from fma_common.sources import ModelSource
+
+    assert dp.source_checkpoint_dtype(ModelSource("embedded", "smollm2-135m-instruct")) == "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
+    assert dp.source_checkpoint_dtype(ModelSource("path", str(tmp_path))) == "float16"
+    hub = types.SimpleNamespace(dtype=torch.bfloat16)  # what AutoConfig gives for a hub model
+    assert dp.source_checkpoint_dtype(ModelSource("hf", "org/name"), hub) == "bfloat16"
+    assert dp.source_checkpoint_dtype(ModelSource("hf", "org/name"), types.SimpleNamespace()) is None

@@ -15,7 +15,6 @@ Run by ``make functions`` (it installs from the registry, about 30 s with a warm
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import openai
 import pytest
 from knative_sim import SimulatedKnative
 from kube_fake import FakeKube, load_role, write_kubeconfig
-from test_knative import NS, RBAC
+from test_knative import NS, RBAC, seed_requester
 
 from conftest import EMBEDDED, REPO, free_port
 
@@ -80,10 +79,7 @@ def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_
     sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10)
     proc = None
     try:
-        kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
-                         "metadata": {"name": "fma-requester", "namespace": NS}, "spec": {}})
-        kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fma-keys", "namespace": NS},
-                         "data": {"worker-token": base64.b64encode(b"t").decode()}}, plural="secrets")
+        seed_requester(kube, "t")
         kubeconfig = tmp_path / "kubeconfig"
         write_kubeconfig(kubeconfig, kube.url, namespace=NS)
         models = tmp_path / "models.yaml"

@@ -9,7 +9,6 @@ container's exit, FallbackToLogsOnError, the Revision's "Container failed with")
 
 from __future__ import annotations
 
-import base64
 import os
 import stat
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 from knative_sim import SimulatedKnative
 from knative_webhook import ClusterConfig
 from kube_fake import FakeKube, load_role, write_kubeconfig
-from test_knative import NS, RBAC
+from test_knative import NS, RBAC, seed_requester
 
 from conftest import EMBEDDED, REPO, free_port, requester
 from fma_requester.gpus import parse_device_listing
@@ -158,10 +157,7 @@ def test_a_knative_worker_given_a_gpu_on_a_cpu_node_fails_the_start_with_its_rea
     sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10,
                            config=ClusterConfig(features=flags if binding == "shared" else {}))
     try:
-        kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
-                         "metadata": {"name": "fma-requester", "namespace": NS}, "spec": {}})
-        kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fma-keys", "namespace": NS},
-                         "data": {"worker-token": base64.b64encode(b"t").decode()}}, plural="secrets")
+        seed_requester(kube, "t")
         kubeconfig = tmp_path / "kubeconfig"
         write_kubeconfig(kubeconfig, kube.url, namespace=NS)
         models = tmp_path / "models.yaml"

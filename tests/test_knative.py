@@ -37,6 +37,18 @@ from fma_requester.registry import ModelRegistry
 NS = "llm"
 
 
+def seed_requester(kube: FakeKube, token: str, *, service: bool = True) -> None:
+    """What `make deploy` leaves for a requester in the namespace: its own Service (the owner of the worker
+    Services it creates) and the Secret fma-keys (the workers' token, which their pods get by secretKeyRef)."""
+    import base64
+
+    if service:
+        kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                         "metadata": {"name": "fma-requester", "namespace": NS}, "spec": {}})
+    kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fma-keys", "namespace": NS},
+                     "data": {"worker-token": base64.b64encode(token.encode()).decode()}}, plural="secrets")
+
+
 def registry(**model: str) -> ModelRegistry:
     extra = "".join(f", {k}: {v}" for k, v in model.items())  # e.g. knative="{max_scale: 1}"
     return ModelRegistry.from_text(
@@ -587,10 +599,7 @@ def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kub
     # The shipped template: workers get FMA_WORKER_TOKEN from the Secret fma-keys, and answer only with it.
     template = tmp_path / "worker-template.yaml"
     template.write_text((REPO / "knative" / "base" / "worker-template.yaml").read_text())
-    import base64
-
-    kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fma-keys", "namespace": NS},
-                     "data": {"worker-token": base64.b64encode(b"the-worker-token").decode()}}, plural="secrets")
+    seed_requester(kube, "the-worker-token", service=False)
     try:
         with requester(tmp_path, models, FMA_ACTUATOR="knative", KUBECONFIG=str(kubeconfig), FMA_NAMESPACE=NS,
                        FMA_STREAM_KEEPALIVE="0.5s", FMA_WORKER_TEMPLATE=str(template),

@@ -10,7 +10,6 @@ pins. Times are the simulator's seconds (it runs ``SPEED`` times faster).
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import yaml
 from knative_sim import DRAIN_S, PA_REENQUEUE_S, SimulatedKnative
 from knative_webhook import ClusterConfig
 from kube_fake import FakeKube, load_role, write_kubeconfig
-from test_knative import NS, RBAC
+from test_knative import NS, RBAC, seed_requester
 
 from conftest import REPO, Requester, requester, wait_for
 
@@ -41,11 +40,7 @@ class Cluster:
     def __init__(self, tmp_path: Path, config: ClusterConfig | None = None, **template: object) -> None:
         self.dir = tmp_path
         self.kube = FakeKube(role=load_role(*RBAC)).start()
-        self.kube.put_object({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
-                              "metadata": {"name": "fma-requester", "namespace": NS}, "spec": {}})
-        # make deploy's Secret: the workers' token, which their pods get through secretKeyRef.
-        self.kube.put_object({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fma-keys", "namespace": NS},
-                              "data": {"worker-token": base64.b64encode(TOKEN.encode()).decode()}}, plural="secrets")
+        seed_requester(self.kube, TOKEN)
         self.sim = SimulatedKnative(self.kube, tmp_path, speed=SPEED, config=config)
         shipped = yaml.safe_load((REPO / "knative" / "base" / "worker-template.yaml").read_text())
         self.template = tmp_path / "worker-template.yaml"

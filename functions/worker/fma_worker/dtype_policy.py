@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from fma_common.sources import EMBEDDED_MODELS, ModelSource
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -52,6 +55,17 @@ def folder_checkpoint_dtype(folder: Path) -> str | None:
         return checkpoint_dtype(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError):
         return None
+
+
+def source_checkpoint_dtype(source: ModelSource, hub_config: Any = None) -> str | None:
+    """The type a model's weights were published in: the embedded registry's word, a folder's config.json, or a
+    hub model's config (``hub_config``, loaded by the caller, which needs it for the model too)."""
+    if source.kind == "embedded":
+        return EMBEDDED_MODELS[source.ref].checkpoint_dtype
+    if source.kind == "path":
+        return folder_checkpoint_dtype(Path(source.ref))
+    value = getattr(hub_config, "dtype", None) or getattr(hub_config, "torch_dtype", None)
+    return checkpoint_dtype({"dtype": str(value).removeprefix("torch.")}) if value else None
 
 
 def choose(requested: str, device: str, checkpoint: str | None, native: frozenset[str]) -> Choice:

@@ -46,7 +46,7 @@ from .batching import Batcher, BatchStream
 from .generation import LoadedModel
 from .gpu_check import GpuUnavailable, gpu_problem, parse_device_list, visible_devices, write_termination_message
 from .metrics import WorkerMetrics
-from .model_store import EMBEDDED_MODELS, ModelSource, ensure_embedded_converted, parse_source
+from .model_store import ensure_embedded_converted, parse_source
 from .settings import WorkerSettings
 
 log = logging.getLogger("fma.worker.engine")
@@ -99,17 +99,6 @@ def resolve_device(requested: str, torch: Any) -> str:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"FMA_DEVICE={requested} but CUDA is not available in this process")
     return requested
-
-
-def source_checkpoint_dtype(source: ModelSource, transformers: Any) -> str | None:
-    """The type the model's weights were published in, for dtype "auto" (dtype_policy.choose)."""
-    if source.kind == "embedded":
-        return EMBEDDED_MODELS[source.ref].checkpoint_dtype
-    if source.kind == "path":
-        return dtype_policy.folder_checkpoint_dtype(Path(source.ref))
-    config = transformers.AutoConfig.from_pretrained(source.ref)  # cached with the weights; small
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return dtype_policy.checkpoint_dtype({"dtype": str(value).removeprefix("torch.")}) if value else None
 
 
 # A fixed text whose next-token logits are recorded while the weights are known good and checked after each
@@ -263,7 +252,9 @@ class Engine:
                 raise GpuUnavailable(problem)
         self.device = resolve_device(s.device, torch)
         source = parse_source(s.source)
-        choice = dtype_policy.choose(s.dtype, self.device, source_checkpoint_dtype(source, transformers),
+        # A hub model's config is read once, here, for its dtype and below for the model.
+        hub_config = transformers.AutoConfig.from_pretrained(source.ref) if source.kind == "hf" else None
+        choice = dtype_policy.choose(s.dtype, self.device, dtype_policy.source_checkpoint_dtype(source, hub_config),
                                      dtype_policy.host_native(self.device, torch))
         self.dtype_name = choice.dtype
         log.info("computing in %s: %s", choice.dtype, choice.reason)
@@ -282,7 +273,7 @@ class Engine:
         # The launcher may have built the config, tokenizer and empty model before forking us (prepared.py).
         t = time.monotonic()
         parts = prepared.take(self._folder, self.dtype_name) if isinstance(self._folder, Path) else None
-        config = parts.config if parts else transformers.AutoConfig.from_pretrained(str(self._folder))
+        config = parts.config if parts else hub_config or transformers.AutoConfig.from_pretrained(str(self._folder))
         if parts is None and self.device == "cpu" and isinstance(self._folder, Path):
             self._skeleton = prepared.empty_model(config, getattr(torch, self.dtype_name))  # imports the modeling code
             phases["skeleton"] = time.monotonic() - t

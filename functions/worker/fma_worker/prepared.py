@@ -138,7 +138,7 @@ def target(env: Mapping[str, str]) -> tuple[Path, str, bool] | None:
     import torch
 
     from . import dtype_policy
-    from .model_store import EMBEDDED_MODELS, embedded_cache_dir, is_converted, parse_source
+    from .model_store import embedded_cache_dir, is_converted, parse_source
     from .settings import WorkerSettings
 
     settings = WorkerSettings.from_env(env)
@@ -154,12 +154,9 @@ def target(env: Mapping[str, str]) -> tuple[Path, str, bool] | None:
     if settings.dtype != "auto":
         dtype = settings.dtype
     else:  # device_cpu here: the same choice the engine will make (dtype_policy), from the CPU's flags
-        if source.kind == "embedded":
-            checkpoint = EMBEDDED_MODELS[source.ref].checkpoint_dtype
-        elif source.kind == "path":
-            checkpoint = dtype_policy.folder_checkpoint_dtype(Path(source.ref))
-        else:
+        if source.kind == "hf":
             return None
+        checkpoint = dtype_policy.source_checkpoint_dtype(source)
         dtype = dtype_policy.choose("auto", "cpu", checkpoint, dtype_policy.host_native("cpu")).dtype
     if source.kind == "embedded":
         assert settings.cache_dir is not None
