@@ -21,7 +21,7 @@ from kubernetes import client
 from conftest import EMBEDDED, REPO
 from fma_common.errors import ApiError, WorkerFailed, WorkerNotReady
 from fma_requester import protocol
-from fma_requester.knative import KnativeActuator, KnativeSettings
+from fma_requester.knative import KnativeActuator, KnativeSettings, pod_is_ready
 from fma_requester.knative_spec import (
     MANAGED_SELECTOR,
     WorkerTemplate,
@@ -197,6 +197,44 @@ def test_release_starts_no_pod_and_creates_no_revision(kube: FakeKube, sim: Simu
     # no pod at all and a warm warmed nothing. A start ends with a pod: one request through the route scaled the
     # Revision from zero.
     assert len(sim.live_pods(SVC)) == 1 and sim.pods_started[SVC] == 2
+
+
+def test_a_scale_from_zero_ends_when_the_route_answers_and_the_pod_is_ready_without_waiting_a_watch_slice(
+        kube: FakeKube, sim: SimulatedKnative, monkeypatch: pytest.MonkeyPatch):
+    """Issue 24: after the route's 200 the start waited for a Pod change (a watch of up to 1 s) before looking,
+    so a Pod already published ready cost a whole slice on every Knative cold start (1.0-1.1 s of 6.7 s)."""
+    import httpx
+
+    act = actuator(kube)
+    act.ensure_ready(EMBEDDED).done()
+    act.release(EMBEDDED)
+    sim.wait_until(lambda: not sim.live_pods(SVC), 90, "the released revision's pod to go")
+
+    def ready_pods() -> list[dict]:
+        return [p for p in kube.list_objects(NS, "pods") if pod_is_ready(p)
+                and not (p.get("metadata") or {}).get("deletionTimestamp")]
+
+    real_get = httpx.get
+
+    def route_get(url: str, **kw):  # the route's answer arrives once the Pod object says Ready (the usual order)
+        resp = real_get(url, **kw)
+        deadline = time.monotonic() + 10
+        while resp.status_code == 200 and not ready_pods() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return resp
+
+    waits: list[bool] = []
+    original = act.kn_effects._wait_pods_change
+
+    def recording(name: str, seconds: float) -> None:
+        waits.append(bool(ready_pods()))
+        original(name, seconds)
+
+    monkeypatch.setattr(httpx, "get", route_get)
+    monkeypatch.setattr(act.kn_effects, "_wait_pods_change", recording)
+    act.ensure_ready(EMBEDDED).done()
+    assert sim.pods_started[SVC] == 2
+    assert not any(waits), "waited for a Pod change while a ready Pod was already there"
 
 
 # ---- the sleep ladder: warm -> sleeping -> scaled to zero, and back ------------------------------
