@@ -661,7 +661,7 @@ def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kub
             assert status["state"] == "ready" and status["backend"] == "knative"
             # The cold start's timeline, asked of the pod: its own boot and load phases (no spawn: another clock).
             steps = status["last_start"]["steps"]
-            assert {"arbiter", "app", "import", "tokenizer", "weights", "total"} <= set(steps), steps
+            assert {"interpreter", "arbiter", "app", "import", "tokenizer", "weights", "total"} <= set(steps), steps
             assert "spawn" not in steps and steps["total"] > steps["import"] > 0, steps
             svc = kube.get_object(NS, SVC)
             assert svc["metadata"]["ownerReferences"][0]["name"] == "fma-requester"

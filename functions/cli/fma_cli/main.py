@@ -601,12 +601,17 @@ def prepare(model: str, dtype: str) -> None:
       fma prepare
       fma prepare smollm2-135m-instruct --dtype bfloat16
     """
+    from fma_worker import import_cache
     from fma_worker.model_store import EMBEDDED_MODELS, default_cache_dir, ensure_embedded_converted
 
     if model not in EMBEDDED_MODELS:
         raise CliError(f"{model!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)})", EXIT_USAGE)
+    import_cache.install()
     folder = ensure_embedded_converted(model, dtype, default_cache_dir(),
                                        progress=lambda msg: click.echo(f"fma prepare: {msg}", err=True))
+    # transformers' import table into the same cache (run at image build: no worker pod pays its scan).
+    import transformers  # noqa: F401
+
     click.echo(folder)
 
 

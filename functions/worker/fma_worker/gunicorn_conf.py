@@ -27,6 +27,7 @@ from fma_worker import runtime_env, timeline
 from fma_worker.settings import WorkerSettings
 
 timeline.mark("config")  # this process (plain or forked) got as far as gunicorn reading its config
+timeline.mark_process_start()
 # First, in a plain process and in one forked from the launcher alike: the
 # library environment is this worker's own (see runtime_env).
 runtime_env.prepare()

@@ -44,6 +44,9 @@ def prepare() -> None:
     global _reread_for
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+    from . import import_cache
+
+    import_cache.install()  # before transformers is first imported: its import table from disk (0.3 s)
     if "huggingface_hub.constants" not in sys.modules:
         return  # not imported yet: it will read the current environment itself
     current = _hub_environment()

@@ -19,13 +19,36 @@ _marks: dict[str, float] = {}
 _BOOT = {"config": "spawn", "listening": "arbiter", "worker": "worker_process", "app": "app", "load": "engine"}
 
 
+def process_started_at() -> float | None:
+    """Wall time at which the kernel started this process (``/proc/self/stat`` field 22, clock ticks since boot),
+    through ``CLOCK_BOOTTIME`` rather than ``btime`` (whole seconds); None where there is no procfs."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # Field 2 (the command) may hold spaces and parentheses: split after its closing one.
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 overall; fields[0] here is field 3
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age
+
+
+def mark_process_start() -> None:
+    """Record when this process began (gunicorn's config, read first thing by a plain process's arbiter): the
+    ``interpreter`` step, up to the ``config`` mark, is Python's start and gunicorn's own imports."""
+    started = process_started_at()
+    if started is not None:
+        _marks.setdefault("process", started)
+
+
 def mark(name: str) -> None:
     """Record when this process first got to ``name`` (later calls keep the first time)."""
     _marks.setdefault(name, time.time())
 
 
 def report(load_phases: dict[str, float] | None) -> dict[str, Any]:
-    """Seconds per step of this start: spawn (asked -> this process ran its config), arbiter, worker_process, app
+    """Seconds per step of this start: spawn (asked -> this process ran its config) or, where nobody said when it
+    was asked, interpreter (the process began -> it ran its config), arbiter, worker_process, app
     and engine (gunicorn, then the Flask app; a forked worker has neither arbiter nor worker process), then the
     engine's load phases; ``ready_at`` is the wall time it became ready."""
     steps: dict[str, float] = {}
@@ -37,6 +60,10 @@ def report(load_phases: dict[str, float] | None) -> dict[str, Any]:
     config, load = _marks.get("config"), _marks.get("load")
     if asked is not None and config is not None:
         steps["spawn"] = config - asked
+    elif config is not None and "process" in _marks:
+        # A plain process (a Knative pod's): nobody recorded when it was asked for, but the kernel knows when
+        # it began. Left out where spawn is known, which already includes it.
+        steps["interpreter"] = max(0.0, config - _marks["process"])
     # The boot, mark to mark up to the engine's start: gunicorn's arbiter until it listens, its worker process,
     # the Flask app. A worker forked from the launcher has no arbiter and binds its socket while the model
     # loads (single.py): marks after the engine's start overlap the load and are left out of the sum.
