@@ -637,12 +637,17 @@ class Engine:
 
 
 def _emptied(model: Any, torch: Any) -> Any:
-    """The model with every parameter replaced by an empty (meta) one: its memory is freed, its modules kept."""
+    """The model with every parameter replaced by an empty (meta) one: its memory is freed, its modules kept.
+
+    Each keeps its ``requires_grad``: ``load_state_dict(assign=True)`` keeps the module's, and with torch 2.13
+    on a CPU a bfloat16 linear whose weight has ``requires_grad=False`` copies the weight on every call (every
+    forward after a level-2 wake ran 3x slower: 0.12-0.17 s against 0.04 s, ``aten::copy_`` 96 of 140 ms).
+    """
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None:
                 module._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="meta"),
-                                                              requires_grad=False)
+                                                              requires_grad=param.requires_grad)
     return model
 
 
