@@ -121,9 +121,11 @@ bench-gpu-wheels: $(STAMP)
 	$(BIN)/python -m pip download --quiet --no-deps --dest bench/wheels $(WHEEL_TARGET) accelerate psutil
 	@du -sh bench/wheels
 
+# The commit whose Knative cold start bench-actuation runs beside this checkout's (issue 24: before its cuts).
+KNATIVE_BASELINE ?= f09cf83
 bench-actuation: prepare
 	$(BIN)/python -m pip install --quiet "matplotlib>=3.8"
-	$(BIN)/python bench/actuation.py --out bench/results/actuation.json
+	$(BIN)/python bench/actuation.py --knative-baseline $(KNATIVE_BASELINE) --out bench/results/actuation.json
 
 # ---- Knative: build, push, deploy (REGISTRY=registry.example.com/me TAG=0.1.0) ----------------
 # The requester's image is the one setting: workers run the same registry and tag, named fma-worker.

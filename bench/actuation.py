@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -222,6 +223,48 @@ def chart(report: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def knative_baseline(workdir: Path, rev: str, rounds: int, dtype: str, runs: int = 3) -> dict[str, object]:
+    """The Knative cold start of commit ``rev`` beside this checkout's, alternating, in one run: its requester
+    and pods import that commit's packages (``PYTHONPATH`` to a worktree, ahead of the editable install), the
+    simulator and this script stay this checkout's."""
+    repo = Path(__file__).resolve().parents[1]
+    tree = workdir / f"baseline-{rev}"
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-f", str(tree), rev], check=True,
+                   capture_output=True)
+    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    paths = os.pathsep.join(str(tree / "functions" / p) for p in ("requester", "worker", "common", "cli"))
+    sides: dict[str, list[float]] = {"baseline": [], "current": []}
+    totals: dict[str, list[float]] = {"baseline": [], "current": []}
+    saved = os.environ.get("PYTHONPATH")
+    try:
+        for _ in range(rounds):
+            for side in ("baseline", "current"):
+                if side == "baseline":
+                    os.environ["PYTHONPATH"] = paths
+                elif saved is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = saved
+                where = workdir / f"{side}-{len(sides[side])}"
+                where.mkdir()
+                got = knative_section(where, runs, dtype)
+                sides[side].append(got["results"]["cold"]["median"])  # type: ignore[index]
+                totals[side].append(got["cold_start_timeline"].get("total", {}).get("median", 0.0))  # type: ignore
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    pairs = [round(c / b - 1, 3) for b, c in zip(sides["baseline"], sides["current"], strict=True)]
+    return {"metric": "Knative cold start (released, from zero) time to first token, median of each round's "
+                      f"{runs} runs, seconds", "dtype": dtype, "baseline_commit": commit,
+            "rounds": {"baseline": sides["baseline"], "current": sides["current"]},
+            "start_total": totals, "change_per_round": pairs,
+            "change_median": round(statistics.median(pairs), 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=7)
@@ -229,6 +272,10 @@ def main() -> int:
     parser.add_argument("--skip-knative", action="store_true")
     parser.add_argument("--knative-dtypes", default=f"float32,{SERVED.dtype}",
                         help="the Knative path once per dtype, in this order (float32 was the only one before)")
+    parser.add_argument("--knative-baseline", metavar="REV", default="",
+                        help="also run the Knative cold path of this commit (a git worktree), interleaved with "
+                             "this checkout's, in the served dtype: the same-run comparison issue 24 asks for")
+    parser.add_argument("--knative-baseline-rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/actuation.json"))
     args = parser.parse_args()
     results: dict[str, list[float]] = {k: [] for k in ("naive_cold", "cold_plain_process", "cold_after_start",
@@ -286,6 +333,9 @@ def main() -> int:
             print(f"{name:10} " + " ".join(f"{v:.3f}" for v in values), file=sys.stderr)
         dtypes = dict.fromkeys(args.knative_dtypes.split(","))
         knative = None if args.skip_knative else {d: knative_section(workdir, args.runs, d) for d in dtypes}
+        if knative is not None and args.knative_baseline:
+            knative["baseline"] = knative_baseline(workdir, args.knative_baseline, args.knative_baseline_rounds,
+                                                   SERVED.dtype)
 
     import torch
 
