@@ -90,3 +90,4 @@ def test_a_reinstall_or_an_edited_editable_install_changes_the_key(tmp_path: Pat
 def test_the_table_round_trips_through_json():
     table = {frozenset(): {"models.a.b": {"A", "B"}}, frozenset({"torch", "vision"}): {"models.c": {"C"}}}
     assert import_cache._decode(json.loads(json.dumps(import_cache._encode(table)))) == table
+
