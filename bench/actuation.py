@@ -223,25 +223,34 @@ def chart(report: dict, path: Path) -> None:
     fig.savefig(path)
 
 
-def knative_baseline(workdir: Path, rev: str, rounds: int, dtype: str, runs: int = 3) -> dict[str, object]:
+def knative_baseline(workdir: Path, rev: str, rounds: int, dtype: str, runs: int = 3,
+                     current_rev: str = "") -> dict[str, object]:
     """The Knative cold start of commit ``rev`` beside this checkout's, alternating, in one run: its requester
     and pods import that commit's packages (``PYTHONPATH`` to a worktree, ahead of the editable install), the
-    simulator and this script stay this checkout's."""
+    simulator and this script stay this checkout's. With ``current_rev`` the other side is that commit's too
+    (a worktree), so the checkout may change while it runs."""
     repo = Path(__file__).resolve().parents[1]
-    tree = workdir / f"baseline-{rev}"
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-f", str(tree), rev], check=True,
-                   capture_output=True)
-    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True,
+    trees = {}
+    for side, ref in (("baseline", rev), ("current", current_rev)):
+        if ref:
+            trees[side] = workdir / f"{side}-{ref}"
+            subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-f", str(trees[side]), ref],
+                           check=True, capture_output=True)
+    commit = subprocess.run(["git", "-C", str(trees["baseline"]), "rev-parse", "--short", "HEAD"], check=True,
                             capture_output=True, text=True).stdout.strip()
-    paths = os.pathsep.join(str(tree / "functions" / p) for p in ("requester", "worker", "common", "cli"))
+    current = subprocess.run(["git", "-C", str(trees.get("current", repo)), "rev-parse", "--short", "HEAD"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+
+    def paths(tree: Path) -> str:
+        return os.pathsep.join(str(tree / "functions" / p) for p in ("requester", "worker", "common", "cli"))
     sides: dict[str, list[float]] = {"baseline": [], "current": []}
     totals: dict[str, list[float]] = {"baseline": [], "current": []}
     saved = os.environ.get("PYTHONPATH")
     try:
         for _ in range(rounds):
             for side in ("baseline", "current"):
-                if side == "baseline":
-                    os.environ["PYTHONPATH"] = paths
+                if side in trees:
+                    os.environ["PYTHONPATH"] = paths(trees[side])
                 elif saved is None:
                     os.environ.pop("PYTHONPATH", None)
                 else:
@@ -256,10 +265,12 @@ def knative_baseline(workdir: Path, rev: str, rounds: int, dtype: str, runs: int
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved
-        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        for tree in trees.values():
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
     pairs = [round(c / b - 1, 3) for b, c in zip(sides["baseline"], sides["current"], strict=True)]
     return {"metric": "Knative cold start (released, from zero) time to first token, median of each round's "
                       f"{runs} runs, seconds", "dtype": dtype, "baseline_commit": commit,
+            "current_commit": current + ("" if "current" in trees else " (the checkout)"),
             "rounds": {"baseline": sides["baseline"], "current": sides["current"]},
             "start_total": totals, "change_per_round": pairs,
             "change_median": round(statistics.median(pairs), 3)}
