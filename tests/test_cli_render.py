@@ -82,4 +82,4 @@ def test_an_unknown_embedded_model_is_one_line_naming_the_known_ones(capsys):
 
     assert main(["model-path", "nosuch"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "fma: 'nosuch' is not an embedded model (smollm2-135m-instruct)"
+    assert err.strip() == "fma: 'nosuch' is not an embedded model (smollm2-135m-instruct, all-minilm-l6-v2)"

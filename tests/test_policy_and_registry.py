@@ -98,11 +98,35 @@ def test_backoff_starts_at_the_base_doubles_and_is_capped():
     assert [backoff_delay(n, 2, 10) for n in range(5)] == [0, 2, 4, 8, 10]
 
 
-def test_builtin_registry_serves_the_embedded_model():
+def test_builtin_registry_serves_both_embedded_models_a_chat_and_an_embedding_one():
     reg = ModelRegistry.load(None)
-    assert reg.names() == ["smollm2-135m-instruct"]
+    assert reg.names() == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
     spec = reg.get("smollm2-135m-instruct")
     assert spec.idle_timeout == 300 and spec.max_queue == 64 and spec.queue_timeout == 120
+    assert spec.model_kind == "chat" and not spec.preload
+    embed = reg.get("all-minilm-l6-v2")
+    assert embed.model_kind == "embedding" and not embed.preload and embed.knative.gpus == 0
+    assert reg.resolve("sentence-transformers/all-MiniLM-L6-v2") == "all-minilm-l6-v2"
+    assert reg.resolve("no-such-model") == "no-such-model"
+
+
+def test_an_embedded_models_kind_is_its_own_unless_the_file_says_otherwise():
+    reg = ModelRegistry.from_text("models:\n  - {name: e, source: 'embedded:all-minilm-l6-v2'}\n"
+                                  "  - {name: c, source: 'embedded:smollm2-135m-instruct', kind: completion}\n")
+    assert reg.get("e").model_kind == "embedding" and reg.get("c").model_kind == "completion"
+
+
+@pytest.mark.parametrize("models, message", [
+    ("  - {name: a, source: 'embedded:smollm2-135m-instruct', aliases: [b]}\n"
+     "  - {name: b, source: 'embedded:smollm2-135m-instruct'}\n", "alias 'b' is already a model's name"),
+    ("  - {name: a, source: 'embedded:smollm2-135m-instruct', aliases: [x]}\n"
+     "  - {name: b, source: 'embedded:smollm2-135m-instruct', aliases: [x]}\n", "alias 'x' is already an alias of a"),
+    ("  - {name: a, source: 'embedded:smollm2-135m-instruct', kind: vision}\n", "kind"),
+])
+def test_aliases_are_unique_across_names_and_aliases_and_kinds_are_known(models, message):
+    with pytest.raises(SettingsError) as err:
+        ModelRegistry.from_text("models:\n" + models)
+    assert message in str(err.value)
 
 
 def test_model_values_override_defaults():

@@ -360,6 +360,35 @@ def complete(ctx: click.Context, model: str, prompt: str, stream: bool, chat: bo
         _stream(client, path, {**body, "stream": True}, model, chat)
 
 
+@cli.command(context_settings=CONTEXT)
+@MODEL
+@click.argument("texts", nargs=-1, required=True)
+@client_options
+@click.option("-o", "--output", type=click.Choice(("table", "json")), default="table", show_default=True,
+              help="one line per text (its dimensions and first values), or the whole response object")
+@click.pass_context
+def embed(ctx: click.Context, model: str, texts: tuple[str, ...], url: str | None, namespace: str | None,
+          api_key: str | None, timeout: float, output: str) -> None:
+    """Embed each of TEXTS with MODEL, a model of kind embedding (starting its worker if needed).
+
+    \b
+    Examples:
+      fma embed all-minilm-l6-v2 "The cat sat on the mat." "A dog slept on the rug."
+      fma embed all-minilm-l6-v2 "hello" -o json | jq '.data[0].embedding | length'
+    """
+    body = {"model": model, "input": list(texts)}
+    with connect(ctx, url, namespace, api_key, timeout) as client:
+        data = client.json("POST", "/v1/embeddings", model=model, json=body)
+    if output == "json":
+        click.echo(dump(data, "json"))
+        return
+    for item, text in zip(data["data"], texts, strict=True):
+        vector = item["embedding"]
+        head = ", ".join(f"{v:.4f}" for v in vector[:4])
+        click.echo(f"{len(vector)} dims  [{head}, ...]  {text[:60]}")
+    click.echo(f"{data['usage']['prompt_tokens']} tokens, model {data['model']}")
+
+
 def _stream(client: RequesterClient, path: str, body: dict[str, Any], model: str, chat: bool) -> None:
     import json
 

@@ -115,9 +115,10 @@ def workers_table(rows: Sequence[Mapping[str, Any]], now: float, colour: bool) -
 
 
 def models_table(rows: Sequence[Mapping[str, Any]], colour: bool) -> str:
-    cells = [(m["id"], m.get("state", "-"), m.get("backend", "-")) for m in rows]
-    tints = [(None, STATE_COLOURS.get(m.get("state", ""))) for m in rows]
-    return table(("MODEL", "STATE", "BACKEND"), cells, colours=tints, colour=colour)
+    cells = [(m["id"], m.get("kind", "-"), m.get("state", "-"), m.get("backend", "-"),
+              ", ".join(m.get("aliases") or []) or "-") for m in rows]
+    tints = [(None, None, STATE_COLOURS.get(m.get("state", ""))) for m in rows]
+    return table(("MODEL", "KIND", "STATE", "BACKEND", "ALIASES"), cells, colours=tints, colour=colour)
 
 
 def progress_line(model: str, w: Mapping[str, Any] | None, elapsed: float) -> str:

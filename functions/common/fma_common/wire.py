@@ -390,6 +390,7 @@ PATH_OPENAPI = "/openapi.json"
 
 def routes() -> list[Any]:
     from fma_common.openapi import Route
+    from fma_common.wire_embeddings import PATH_EMBEDDINGS, EmbeddingRequest, EmbeddingResponse
 
     gen = (400, 404, 413, 429, 503)
     return [
@@ -405,6 +406,8 @@ def routes() -> list[Any]:
               streams=True, auth="worker", errors=gen),
         Route("POST", PATH_CHAT, "OpenAI chat completions", body=ChatCompletionRequest,
               answer=ChatCompletionResponse, streams=True, auth="worker", errors=gen),
+        Route("POST", PATH_EMBEDDINGS, "OpenAI embeddings (a model of kind embedding)", body=EmbeddingRequest,
+              answer=EmbeddingResponse, auth="worker", errors=gen),
         Route("POST", PATH_SLEEP, "vLLM sleep: level 1 keeps the weights in host memory, level 2 drops them",
               query=SleepQuery, auth="worker", errors=(400, 409, 503)),
         Route("POST", PATH_WAKE, "wake, verified by the canary", auth="worker", errors=(503,)),

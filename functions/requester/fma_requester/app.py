@@ -13,19 +13,20 @@ neither torch nor transformers.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fma_common import events
 from fma_common.auth import KeyRing, Role, read_keys
-from fma_common.errors import ApiError, InvalidRequest, ShuttingDown
+from fma_common.errors import ApiError, InvalidRequest, ModelNotFound, ShuttingDown
 from fma_common.http import (
     SSE_HEADERS,
     install_access_log,
@@ -39,8 +40,10 @@ from fma_common.http import (
 from fma_common.logs import setup_logging
 from fma_common.openapi import document, version
 from fma_common.settings import SettingsError, describe
+from fma_common.wire_embeddings import PATH_EMBEDDINGS
+from fma_common.wire_responses import PATH_RESPONSES, ResponsesRequest
 
-from . import drain, oidc, ui
+from . import drain, oidc, responses, ui
 from . import protocol as p
 from .actuator import Actuator
 from .dataplane import DataPlane
@@ -192,10 +195,30 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
             resp.headers["Connection"] = "close"
         return resp
 
+    def models_now() -> ModelRegistry:
+        return getattr(actuator, "registry", None) or registry  # a reload swaps the actuator's
+
+    def route_to(name: str, path: str) -> str:
+        """The model a request for ``name`` on ``path`` reaches (aliases resolved); 400 when the model's kind is
+        not what the endpoint serves. An unknown name is returned as it is, for the actuator's 404."""
+        reg = models_now()
+        model = reg.resolve(name)
+        spec = reg.get(model)
+        if spec is not None and spec.model_kind not in p.ENDPOINT_KINDS[path]:
+            right = [e for e, kinds in p.ENDPOINT_KINDS.items() if spec.model_kind in kinds]
+            raise InvalidRequest(f"model {model} is a {spec.model_kind} model: it serves {' and '.join(right)}, not "
+                                 f"{path}", param="model", code="wrong_model_kind")
+        return model
+
     def infer(path: str) -> Response:
         raw = request.get_data(cache=True)
-        routed = parse_model(p.RoutedRequest, parse_json(raw))
-        done = plane.complete(routed.model, path, raw, routed.stream)
+        payload = parse_json(raw)
+        routed = parse_model(p.RoutedRequest, payload)
+        model = route_to(routed.model, path)
+        if model != routed.model:  # an alias: the worker knows its model by its own name
+            payload["model"] = model
+            raw = json.dumps(payload).encode()
+        done = plane.complete(model, path, raw, routed.stream)
         if done.stream is not None:
             resp = Response(done.stream, status=done.status, headers=merged_headers(done.headers, SSE_HEADERS))
             resp.call_on_close(done.stream.close)  # client gone: close upstream so the worker stops
@@ -250,11 +273,27 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     def metrics_text() -> Response:
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
+    def model_card(status: Any) -> dict[str, Any] | None:
+        spec = models_now().get(status.model)
+        card: dict[str, Any] = {"id": status.model, "object": "model", "created": 0, "owned_by": "fma",
+                                "state": status.state, "backend": status.backend}
+        if spec is not None:
+            card.update(kind=spec.model_kind, aliases=list(spec.aliases), description=spec.description,
+                        unlisted=spec.unlisted)
+        return card
+
     @app.get(p.PATH_MODELS)
     def models() -> Response:
-        data = [{"id": s.model, "object": "model", "created": 0, "owned_by": "fma", "state": s.state,
-                 "backend": s.backend} for s in actuator.list()]
+        data = [card for card in map(model_card, actuator.list()) if card and not card.get("unlisted")]
         return json_response({"object": "list", "data": data})
+
+    @app.get(f"{p.PATH_MODELS}/<path:model>")
+    def one_model(model: str) -> Response:
+        name = models_now().resolve(model)
+        status = next((s for s in actuator.list() if s.model == name), None)
+        if status is None:
+            raise ModelNotFound(f"model {model!r} is not configured here", param="model")
+        return json_response(model_card(status))
 
     @app.post(p.PATH_COMPLETIONS)
     def completions() -> Response:
@@ -264,6 +303,24 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     def chat() -> Response:
         return infer(p.PATH_CHAT)
 
+    @app.post(PATH_EMBEDDINGS)
+    def embeddings() -> Response:
+        return infer(PATH_EMBEDDINGS)
+
+    @app.post(PATH_RESPONSES)
+    def create_response() -> Response:
+        req = parse_model(ResponsesRequest, parse_json())
+        req = req.model_copy(update={"model": route_to(req.model, PATH_RESPONSES)})
+        body = json.dumps(responses.chat_body(req)).encode()
+        done = plane.complete(req.model, p.PATH_CHAT, body, req.stream, endpoint=PATH_RESPONSES)
+        if done.stream is not None:
+            stream = responses.ResponsesStream(req, done.stream)
+            resp = Response(stream, status=done.status, headers=merged_headers(done.headers, SSE_HEADERS))
+            resp.call_on_close(stream.close)
+            return resp
+        kept = {k: v for k, v in done.headers.items() if k.lower().startswith("x-fma-")}
+        return json_response(responses.from_chat(req, done.json()), headers=kept)
+
     @app.get(p.PATH_WORKERS)
     def workers() -> Response:
         return json_response({"object": "list", "data": [s.as_dict() for s in actuator.list()]})
@@ -271,6 +328,7 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     @app.post(f"{p.PATH_WORKERS}/<path:model>/warm")
     def warm(model: str) -> Response:
         query = parse_model(p.WarmQuery, query_args(request.args))
+        model = models_now().resolve(model)
         actuator.ensure_ready(model).done()
         if query.level != "awake":  # prewarm to a sleep level: loaded once, parked, woken fast later
             return json_response(actuator.sleep(model, int(query.level[-1])).as_dict())
@@ -279,15 +337,15 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
     @app.post(f"{p.PATH_WORKERS}/<path:model>/sleep")
     def sleep(model: str) -> Response:
         query = parse_model(p.SleepQuery, query_args(request.args))
-        return json_response(actuator.sleep(model, query.level).as_dict())
+        return json_response(actuator.sleep(models_now().resolve(model), query.level).as_dict())
 
     @app.delete(f"{p.PATH_WORKERS}/<path:model>")
     def release(model: str) -> Response:
-        return json_response(actuator.release(model).as_dict())
+        return json_response(actuator.release(models_now().resolve(model)).as_dict())
 
     @app.get(f"{p.PATH_WORKERS}/<path:model>")
     def describe_worker(model: str) -> Response:
-        return json_response(actuator.describe(model).as_dict())
+        return json_response(actuator.describe(models_now().resolve(model)).as_dict())
 
     @app.get(p.PATH_UI)
     def status_page() -> Response:
@@ -358,6 +416,13 @@ def _reply(incoming: events.IncomingEvent, actuator: Actuator, plane: DataPlane,
         model = data.get("model") or incoming.subject
         if not isinstance(model, str) or not model:
             raise InvalidRequest("the event names no model: set data.model or the subject attribute")
+        registry = getattr(actuator, "registry", None)
+        if registry is not None:
+            model = registry.resolve(model)  # an alias reaches its model, as over HTTP
+            spec = registry.get(model)
+            if kind == p.COMPLETION_REQUESTED and spec is not None and spec.model_kind == "embedding":
+                raise InvalidRequest(f"model {model} is an embedding model; completion events need a chat or "
+                                     "completion model", param="model", code="wrong_model_kind")
         if kind == p.COMPLETION_REQUESTED:
             outcome = plane.complete_event(model, data, deadline_s)
             reply_type, payload = (p.COMPLETION_SUCCEEDED, outcome.data) if outcome.ok else \

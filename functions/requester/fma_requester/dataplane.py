@@ -117,7 +117,9 @@ class KeepaliveStream:
     the place in the queue, or the lease, and the upstream connection.
     """
 
-    def __init__(self, plane: DataPlane, ticket: Any, model: str, path: str, body: bytes, every_s: float) -> None:
+    def __init__(self, plane: DataPlane, ticket: Any, model: str, path: str, body: bytes, every_s: float,
+                 endpoint: str | None = None) -> None:
+        self._endpoint = endpoint
         self._plane, self._ticket, self._model, self._path, self._body = plane, ticket, model, path, body
         self._every = every_s
         self._relay: RelayStream | None = None
@@ -147,7 +149,8 @@ class KeepaliveStream:
                 plane.log_lease(self._model, lease.actuation)
                 yield f": fma-actuation {lease.actuation.header()}\n\n".encode()
                 try:
-                    upstream = plane.forward(lease, self._model, self._path, self._body, True)
+                    upstream = plane.forward(lease, self._model, self._path, self._body, True,
+                                             endpoint=self._endpoint)
                 except ApiError as err:
                     if isinstance(err, UpstreamError):
                         plane.actuator.worker_lost(lease)  # gone? replaced now, for the next request
@@ -198,9 +201,10 @@ class DataPlane:
             log.info("%s served after a %s start of %.2f s", model, actuation.path, actuation.seconds)
 
     def forward(self, lease: Any, model: str, path: str, body: bytes, stream: bool,
-                deadline: float | None = None) -> Any:
+                deadline: float | None = None, endpoint: str | None = None) -> Any:
         """Send to the worker and count the answer; a worker that cannot be reached is reported. With a
         ``deadline`` (monotonic), the worker's answer is waited for until then and no longer."""
+        label = endpoint or path  # the client's endpoint in metrics (/v1/responses is served on the chat path)
         read_timeout = None
         if deadline is not None:
             read_timeout = deadline - time.monotonic()
@@ -210,7 +214,7 @@ class DataPlane:
         try:
             upstream = self.proxy.forward(lease, path, body, stream, read_timeout=read_timeout)
         except (UpstreamError, UpstreamTimeout) as exc:
-            self.metrics.requests.labels(model, path, str(exc.status)).inc()
+            self.metrics.requests.labels(model, label, str(exc.status)).inc()
             if exc.code == "upstream_timeout" and deadline is not None and time.monotonic() >= deadline - 0.05:
                 # Our deadline, not a hung worker: the worker is busy with a long answer, so no probe.
                 raise DeadlineExceeded(f"the worker for {model} had not answered when the request's deadline "
@@ -221,9 +225,9 @@ class DataPlane:
                 self.actuator.worker_unreachable(lease)
             raise
         except ApiError as exc:
-            self.metrics.requests.labels(model, path, str(exc.status)).inc()
+            self.metrics.requests.labels(model, label, str(exc.status)).inc()
             raise
-        self.metrics.requests.labels(model, path, str(upstream.status)).inc()
+        self.metrics.requests.labels(model, label, str(upstream.status)).inc()
         if upstream.stream is not None:
             upstream.stream.on_broken = lambda: self.actuator.worker_unreachable(lease)
         return upstream
@@ -246,8 +250,8 @@ class DataPlane:
                 raise ShuttingDown(f"the requester is shutting down before the worker for {model} was ready; "
                                    f"retry the request", headers={"Retry-After": "1"})
 
-    def complete(self, model: str, path: str, body: bytes, stream: bool, deadline: float | None = None
-                 ) -> Completion:
+    def complete(self, model: str, path: str, body: bytes, stream: bool, deadline: float | None = None,
+                 endpoint: str | None = None) -> Completion:
         """Serve one request: raises a typed :class:`ApiError` (an :class:`UpstreamAnswer`
         for the worker's own error answers) or returns the worker's success.
 
@@ -260,12 +264,13 @@ class DataPlane:
                 if lease is None:
                     log.info("%s: the worker is not ready; keeping the stream alive while it starts", model)
                     return Completion(200, {"Content-Type": "text/event-stream"}, None,
-                                      stream=KeepaliveStream(self, ticket, model, path, body, self.keepalive_s))
+                                      stream=KeepaliveStream(self, ticket, model, path, body, self.keepalive_s,
+                                                                            endpoint))
             else:
                 lease = self._wait_for_worker(model, deadline)
             self.log_lease(model, lease.actuation)
             try:
-                upstream = self.forward(lease, model, path, body, stream, deadline)
+                upstream = self.forward(lease, model, path, body, stream, deadline, endpoint)
             except UpstreamError as exc:
                 # The connection failed before the worker answered; a worker that is gone is replaced. The request
                 # goes again, to a new worker (the client sees a cold start), only when no live process can have

@@ -150,6 +150,7 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
     env = {
         "FMA_MODEL": spec.name,
         "FMA_MODEL_SOURCE": spec.source,
+        "FMA_MODEL_KIND": spec.model_kind,
         "FMA_DTYPE": spec.dtype,
         "FMA_DEVICE": spec.device,
         # The image carries the converted model (FMA_CACHE_DIR is set there);

@@ -66,6 +66,7 @@ class LocalEffects(Effects):
         env.update(spec.env)
         env.update({
             "FMA_MODEL": spec.name, "FMA_MODEL_SOURCE": spec.source, "FMA_DTYPE": spec.dtype,
+            "FMA_MODEL_KIND": spec.model_kind,
             "FMA_DEVICE": spec.device, "PORT": str(port), "FMA_HOST": self.settings.worker_host,
             "FMA_CACHE_DIR": str(self.settings.cache_dir), "FMA_LIFELINE_FD": str(self.supervisor.lifeline_fd),
         })

@@ -76,6 +76,15 @@ def is_transient(status: int) -> bool:
 # ---- requests --------------------------------------------------------------------
 
 
+# The model kinds each inference endpoint serves (a request for another kind is a 400 naming the right endpoint).
+ENDPOINT_KINDS: dict[str, tuple[str, ...]] = {
+    "/v1/completions": ("chat", "completion"),
+    "/v1/chat/completions": ("chat",),
+    "/v1/responses": ("chat",),
+    "/v1/embeddings": ("embedding",),
+}
+
+
 class RoutedRequest(BaseModel):
     """The two fields the requester reads of a completion; the worker validates the rest."""
 
@@ -166,6 +175,8 @@ PATH_OPENAPI = "/openapi.json"
 def routes() -> list[Any]:
     from fma_common import wire
     from fma_common.openapi import Route
+    from fma_common.wire_embeddings import PATH_EMBEDDINGS, EmbeddingRequest, EmbeddingResponse
+    from fma_common.wire_responses import PATH_RESPONSES, ResponsesRequest
 
     infer = (400, 404, 413, 429, 502, 503, 504)
     workers = f"{PATH_WORKERS}/<path:model>"
@@ -179,12 +190,19 @@ def routes() -> list[Any]:
         Route("GET", PATH_ACCELERATOR_MEMORY, "memory used per GPU (MiB)", auth="infer", errors=(500,)),
         Route("GET", PATH_METRICS, "Prometheus metrics", answer="text", errors=()),
         Route("GET", PATH_OPENAPI, "this document", errors=()),
-        Route("GET", PATH_MODELS, "the configured models and their workers' state", auth="infer", errors=()),
+        Route("GET", PATH_MODELS, "the listed models (unlisted ones are left out): kind, aliases, description and "
+              "their workers' state", auth="infer", errors=()),
+        Route("GET", f"{PATH_MODELS}/<path:model>", "one model, by its name or an alias", auth="infer",
+              errors=(404,)),
         Route("POST", PATH_COMPLETIONS, "OpenAI completions: starts or wakes the model's worker as needed",
               body=wire.CompletionRequest, answer=wire.CompletionResponse, streams=True, auth="infer",
               errors=infer),
         Route("POST", PATH_CHAT, "OpenAI chat completions", body=wire.ChatCompletionRequest,
               answer=wire.ChatCompletionResponse, streams=True, auth="infer", errors=infer),
+        Route("POST", PATH_EMBEDDINGS, "OpenAI embeddings, from a model of kind embedding",
+              body=EmbeddingRequest, answer=EmbeddingResponse, auth="infer", errors=infer),
+        Route("POST", PATH_RESPONSES, "OpenAI Responses (stateless), served on the chat path",
+              body=ResponsesRequest, streams=True, auth="infer", errors=infer),
         Route("GET", PATH_WORKERS, "every model's worker status", auth="infer", errors=()),
         Route("GET", workers, "one model's worker status", auth="infer", errors=(404,)),
         Route("POST", f"{workers}/warm", "start the worker (and park it asleep with level=sleep1|sleep2)",

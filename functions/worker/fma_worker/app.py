@@ -31,9 +31,11 @@ from fma_common.http import (
 from fma_common.logs import setup_logging
 from fma_common.openapi import document, version
 from fma_common.settings import describe
+from fma_common.wire_embeddings import PATH_EMBEDDINGS, EmbeddingRequest
 
 from . import timeline
 from .admission import Admission
+from .embed_service import EmbeddingService
 from .engine import Engine
 from .metrics import WorkerMetrics, resident_bytes
 from .serving import CompletionService, SSEStream
@@ -58,6 +60,7 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
     admission = Admission(settings.max_batch, settings.max_queue, settings.queue_timeout_s,
                           tokens=settings.max_batch_tokens)
     service = CompletionService(settings, engine, admission, metrics)
+    embedder = EmbeddingService(settings, engine, admission, metrics)
 
     app = Flask("fma_worker")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -82,7 +85,7 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
 
     @app.after_request
     def _count(resp: Response) -> Response:
-        if request.path in (p.PATH_COMPLETIONS, p.PATH_CHAT, p.PATH_CLOUDEVENTS):
+        if request.path in (p.PATH_COMPLETIONS, p.PATH_CHAT, PATH_EMBEDDINGS, p.PATH_CLOUDEVENTS):
             metrics.requests.labels(settings.model, request.path, str(resp.status_code)).inc()
         return resp
 
@@ -129,13 +132,32 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
     def models() -> Response:
         return json_response(service.models().model_dump(mode="json"))
 
+    def generative(endpoint: str) -> None:
+        """An embedding model generates no text: say which endpoint it serves instead of a confusing failure."""
+        if engine.kind == "embedding":
+            raise InvalidRequest(f"model {settings.model} is an embedding model; it serves /v1/embeddings, not "
+                                 f"{endpoint}", param="model", code="wrong_model_kind")
+
     @app.post(p.PATH_COMPLETIONS)
     def completions() -> Response:
-        return render(service.complete(parse_body(p.CompletionRequest)))
+        req = parse_body(p.CompletionRequest)
+        generative(p.PATH_COMPLETIONS)
+        return render(service.complete(req))
 
     @app.post(p.PATH_CHAT)
     def chat() -> Response:
-        return render(service.chat(parse_body(p.ChatCompletionRequest)))
+        req = parse_body(p.ChatCompletionRequest)
+        generative(p.PATH_CHAT)
+        return render(service.chat(req))
+
+    @app.post(PATH_EMBEDDINGS)
+    def embeddings() -> Response:
+        req = parse_body(EmbeddingRequest)
+        if engine.kind != "embedding":
+            raise InvalidRequest(f"model {settings.model} is a {engine.kind} model, not an embedding model; it "
+                                 "serves /v1/completions and /v1/chat/completions", param="model",
+                                 code="wrong_model_kind")
+        return render(embedder.embed(req))
 
     @app.post(p.PATH_SLEEP)
     def sleep() -> Response:

@@ -43,6 +43,7 @@ from fma_common.wire import SamplingParams
 
 from . import dtype_policy, prepared, runtime_env, timeline
 from .batching import Batcher, BatchStream
+from .embedding import EmbeddingBatcher, Pooling, pool
 from .generation import LoadedModel
 from .gpu_check import GpuUnavailable, gpu_problem, parse_device_list, visible_devices, write_termination_message
 from .metrics import WorkerMetrics
@@ -153,9 +154,16 @@ class Engine:
         self._canary_ids: list[int] = []
         self._reference: Canary | None = None  # the canary's answer from known-good weights; every wake must match
         self._print: Any = None  # a CPU level-1 sleeper's weight fingerprint
+        self.kind = settings.kind or "chat"
         # Every generation runs on this one scheduler: concurrent requests share forward passes.
         self.batcher = Batcher(self._loaded, max_rows=settings.max_batch, prefill_chunk=settings.prefill_chunk,
                                on_step=self._stepped)
+        # An embedding model's inputs, likewise (embedding.py); its pooling and limits are read at load.
+        self.embedder = EmbeddingBatcher(self._embed_rows, max_rows=settings.max_batch,
+                                         max_tokens=settings.max_batch_tokens) if self.kind == "embedding" else None
+        self._pooling: Pooling | None = None
+        self.embedding_dim = 0
+        self.max_input_tokens = 0
 
     # ---- state ------------------------------------------------------------
 
@@ -275,13 +283,14 @@ class Engine:
         parts = prepared.take(self._folder, self.dtype_name) if isinstance(self._folder, Path) else None
         config = parts.config if parts else hub_config or transformers.AutoConfig.from_pretrained(str(self._folder))
         if parts is None and self.device == "cpu" and isinstance(self._folder, Path):
-            self._skeleton = prepared.empty_model(config, getattr(torch, self.dtype_name))  # imports the modeling code
+            # Building it imports the modeling code.
+            self._skeleton = prepared.empty_model(config, getattr(torch, self.dtype_name), self.kind)
             phases["skeleton"] = time.monotonic() - t
         elif parts is None:
             # Import the architecture's modeling code now (an empty model on the meta device, no initialisation),
             # so "weights" measures weights only.
             with prepared.no_init(), torch.device("meta"):
-                transformers.AutoModelForCausalLM.from_config(config)
+                prepared.auto_class(self.kind).from_config(config)
             phases["import"] += time.monotonic() - t
         else:
             self._skeleton = parts.skeleton if self.device == "cpu" else None
@@ -312,8 +321,15 @@ class Engine:
         model_ctx = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         self.context_length = min(model_ctx, s.context_length) if s.context_length else model_ctx
         self.vocab_size = int(getattr(cfg, "vocab_size", 0) or len(self._tokenizer))
-        self._eos_ids = _eos_ids(self._model, self._tokenizer)
-        self.default_temperature, self.default_top_p = _sampling_defaults(self._model, s)
+        if self.kind == "embedding":
+            self._pooling = Pooling.from_folder(self._pooling_folder())
+            # The longest input the model was trained on (sentence-transformers' max_seq_length), never above its
+            # positions; special tokens included.
+            self.max_input_tokens = min(self.context_length, self._pooling.max_seq_length or self.context_length)
+            self.embedding_dim = int(cfg.hidden_size) * len(self._pooling.modes)
+        else:
+            self._eos_ids = _eos_ids(self._model, self._tokenizer)
+            self.default_temperature, self.default_top_p = _sampling_defaults(self._model, s)
 
         report = LoadReport(time.monotonic() - t0, weight_bytes, phases)
         self.last_load = report
@@ -332,8 +348,6 @@ class Engine:
 
     def _load_weights(self) -> int:
         """(Re)load the weights from the prepared folder onto the device."""
-        from transformers import AutoModelForCausalLM
-
         torch = self._torch
         t = time.monotonic()
         self._last_skeleton_s = 0.0
@@ -344,7 +358,7 @@ class Engine:
             kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype_name)}
             if self.device.startswith("cuda"):
                 kwargs["device_map"] = self.device  # straight to the GPU, no host copy
-            model = AutoModelForCausalLM.from_pretrained(str(self._folder), **kwargs)
+            model = prepared.auto_class(self.kind).from_pretrained(str(self._folder), **kwargs)
         model.eval()
         # transformers renamed the KV-cache argument (and output) from
         # past_key_values to cache in 5.2x; use whichever this version has.
@@ -379,7 +393,7 @@ class Engine:
         if skeleton is not None:
             model = skeleton
         else:
-            model = prepared.empty_model(AutoConfig.from_pretrained(str(folder)), dtype)
+            model = prepared.empty_model(AutoConfig.from_pretrained(str(folder)), dtype, self.kind)
         started_mapping = time.monotonic()
         state: dict[str, Any] = {}
         for shard in shards:
@@ -410,12 +424,17 @@ class Engine:
     def _canary(self) -> Canary:
         """One short forward pass: the last position's logits, which every weight of the model shapes."""
         torch = self._torch
+        if not self._canary_ids and self.kind == "embedding":
+            self._canary_ids = self.encode_for_embedding([CANARY_TEXT])[0]
         if not self._canary_ids:
             ids = self.encode(CANARY_TEXT)[:CANARY_TOKENS]
             self._canary_ids = ids if len(ids) == CANARY_TOKENS else [self._tokenizer.eos_token_id or 0] * 2
         with torch.inference_mode():
-            ids = torch.tensor([self._canary_ids], device=self.device)
-            logits = self._model(input_ids=ids, use_cache=False, **self._forward_extra).logits[0, -1].float()
+            if self.kind == "embedding":  # the canary text's vector: every weight shapes it too
+                logits = self._embed_tensor([self._canary_ids])[0]
+            else:
+                ids = torch.tensor([self._canary_ids], device=self.device)
+                logits = self._model(input_ids=ids, use_cache=False, **self._forward_extra).logits[0, -1].float()
             canary = Canary(logits.topk(5).indices.tolist(), logits.cpu())
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -487,7 +506,10 @@ class Engine:
                 self._cond.wait(remaining)
         # A request's use can end before the batcher's last step for it does (a stream whose client left): the
         # weights move only once no step can touch them any more.
-        if not self.batcher.wait_idle(max(0.0, deadline - time.monotonic())):
+        idle = self.batcher.wait_idle(max(0.0, deadline - time.monotonic()))
+        if idle and self.embedder is not None:
+            idle = self.embedder.wait_idle(max(0.0, deadline - time.monotonic()))
+        if not idle:
             with self._cond:
                 self._set_state("ready")
             raise Conflict(f"the batch was still running after {self.settings.sleep_drain_timeout_s:.0f} s; "
@@ -632,8 +654,55 @@ class Engine:
             raise WorkerNotReady(f"model {self.settings.model} has no weights loaded")
         return self.batcher.submit(lm, prompt_ids, params)
 
+    # ---- embeddings -------------------------------------------------------
+
+    def encode_for_embedding(self, texts: list[str]) -> list[list[int]]:
+        """Token ids as the encoder was trained on them: with its special tokens ([CLS] ... [SEP]), uncut."""
+        return [list(ids) for ids in self._tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def _pooling_folder(self) -> Path:
+        """Where the model's sentence-transformers files are: its folder, or a hub model's cached snapshot."""
+        if isinstance(self._folder, Path):
+            return self._folder
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(self._folder), allow_patterns=["*.json"]))
+        except Exception as exc:  # offline with nothing cached: pooled as a plain transformers model is
+            log.warning("no sentence-transformers files for %s (%s); mean pooling, not normalised",
+                        self._folder, exc)
+            return Path("/nonexistent")
+
+    def _embed_tensor(self, rows: list[list[int]]) -> Any:
+        """One forward pass over ``rows`` (right-padded), pooled as the model says: a [rows, dim] float tensor."""
+        torch = self._torch
+        assert self._pooling is not None and self._model is not None
+        width = max(map(len, rows))
+        pad = self._tokenizer.pad_token_id or 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with torch.inference_mode():
+            hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
+            return pool(torch, hidden, mask, self._pooling).cpu()
+
+    def _embed_rows(self, rows: list[list[int]]) -> list[list[float]]:
+        return self._embed_tensor(rows).tolist()
+
+    def embed(self, rows: list[list[int]]) -> list[list[float]]:
+        """One vector per row, computed in the shared embedding passes. The caller holds :meth:`begin_use`."""
+        if self.embedder is None:
+            raise InvalidRequest(f"model {self.settings.model} is a {self.kind} model, not an embedding model; "
+                                 "use /v1/completions or /v1/chat/completions", param="model")
+        return self.embedder.run(rows)
+
     def close(self) -> None:
         self.batcher.stop()
+        if self.embedder is not None:
+            self.embedder.stop()
 
 
 def _emptied(model: Any, torch: Any) -> Any:

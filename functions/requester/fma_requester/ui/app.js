@@ -143,6 +143,24 @@ document.getElementById("auth").addEventListener("submit", ev => {
   poll();
 });
 
+// Each model's kind and aliases (GET /v1/models/{model}: unlisted models too), asked once per model.
+const metadata = new Map();
+async function describe(model, el) {
+  if (metadata.has(model)) return;
+  metadata.set(model, null);
+  try {
+    const resp = await fetch("v1/models/" + modelPath(model), {headers: headers(), cache: "no-store"});
+    if (!resp.ok) { metadata.delete(model); return; }
+    const m = await resp.json();
+    metadata.set(model, m);
+    setText(el, "kind", m.kind || "–");
+    setText(el, "aliases", (m.aliases || []).join(", ") || "–");
+    if (m.description) el.querySelector(".name").title = m.description;
+  } catch (err) {
+    metadata.delete(model);
+  }
+}
+
 let polling = false;
 async function poll() {
   if (polling) return;
@@ -156,6 +174,7 @@ async function poll() {
     const seen = new Set();
     for (const w of rows) {
       const entry = cardFor(w.model);
+      describe(w.model, entry.el);
       entry.status = w;
       entry.fetchedAt = now;
       render(entry.el, w, now);
