@@ -13,6 +13,7 @@ Rounds alternate (ours, theirs) so drift hits both. Result: ``bench/results/embe
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import statistics
@@ -24,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 from common import machine
 
 from fma_common.procs import free_port, start_gunicorn, stop_process_group, wait_ready
@@ -79,8 +81,8 @@ def main() -> int:
     reference = SentenceTransformer(str(folder), device="cpu")
     reference.encode(SENTENCES, batch_size=16)  # warm
 
-    results: dict[str, dict[int, list[float]]] = {"ours": {c: [] for c in CLIENTS},
-                                                   "sentence_transformers": {c: [] for c in CLIENTS}}
+    sides = ("ours_base64", "ours_float", "sentence_transformers")
+    results: dict[str, dict[int, list[float]]] = {name: {c: [] for c in CLIENTS} for name in sides}
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models.yaml"
         models.write_text(f"models:\n  - {{name: {MODEL}, source: 'embedded:{MODEL}', kind: embedding, "
@@ -94,20 +96,25 @@ def main() -> int:
             wait_ready(f"http://127.0.0.1:{port}", proc, 60, log)
             http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
                                 limits=httpx.Limits(max_connections=32))
-            body = {"model": MODEL, "input": SENTENCES, "encoding_format": "float"}
-
-            def ours() -> None:
-                resp = http.post("/v1/embeddings", json=body)
+            def ours(encoding: str) -> None:
+                resp = http.post("/v1/embeddings", json={"model": MODEL, "input": SENTENCES,
+                                                         "encoding_format": encoding})
                 resp.raise_for_status()
-                assert len(resp.json()["data"]) == len(SENTENCES)
+                data = resp.json()["data"]
+                assert len(data) == len(SENTENCES)
+                if encoding == "base64":  # decoded as the official SDK decodes it
+                    vectors = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="float32") for d in data]
+                    assert vectors[0].shape == (384,)
 
             def theirs() -> None:
                 assert len(reference.encode(SENTENCES, batch_size=16)) == len(SENTENCES)
 
-            ours()  # cold start, then warm
+            ours("float")  # cold start, then warm
+            fns = {"ours_base64": lambda: ours("base64"), "ours_float": lambda: ours("float"),
+                   "sentence_transformers": theirs}
             for r in range(args.rounds):
                 for clients in CLIENTS:
-                    for name, fn in (("ours", ours), ("sentence_transformers", theirs)):
+                    for name, fn in fns.items():
                         rate = run_clients(clients, args.requests, fn)
                         results[name][clients].append(round(rate, 1))
                         print(f"round {r + 1} {name:22} {clients} client(s): {rate:.1f} sentences/s", file=sys.stderr)
@@ -120,14 +127,16 @@ def main() -> int:
         "machine": machine(), "model": MODEL,
         "labels": {"device": "cpu", "dtype": "float32", "workload": f"requests of {len(SENTENCES)} short sentences "
                    f"(8-14 tokens), {args.requests} per client per measurement, clients {list(CLIENTS)}",
-                   "ours": "POST /v1/embeddings through the requester (local actuator), worker warm",
+                   "ours": "POST /v1/embeddings through the requester (local actuator), worker warm; base64 (what "
+                           "the official SDK asks for by default, decoded with numpy) and float (JSON numbers)",
                    "baseline": "sentence-transformers SentenceTransformer.encode(batch_size=16) in one process, one "
                                "thread per client, same converted folder", "rounds": args.rounds},
         "metric": "sentences embedded per second (median of rounds)",
         "raw": {name: {str(c): v for c, v in per.items()} for name, per in results.items()},
         "median": medians,
-        "ratio_ours_over_baseline": {str(c): round(medians["ours"][str(c)] /
-                                                   medians["sentence_transformers"][str(c)], 3) for c in CLIENTS},
+        "ratio_ours_over_baseline": {f"{name}/{c}": round(medians[name][str(c)] /
+                                                          medians["sentence_transformers"][str(c)], 3)
+                                     for name in sides[:2] for c in CLIENTS},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
