@@ -30,7 +30,7 @@ SENTENCES = [
 
 MODELS = f"""\
 defaults: {{idle_timeout: 300s}}
-budget: {{max_loaded: 2, sleepers: 0}}
+budget: {{max_loaded: 2, sleepers: 2}}
 models:
   - name: {EMBEDDED}
     source: embedded:{EMBEDDED}
@@ -104,6 +104,42 @@ def test_embeddings_through_a_cold_start_equal_sentence_transformers_own(served,
     assert aliased.model == EMBED and cosine(aliased.data[0].embedding, one.data[0].embedding) > 0.99999
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_the_embedding_worker_sleeps_and_wakes_verified_and_gives_the_same_vectors(served, level):
+    c = client(served)
+    before = c.embeddings.create(model=EMBED, input=SENTENCES[:4], encoding_format="float")
+    slept = httpx.post(f"{served.spi}/v1/workers/{EMBED}/sleep", params={"level": level}, timeout=60)
+    assert slept.status_code == 200 and slept.json()["state"] == "sleeping", slept.text
+    after = c.embeddings.with_raw_response.create(model=EMBED, input=SENTENCES[:4], encoding_format="float")
+    assert after.headers["X-FMA-Actuation"].startswith("wake;")
+    for a, b in zip(before.data, after.parse().data, strict=True):
+        assert a.embedding == b.embedding, "the canary-verified wake brings back the same weights"
+
+
+def test_fma_embed_and_fma_models_show_vectors_kinds_and_aliases(served):
+    import json
+    import subprocess
+    import sys
+
+    def fma(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fma_cli.main", *args, "--url", served.spi],
+                              capture_output=True, text=True, timeout=120)
+
+    out = fma("embed", "sentence-transformers/all-MiniLM-L6-v2", "The cat sat on the mat.", "Tea or coffee?")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("384 dims  [") and lines[0].endswith("The cat sat on the mat.")
+    assert lines[-1].endswith(f"model {EMBED}")
+    as_json = json.loads(fma("embed", EMBED, "hello", "-o", "json").stdout)
+    assert len(as_json["data"][0]["embedding"]) == 384
+    table = fma("models").stdout.splitlines()
+    assert table[0].split() == ["MODEL", "KIND", "STATE", "BACKEND", "ALIASES"]
+    row = next(line for line in table if line.startswith(EMBED))
+    assert "embedding" in row and "sentence-transformers/all-MiniLM-L6-v2" in row
+    wrong = fma("embed", EMBEDDED, "hello")
+    assert wrong.returncode != 0 and "is a chat model" in wrong.stderr, wrong.stderr
+
+
 def test_bad_embedding_requests_are_clear_4xx(served):
     c = client(served)
     cases = [({"input": ""}, "input"), ({"input": []}, "input"), ({"input": [[]]}, "input"),
@@ -167,7 +203,8 @@ def test_the_responses_api_non_streamed_streamed_and_refused(served):
 
 def test_a_budget_of_one_loaded_worker_serves_chat_and_embeddings_in_turn_never_both_loaded(tmp_path: Path):
     models = tmp_path / "models.yaml"
-    models.write_text(MODELS.replace("max_loaded: 2", "max_loaded: 1"))
+    # No sleepers: a worker put away is stopped, so "loaded" is unambiguous (a CPU sleeper keeps its weights).
+    models.write_text(MODELS.replace("max_loaded: 2, sleepers: 2", "max_loaded: 1, sleepers: 0"))
     loaded_together: list[list[str]] = []
     stop = threading.Event()
     with requester(tmp_path, models) as req:
