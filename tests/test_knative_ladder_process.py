@@ -10,6 +10,7 @@ pins. Times are the simulator's seconds (it runs ``SPEED`` times faster).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -315,3 +316,28 @@ def test_adopting_an_unchanged_defaulted_service_sends_no_patch_even_after_the_d
     assert [p for m, p in cluster.kube.requests if m == "POST" and p.endswith("/services")][-1:], "it did start"
     assert cluster.kube.count("PATCH") + cluster.kube.count("PATCH", "revisions") == patches
     assert cluster.sim.revisions_created["fma-worker-m"] == 1
+
+
+def test_the_requester_in_knative_mode_answers_on_port_and_on_8081_for_the_examples_port_forward(cluster: Cluster):
+    """Issue 26: the FMA example port-forwards 8080 (health) and 8081 (the SPI) to the requester's pod; in Knative
+    mode it listened on $PORT only. It now also serves on the pod's loopback at FMA_SPI_PORT (8081 by default;
+    a free port here, the default is checked in test_settings)."""
+    from fma_common.procs import free_port, start_gunicorn, stop_process_group, wait_ready
+
+    port, spi = free_port(), free_port()
+    models = cluster.dir / "models.yaml"
+    models.write_text(one_model())
+    env = {**os.environ, "PORT": str(port), "FMA_SPI_PORT": str(spi), "FMA_ACTUATOR": "knative",
+           "KUBECONFIG": str(cluster.kubeconfig), "FMA_NAMESPACE": NS, "FMA_WORKER_TEMPLATE": str(cluster.template),
+           "FMA_WORKER_TOKEN": TOKEN, "FMA_MODELS": str(models), "FMA_LOG_LEVEL": "info"}
+    env.pop("FMA_BIND", None)
+    log = cluster.dir / "requester-ports.log"
+    proc = start_gunicorn("fma_requester.gunicorn_conf", "fma_requester.app:create_app()", env, log, cwd=REPO)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, 60, log)
+        for p in (port, spi):
+            assert httpx.get(f"http://127.0.0.1:{p}/health", timeout=10).json() == {"status": "ok"}
+            models_seen = httpx.get(f"http://127.0.0.1:{p}/v1/models", timeout=10).json()["data"]
+            assert [m["id"] for m in models_seen] == ["m"]
+    finally:
+        stop_process_group(proc, 60)

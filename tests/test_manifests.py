@@ -320,3 +320,11 @@ def test_the_cpu_overlay_asks_for_no_gpu_anywhere_it_runs():
         pod = render_worker_service(spec, template)["spec"]["template"]["spec"]
         assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"] and "runtimeClassName" not in pod
         assert "FMA_GPUS" not in {e["name"] for e in pod["containers"][0]["env"]}
+
+
+def test_the_fma_examples_own_path_renders_the_same_objects_as_our_overlay():
+    """Issue 26: the FMA example deploys with `kubectl apply -k kustomize/overlays/examples/fma-requester/`, a path
+    this project did not have. It is a thin alias to knative/overlays/examples/fma-requester: same objects."""
+    alias = render("kustomize/overlays/examples/fma-requester")
+    ours = render("knative/overlays/examples/fma-requester")
+    assert alias == ours and any(o["kind"] == "Service" and o["metadata"]["name"] == "fma-requester" for o in ours)

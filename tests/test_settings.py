@@ -75,7 +75,10 @@ def test_bad_requester_values_stop_start_up(env, message):
 
 def test_requester_binds_both_fma_ports_locally_and_port_in_knative():
     assert RequesterSettings.from_env({}).binds == ("127.0.0.1:8080", "127.0.0.1:8081")
-    assert RequesterSettings.from_env({"PORT": "9000"}).binds == ("0.0.0.0:9000",)
+    # Knative: every route on $PORT, and on the pod's loopback at 8081 for the FMA example's port-forward (issue 26).
+    assert RequesterSettings.from_env({"PORT": "9000"}).binds == ("0.0.0.0:9000", "127.0.0.1:8081")
+    assert RequesterSettings.from_env({"PORT": "8081"}).binds == ("0.0.0.0:8081",)
+    assert RequesterSettings.from_env({"PORT": "9000", "FMA_SPI_PORT": "0"}).binds == ("0.0.0.0:9000",)
     assert RequesterSettings.from_env({"PORT": "9000", "FMA_BIND": "0.0.0.0:1"}).binds == ("0.0.0.0:1",)
 
 

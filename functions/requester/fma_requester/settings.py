@@ -32,9 +32,14 @@ def parse_binds(text: str) -> tuple[str, ...]:
 class RequesterSettings(EnvSettings):
     binds: tuple[str, ...] | None = setting(
         "FMA_BIND", None, "addresses to serve on, comma-separated; every route is served on each",
-        shown="127.0.0.1:8080,127.0.0.1:8081 (0.0.0.0:$PORT when PORT is set)")
+        shown="127.0.0.1:8080,127.0.0.1:8081 (0.0.0.0:$PORT and 127.0.0.1:$FMA_SPI_PORT when PORT is set)")
     port: int | None = setting("PORT", None, "the port Knative assigns; without `FMA_BIND` the requester serves "
                                "`0.0.0.0:$PORT`", shown="unset", ge=1, le=65535)
+    spi_port: int = setting(
+        "FMA_SPI_PORT", "8081", "with `PORT` set and no `FMA_BIND` (Knative), the requester also serves every "
+        "route on 127.0.0.1 at this port inside its pod, so the FMA example's `kubectl port-forward $REQUESTER_POD "
+        "8081:8081` works as written (port-forward reaches the pod's loopback; Knative routes only `$PORT`, and the "
+        "pod network cannot reach a loopback listener); `0` turns it off", ge=0, le=65535)
     actuator: Annotated[Literal["local", "knative"], Lower] = setting(
         "FMA_ACTUATOR", "local", "`local` (child processes) or `knative` (one Knative Service per model)")
     models_file: str | None = setting("FMA_MODELS", None, "YAML file listing the served models (see Models file)",
@@ -137,7 +142,13 @@ class RequesterSettings(EnvSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: {path} is not a readable file")
         cache = self.cache_dir.expanduser() if self.cache_dir else default_cache_dir(env)
-        binds = self.binds or ((f"0.0.0.0:{self.port}",) if self.port else ("127.0.0.1:8080", "127.0.0.1:8081"))
+        if self.binds:
+            binds = self.binds
+        elif self.port:
+            spi = (f"127.0.0.1:{self.spi_port}",) if self.spi_port and self.spi_port != self.port else ()
+            binds = (f"0.0.0.0:{self.port}", *spi)
+        else:
+            binds = ("127.0.0.1:8080", "127.0.0.1:8081")
         return self.model_copy(update={
             "binds": binds, "cache_dir": cache,
             "worker_log_dir": self.worker_log_dir.expanduser() if self.worker_log_dir else cache / "logs"})
