@@ -110,6 +110,7 @@ def test_with_auth_off_the_start_up_log_says_so_and_warns_beyond_loopback(caplog
     assert warning and "0.0.0.0:18080" in warning[0].getMessage()
 
 
+@pytest.mark.slow  # 35 s; make test-slow (CI time); keys are also checked app-level in this file
 @pytest.mark.process
 def test_keys_end_to_end_with_the_openai_client_and_workers_that_answer_only_the_requester(tmp_path: Path,
                                                                                           tiny_model_dir: Path):

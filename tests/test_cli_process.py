@@ -187,20 +187,35 @@ def test_exit_codes_and_one_line_reasons(shared: Requester):
 
 
 def test_workers_watch_prints_a_block_per_change_until_interrupted(shared: Requester):
+    import queue
+    import threading
+
     proc = subprocess.Popen([FMA, "workers", "--watch", "--interval", "0.2", "--url", shared.spi],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # Both pipes read all along: a watch keeps printing (the idle countdown changes every second), and one
+    # left unread could fill and block it; this failed twice in full runs, never alone.
+    lines: queue.Queue[str] = queue.Queue()
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True),
+               threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)]
+    for t in readers:
+        t.start()
     try:
-        first = [proc.stdout.readline() for _ in range(2)]
+        first = [lines.get(timeout=60) for _ in range(2)]
         assert first[0].startswith("# ") and first[1].startswith("MODEL"), first
         run("warm", EMBEDDED, "--url", shared.spi)
         seen = ""
         while " ready " not in seen:  # a new block comes once the state changed
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
+            line = lines.get(timeout=60)
             seen += line if line.startswith(EMBEDDED) else ""
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0, "Ctrl-C ends a watch without an error"
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = None
+        assert code == 0, f"Ctrl-C ends a watch without an error; stderr: {''.join(errors)[-2000:]}"
 
 
 def test_kn_plugin_finds_the_requester_through_the_cluster(shared: Requester, tmp_path: Path):

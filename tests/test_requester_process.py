@@ -218,6 +218,20 @@ def test_sigterm_on_the_requester_leaves_no_child_processes(tmp_path: Path, conv
         wait_for(lambda: not req.tagged_pids(), 15, "every child process (launcher and workers) to exit")
 
 
+def test_sigterm_does_not_wait_for_a_client_that_keeps_an_idle_connection_open(tmp_path: Path):
+    """A kept-alive connection between requests (an HTTP client's pool; Knative's queue-proxy keeps them too)
+    held the requester's SIGTERM for the whole drain timeout: gunicorn's gevent worker waits for every
+    connection's handler, and an idle one waits for the next request until the keep-alive timeout (75 s).
+    Found through the embeddings tests, whose unclosed clients cost 30 s a requester."""
+    with requester(tmp_path, models_yaml(tmp_path), FMA_DRAIN_TIMEOUT="60s") as req, \
+            httpx.Client(timeout=30) as http:
+        assert http.get(f"{req.spi}/health").status_code == 200  # the connection stays open in the pool
+        assert http.get(f"{req.probes}/health").status_code == 200
+        req.proc.send_signal(signal.SIGTERM)
+        # Nothing is in flight: the drain has nothing to wait for but those idle connections (60 s before).
+        assert req.proc.wait(20) == 0
+
+
 def test_sigterm_answers_a_request_still_waiting_for_its_worker_with_503_shutting_down(tmp_path: Path,
                                                                                      converted_model_dir: Path):
     """Issue 21, defect 7: a non-streamed request waiting for a worker (here: for the budget, while the only

@@ -39,15 +39,49 @@ if _settings.tls_certfile and _settings.tls_keyfile:  # HTTPS on every bind (fma
 
 
 def post_worker_init(worker) -> None:
-    """On SIGTERM, note the drain deadline too (see ``drain.py``), then let gunicorn drain as it does."""
+    """On SIGTERM, note the drain deadline too (see ``drain.py``), close the connections that are between
+    requests, then let gunicorn drain as it does.
+
+    gunicorn's gevent worker exits once every connection's handler has ended, and a handler waiting for a
+    kept-alive client's next request ends only at the keep-alive timeout (75 s here): any client that kept a
+    connection open, Knative's queue-proxy included, made every SIGTERM wait the whole graceful timeout. A
+    connection between requests is shut at the drain's start (a client may always find an idle keep-alive
+    connection closed, and retries on a new one); one with a request in progress ends after its answer, which
+    says ``Connection: close`` (``app.py``).
+    """
     import signal
+    import socket
 
     from fma_requester import drain
 
     previous = signal.getsignal(signal.SIGTERM)
+    between: dict[int, socket.socket] = {}  # connections waiting for their next request, by id
+    handle, handle_request = worker.handle, worker.handle_request
+
+    def tracked_handle(listener, client, addr):  # one per connection
+        between[id(client)] = client
+        try:
+            return handle(listener, client, addr)
+        finally:
+            between.pop(id(client), None)
+
+    def tracked_request(listener_name, req, client, addr):  # one per request on it
+        between.pop(id(client), None)
+        try:
+            return handle_request(listener_name, req, client, addr)
+        finally:
+            if not drain.draining():
+                between[id(client)] = client
+
+    worker.handle, worker.handle_request = tracked_handle, tracked_request
 
     def on_term(sig, frame) -> None:
         drain.begin(_settings.drain_timeout_s)
+        for client in list(between.values()):
+            try:
+                client.shutdown(socket.SHUT_RDWR)  # its handler reads the end and returns
+            except OSError:
+                pass
         if callable(previous):
             previous(sig, frame)
 

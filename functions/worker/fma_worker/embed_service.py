@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import time
 
-from fma_common.errors import ApiError, ContextLengthExceeded, InvalidRequest, ModelNotFound
+from fma_common.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from fma_common.wire_embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, encode_vector
 
 from .admission import Admission
 from .engine import Engine
 from .metrics import WorkerMetrics
+from .serving import admit
 from .settings import WorkerSettings
 
 log = logging.getLogger("fma.worker.embeddings")
@@ -48,20 +49,12 @@ class EmbeddingService:
             if len(row) > limit:
                 raise ContextLengthExceeded(f"input {i} is {len(row)} tokens; model {self.settings.model} takes at "
                                             f"most {limit} (special tokens included)", param="input")
+        lease = admit(self.admission, self.engine, self.metrics, self.settings.model,
+                      min(len(rows), self.settings.max_batch), max(map(len, rows)))
         try:
-            lease = self.admission.acquire(min(len(rows), self.settings.max_batch), max(map(len, rows)))
-        except ApiError:
-            self.metrics.rejected.labels(self.settings.model, "queue_full").inc()
-            raise
+            vectors = self.engine.embed(rows)
         finally:
-            self.metrics.queued.labels(self.settings.model).set(self.admission.waiting)
-        try:
-            self.engine.begin_use()
-            try:
-                vectors = self.engine.embed(rows)
-            finally:
-                self.engine.end_use()
-        finally:
+            self.engine.end_use()
             lease.release()
         tokens = sum(map(len, rows))
         self.metrics.prompt_tokens.labels(self.settings.model).inc(tokens)

@@ -83,6 +83,25 @@ class _Prepared:
     echo_text: str
 
 
+def admit(admission: Admission, engine: Engine, metrics: WorkerMetrics, model: str, rows: int, width: int) -> Lease:
+    """A place in the worker's one queue, then the engine in use (the model may have gone to sleep while the
+    request queued); every endpoint's requests wait here alike, and are counted alike."""
+    try:
+        lease = admission.acquire(rows, width)
+    except ApiError:
+        metrics.rejected.labels(model, "queue_full").inc()
+        raise
+    finally:
+        metrics.queued.labels(model).set(admission.waiting)
+    try:
+        engine.begin_use()
+    except BaseException:
+        lease.release()
+        raise
+    metrics.queue_wait.labels(model).observe(lease.waited_s)
+    return lease
+
+
 class CompletionService:
     def __init__(self, settings: WorkerSettings, engine: Engine, admission: Admission,
                  metrics: WorkerMetrics) -> None:
@@ -109,20 +128,7 @@ class CompletionService:
                                          max_model_len=self.engine.context_length or None)])
 
     def _admit(self, rows: int, width: int) -> Lease:
-        try:
-            lease = self.admission.acquire(rows, width)
-        except ApiError:
-            self.metrics.rejected.labels(self.settings.model, "queue_full").inc()
-            raise
-        finally:
-            self.metrics.queued.labels(self.settings.model).set(self.admission.waiting)
-        try:
-            self.engine.begin_use()  # the model may have gone to sleep while we queued
-        except BaseException:
-            lease.release()
-            raise
-        self.metrics.queue_wait.labels(self.settings.model).observe(lease.waited_s)
-        return lease
+        return admit(self.admission, self.engine, self.metrics, self.settings.model, rows, width)
 
     def _steps(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[list[ChoiceDelta]]:
         """The engine's steps; however the caller stops (done, error, client gone), the batch is left."""
