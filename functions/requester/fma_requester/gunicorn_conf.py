@@ -75,12 +75,21 @@ def post_worker_init(worker) -> None:
 
     worker.handle, worker.handle_request = tracked_handle, tracked_request
 
+    try:  # the worker is gevent's: its select would yield; a zero timeout must not
+        from gevent import monkey
+
+        poll_now = monkey.get_original("select", "select")
+    except ImportError:
+        from select import select as poll_now
+
     def on_term(sig, frame) -> None:
         drain.begin(_settings.drain_timeout_s)
         for client in list(between.values()):
             try:
+                if poll_now([client.fileno()], [], [], 0)[0]:
+                    continue  # a request's bytes are already here: it is in flight, served, then closed
                 client.shutdown(socket.SHUT_RDWR)  # its handler reads the end and returns
-            except OSError:
+            except (OSError, ValueError):
                 pass
         if callable(previous):
             previous(sig, frame)
