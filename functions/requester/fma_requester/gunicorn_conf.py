@@ -45,8 +45,9 @@ def post_worker_init(worker) -> None:
     gunicorn's gevent worker exits once every connection's handler has ended, and a handler waiting for a
     kept-alive client's next request ends only at the keep-alive timeout (75 s here): any client that kept a
     connection open (a proxy pooling connections, as Go's transport under Knative's queue-proxy does by
-    default) made every SIGTERM wait the whole graceful timeout. A connection between requests is shut at the drain's start (a client may always find an idle keep-alive
-    connection closed, and retries on a new one); one with a request in progress ends after its answer, which
+    default) made every SIGTERM wait the whole graceful timeout. A connection between requests is shut at
+    the drain's start (a client may always find an idle keep-alive connection closed, and retries on a new
+    one); one with a request's bytes already waiting, or in progress, ends after its answer, which
     says ``Connection: close`` (``app.py``).
     """
     import signal
