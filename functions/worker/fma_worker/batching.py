@@ -19,6 +19,13 @@ for at most one chunk), its ``n`` choices share that one prefill (the cache
 rows are repeated), and its rows are concatenated to the batch; leaving rows
 are selected out and all-padding columns trimmed from the left.
 
+Each step's keys and values are written in place into room kept at the right
+of every layer's cache (``kv_room.py``), not appended with ``torch.cat``,
+which copies the whole cache of every layer on every step: at 16 rows of 400
+columns that copy was a third of a decode step. The room is bounded by how wide
+the batch can still grow (each row's length plus its remaining tokens), so the
+cache never holds more slots than admission allowed for.
+
 Sampling runs per request on its own rows with its own ``torch.Generator``,
 so a seeded request samples the same tokens alone or in a batch, and greedy
 rows take the argmax of the same logits.
@@ -342,12 +349,15 @@ class Batcher:
     def _decode(self, lm: LoadedModel) -> None:
         torch = lm.torch
         rows = len(self._row_owner)
+        from .kv_room import ensure_room  # imports transformers: not at the worker's start
+
+        capacity = ensure_room(self._cache, self._reach)
         mask = torch.cat([self._mask, torch.ones((rows, 1), dtype=self._mask.dtype, device=lm.device)], dim=1)
         out = lm.model(input_ids=self._tokens[:, None], attention_mask=mask, position_ids=self._positions[:, None],
                        use_cache=True, **lm.forward_extra, **{lm.cache_kw: self._cache})
         self._cache = getattr(out, lm.cache_kw)
         self._mask = mask
-        self.peak_kv_slots = max(self.peak_kv_slots, int(mask.shape[0]) * int(mask.shape[1]))
+        self.peak_kv_slots = max(self.peak_kv_slots, rows * max(capacity, int(mask.shape[1])))
         self._positions = self._positions + 1
         logits = out.logits[:, -1, : lm.vocab_size].float()
         self._on_step(rows)
@@ -368,6 +378,13 @@ class Batcher:
             next_tokens[index] = torch.tensor(picked, device=lm.device)
         self._tokens = next_tokens
         self._drop_finished(lm)
+
+    def _reach(self) -> int:
+        """The widest the batch's cache can come to: a row ends at its length now plus the tokens it may still
+        feed (the last token sampled is never fed), and all-padding columns are trimmed as rows leave."""
+        lengths = self._mask.sum(-1).tolist()
+        return max(int(length) + req.params.max_tokens - choice.count
+                   for length, (req, choice) in zip(lengths, self._row_owner, strict=True))
 
     def _sample_and_emit(self, lm: LoadedModel, req: BatchRequest, logits: Any, choice_indexes: list[int]) \
             -> list[int]:
@@ -475,15 +492,21 @@ def _layers(cache: Any) -> list[Any]:
 
 def _select(cache: Any, index: Any) -> Any:
     for layer in _layers(cache):
-        layer.keys = layer.keys.index_select(0, index)
-        layer.values = layer.values.index_select(0, index)
+        if hasattr(layer, "select_rows"):  # kv_room.RoomyLayer: keeps its room
+            layer.select_rows(index)
+        else:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
     return cache
 
 
 def _trim_left(cache: Any, columns: int) -> None:
     for layer in _layers(cache):
-        layer.keys = layer.keys[:, :, columns:, :]
-        layer.values = layer.values[:, :, columns:, :]
+        if hasattr(layer, "trim_left"):  # kv_room.RoomyLayer: no copy
+            layer.trim_left(columns)
+        else:
+            layer.keys = layer.keys[:, :, columns:, :]
+            layer.values = layer.values[:, :, columns:, :]
 
 
 def _pad_left(torch: Any, tensor: Any, columns: int, dim: int) -> Any:
