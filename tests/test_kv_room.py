@@ -6,6 +6,7 @@ cache per step: a third of a decode step at 16 rows x 400 columns on this CPU.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 
@@ -138,5 +139,5 @@ def test_a_steady_batchs_decode_steps_write_the_cache_in_place(engine: Engine):
     assert texts == [40, 40]
     steady = [ptr for rows, ptr in where if rows == 2]
     assert len(steady) >= 30, where
-    moves = sum(1 for a, b in zip(steady, steady[1:]) if a != b)
+    moves = sum(1 for a, b in itertools.pairwise(steady) if a != b)
     assert moves <= len(steady) // ROOM + 1, f"the cache was copied on {moves} of {len(steady)} steps"
