@@ -253,7 +253,13 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    """``POST /v1/chat/completions``."""
+    """``POST /v1/chat/completions``.
+
+    Every optional property of OpenAI's ``CreateChatCompletionRequest`` is honoured, accepted where it cannot
+    change the answer, or refused by name (``tests/test_openai_conformance.py`` holds the table, generated into
+    ``docs/openai-conformance.md``): a client that asked for audio, moderation, tools or stored completions
+    must not get a plain text answer with no word why.
+    """
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -261,20 +267,61 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    functions: list[Any] | None = None
+    parallel_tool_calls: bool | None = None  # only means something with tools
+    functions: list[Any] | None = None  # the deprecated form of tools
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    moderation: Any = None
+    web_search_options: Any = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    # Accepted, no effect on the answer: stored-completion tags (nothing is stored), a latency hint (the answer
+    # is the model's own either way), and routing and abuse-tracking identifiers.
+    metadata: dict[str, str] | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise UnsupportedParameter("logprobs is not supported by this worker; remove it", param="logprobs")
-        if self.tools or self.functions:
-            raise UnsupportedParameter("tool and function calling are not supported by this model; remove tools",
-                                       param="tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise UnsupportedParameter("tool_choice is not supported by this model", param="tool_choice")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise UnsupportedParameter("only response_format {'type': 'text'} is supported", param="response_format")
+        refusals: tuple[tuple[str, bool, str], ...] = (
+            ("logprobs", bool(self.logprobs), "logprobs are not supported by this worker; remove logprobs"),
+            ("top_logprobs", bool(self.top_logprobs),
+             "top_logprobs is not supported by this worker (no logprobs); remove top_logprobs"),
+            ("tools", bool(self.tools), "tool calling is not supported by this model; remove tools"),
+            ("functions", bool(self.functions),
+             "function calling is not supported by this model; remove functions"),
+            ("function_call", self.function_call not in (None, "none"),
+             "function calling is not supported by this model; remove function_call"),
+            ("tool_choice", self.tool_choice not in (None, "none", "auto"),
+             "tool_choice is not supported by this model (no tools); remove tool_choice"),
+            ("response_format", bool(self.response_format) and self.response_format.get("type", "text") != "text",
+             "only response_format {'type': 'text'} is supported; structured outputs are not"),
+            ("modalities", any(m != "text" for m in self.modalities or ()),
+             "this model answers in text only; ask for modalities ['text']"),
+            ("audio", self.audio is not None, "audio output is not supported by this model; remove audio"),
+            ("moderation", self.moderation is not None,
+             "moderated completions are not supported by this server; remove moderation"),
+            ("web_search_options", self.web_search_options is not None,
+             "web search is not supported by this server; remove web_search_options"),
+            ("reasoning_effort", self.reasoning_effort not in (None, "none"),
+             "reasoning_effort is not supported by this model (it does not reason); remove it"),
+            ("verbosity", self.verbosity not in (None, "medium"),
+             "verbosity is not supported by this model; remove it or send 'medium'"),
+            ("service_tier", self.service_tier not in (None, "auto", "default"),
+             "this server has one service tier; send 'auto' or 'default', or leave service_tier out"),
+            ("store", bool(self.store),
+             "stored completions are not supported (nothing is kept after the answer); remove store or send false"),
+        )
+        for param, refused, why in refusals:
+            if refused:
+                raise UnsupportedParameter(why, param=param)
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise InvalidRequest("max_tokens and max_completion_tokens disagree; send one of them",
@@ -333,12 +380,14 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
+    # No system_fingerprint: OpenAI's schema has it a string, never null, and there is no backend
+    # configuration to fingerprint beyond the model; so it is left out, as the schema allows.
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # required by OpenAI's schema (null: this model never refuses in a separate field)
 
 
 class ChatChoice(BaseModel):
@@ -355,7 +404,6 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 class ChatDelta(BaseModel):

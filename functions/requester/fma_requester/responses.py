@@ -50,24 +50,31 @@ def _new_ids() -> tuple[str, str]:
 def response_object(req: ResponsesRequest, rid: str, created: int, status: str, output: list[dict[str, Any]],
                     usage: dict[str, Any] | None, *, model: str | None = None,
                     incomplete: str | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
+    answer = {
         "id": rid, "object": "response", "created_at": created, "status": status,
         "error": error, "incomplete_details": {"reason": incomplete} if incomplete else None,
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "model": model or req.model, "output": output, "parallel_tool_calls": bool(req.parallel_tool_calls),
         "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
         "temperature": req.temperature, "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
-        "top_p": req.top_p, "truncation": "disabled", "usage": usage, "user": req.user,
-        "metadata": req.metadata or {},
+        "top_p": req.top_p, "truncation": "disabled", "metadata": req.metadata or {},
     }
+    # OpenAI's schema has both as optional and never null (a string, an object): left out until known. The
+    # official SDK reads a missing one as None, as it reads a null one.
+    if usage is not None:
+        answer["usage"] = usage
+    if req.user is not None:
+        answer["user"] = req.user
+    return answer
 
 
 def _usage(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
     if not chat_usage:
         return None
     prompt, completion = int(chat_usage.get("prompt_tokens", 0)), int(chat_usage.get("completion_tokens", 0))
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
-            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion}
 
 
 def _message(mid: str, text: str, status: str) -> dict[str, Any]:
