@@ -16,8 +16,9 @@ import os
 import time
 from pathlib import Path
 
-from fma_common import logs
+from fma_common import hub_cache, logs
 from fma_common.procs import Ready, free_port, stop_process_group, wait_ready
+from fma_common.sources import parse_source
 
 from .control import WorkerControl
 from .effects import Effects, WorkerHandle
@@ -88,6 +89,7 @@ class LocalEffects(Effects):
         port = free_port(self.settings.worker_host)
         url = f"http://{self.settings.worker_host}:{port}"
         env = self.worker_environment(spec, port)
+        self._fetch_hub_model(spec, handle, env)
         env["FMA_SPAWNED_AT"] = repr(asked_at)  # the worker's start timeline counts from here
         with handle.lock:
             if handle.cancelled:
@@ -100,6 +102,29 @@ class LocalEffects(Effects):
         ready = wait_ready(url, proc, timeout, log_path, cancel=handle.cancel_event)
         handle.steps = start_steps(ready, asked_at)
         return url
+
+    def _fetch_hub_model(self, spec: ModelSpec, handle: WorkerHandle, env: dict[str, str]) -> None:
+        """A hub model is put in the model cache here, once, before its worker starts: the worker then loads it
+        offline (``HF_HUB_OFFLINE=1``), and a later cold start finds it and fetches nothing (hub_cache.py). The
+        token is the worker's ``HF_TOKEN`` (the model's ``env`` may set one), and goes only to the hub."""
+        source = parse_source(spec.source)
+        if source.kind != "hf":
+            return
+        ref = hub_cache.HubRef.parse(source.ref)
+        assert self.settings.cache_dir is not None
+        if hub_cache.cached(ref, self.settings.cache_dir) is not None:
+            return
+        handle.progress = f"fetching {ref.repo} from the hub"
+
+        def progress(message: str) -> None:
+            handle.progress = message
+            log.info("%s: %s", spec.name, message)
+
+        try:
+            hub_cache.fetch(ref, self.settings.cache_dir, token=env.get("HF_TOKEN") or None,
+                            endpoint=env.get("HF_ENDPOINT") or None, progress=progress)
+        except hub_cache.HubFetchError as exc:
+            raise RuntimeError(str(exc)) from None
 
     def _exited(self, spec: ModelSpec, handle: WorkerHandle, code: int) -> None:
         tail = self.read_log(spec, handle, 1500).strip()

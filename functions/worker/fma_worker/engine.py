@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fma_common import hub_cache
 from fma_common.errors import Conflict, InvalidRequest, WorkerFailed, WorkerNotReady, WorkerSleeping
 from fma_common.wire import SamplingParams
 
@@ -133,7 +134,7 @@ class Engine:
         self._torch: Any = None
         self._model: Any = None
         self._tokenizer: Any = None
-        self._folder: str | Path | None = None
+        self._folder: Path | None = None
         self.device = "cpu"
         self.dtype_name = "float32"
         self.context_length = 0
@@ -260,8 +261,13 @@ class Engine:
                 raise GpuUnavailable(problem)
         self.device = resolve_device(s.device, torch)
         source = parse_source(s.source)
+        hub_folder = None
+        if source.kind == "hf":
+            # From the model cache, checked when it was fetched (hub_cache.py): no network here unless this
+            # worker was started without the requester and is allowed online.
+            hub_folder = hub_cache.fetch(hub_cache.HubRef.parse(source.ref), s.cache_dir).folder
         # A hub model's config is read once, here, for its dtype and below for the model.
-        hub_config = transformers.AutoConfig.from_pretrained(source.ref) if source.kind == "hf" else None
+        hub_config = transformers.AutoConfig.from_pretrained(str(hub_folder)) if hub_folder else None
         choice = dtype_policy.choose(s.dtype, self.device, dtype_policy.source_checkpoint_dtype(source, hub_config),
                                      dtype_policy.host_native(self.device, torch))
         self.dtype_name = choice.dtype
@@ -275,7 +281,7 @@ class Engine:
                 raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
             self._folder = folder
         else:
-            self._folder = source.ref
+            self._folder = hub_folder
         phases["prepare"] = time.monotonic() - t
 
         # The launcher may have built the config, tokenizer and empty model before forking us (prepared.py).
@@ -661,17 +667,10 @@ class Engine:
         return [list(ids) for ids in self._tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     def _pooling_folder(self) -> Path:
-        """Where the model's sentence-transformers files are: its folder, or a hub model's cached snapshot."""
-        if isinstance(self._folder, Path):
-            return self._folder
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(str(self._folder), allow_patterns=["*.json"]))
-        except Exception as exc:  # offline with nothing cached: pooled as a plain transformers model is
-            log.warning("no sentence-transformers files for %s (%s); mean pooling, not normalised",
-                        self._folder, exc)
-            return Path("/nonexistent")
+        """Where the model's sentence-transformers files are: its folder (a hub model's is its cached snapshot,
+        fetched with every file but other frameworks' weights)."""
+        assert isinstance(self._folder, Path)
+        return self._folder
 
     def _embed_tensor(self, rows: list[list[int]]) -> Any:
         """One forward pass over ``rows`` (right-padded), pooled as the model says: a [rows, dim] float tensor."""
