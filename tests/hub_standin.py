@@ -29,7 +29,7 @@ LFS_FROM = 10_000
 
 
 def git_blob_id(data: bytes) -> str:
-    return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()  # noqa: S324  git's object id
+    return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()  # git's object id (sha1 by definition)
 
 
 @dataclass

@@ -79,7 +79,7 @@ def test_listings_as_table_json_and_yaml(shared: Requester):
     assert {w["model"] for w in as_json["data"]} == {EMBEDDED, "broken"}
     assert yaml.safe_load(run("workers", *url, "--output", "yaml").stdout) == as_json
     models_table = run("models", *url).stdout.splitlines()
-    assert models_table[0].split() == ["MODEL", "KIND", "STATE", "BACKEND", "ALIASES"]
+    assert models_table[0].split() == ["MODEL", "KIND", "STATE", "BACKEND", "CACHE", "ALIASES"]
     assert models_table[1].split()[:2] == [EMBEDDED, "chat"]
     models = json.loads(run("models", *url, "-o", "json").stdout)
     assert [m["id"] for m in models["data"]] == [EMBEDDED, "broken"]

@@ -7,18 +7,20 @@ import threading
 from pathlib import Path
 
 import pytest
+from hub_standin import HubStandIn, Repo
 
 from fma_common import hub_cache
-from hub_standin import HubStandIn, Repo
 
 REPO = "acme/tiny-llama"
 
 
 @pytest.fixture
-def hub(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+def hub(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # huggingface_hub's own cache apart: it copies a file it already holds there instead of downloading it
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
     files = Repo.from_folder(tiny_model_dir).files
     files["tf_model.h5"] = b"not for us" * 100  # another framework's weights: left on the hub
     files["README.md"] = b"# tiny"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hub_standin import HubStandIn, Repo
 
 from conftest import requester, worker_state
-from hub_standin import HubStandIn, Repo
 
 pytestmark = pytest.mark.process
 
@@ -37,7 +37,9 @@ models:
   - name: ghost
     source: hf:acme/ghost
 """)
-    with requester(tmp, models, HF_ENDPOINT=url, HF_HUB_OFFLINE="0", FMA_CACHE_DIR=str(tmp / "cache")) as req:
+    # HF_HOME apart: huggingface_hub copies a file it already holds in its own cache instead of downloading it
+    with requester(tmp, models, HF_ENDPOINT=url, HF_HUB_OFFLINE="0", FMA_CACHE_DIR=str(tmp / "cache"),
+                   HF_HOME=str(tmp / "hf-home")) as req:
         yield req, hub
     hub.stop()
 
@@ -86,3 +88,26 @@ def test_a_model_missing_from_the_hub_is_a_clear_error_on_the_first_request(serv
     resp = ask(req.spi, "ghost")
     assert 400 <= resp.status_code < 600 and resp.status_code != 500, resp.text
     assert "no model acme/ghost on the hub" in resp.json()["error"]["message"], resp.text
+
+
+def test_fma_models_pull_fills_the_cache_ahead_with_progress_and_fma_models_shows_it(served):
+    from test_cli_process import run
+
+    req, hub = served
+    hub.repos["acme/pulled"] = Repo(dict(hub.repos["acme/tiny"].files))
+    # A model file change is picked up by the requester's watcher; here the cache is filled for "tiny" again:
+    # pull asks the hub for the revision's commit now, and fetches nothing it already holds.
+    before = len(hub.downloads("acme/tiny"))
+    out = run("models", "pull", "tiny", "--url", req.spi)
+    assert out.returncode == 0, out.stderr
+    assert "in the model cache" in out.stdout and len(hub.downloads("acme/tiny")) == before
+    table = run("models", "--url", req.spi).stdout.splitlines()
+    assert table[0].split() == ["MODEL", "KIND", "STATE", "BACKEND", "CACHE", "ALIASES"]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert "cached" in rows["tiny"] and "not cached" in rows["ghost"], table
+    ghost = run("models", "pull", "ghost", "--url", req.spi)
+    assert ghost.returncode != 0 and "no model acme/ghost on the hub" in ghost.stderr, ghost.stderr
+    embedded = httpx.post(f"{req.spi}/v1/models/tiny/pull", timeout=60)
+    assert embedded.status_code == 200
+    card = httpx.get(f"{req.spi}/v1/models/tiny", timeout=30).json()
+    assert card["cache"]["state"] == "cached" and card["cache"]["bytes"] > 0 and card["source"] == "hf:acme/tiny"

@@ -23,6 +23,7 @@ from click.core import ParameterSource
 
 from .client import (
     EXIT_HTTP_ERROR,
+    EXIT_UNREACHABLE,
     EXIT_USAGE,
     CliError,
     RequesterClient,
@@ -134,22 +135,70 @@ MODEL = click.argument("model", shell_complete=complete_model)
 # ---- client commands -------------------------------------------------------------------
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.group(context_settings=CONTEXT, invoke_without_command=True)
 @client_options
 @output_option
 @click.pass_context
 def models(ctx: click.Context, url: str | None, namespace: str | None, api_key: str | None, timeout: float,
            output: str) -> None:
-    """List the served models and their worker state.
+    """List the served models: kind, worker state, whether the model cache holds them.
 
     \b
     Examples:
       fma models
       fma models -o json | jq -r '.data[].id'
+      fma models pull qwen3
     """
+    if ctx.invoked_subcommand is not None:
+        return
     with connect(ctx, url, namespace, api_key, timeout) as client:
         data = client.json("GET", "/v1/models")
     click.echo(models_table(data["data"], use_colour()) if output == "table" else dump(data, output))
+
+
+@models.command("pull", context_settings=CONTEXT)
+@MODEL
+@client_options
+@click.pass_context
+def models_pull(ctx: click.Context, model: str, url: str | None, namespace: str | None, api_key: str | None,
+                timeout: float) -> None:
+    """Fetch a hub model into the model cache now, so its first cold start downloads nothing.
+
+    Asks the hub what the model's revision points at now and fetches that commit if the cache does not hold
+    it; every file is checked against the hub's listing. Needs an admin key where the requester has keys.
+
+    \b
+    Examples:
+      fma models pull gpt2
+      kn fma models pull gpt2 -n fma-example
+    """
+    import json
+
+    import httpx
+
+    with connect(ctx, url, namespace, api_key, timeout) as client:
+        result = None
+        try:
+            with client.http.stream("POST", f"/v1/models/{model}/pull", timeout=httpx.Timeout(timeout, connect=5.0,
+                                                                                               read=None)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise client.error(resp, model)
+                for line in resp.iter_lines():
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    if "message" in item:
+                        click.echo(item["message"], err=True)
+                    else:
+                        result = item
+        except httpx.HTTPError as exc:
+            raise CliError(f"the pull stopped: {exc}", EXIT_UNREACHABLE) from exc
+    if result is None or "error" in result:
+        raise CliError(result["error"] if result else "the requester ended the pull without a result",
+                       EXIT_HTTP_ERROR)
+    click.echo(f"{result['model']}: {result['files']} files, {result['bytes'] / 1e6:.1f} MB at commit "
+               f"{result['commit'][:12]}, in the model cache")
 
 
 @cli.command(context_settings=CONTEXT)

@@ -114,11 +114,21 @@ def workers_table(rows: Sequence[Mapping[str, Any]], now: float, colour: bool) -
     return text + ("\n\n" + "\n".join(problems) if problems else "")
 
 
+def cache_text(cache: Mapping[str, Any] | None) -> str:
+    """``cached 548 MB``, ``not cached``, ``in the image``, ``local folder``."""
+    if not cache:
+        return "-"
+    if cache.get("state") == "cached":
+        size = cache.get("bytes", 0)
+        return f"cached {size / 1e9:.1f} GB" if size >= 1e9 else f"cached {size / 1e6:.0f} MB"
+    return str(cache.get("state", "-"))
+
+
 def models_table(rows: Sequence[Mapping[str, Any]], colour: bool) -> str:
-    cells = [(m["id"], m.get("kind", "-"), m.get("state", "-"), m.get("backend", "-"),
+    cells = [(m["id"], m.get("kind", "-"), m.get("state", "-"), m.get("backend", "-"), cache_text(m.get("cache")),
               ", ".join(m.get("aliases") or []) or "-") for m in rows]
     tints = [(None, None, STATE_COLOURS.get(m.get("state", ""))) for m in rows]
-    return table(("MODEL", "KIND", "STATE", "BACKEND", "ALIASES"), cells, colours=tints, colour=colour)
+    return table(("MODEL", "KIND", "STATE", "BACKEND", "CACHE", "ALIASES"), cells, colours=tints, colour=colour)
 
 
 def progress_line(model: str, w: Mapping[str, Any] | None, elapsed: float) -> str:

@@ -100,7 +100,7 @@ def wanted(paths: list[str]) -> list[str]:
 
 
 def _git_blob_id(path: Path) -> str:
-    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # git's own object id: sha1 by definition
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

@@ -40,10 +40,11 @@ from fma_common.http import (
 from fma_common.logs import setup_logging
 from fma_common.openapi import document, version
 from fma_common.settings import SettingsError, describe
+from fma_common.sources import default_cache_dir
 from fma_common.wire_embeddings import PATH_EMBEDDINGS
 from fma_common.wire_responses import PATH_RESPONSES, ResponsesRequest
 
-from . import drain, oidc, responses, ui
+from . import drain, model_cache, oidc, responses, ui
 from . import protocol as p
 from .actuator import Actuator
 from .dataplane import DataPlane
@@ -92,6 +93,8 @@ def required_role(method: str, path: str) -> Role | None:
         return "admin"
     if path.startswith(p.PATH_WORKERS + "/") and method not in ("GET", "HEAD"):
         return "admin"
+    if path.startswith(p.PATH_MODELS + "/") and path.endswith("/pull") and method == "POST":
+        return "admin"  # it fills the cache from the hub
     return "infer"
 
 
@@ -136,6 +139,7 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
                token_reviewer: oidc.Reviewer | None = None) -> Flask:
     settings = settings or RequesterSettings.from_env()
     setup_logging(settings.log_level)
+    cache_dir = settings.cache_dir or default_cache_dir()
     keys = key_ring(settings)
     senders = event_senders(settings, token_reviewer)
     if settings.worker_token is None and settings.actuator == "local":
@@ -279,7 +283,7 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
                                 "state": status.state, "backend": status.backend}
         if spec is not None:
             card.update(kind=spec.model_kind, aliases=list(spec.aliases), description=spec.description,
-                        unlisted=spec.unlisted)
+                        unlisted=spec.unlisted, source=spec.source, cache=model_cache.state(spec, cache_dir))
         return card
 
     @app.get(p.PATH_MODELS)
@@ -294,6 +298,13 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
         if status is None:
             raise ModelNotFound(f"model {model!r} is not configured here", param="model")
         return json_response(model_card(status))
+
+    @app.post(f"{p.PATH_MODELS}/<path:model>/pull")
+    def pull_model(model: str) -> Response:
+        spec = models_now().get(models_now().resolve(model))
+        if spec is None:
+            raise ModelNotFound(f"model {model!r} is not configured here", param="model")
+        return Response(model_cache.pull(spec, cache_dir), mimetype="application/x-ndjson")
 
     @app.post(p.PATH_COMPLETIONS)
     def completions() -> Response:

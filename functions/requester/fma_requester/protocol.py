@@ -192,6 +192,9 @@ def routes() -> list[Any]:
         Route("GET", PATH_OPENAPI, "this document", errors=()),
         Route("GET", PATH_MODELS, "the listed models (unlisted ones are left out): kind, aliases, description and "
               "their workers' state", auth="infer", errors=()),
+        Route("POST", f"{PATH_MODELS}/<path:model>/pull", "fetch a hub model into the model cache now (its "
+              "revision as the hub has it), before any request needs it: one JSON line per progress message, then "
+              "`done` or `error`", answer="text", auth="admin", errors=(400, 404)),
         Route("GET", f"{PATH_MODELS}/<path:model>", "one model, by its name or an alias", auth="infer",
               errors=(404,)),
         Route("POST", PATH_COMPLETIONS, "OpenAI completions: starts or wakes the model's worker as needed",

@@ -1,0 +1,77 @@
+"""The model cache as the requester sees it: each model's cache state, and pulling a hub model ahead.
+
+A hub model (``hf:``) is fetched into the cache by the requester before its first worker starts
+(``local.py``), or ahead of the first request with ``POST /v1/models/{model}/pull`` (``fma models pull``),
+which asks the hub for the revision's current commit and fetches it if the cache does not hold it
+(``fma_common.hub_cache``). Embedded models ship in the worker image; a ``path:`` model is a folder already.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fma_common import hub_cache
+from fma_common.errors import InvalidRequest
+from fma_common.sources import parse_source
+
+from .registry import ModelSpec
+
+log = logging.getLogger("fma.requester.model_cache")
+
+
+def state(spec: ModelSpec, cache_dir: Path) -> dict[str, Any]:
+    """What the cache holds for ``spec``: ``{"state": "cached", "bytes", "commit"}``, ``not cached``, or where
+    an embedded or folder model comes from instead. Reads two small files; no network."""
+    source = parse_source(spec.source)
+    if source.kind == "embedded":
+        return {"state": "in the image"}
+    if source.kind == "path":
+        return {"state": "local folder"}
+    hit = hub_cache.cached(hub_cache.HubRef.parse(source.ref), cache_dir)
+    if hit is None:
+        return {"state": "not cached"}
+    return {"state": "cached", "bytes": hit.bytes, "files": hit.files, "commit": hit.commit}
+
+
+def hub_env(spec: ModelSpec) -> dict[str, str]:
+    """The token and endpoint a worker of ``spec`` would use: the requester's environment, then the model's."""
+    return {**os.environ, **spec.env}
+
+
+def pull(spec: ModelSpec, cache_dir: Path) -> Iterator[bytes]:
+    """Fetch ``spec``'s revision as the hub has it now; one JSON line per progress message, then a last line
+    with ``done`` (commit, files, bytes) or ``error``. The fetch runs on its own thread: a client that hangs up
+    does not stop it (the next pull or cold start finds it done)."""
+    source = parse_source(spec.source)
+    if source.kind != "hf":
+        raise InvalidRequest(f"model {spec.name} comes from {source.kind}:, not the hub; only hf: models are "
+                             "pulled (embedded models ship in the worker image)", param="model")
+    ref = hub_cache.HubRef.parse(source.ref)
+    env = hub_env(spec)
+    lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def work() -> None:
+        try:
+            got = hub_cache.fetch(ref, cache_dir, token=env.get("HF_TOKEN") or None,
+                                  endpoint=env.get("HF_ENDPOINT") or None, refresh=True,
+                                  progress=lambda message: lines.put({"message": message}))
+            lines.put({"done": True, "model": spec.name, "commit": got.commit, "files": got.files,
+                       "bytes": got.bytes})
+        except hub_cache.HubFetchError as exc:
+            lines.put({"error": str(exc)})
+        except Exception:
+            log.exception("pulling %s failed", spec.name)
+            lines.put({"error": f"pulling {spec.name} failed; see the requester log"})
+        finally:
+            lines.put(None)
+
+    threading.Thread(target=work, name=f"fma-pull-{spec.name}", daemon=True).start()
+    while (line := lines.get()) is not None:
+        yield (json.dumps(line) + "\n").encode()
