@@ -27,7 +27,11 @@ What is checked, with its source:
   ``affinity``, ``tolerations``, pod ``securityContext``...; only
   ``automountServiceAccountToken: false``; env ``valueFrom.fieldRef`` behind
   ``kubernetes.podspec-fieldref`` (``EnvVarSourceMask``); ``emptyDir`` volumes
-  enabled by default (``VolumeSourceMask``);
+  enabled by default (``VolumeSourceMask``); ``persistentVolumeClaim`` volumes
+  behind ``kubernetes.podspec-persistent-volume-claim``, and one not read-only
+  behind ``kubernetes.podspec-persistent-volume-write`` too
+  (``validatePersistentVolumeClaims``); a mount of a secret or configMap, or
+  of a read-only claim, must be readOnly (``validateVolumeMounts``);
 * reserved env names ``PORT``, ``K_SERVICE``, ``K_CONFIGURATION``,
   ``K_REVISION``; one user port named ``''``/``h2c``/``http1`` that is not
   reserved (8012, 8013, 8022, 9090, 9091, 8008); a probe's named port must
@@ -315,16 +319,54 @@ class KnativeWebhook:
         if cc is not None and not 0 <= cc <= self.config.container_concurrency_max_limit:
             errors.append(f"expected 0 <= {cc} <= {self.config.container_concurrency_max_limit}: "
                           f"{where}.containerConcurrency")
+        volumes = {vol.get("name"): vol for vol in spec.get("volumes") or []}
         for i, vol in enumerate(spec.get("volumes") or []):
-            for source in vol:
-                if source == "name":
-                    continue
-                allowed = source in ("secret", "configMap", "projected", "emptyDir")
-                if not allowed:
-                    errors.append(f"must not set the field(s): {where}.volumes[{i}].{source}")
+            errors += self._volume(vol, f"{where}.volumes[{i}]")
         containers = spec.get("containers") or []
         for i, c in enumerate(containers):
             errors += self._container(c, f"{where}.containers[{i}]")
+            errors += self._volume_mounts(c, volumes, f"{where}.containers[{i}]")
+        return errors
+
+    def _volume(self, vol: dict[str, Any], where: str) -> list[str]:
+        """``k8s_validation.go`` ``validateVolume``: PVCs behind two flags (``validatePersistentVolumeClaims``:
+        the claim at all, and one that is not read-only), then the sources ``VolumeSourceMask`` (fieldmask.go)
+        lets through: secret, configMap, projected always; emptyDir unless disabled (enabled by default);
+        persistentVolumeClaim with its flag."""
+        errors: list[str] = []
+        claim = vol.get("persistentVolumeClaim")
+        if claim is not None:
+            name = claim.get("claimName")
+            if not self.config.enabled("kubernetes.podspec-persistent-volume-claim"):
+                errors.append(f"Persistent volume claim support is disabled, but found persistent volume claim "
+                              f"{name}")
+            if not claim.get("readOnly") and not self.config.enabled("kubernetes.podspec-persistent-volume-write"):
+                errors.append(f"Persistent volume write support is disabled, but found persistent volume claim "
+                              f"{name} that is not read-only")
+        allowed = {"secret", "configMap", "projected", "emptyDir"}
+        if self.config.enabled("kubernetes.podspec-persistent-volume-claim"):
+            allowed.add("persistentVolumeClaim")
+        for source in vol:
+            if source != "name" and source not in allowed:
+                errors.append(f"must not set the field(s): {where}.{source}")
+        return errors
+
+    def _volume_mounts(self, c: dict[str, Any], volumes: dict[str, dict[str, Any]], where: str) -> list[str]:
+        """``k8s_validation.go`` ``validateVolumeMounts``: a mount of anything but an emptyDir, a PVC or an
+        ephemeral volume must be readOnly; a mount of a read-only PVC must be readOnly too."""
+        errors: list[str] = []
+        for j, vm in enumerate(c.get("volumeMounts") or []):
+            vol = volumes.get(vm.get("name"))
+            if vol is None:
+                errors.append(f"volumeMount has no matching volume: {where}.volumeMounts[{j}].name")
+                continue
+            writable_kind = any(k in vol for k in ("emptyDir", "persistentVolumeClaim", "ephemeral"))
+            if not writable_kind and not vm.get("readOnly"):
+                errors.append(f"volume mount should be readOnly for this type of volume: "
+                              f"{where}.volumeMounts[{j}].readOnly")
+            claim = vol.get("persistentVolumeClaim")
+            if claim is not None and claim.get("readOnly") and not vm.get("readOnly"):
+                errors.append(f"volume is readOnly but volume mount is not: {where}.volumeMounts[{j}].readOnly")
         return errors
 
     def _container(self, c: dict[str, Any], where: str) -> list[str]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -21,7 +22,10 @@ KUSTOMIZATIONS = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "knativ
                         if "knative/monitoring" not in str(p))
 # What the deployments need enabled in config-features: knative/cluster/config-features.yaml.
 CLUSTER = yaml.safe_load((REPO / "knative" / "cluster" / "config-features.yaml").read_text())["data"]
-FLAGS = {path: {"kubernetes.podspec-fieldref": "enabled"} for path in KUSTOMIZATIONS}
+# The requester: its NODE_NAME (fieldref) and the model cache it fills (a claim, mounted read-write).
+PVC = {"kubernetes.podspec-persistent-volume-claim": "enabled"}
+FLAGS = {path: {"kubernetes.podspec-fieldref": "enabled", **PVC,
+                "kubernetes.podspec-persistent-volume-write": "enabled"} for path in KUSTOMIZATIONS}
 SHARED = {"kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "enabled",
           "kubernetes.podspec-runtimeclassname": "enabled"}  # knative/cluster/config-features.yaml
 
@@ -77,11 +81,19 @@ def test_deployed_knative_services_validate_against_the_crd_and_the_webhook(path
 @pytest.mark.parametrize("label, svc", worker_services(), ids=[label for label, _ in worker_services()])
 def test_every_worker_service_the_requester_creates_validates(label: str, svc: dict):
     assert errors(svc) == []
-    shared = "affinity" in svc["spec"]["template"]["spec"]
-    assert KnativeWebhook(ClusterConfig(features=SHARED if shared else {})).validate_service(svc) == []
+    pod = svc["spec"]["template"]["spec"]
+    shared = "affinity" in pod
+    claim = any("persistentVolumeClaim" in v for v in pod["volumes"])
+    needed = {**(SHARED if shared else {}), **(PVC if claim else {})}
+    assert KnativeWebhook(ClusterConfig(features=needed)).validate_service(svc) == []
     assert KnativeWebhook(ClusterConfig(features=CLUSTER)).validate_service(svc) == [], "the shipped flags suffice"
-    if shared:  # without the flag, the webhook refuses it: the README names the flag
+    if shared or claim:  # without the flags, the webhook refuses it: the README names them
         assert KnativeWebhook().validate_service(svc)
+    if claim:  # read-only, so the -write flag is not needed, and mounted read-only, as the webhook wants
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models"]
+        assert mount["readOnly"] is True
+        assert any("podspec-persistent-volume-claim" in e or "persistent volume claim" in e
+                   for e in KnativeWebhook(ClusterConfig(features=SHARED)).validate_service(svc))
 
 
 def test_the_schema_check_catches_a_misspelled_field():
@@ -109,3 +121,28 @@ def test_the_simulators_revisions_validate_against_the_revision_crd(tmp_path: Pa
     finally:
         sim.stop()
         kube.stop()
+
+
+def test_a_claim_is_refused_without_its_flag_a_writable_one_without_the_write_flag_and_a_read_only_one_mounted_rw():
+    """k8s_validation.go validatePersistentVolumeClaims and validateVolumeMounts, as the simulated webhook has them."""
+    def svc(read_only_claim: bool, read_only_mount: bool) -> dict:
+        _, base = worker_services()[0]
+        out = json.loads(json.dumps(base))
+        pod = out["spec"]["template"]["spec"]
+        pod["volumes"] = [{"name": "tmp", "emptyDir": {}},
+                          {"name": "models", "persistentVolumeClaim": {"claimName": "fma-models",
+                                                                       "readOnly": read_only_claim}}]
+        pod["containers"][0]["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"},
+                                                {"name": "models", "mountPath": "/m", "readOnly": read_only_mount}]
+        return out
+
+    write = {"kubernetes.podspec-persistent-volume-write": "enabled"}
+    assert KnativeWebhook(ClusterConfig(features=PVC)).validate_service(svc(True, True)) == []
+    off = KnativeWebhook().validate_service(svc(True, True))
+    assert any("Persistent volume claim support is disabled, but found persistent volume claim fma-models" in e
+               for e in off) and any("volumes[1].persistentVolumeClaim" in e for e in off)
+    rw = KnativeWebhook(ClusterConfig(features=PVC)).validate_service(svc(False, False))
+    assert any("Persistent volume write support is disabled" in e for e in rw)
+    assert KnativeWebhook(ClusterConfig(features={**PVC, **write})).validate_service(svc(False, False)) == []
+    mixed = KnativeWebhook(ClusterConfig(features=PVC)).validate_service(svc(True, False))
+    assert any("volume is readOnly but volume mount is not" in e for e in mixed)

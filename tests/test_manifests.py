@@ -187,11 +187,20 @@ def test_the_cluster_flags_file_enables_what_the_example_needs():
         return [e for w in workers for e in hook.validate_service(hook.defaulted(w))]
 
     assert refusals(data) == []
+    requester_only = {"kubernetes.podspec-fieldref",  # the requester's own NODE_NAME
+                      "kubernetes.podspec-persistent-volume-write"}  # its read-write mount of the model cache
     for flag in data:
-        if flag != "kubernetes.podspec-fieldref":  # the requester's own NODE_NAME, not a worker field
+        if flag not in requester_only:
             assert refusals({k: v for k, v in data.items() if k != flag}), f"{flag} is needed by a worker"
+    (requester,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "fma-requester"]
+    hook = KnativeWebhook(ClusterConfig(features=data))
+    assert hook.validate_service(hook.defaulted(requester)) == []
+    for flag in requester_only:
+        hook = KnativeWebhook(ClusterConfig(features={k: v for k, v in data.items() if k != flag}))
+        assert hook.validate_service(hook.defaulted(requester)), f"{flag} is needed by the requester"
     assert set(data) == {"kubernetes.podspec-fieldref", "kubernetes.podspec-affinity",
-                         "kubernetes.podspec-tolerations", "kubernetes.podspec-runtimeclassname"}
+                         "kubernetes.podspec-tolerations", "kubernetes.podspec-runtimeclassname",
+                         "kubernetes.podspec-persistent-volume-claim", "kubernetes.podspec-persistent-volume-write"}
 
 
 @pytest.mark.parametrize("overlay", ["knative/overlays/examples/fma-requester", "knative/overlays/dedicated-gpu",

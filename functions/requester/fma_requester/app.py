@@ -75,7 +75,7 @@ def build_actuator(settings: RequesterSettings, registry: ModelRegistry, metrics
         from .knative import KnativeActuator, KnativeSettings
 
         return KnativeActuator(registry, metrics, KnativeSettings.from_env(), emit=emit, config=config,
-                               token=settings.worker_token)
+                               token=settings.worker_token, hub_cache_dir=settings.hub_cache_dir)
     from .local import LocalActuator
 
     return LocalActuator(settings, registry, metrics, emit=emit, config=config)
@@ -139,7 +139,7 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
                token_reviewer: oidc.Reviewer | None = None) -> Flask:
     settings = settings or RequesterSettings.from_env()
     setup_logging(settings.log_level)
-    cache_dir = settings.cache_dir or default_cache_dir()
+    cache_dir = settings.hub_cache_dir or settings.cache_dir or default_cache_dir()  # where hub models are
     keys = key_ring(settings)
     senders = event_senders(settings, token_reviewer)
     if settings.worker_token is None and settings.actuator == "local":

@@ -54,7 +54,9 @@ from pydantic import model_validator
 
 from fma_common.errors import ApiError
 from fma_common.settings import Duration, EnvSettings, Lower, SettingsError, setting
+from fma_common.sources import default_cache_dir
 
+from . import model_cache
 from .control import WorkerControl
 from .effects import EffectRefused, Effects, WorkerHandle
 from .gpus import gpu_uuids
@@ -284,9 +286,11 @@ class KnativeEffects(Effects):
         return not handle.data.get("deleted")
 
     def __init__(self, registry: ModelRegistry, kn: KnativeSettings, *, api: Any = None,
-                 control_timeout_s: float = 120.0, token: str | None = None) -> None:
+                 control_timeout_s: float = 120.0, token: str | None = None,
+                 hub_cache_dir: Path | None = None) -> None:
         self.registry = registry
         self.kn = kn
+        self.hub_cache_dir = hub_cache_dir or default_cache_dir()  # the claim the requester mounts read-write
         self.kube = KubeClient(api if api is not None else load_api(), kn.namespace or "default",
                                retries=kn.retries, timeout_s=kn.kube_timeout_s)
         # The workers' token (FMA_WORKER_TOKEN, the same Secret key their pods get): every control call carries it.
@@ -562,6 +566,13 @@ class KnativeEffects(Effects):
         name = worker_service_name(spec.name)
         handle.data["service"] = name
         body = self.manifest(spec)
+
+        def progress(message: str) -> None:
+            handle.progress = message
+            log.info("%s: %s", spec.name, message)
+
+        # A hub model into the claim the workers mount read-only, before any pod needs it (model_cache.py).
+        model_cache.fetch_before_start(spec, self.hub_cache_dir, model_cache.hub_env(spec), progress)
         try:
             self._wait_orphans(name, handle, deadline)
             obj = self._write(handle, "start", lambda: self._ensure_service(spec, body))
@@ -1009,12 +1020,12 @@ class KnativeActuator(Lifecycle):
 
     def __init__(self, registry: ModelRegistry, metrics: RequesterMetrics, kn: KnativeSettings, *,
                  api: Any = None, emit: EventSink | None = None, config: LifecycleConfig | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, hub_cache_dir: Path | None = None) -> None:
         config = config or LifecycleConfig()
         check_models(registry, kn)
         self.kn = kn
         self.kn_effects = KnativeEffects(registry, kn, api=api, control_timeout_s=config.control_timeout_s,
-                                         token=token)
+                                         token=token, hub_cache_dir=hub_cache_dir)
         super().__init__(registry, metrics, self.kn_effects, emit=emit, config=config)
 
     def services(self) -> list[dict[str, Any]]:

@@ -123,6 +123,12 @@ class WorkerTemplate:
     # A Secret whose key ``worker-token`` every worker gets as FMA_WORKER_TOKEN (the requester reads the same
     # key): workers answer only the requester. None: workers accept anyone the NetworkPolicy lets in.
     token_secret: str | None = None
+    # The model cache hub models (hf:) are loaded from: a PersistentVolumeClaim the requester fills (it mounts it
+    # read-write) and every worker mounts read-only at ``model_cache_path`` (Knative's webhook wants
+    # kubernetes.podspec-persistent-volume-claim for both, and -write for the requester's mount). None: workers
+    # get no claim, and a hub model's worker fails its load saying so.
+    model_cache_claim: str | None = None
+    model_cache_path: str = "/var/cache/fma-models"
 
 
 def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[str, Any] | None = None,
@@ -221,6 +227,12 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
         },
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    if tmpl.model_cache_claim:
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": tmpl.model_cache_claim,
+                                                                    "readOnly": True}})
+        container["volumeMounts"].append({"name": "models", "mountPath": tmpl.model_cache_path, "readOnly": True})
+        container["env"].append({"name": "FMA_HUB_CACHE_DIR", "value": tmpl.model_cache_path})
     pod_spec: dict[str, Any] = {
         # A worker never talks to the API server: no token in its pods.
         "automountServiceAccountToken": False,
@@ -228,7 +240,7 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
         "timeoutSeconds": tmpl.timeout_seconds,
         "responseStartTimeoutSeconds": tmpl.response_start_timeout_seconds,
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "volumes": volumes,
         **pod_extra,
     }
     if tmpl.service_account:

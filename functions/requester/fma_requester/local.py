@@ -16,10 +16,10 @@ import os
 import time
 from pathlib import Path
 
-from fma_common import hub_cache, logs
+from fma_common import logs
 from fma_common.procs import Ready, free_port, stop_process_group, wait_ready
-from fma_common.sources import parse_source
 
+from . import model_cache
 from .control import WorkerControl
 from .effects import Effects, WorkerHandle
 from .lifecycle import EventSink, Lifecycle, LifecycleConfig
@@ -70,6 +70,7 @@ class LocalEffects(Effects):
             "FMA_MODEL_KIND": spec.model_kind,
             "FMA_DEVICE": spec.device, "PORT": str(port), "FMA_HOST": self.settings.worker_host,
             "FMA_CACHE_DIR": str(self.settings.cache_dir), "FMA_LIFELINE_FD": str(self.supervisor.lifeline_fd),
+            "FMA_HUB_CACHE_DIR": str(self.settings.hub_cache_dir or self.settings.cache_dir),
         })
         for key in ("FMA_API_KEYS", "FMA_ADMIN_KEYS", "FMA_API_KEYS_FILE", "FMA_ADMIN_KEYS_FILE"):
             env.pop(key, None)  # clients' keys are the requester's business, not its workers'
@@ -104,27 +105,13 @@ class LocalEffects(Effects):
         return url
 
     def _fetch_hub_model(self, spec: ModelSpec, handle: WorkerHandle, env: dict[str, str]) -> None:
-        """A hub model is put in the model cache here, once, before its worker starts: the worker then loads it
-        offline (``HF_HUB_OFFLINE=1``), and a later cold start finds it and fetches nothing (hub_cache.py). The
-        token is the worker's ``HF_TOKEN`` (the model's ``env`` may set one), and goes only to the hub."""
-        source = parse_source(spec.source)
-        if source.kind != "hf":
-            return
-        ref = hub_cache.HubRef.parse(source.ref)
-        assert self.settings.cache_dir is not None
-        if hub_cache.cached(ref, self.settings.cache_dir) is not None:
-            return
-        handle.progress = f"fetching {ref.repo} from the hub"
+        assert self.settings.hub_cache_dir is not None
 
         def progress(message: str) -> None:
             handle.progress = message
             log.info("%s: %s", spec.name, message)
 
-        try:
-            hub_cache.fetch(ref, self.settings.cache_dir, token=env.get("HF_TOKEN") or None,
-                            endpoint=env.get("HF_ENDPOINT") or None, progress=progress)
-        except hub_cache.HubFetchError as exc:
-            raise RuntimeError(str(exc)) from None
+        model_cache.fetch_before_start(spec, self.settings.hub_cache_dir, env, progress)
 
     def _exited(self, spec: ModelSpec, handle: WorkerHandle, code: int) -> None:
         tail = self.read_log(spec, handle, 1500).strip()

@@ -49,6 +49,10 @@ class RequesterSettings(EnvSettings):
                                         "`0` turns it off")
     cache_dir: Path | None = setting("FMA_CACHE_DIR", None, "where converted models are kept (passed to local "
                                      "workers)", shown="`$XDG_CACHE_HOME/fma` or `~/.cache/fma`")
+    hub_cache_dir: Path | None = setting("FMA_HUB_CACHE_DIR", None, "the model cache hub models (`hf:`) are "
+                                         "fetched into before their first worker starts; on Knative a "
+                                         "PersistentVolumeClaim the workers mount read-only",
+                                         shown="`FMA_CACHE_DIR`")
     worker_host: str = setting("FMA_WORKER_HOST", "127.0.0.1", "address local workers bind")
     launcher: Flag = setting("FMA_LAUNCHER", "true", "fork local workers from a pre-warmed launcher (torch "
                              "already imported); a worker whose environment the launcher cannot honour starts "
@@ -151,4 +155,5 @@ class RequesterSettings(EnvSettings):
             binds = ("127.0.0.1:8080", "127.0.0.1:8081")
         return self.model_copy(update={
             "binds": binds, "cache_dir": cache,
+            "hub_cache_dir": self.hub_cache_dir.expanduser() if self.hub_cache_dir else cache,
             "worker_log_dir": self.worker_log_dir.expanduser() if self.worker_log_dir else cache / "logs"})

@@ -265,7 +265,7 @@ class Engine:
         if source.kind == "hf":
             # From the model cache, checked when it was fetched (hub_cache.py): no network here unless this
             # worker was started without the requester and is allowed online.
-            hub_folder = hub_cache.fetch(hub_cache.HubRef.parse(source.ref), s.cache_dir).folder
+            hub_folder = hub_cache.fetch(hub_cache.HubRef.parse(source.ref), s.hub_cache_dir or s.cache_dir).folder
         # A hub model's config is read once, here, for its dtype and below for the model.
         hub_config = transformers.AutoConfig.from_pretrained(str(hub_folder)) if hub_folder else None
         choice = dtype_policy.choose(s.dtype, self.device, dtype_policy.source_checkpoint_dtype(source, hub_config),

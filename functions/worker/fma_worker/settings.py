@@ -50,6 +50,9 @@ class WorkerSettings(EnvSettings):
         "says why", shown="`true` under Knative (`K_SERVICE` set), else `false`")
     cache_dir: Path | None = setting("FMA_CACHE_DIR", None, "where converted models are kept",
                                      shown="`$XDG_CACHE_HOME/fma` or `~/.cache/fma`")
+    hub_cache_dir: Path | None = setting("FMA_HUB_CACHE_DIR", None, "the model cache a hub model (`hf:`) is "
+                                         "loaded from, filled by the requester (read-only here on Knative)",
+                                         shown="`FMA_CACHE_DIR`")
     max_tokens: int = setting("FMA_MAX_TOKENS", "2048", "largest `max_tokens` a request may ask for", ge=1)
     max_n: int = setting("FMA_MAX_N", "8", "largest `n` (choices per prompt)", ge=1, le=128)
     default_temperature: float | None = setting(
@@ -122,6 +125,8 @@ class WorkerSettings(EnvSettings):
             "source": source,
             "kind": kind,
             "cache_dir": self.cache_dir.expanduser() if self.cache_dir else default_cache_dir(env),
+            "hub_cache_dir": (self.hub_cache_dir.expanduser() if self.hub_cache_dir
+                              else self.cache_dir.expanduser() if self.cache_dir else default_cache_dir(env)),
             "torch_threads": self.torch_threads or cores,
             "exit_on_load_failure": (self.exit_on_load_failure if self.exit_on_load_failure is not None
                                      else bool(env.get("K_SERVICE"))),
