@@ -813,3 +813,46 @@ def test_an_eviction_of_a_model_that_may_run_several_pods_releases_it(kube: Fake
     assert revision_annotations(kube, "fma-worker-a-00001")["autoscaling.knative.dev/min-scale"] == "0"
     sim.wait_until(lambda: not sim.live_pods("fma-worker-a"), 120, "a's pods to go")
     assert sim.revisions_created["fma-worker-a"] == 1
+
+
+def test_a_hub_model_is_fetched_into_the_claim_before_its_service_and_its_workers_mount_it_read_only(
+        kube: FakeKube, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 26: with the model cache claim in the worker template, the requester fetches a hub model into it once
+    (the stand-in hub, the real huggingface_hub client) before it creates the Service; the Service mounts the
+    claim read-only where FMA_HUB_CACHE_DIR points; a second start after a release fetches nothing."""
+    from hub_standin import HubStandIn, Repo
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    hub = HubStandIn({"acme/tiny": Repo.from_folder(tiny_model_dir)})
+    url = hub.start()
+    sim = SimulatedKnative(kube, tmp_path, speed=SPEED, config=ClusterConfig(features={
+        "kubernetes.podspec-persistent-volume-claim": "enabled"}))
+    template = tmp_path / "worker-template.yaml"
+    template.write_text("model_cache_claim: fma-models\nmodel_cache_path: /var/cache/fma-models\n")
+    reg = ModelRegistry.from_text(
+        f"models:\n  - {{name: tiny, source: 'hf:acme/tiny', env: {{HF_ENDPOINT: '{url}'}}}}\n")
+    kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS, "FMA_KUBE_RETRIES": "4",
+                                   "FMA_WORKER_TEMPLATE": str(template)})
+    act = KnativeActuator(reg, RequesterMetrics(), kn, api=api_for(kube), hub_cache_dir=tmp_path / "models",
+                          config=LifecycleConfig(restart_backoff_s=0.1))
+    try:
+        act.ensure_ready("tiny").done()
+        counts = hub.downloads("acme/tiny")
+        assert counts and set(counts.values()) == {1}, counts
+        assert (tmp_path / "models" / "hub" / "acme--tiny" / "refs" / "main").is_file()
+        pod = kube.get_object(NS, worker_service_name("tiny"))["spec"]["template"]["spec"]
+        assert {"name": "models", "persistentVolumeClaim": {"claimName": "fma-models", "readOnly": True}} \
+            in pod["volumes"]
+        (container,) = pod["containers"]
+        assert {"name": "models", "mountPath": "/var/cache/fma-models", "readOnly": True} in container["volumeMounts"]
+        assert {"name": "FMA_HUB_CACHE_DIR", "value": "/var/cache/fma-models"} in container["env"]
+        assert act.release("tiny").state in ("cold", "stopping")
+        asked = len(hub.requests)
+        act.ensure_ready("tiny").done()
+        assert len(hub.requests) == asked, "the second start reached the hub"
+    finally:
+        act.shutdown()
+        sim.stop()
+        hub.stop()

@@ -571,8 +571,11 @@ class KnativeEffects(Effects):
             handle.progress = message
             log.info("%s: %s", spec.name, message)
 
-        # A hub model into the claim the workers mount read-only, before any pod needs it (model_cache.py).
-        model_cache.fetch_before_start(spec, self.hub_cache_dir, model_cache.hub_env(spec), progress)
+        # A hub model into the claim the workers mount read-only, before any pod needs it (model_cache.py). A
+        # template without the claim gives workers no cache to read: nothing is fetched for them, and a hub
+        # model's worker fails its load saying it is not in the model cache.
+        if self.kn.template is not None and self.kn.template.model_cache_claim:
+            model_cache.fetch_before_start(spec, self.hub_cache_dir, model_cache.hub_env(spec), progress)
         try:
             self._wait_orphans(name, handle, deadline)
             obj = self._write(handle, "start", lambda: self._ensure_service(spec, body))
