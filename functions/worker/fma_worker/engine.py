@@ -31,6 +31,7 @@ import gc
 import inspect
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -406,6 +407,7 @@ class Engine:
             state.update(load_file(str(shard)))
         if any(v.dtype != dtype for v in state.values() if v.is_floating_point()):
             return None
+        state = _as_named_by(model, state)
         result = model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         if (folder / "generation_config.json").is_file():  # from_pretrained reads it; sampling defaults, EOS
@@ -413,8 +415,11 @@ class Engine:
 
             model.generation_config = GenerationConfig.from_pretrained(str(folder))
         left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-        if result.unexpected_keys or left:
-            log.info("mapping the weights left %s unfilled; loading with from_pretrained instead", left[:3])
+        ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+        unexpected = [k for k in result.unexpected_keys if not any(p.search(k) for p in ignored)]
+        if unexpected or left:
+            log.info("mapping the weights left %s unfilled and %s unused; loading with from_pretrained instead",
+                     left[:3], unexpected[:3])
             return None
         self._last_skeleton_s = started_mapping - started  # building the empty modules: not weights
         _fault_in(list(state.values()), max(1, torch.get_num_threads()))
@@ -758,3 +763,14 @@ def _sampling_defaults(model: Any, settings: WorkerSettings) -> tuple[float, flo
 
 def _param_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _as_named_by(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint saved from the base model (GPT-2's own on the hub: ``h.0.attn.c_attn.weight``, not
+    ``transformer.h.0...``) named as the model with its head names it, as ``from_pretrained`` does: by the
+    model's ``base_model_prefix``, for the keys that match only with it."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or any(k.startswith(prefix + ".") for k in state):
+        return state
+    names = set(model.state_dict())
+    return {(f"{prefix}.{k}" if k not in names and f"{prefix}.{k}" in names else k): v for k, v in state.items()}
