@@ -64,8 +64,9 @@ CRD_PATH = re.compile(r"^/apis/apiextensions\.k8s\.io/v1/customresourcedefinitio
 CRDS = "customresourcedefinitions"
 CLUSTER = ""  # the namespace key of cluster-scoped objects in the store
 KINDS = {"services": "Service", "revisions": "Revision", "configurations": "Configuration", "routes": "Route",
-         "pods": "Pod", "secrets": "Secret", "configmaps": "ConfigMap", CRDS: "CustomResourceDefinition"}
-CORE = {"pods", "secrets", "configmaps"}  # served under /api/v1, API group ""
+         "pods": "Pod", "secrets": "Secret", "configmaps": "ConfigMap", CRDS: "CustomResourceDefinition",
+         "persistentvolumeclaims": "PersistentVolumeClaim"}
+CORE = {"pods", "secrets", "configmaps", "persistentvolumeclaims"}  # served under /api/v1, API group ""
 # Read-only, any API group (what `fma doctor` reads): /apis/G/V[/namespaces/NS]/PLURAL[/NAME] for plurals not
 # above, and the cluster-scoped core ones. Stored under "G/PLURAL" (put_generic).
 GENERIC = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)"

@@ -68,6 +68,9 @@ class Cluster:
         k.put_object(cm("config-features", "knative-eventing", {"authentication-oidc": "enabled"}), plural="configmaps")
         (config,) = by_kind(example, "ConfigMap", "fma-requester-config")
         k.put_object(config, plural="configmaps")
+        (claim,) = by_kind(example, "PersistentVolumeClaim", "fma-models")
+        k.put_object({**claim, "metadata": {**claim["metadata"], "namespace": NS},
+                      "status": {"phase": "Bound", "capacity": {"storage": "50Gi"}}}, plural="persistentvolumeclaims")
         (requester,) = by_kind(example, "Service", "fma-requester")
         requester = copy.deepcopy(requester)
         spec = requester["spec"]["template"]["spec"]
@@ -119,7 +122,9 @@ def test_a_healthy_cluster_passes_every_check(cluster: Cluster):
     got = checks(out)
     assert {c["status"] for c in got.values()} == {"pass"}, out
     assert {"serving", "eventing", "requester", "autoscaler", "defaults", "rbac", "broker", "sinkbinding",
-            "gpu/nodes", "gpu/runtime-class", "gpu/runtime-mode", "images",
+            "gpu/nodes", "gpu/runtime-class", "gpu/runtime-mode", "images", "model-cache",
+            "features/kubernetes.podspec-persistent-volume-claim",
+            "features/kubernetes.podspec-persistent-volume-write",
             "features/kubernetes.podspec-runtimeclassname", "features/kubernetes.podspec-fieldref"} <= set(got)
     code, text = cluster.doctor()
     print(text)
@@ -207,6 +212,20 @@ def break_image(c: Cluster) -> None:
         plural="pods")
 
 
+def break_claim_missing(c: Cluster) -> None:
+    c.kube.delete_object(NS, "fma-models", plural="persistentvolumeclaims")
+
+
+def break_claim_pending(c: Cluster) -> None:
+    c.kube.objects[("persistentvolumeclaims", NS, "fma-models")]["status"] = {"phase": "Pending"}
+
+
+def break_write_flag(c: Cluster) -> None:
+    flags = yaml.safe_load((REPO / "knative/cluster/config-features.yaml").read_text())["data"]
+    flags.pop("kubernetes.podspec-persistent-volume-write")
+    c.kube.put_object(cm("config-features", "knative-serving", flags), plural="configmaps")
+
+
 BROKEN: dict[str, tuple[Callable[[Cluster], None], str, str, str]] = {
     # variant: (break it, the check, its status, a word of its fix)
     "serving-before-1.21": (break_serving_old, "serving", "warn", "upgrade"),
@@ -222,6 +241,10 @@ BROKEN: dict[str, tuple[Callable[[Cluster], None], str, str, str]] = {
     "runtime-mode-mismatch": (break_runtime_mode, "gpu/runtime-mode", "fail", "nvidia-legacy"),
     "requester-not-ready": (break_requester, "requester", "fail", "kubectl describe ksvc"),
     "image-pull": (break_image, "images", "fail", "make images"),
+    "model-cache-claim-missing": (break_claim_missing, "model-cache", "fail", "kubectl apply -k"),
+    "model-cache-claim-pending": (break_claim_pending, "model-cache", "warn", "kubectl describe pvc"),
+    "model-cache-write-flag-off": (break_write_flag, "features/kubernetes.podspec-persistent-volume-write", "fail",
+                                   "kubectl patch configmap"),
 }
 
 

@@ -223,13 +223,57 @@ def needed_flags(dep: Deployment) -> dict[str, str]:
     flags = {"affinity": "kubernetes.podspec-affinity", "tolerations": "kubernetes.podspec-tolerations",
              "runtimeClassName": "kubernetes.podspec-runtimeclassname",
              "nodeSelector": "kubernetes.podspec-nodeselector"}
+    for vol in dep.requester_spec().get("volumes") or []:
+        claim = vol.get("persistentVolumeClaim")
+        if claim is not None:
+            needs.setdefault("kubernetes.podspec-persistent-volume-claim",
+                             f"the requester's claim {claim.get('claimName')} (the model cache)")
+            if not claim.get("readOnly"):
+                needs["kubernetes.podspec-persistent-volume-write"] = \
+                    f"the requester's read-write claim {claim.get('claimName')} (it fills the model cache)"
     for spec in dep.models or []:
         svc = render_worker_service(spec, dep.template, gpu_uuids=["GPU-0"], node_name="node")
         pod = svc["spec"]["template"]["spec"]
         for key, flag in flags.items():
             if key in pod:
                 needs.setdefault(flag, f"model {spec.name}'s worker ({key})")
+        if any("persistentVolumeClaim" in v for v in pod.get("volumes") or []):
+            needs.setdefault("kubernetes.podspec-persistent-volume-claim",
+                             f"model {spec.name}'s worker (the model cache claim, read-only)")
     return needs
+
+
+def check_model_cache(cluster: Cluster, dep: Deployment) -> list[Check]:
+    """The claim hub models are fetched into: listed hub models need it, it must exist and be bound, and the
+    requester must mount it read-write where FMA_HUB_CACHE_DIR points."""
+    from fma_common.sources import parse_source
+
+    hub = [s.name for s in dep.models or [] if parse_source(s.source).kind == "hf"]
+    claim = getattr(dep.template, "model_cache_claim", None)
+    if not claim:
+        if hub:
+            return [Check("model-cache", FAIL, f"hub models ({', '.join(hub)}) but the worker template names no "
+                          "model_cache_claim: their workers have no model cache to load from",
+                          "set model_cache_claim in worker-template.yaml (knative/base/models-pvc.yaml)")]
+        return [Check("model-cache", PASS, "no hub models, no model cache needed")]
+    pvc = cluster.get("", "v1", "persistentvolumeclaims", claim, dep.namespace)
+    if pvc is None:
+        return [Check("model-cache", FAIL, f"PersistentVolumeClaim {claim} not found in {dep.namespace}: workers "
+                      "of hub models cannot start", "kubectl apply -k knative/overlays/examples/fma-requester/")]
+    phase = (pvc.get("status") or {}).get("phase", "Pending")
+    size = (((pvc.get("status") or {}).get("capacity") or {}).get("storage")
+            or (((pvc.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage", "?"))
+    mounts = [v for v in dep.requester_spec().get("volumes") or []
+              if (v.get("persistentVolumeClaim") or {}).get("claimName") == claim]
+    if not mounts or mounts[0]["persistentVolumeClaim"].get("readOnly"):
+        return [Check("model-cache", FAIL, f"the requester does not mount {claim} read-write: it cannot fetch hub "
+                      "models into it", "mount the claim in the requester (knative/base/requester.yaml)")]
+    if phase != "Bound":
+        return [Check("model-cache", WARN, f"PersistentVolumeClaim {claim} is {phase} (a WaitForFirstConsumer "
+                      "class binds it when the requester's pod is scheduled)",
+                      f"kubectl describe pvc {claim} -n {dep.namespace}")]
+    return [Check("model-cache", PASS, f"PersistentVolumeClaim {claim} bound ({size}); hub models: "
+                  f"{', '.join(hub) or 'none'} (`fma models` shows which are cached)")]
 
 
 def check_features(cluster: Cluster, dep: Deployment) -> list[Check]:
@@ -455,6 +499,7 @@ def run_checks(cluster: Cluster, namespace: str, eventing: bool = True) -> list[
         ("broker", lambda: check_broker(cluster, namespace) if eventing else []),
         ("sinkbinding", lambda: check_sinkbinding(cluster, dep) if eventing else []),
         ("gpu", lambda: check_gpu(cluster, dep)),
+        ("model-cache", lambda: check_model_cache(cluster, dep)),
         ("images", lambda: check_images(cluster, dep)),
     ]
     out: list[Check] = []
