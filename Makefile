@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: bench-embeddings wait-sinkbinding test-slow bench-quality e2e doctor functions function-sources cold-subscriber run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
+.PHONY: bench-hub bench-embeddings wait-sinkbinding test-slow bench-quality e2e doctor functions function-sources cold-subscriber run worker test test-fast lint docs load fuzz bench bench-throughput bench-actuation bench-gpu bench-gpu-wheels prepare clean venv images deploy
 
 venv: $(STAMP)
 
@@ -55,9 +55,12 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m fma_cli.docs README.md docs/design.md
 
-bench: bench-throughput bench-actuation bench-quality bench-embeddings
+bench: bench-throughput bench-actuation bench-quality bench-embeddings bench-hub
 
 # The embedding worker through the requester against sentence-transformers in a plain script, 1 and 8 clients.
+bench-hub: prepare
+	$(BIN)/python bench/hub_cache.py --out bench/results/hub-cache.json
+
 bench-embeddings: $(STAMP)
 	$(BIN)/python bench/embeddings.py --out bench/results/embeddings.json
 

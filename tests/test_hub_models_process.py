@@ -63,6 +63,10 @@ def test_a_hub_models_first_cold_start_fetches_it_once_and_a_cold_start_after_sc
     assert again.status_code == 200, again.text
     assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
     assert [r for r in hub.requests if "acme/tiny" in r[1]] == before, "the second cold start reached the hub"
+    # Once fetched, a folder like any other: the launcher prepared its parts, and the second worker used them.
+    assert "launcher prepared tiny ahead" in req.log()
+    worker_log = (req.log_path.parent / "logs" / "worker-tiny.log").read_text()
+    assert worker_log.count("the launcher prepared") >= 1, worker_log[-2000:]
 
 
 def test_two_models_on_one_repository_started_at_once_fetch_it_once(served):

@@ -111,7 +111,10 @@ class LocalEffects(Effects):
             handle.progress = message
             log.info("%s: %s", spec.name, message)
 
-        model_cache.fetch_before_start(spec, self.settings.hub_cache_dir, env, progress)
+        if model_cache.fetch_before_start(spec, self.settings.hub_cache_dir, env, progress):
+            # Now a folder like any other: the launcher builds its config, tokenizer and empty model ahead, so
+            # the next cold start (after a release, a crash) skips them as an embedded model's does.
+            self.supervisor.prepare([(spec.name, self.worker_environment(spec, 8000))])  # a port: never bound
 
     def _exited(self, spec: ModelSpec, handle: WorkerHandle, code: int) -> None:
         tail = self.read_log(spec, handle, 1500).strip()

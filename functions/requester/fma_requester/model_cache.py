@@ -46,23 +46,24 @@ def hub_env(spec: ModelSpec) -> dict[str, str]:
 
 
 def fetch_before_start(spec: ModelSpec, cache_dir: Path, env: dict[str, str],
-                       progress: Callable[[str], None]) -> None:
+                       progress: Callable[[str], None]) -> bool:
     """A hub model is put in the model cache before its worker starts (either actuator): the worker then loads
     it offline (``HF_HUB_OFFLINE=1``; on Knative from the claim mounted read-only), and a later cold start finds
     it and fetches nothing. ``env``: the worker's, for ``HF_TOKEN`` and ``HF_ENDPOINT`` (the model's own
-    ``env`` may set them); the token goes only to the hub. Raises RuntimeError with the reason."""
+    ``env`` may set them); the token goes only to the hub. True if it fetched; RuntimeError with the reason."""
     source = parse_source(spec.source)
     if source.kind != "hf":
-        return
+        return False
     ref = hub_cache.HubRef.parse(source.ref)
     if hub_cache.cached(ref, cache_dir) is not None:
-        return
+        return False
     progress(f"fetching {ref.repo} from the hub")
     try:
         hub_cache.fetch(ref, cache_dir, token=env.get("HF_TOKEN") or None, endpoint=env.get("HF_ENDPOINT") or None,
                         progress=progress)
     except hub_cache.HubFetchError as exc:
         raise RuntimeError(str(exc)) from None
+    return True
 
 
 def pull(spec: ModelSpec, cache_dir: Path) -> Iterator[bytes]:

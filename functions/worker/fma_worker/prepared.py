@@ -136,10 +136,10 @@ def forget_all() -> None:
 def target(env: Mapping[str, str]) -> tuple[Path, str, bool] | None:
     """What a worker with this environment would load, decided without touching a device or converting.
 
-    Returns ``(folder, dtype, with_skeleton)``, or None when it cannot be known cheaply here: a hub model
-    (resolved by transformers at load), an embedded model not converted yet (the worker converts it), or a
-    worker that may run on CUDA with ``dtype=auto`` (its dtype depends on a device this process must not
-    initialise).
+    Returns ``(folder, dtype, with_skeleton)``, or None when it cannot be known cheaply here: a hub model not
+    in the model cache yet (the requester fetches it before the worker starts), an embedded model not converted
+    yet (the worker converts it), or a worker that may run on CUDA with ``dtype=auto`` (its dtype depends on a
+    device this process must not initialise).
     """
     import torch
 
@@ -157,14 +157,23 @@ def target(env: Mapping[str, str]) -> tuple[Path, str, bool] | None:
     else:
         device_cpu = True
     source = parse_source(settings.source or "")
+    hub_folder = None
+    if source.kind == "hf":  # once in the model cache, a folder like any other (hub_cache.py; no network here)
+        from fma_common import hub_cache
+
+        hit = hub_cache.cached(hub_cache.HubRef.parse(source.ref), settings.hub_cache_dir or settings.cache_dir)
+        if hit is None:
+            return None
+        hub_folder = hit.folder
     if settings.dtype != "auto":
         dtype = settings.dtype
     else:  # device_cpu here: the same choice the engine will make (dtype_policy), from the CPU's flags
-        if source.kind == "hf":
-            return None
-        checkpoint = dtype_policy.source_checkpoint_dtype(source)
+        checkpoint = dtype_policy.folder_checkpoint_dtype(hub_folder) if hub_folder else \
+            dtype_policy.source_checkpoint_dtype(source)
         dtype = dtype_policy.choose("auto", "cpu", checkpoint, dtype_policy.host_native("cpu")).dtype
-    if source.kind == "embedded":
+    if hub_folder is not None:
+        folder = hub_folder
+    elif source.kind == "embedded":
         assert settings.cache_dir is not None
         folder = embedded_cache_dir(source.ref, dtype, settings.cache_dir)
         if not is_converted(folder):
