@@ -20,7 +20,8 @@ pytestmark = pytest.mark.process
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     files = Repo.from_folder(tiny_model_dir).files
-    hub = HubStandIn({"acme/tiny": Repo(dict(files)), "acme/shared": Repo(dict(files))})
+    hub = HubStandIn({"acme/tiny": Repo(dict(files)), "acme/shared": Repo(dict(files)),
+                      "acme/gated": Repo(dict(files), token="hf_the_right_one")})
     url = hub.start()
     tmp = tmp_path_factory.mktemp("hub-models")
     models = tmp / "models.yaml"
@@ -36,6 +37,12 @@ models:
     source: hf:acme/shared
   - name: ghost
     source: hf:acme/ghost
+  - name: gated
+    source: hf:acme/gated
+    env: {HF_TOKEN: hf_a_wrong_one}
+  - name: gated-ok
+    source: hf:acme/gated
+    env: {HF_TOKEN: hf_the_right_one}
 """)
     # HF_HOME apart: huggingface_hub copies a file it already holds in its own cache instead of downloading it
     with requester(tmp, models, HF_ENDPOINT=url, HF_HUB_OFFLINE="0", FMA_CACHE_DIR=str(tmp / "cache"),
@@ -94,6 +101,17 @@ def test_a_model_missing_from_the_hub_is_a_clear_error_on_the_first_request(serv
     assert "no model acme/ghost on the hub" in resp.json()["error"]["message"], resp.text
 
 
+def test_a_refused_token_is_a_clear_error_on_the_first_request_and_never_shown(served):
+    req, _hub = served
+    resp = ask(req.spi, "gated")
+    assert 400 <= resp.status_code < 600 and resp.status_code != 500, resp.text
+    assert "gated or private" in resp.json()["error"]["message"], resp.text
+    assert "hf_a_wrong_one" not in resp.text and "hf_a_wrong_one" not in req.log()
+    assert ask(req.spi, "gated-ok").status_code == 200
+    logs = [req.log(), *(p.read_text(errors="replace") for p in (req.log_path.parent / "logs").glob("*.log"))]
+    assert not any("hf_the_right_one" in text or "hf_a_wrong_one" in text for text in logs), "a token in a log"
+
+
 def test_fma_models_pull_fills_the_cache_ahead_with_progress_and_fma_models_shows_it(served):
     from test_cli_process import run
 
@@ -115,3 +133,4 @@ def test_fma_models_pull_fills_the_cache_ahead_with_progress_and_fma_models_show
     assert embedded.status_code == 200
     card = httpx.get(f"{req.spi}/v1/models/tiny", timeout=30).json()
     assert card["cache"]["state"] == "cached" and card["cache"]["bytes"] > 0 and card["source"] == "hf:acme/tiny"
+    assert card["cache"]["dtype"] == "float32" and "cached" in rows["tiny"] and "float32" in rows["tiny"]

@@ -115,12 +115,13 @@ def workers_table(rows: Sequence[Mapping[str, Any]], now: float, colour: bool) -
 
 
 def cache_text(cache: Mapping[str, Any] | None) -> str:
-    """``cached 548 MB``, ``not cached``, ``in the image``, ``local folder``."""
+    """``cached 548 MB bfloat16`` (the checkpoint's own dtype), ``not cached``, ``in the image``, ``local folder``."""
     if not cache:
         return "-"
     if cache.get("state") == "cached":
         size = cache.get("bytes", 0)
-        return f"cached {size / 1e9:.1f} GB" if size >= 1e9 else f"cached {size / 1e6:.0f} MB"
+        text = f"cached {size / 1e9:.1f} GB" if size >= 1e9 else f"cached {size / 1e6:.0f} MB"
+        return f"{text} {cache['dtype']}" if cache.get("dtype") else text
     return str(cache.get("state", "-"))
 
 

@@ -37,7 +37,18 @@ def state(spec: ModelSpec, cache_dir: Path) -> dict[str, Any]:
     hit = hub_cache.cached(hub_cache.HubRef.parse(source.ref), cache_dir)
     if hit is None:
         return {"state": "not cached"}
-    return {"state": "cached", "bytes": hit.bytes, "files": hit.files, "commit": hit.commit}
+    return {"state": "cached", "bytes": hit.bytes, "files": hit.files, "commit": hit.commit,
+            "dtype": checkpoint_dtype(hit.folder)}
+
+
+def checkpoint_dtype(folder: Path) -> str | None:
+    """The dtype the checkpoint was saved in, as its config.json says (None where it does not)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return str(value).removeprefix("torch.") if value else None
 
 
 def hub_env(spec: ModelSpec) -> dict[str, str]:
