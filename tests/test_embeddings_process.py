@@ -135,9 +135,9 @@ def test_fma_embed_and_fma_models_show_vectors_kinds_and_aliases(served):
     as_json = json.loads(fma("embed", EMBED, "hello", "-o", "json").stdout)
     assert len(as_json["data"][0]["embedding"]) == 384
     table = fma("models").stdout.splitlines()
-    assert table[0].split() == ["MODEL", "KIND", "STATE", "BACKEND", "ALIASES"]
+    assert table[0].split() == ["MODEL", "KIND", "STATE", "BACKEND", "CACHE", "ALIASES"]
     row = next(line for line in table if line.startswith(EMBED))
-    assert "embedding" in row and "sentence-transformers/all-MiniLM-L6-v2" in row
+    assert "embedding" in row and "in the image" in row and "sentence-transformers/all-MiniLM-L6-v2" in row
     wrong = fma("embed", EMBEDDED, "hello")
     assert wrong.returncode != 0 and "is a chat model" in wrong.stderr, wrong.stderr
 

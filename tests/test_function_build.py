@@ -27,6 +27,7 @@ import httpx
 import openai
 import pytest
 from knative_sim import SimulatedKnative
+from knative_webhook import ClusterConfig
 from kube_fake import FakeKube, load_role, write_kubeconfig
 from test_knative import NS, RBAC, seed_requester
 
@@ -76,7 +77,9 @@ def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_
     assert not (lib / "torch").exists() and not (lib / "gevent").exists(), "the requester needs neither"
 
     kube = FakeKube(role=load_role(*RBAC)).start()
-    sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10)
+    # The shipped worker template mounts the model cache claim: its flag on, as config-features.yaml asks.
+    sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10,
+                           config=ClusterConfig(features={"kubernetes.podspec-persistent-volume-claim": "enabled"}))
     proc = None
     try:
         seed_requester(kube, "t")

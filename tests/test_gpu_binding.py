@@ -154,8 +154,9 @@ def test_a_knative_worker_given_a_gpu_on_a_cpu_node_fails_the_start_with_its_rea
     kube = FakeKube(role=load_role(*RBAC)).start()
     flags = {"kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "enabled",
              "kubernetes.podspec-runtimeclassname": "enabled"}
+    claim = {"kubernetes.podspec-persistent-volume-claim": "enabled"}  # the shipped template's model cache
     sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10,
-                           config=ClusterConfig(features=flags if binding == "shared" else {}))
+                           config=ClusterConfig(features={**(flags if binding == "shared" else {}), **claim}))
     try:
         seed_requester(kube, "t")
         kubeconfig = tmp_path / "kubeconfig"

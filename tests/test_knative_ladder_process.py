@@ -42,6 +42,10 @@ class Cluster:
         self.dir = tmp_path
         self.kube = FakeKube(role=load_role(*RBAC)).start()
         seed_requester(self.kube, TOKEN)
+        # The shipped worker template mounts the model cache claim: the cluster has its flag on, as
+        # knative/cluster/config-features.yaml asks.
+        config = config or ClusterConfig()
+        config.features.setdefault("kubernetes.podspec-persistent-volume-claim", "enabled")
         self.sim = SimulatedKnative(self.kube, tmp_path, speed=SPEED, config=config)
         shipped = yaml.safe_load((REPO / "knative" / "base" / "worker-template.yaml").read_text())
         self.template = tmp_path / "worker-template.yaml"

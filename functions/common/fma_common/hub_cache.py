@@ -90,6 +90,17 @@ def cached(ref: HubRef, cache_dir: Path) -> CachedModel | None:
     return CachedModel(folder, commit, len(marker["files"]), sum(f["size"] for f in marker["files"]))
 
 
+def from_hf_cache(ref: HubRef) -> Path | None:
+    """The model's snapshot in huggingface_hub's own cache (``HF_HOME``), complete for ``ref``'s revision, or
+    None. For models put there before this cache existed, or by hand for an offline machine: no network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref.repo, revision=ref.revision, local_files_only=True))
+    except Exception:  # not there, or not complete: the caller fetches, or says what to do
+        return None
+
+
 def wanted(paths: list[str]) -> list[str]:
     """The files a worker needs, from a repository's file list."""
     keep = [p for p in paths if not any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p.rsplit("/", 1)[-1], pat)

@@ -65,6 +65,8 @@ def fetch_before_start(spec: ModelSpec, cache_dir: Path, env: dict[str, str],
     source = parse_source(spec.source)
     if source.kind != "hf":
         return False
+    if str(spec.env.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on"):
+        return False  # the model's own word: never the hub for it (its worker loads from its HF_HOME's cache)
     ref = hub_cache.HubRef.parse(source.ref)
     if hub_cache.cached(ref, cache_dir) is not None:
         return False

@@ -264,9 +264,13 @@ class Engine:
         source = parse_source(s.source)
         hub_folder = None
         if source.kind == "hf":
-            # From the model cache, checked when it was fetched (hub_cache.py): no network here unless this
-            # worker was started without the requester and is allowed online.
-            hub_folder = hub_cache.fetch(hub_cache.HubRef.parse(source.ref), s.hub_cache_dir or s.cache_dir).folder
+            # From the model cache, checked when it was fetched (hub_cache.py); else a complete snapshot in
+            # huggingface_hub's own cache (a model put there by hand for an offline machine); else fetched, which
+            # is refused with advice when this worker is offline (the requester fetches before starting it).
+            ref = hub_cache.HubRef.parse(source.ref)
+            cache = s.hub_cache_dir or s.cache_dir
+            hit = hub_cache.cached(ref, cache)
+            hub_folder = hit.folder if hit else hub_cache.from_hf_cache(ref) or hub_cache.fetch(ref, cache).folder
         # A hub model's config is read once, here, for its dtype and below for the model.
         hub_config = transformers.AutoConfig.from_pretrained(str(hub_folder)) if hub_folder else None
         choice = dtype_policy.choose(s.dtype, self.device, dtype_policy.source_checkpoint_dtype(source, hub_config),
