@@ -48,6 +48,9 @@ class Cluster:
         config.features.setdefault("kubernetes.podspec-persistent-volume-claim", "enabled")
         self.sim = SimulatedKnative(self.kube, tmp_path, speed=SPEED, config=config)
         shipped = yaml.safe_load((REPO / "knative" / "base" / "worker-template.yaml").read_text())
+        # The models here are hub ids whose simulated pods load nothing: no model cache to fill for them (the
+        # cache on Knative: tests/test_knative.py, with a stand-in hub).
+        template.setdefault("model_cache_claim", None)
         self.template = tmp_path / "worker-template.yaml"
         self.template.write_text(yaml.safe_dump({**shipped, **template}))
         self.kubeconfig = tmp_path / "kubeconfig"

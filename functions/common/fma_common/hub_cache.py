@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -47,6 +48,10 @@ SKIP = ("*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.tflite", "*.ot", "*.mlm
         "*.png", "*.jpg", "*.gif")
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 class HubFetchError(RuntimeError):
     """A hub model could not be put in the cache; the message says why and what to do (never the token)."""
 
@@ -59,7 +64,9 @@ class HubRef:
     @classmethod
     def parse(cls, ref: str) -> HubRef:
         repo, _, revision = ref.partition("@")
-        if repo.count("/") > 1 or not repo.strip("/") or ".." in repo:
+        bad_repo = repo.count("/") > 1 or not _NAME.fullmatch(repo.replace("/", ""))
+        bad_revision = bool(revision) and (".." in revision or revision.startswith("/") or "\\" in revision)
+        if bad_repo or bad_revision or ".." in repo:
             raise HubFetchError(f"{ref!r} is not a hub model id (ORG/NAME or NAME, optionally @REVISION)")
         return cls(repo, revision or "main")
 
@@ -82,12 +89,14 @@ def cached(ref: HubRef, cache_dir: Path) -> CachedModel | None:
         commit = (base / "refs" / ref.revision.replace("/", "--")).read_text().strip()
     except OSError:
         commit = ref.revision  # a commit id asked for directly
+    if not _COMMIT.fullmatch(commit):  # a folder name from a file or a request: only ever a commit id
+        return None
     folder = base / commit
     try:
         marker = json.loads((folder / COMPLETE).read_text())
-    except (OSError, ValueError):
+        return CachedModel(folder, commit, len(marker["files"]), sum(int(f["size"]) for f in marker["files"]))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return CachedModel(folder, commit, len(marker["files"]), sum(f["size"] for f in marker["files"]))
 
 
 def from_hf_cache(ref: HubRef) -> Path | None:
@@ -107,6 +116,10 @@ def wanted(paths: list[str]) -> list[str]:
                                         for pat in SKIP)]
     if any(p.endswith(".safetensors") for p in keep):
         keep = [p for p in keep if not p.endswith(".bin") or not p.rsplit("/", 1)[-1].startswith("pytorch_model")]
+    # transformers loads model.safetensors or the shards its index names; a repository may also hold the same
+    # weights in another layout (Mistral's consolidated.safetensors, 14 GB): not fetched.
+    if "model.safetensors" in keep or "model.safetensors.index.json" in keep:
+        keep = [p for p in keep if "/" in p or not p.endswith(".safetensors") or p.startswith("model")]
     return sorted(keep)
 
 
@@ -170,19 +183,19 @@ def fetch(ref: HubRef, cache_dir: Path, *, token: str | None = None, endpoint: s
     from filelock import FileLock
 
     say = progress or (lambda msg: log.info("%s", msg))
+    from huggingface_hub import constants
+
     if not refresh and (hit := cached(ref, cache_dir)) is not None:
         return hit
     base = ref.folder(cache_dir)
+    if constants.HF_HUB_OFFLINE:  # before any write: a worker's cache may be a read-only mount
+        raise HubFetchError(f"{ref.repo}@{ref.revision} is not in the model cache ({base}) and this process "
+                            "is offline (HF_HUB_OFFLINE=1): the requester fetches a hub model before it starts "
+                            "the worker; or fill the cache with `fma models pull`")
     base.mkdir(parents=True, exist_ok=True)
     with FileLock(str(base / ".lock"), timeout=lock_timeout_s):
         if not refresh and (hit := cached(ref, cache_dir)) is not None:  # fetched while we waited
             return hit
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            raise HubFetchError(f"{ref.repo}@{ref.revision} is not in the model cache ({base}) and this process "
-                                "is offline (HF_HUB_OFFLINE=1): the requester fetches a hub model before it starts "
-                                "the worker; or fill the cache with `fma models pull`")
         return _fetch_locked(ref, base, token=token, endpoint=endpoint or os.environ.get("HF_ENDPOINT"), say=say)
 
 
@@ -199,8 +212,8 @@ def _fetch_locked(ref: HubRef, base: Path, *, token: str | None, endpoint: str |
                    if isinstance(e, RepoFile)}
     except Exception as exc:  # huggingface_hub's errors, connection errors: one message that says what to do
         raise _explain(ref, exc) from None
-    if not commit:
-        raise HubFetchError(f"the hub gave no commit for {ref.repo}@{ref.revision}")
+    if not commit or not _COMMIT.fullmatch(commit):
+        raise HubFetchError(f"the hub gave no commit id for {ref.repo}@{ref.revision}")
     names = wanted(list(listing))
     if "config.json" not in names:
         raise HubFetchError(f"{ref.repo} has no config.json: not a transformers model")
@@ -208,8 +221,9 @@ def _fetch_locked(ref: HubRef, base: Path, *, token: str | None, endpoint: str |
     if (target / COMPLETE).is_file():  # the revision moved to a commit we already hold
         _point(base, ref, commit)
         return cached(HubRef(ref.repo, commit), base.parent.parent)  # type: ignore[return-value]
+    for stale in base.glob(".*.tmp-*"):  # a fetch killed outright (SIGKILL, OOM, eviction); the lock is ours
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = base / f".{commit}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     total = sum((listing[n].lfs.size if listing[n].lfs else listing[n].size) for n in names)
     say(f"fetching {ref.repo}@{commit[:12]}: {len(names)} files, {total / 1e6:.1f} MB")
     try:
@@ -247,3 +261,40 @@ def _point(base: Path, ref: HubRef, commit: str) -> None:
     tmp = refs / f".{os.getpid()}.tmp"
     tmp.write_text(commit + "\n")
     os.replace(tmp, refs / ref.revision.replace("/", "--"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fma_common.hub_cache ORG/NAME[@REVISION] CACHE_DIR [--refresh]``: one fetch, its progress as
+    JSON lines on stdout, then ``{"done": ...}`` or ``{"error": ...}`` (exit 1). ``HF_ENDPOINT`` and ``HF_TOKEN``
+    come from the environment, never the command line (which ``ps`` shows). The requester runs fetches this way:
+    in its own process a fetch would hold gevent's event loop while it hashes a file or while huggingface_hub's
+    native Xet client downloads one, and a native thread cannot share gevent's sockets."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    refresh = "--refresh" in args
+    ref_text, cache = [a for a in args if a != "--refresh"][:2]
+
+    def emit(line: dict[str, Any]) -> None:
+        try:
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):  # nobody reads any more (a pull whose client left): fetch on
+            pass
+
+    try:
+        got = fetch(HubRef.parse(ref_text), Path(cache), token=os.environ.get("HF_TOKEN") or None,
+                    endpoint=os.environ.get("HF_ENDPOINT") or None, refresh=refresh,
+                    progress=lambda message: emit({"message": message}))
+    except HubFetchError as exc:
+        emit({"error": str(exc)})
+        return 1
+    except Exception as exc:  # never the token: huggingface_hub's messages do not carry it, and none is printed
+        emit({"error": f"the fetch failed: {type(exc).__name__}"})
+        return 1
+    emit({"done": True, "commit": got.commit, "files": got.files, "bytes": got.bytes})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

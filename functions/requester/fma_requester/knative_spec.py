@@ -167,6 +167,9 @@ def render_worker_service(spec: ModelSpec, tmpl: WorkerTemplate, *, owner: dict[
         **spec.admission_env(),
         **spec.env,
     }
+    # The hub token is the requester's: it fetches; a worker loads from the read-only cache and never needs it,
+    # and anything here is written in plain text into the Service (readable by whoever may read Services).
+    env.pop("HF_TOKEN", None)
     limits: dict[str, str] = {"cpu": tmpl.cpu, "memory": tmpl.memory}
     requests: dict[str, str] = {"cpu": tmpl.cpu, "memory": tmpl.memory}
     pod_extra: dict[str, Any] = {}

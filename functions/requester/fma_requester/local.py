@@ -72,6 +72,7 @@ class LocalEffects(Effects):
             "FMA_CACHE_DIR": str(self.settings.cache_dir), "FMA_LIFELINE_FD": str(self.supervisor.lifeline_fd),
             "FMA_HUB_CACHE_DIR": str(self.settings.hub_cache_dir or self.settings.cache_dir),
         })
+        env.pop("HF_TOKEN", None)  # the requester fetches hub models; a worker loads them offline, tokenless
         for key in ("FMA_API_KEYS", "FMA_ADMIN_KEYS", "FMA_API_KEYS_FILE", "FMA_ADMIN_KEYS_FILE"):
             env.pop(key, None)  # clients' keys are the requester's business, not its workers'
         if self.settings.worker_token:
@@ -90,7 +91,7 @@ class LocalEffects(Effects):
         port = free_port(self.settings.worker_host)
         url = f"http://{self.settings.worker_host}:{port}"
         env = self.worker_environment(spec, port)
-        self._fetch_hub_model(spec, handle, env)
+        self._fetch_hub_model(spec, handle)
         env["FMA_SPAWNED_AT"] = repr(asked_at)  # the worker's start timeline counts from here
         with handle.lock:
             if handle.cancelled:
@@ -104,14 +105,14 @@ class LocalEffects(Effects):
         handle.steps = start_steps(ready, asked_at)
         return url
 
-    def _fetch_hub_model(self, spec: ModelSpec, handle: WorkerHandle, env: dict[str, str]) -> None:
+    def _fetch_hub_model(self, spec: ModelSpec, handle: WorkerHandle) -> None:
         assert self.settings.hub_cache_dir is not None
 
         def progress(message: str) -> None:
             handle.progress = message
             log.info("%s: %s", spec.name, message)
 
-        if model_cache.fetch_before_start(spec, self.settings.hub_cache_dir, env, progress):
+        if model_cache.fetch_before_start(spec, self.settings.hub_cache_dir, model_cache.hub_env(spec), progress):
             # Now a folder like any other: the launcher builds its config, tokenizer and empty model ahead, so
             # the next cold start (after a release, a crash) skips them as an embedded model's does.
             self.supervisor.prepare([(spec.name, self.worker_environment(spec, 8000))])  # a port: never bound

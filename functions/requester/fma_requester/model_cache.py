@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +35,10 @@ def state(spec: ModelSpec, cache_dir: Path) -> dict[str, Any]:
         return {"state": "in the image"}
     if source.kind == "path":
         return {"state": "local folder"}
-    hit = hub_cache.cached(hub_cache.HubRef.parse(source.ref), cache_dir)
+    try:
+        hit = hub_cache.cached(hub_cache.HubRef.parse(source.ref), cache_dir)
+    except hub_cache.HubFetchError:  # the registry refuses such a source; never a 500 for the whole list
+        return {"state": "invalid source"}
     if hit is None:
         return {"state": "not cached"}
     return {"state": "cached", "bytes": hit.bytes, "files": hit.files, "commit": hit.commit,
@@ -72,40 +76,66 @@ def fetch_before_start(spec: ModelSpec, cache_dir: Path, env: dict[str, str],
         return False
     progress(f"fetching {ref.repo} from the hub")
     try:
-        hub_cache.fetch(ref, cache_dir, token=env.get("HF_TOKEN") or None, endpoint=env.get("HF_ENDPOINT") or None,
-                        progress=progress)
+        for line in _fetching(ref, cache_dir, env, refresh=False):
+            if "message" in line:
+                progress(line["message"])
     except hub_cache.HubFetchError as exc:
         raise RuntimeError(str(exc)) from None
     return True
 
 
+def _fetching(ref: hub_cache.HubRef, cache_dir: Path, env: dict[str, str], *, refresh: bool) \
+        -> Iterator[dict[str, Any]]:
+    """The fetch in a child process (``python -m fma_common.hub_cache``); its progress lines as they come, then
+    ``done``; HubFetchError with the child's reason. A child, not a thread: under gevent (the requester's gunicorn
+    workers) a thread is a greenlet, and hashing a file or huggingface_hub's native Xet download would hold the
+    event loop, and every stream and probe with it; a native thread cannot share gevent's sockets. The token
+    and endpoint reach the child in its environment, not on its command line."""
+    child_env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    for key in ("HF_TOKEN", "HF_ENDPOINT"):
+        if env.get(key):
+            child_env[key] = env[key]
+        else:
+            child_env.pop(key, None)
+    args = [sys.executable, "-m", "fma_common.hub_cache", f"{ref.repo}@{ref.revision}", str(cache_dir)]
+    proc = subprocess.Popen([*args, *(["--refresh"] if refresh else [])], env=child_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    last: dict[str, Any] = {}
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:  # gevent's pipes under monkey patching: the loop runs between lines
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if "message" in line:
+                yield line
+            else:
+                last = line
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if proc.poll() is None:  # the consumer went away (a pull's client left): the fetch finishes on its own
+            threading.Thread(target=proc.wait, name="fma-fetch-reaper", daemon=True).start()
+    if "error" in last or not last:
+        raise hub_cache.HubFetchError(last.get("error") or f"the fetch of {ref.repo} ended without a result")
+    yield last
+
+
 def pull(spec: ModelSpec, cache_dir: Path) -> Iterator[bytes]:
     """Fetch ``spec``'s revision as the hub has it now; one JSON line per progress message, then a last line
-    with ``done`` (commit, files, bytes) or ``error``. The fetch runs on its own thread: a client that hangs up
+    with ``done`` (commit, files, bytes) or ``error``. The fetch runs on a native thread: a client that hangs up
     does not stop it (the next pull or cold start finds it done)."""
     source = parse_source(spec.source)
     if source.kind != "hf":
         raise InvalidRequest(f"model {spec.name} comes from {source.kind}:, not the hub; only hf: models are "
                              "pulled (embedded models ship in the worker image)", param="model")
     ref = hub_cache.HubRef.parse(source.ref)
-    env = hub_env(spec)
-    lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
-
-    def work() -> None:
-        try:
-            got = hub_cache.fetch(ref, cache_dir, token=env.get("HF_TOKEN") or None,
-                                  endpoint=env.get("HF_ENDPOINT") or None, refresh=True,
-                                  progress=lambda message: lines.put({"message": message}))
-            lines.put({"done": True, "model": spec.name, "commit": got.commit, "files": got.files,
-                       "bytes": got.bytes})
-        except hub_cache.HubFetchError as exc:
-            lines.put({"error": str(exc)})
-        except Exception:
-            log.exception("pulling %s failed", spec.name)
-            lines.put({"error": f"pulling {spec.name} failed; see the requester log"})
-        finally:
-            lines.put(None)
-
-    threading.Thread(target=work, name=f"fma-pull-{spec.name}", daemon=True).start()
-    while (line := lines.get()) is not None:
-        yield (json.dumps(line) + "\n").encode()
+    try:
+        for line in _fetching(ref, cache_dir, hub_env(spec), refresh=True):
+            yield (json.dumps({**line, "model": spec.name} if "done" in line else line) + "\n").encode()
+    except hub_cache.HubFetchError as exc:
+        yield (json.dumps({"error": str(exc)}) + "\n").encode()
+    except Exception:
+        log.exception("pulling %s failed", spec.name)
+        yield (json.dumps({"error": f"pulling {spec.name} failed; see the requester log"}) + "\n").encode()

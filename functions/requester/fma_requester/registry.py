@@ -174,11 +174,14 @@ class ModelSpec(BaseModel):
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
+        from fma_common.hub_cache import HubFetchError, HubRef
         from fma_common.sources import ModelSourceError, parse_source
 
         try:
-            parse_source(value)
-        except ModelSourceError as exc:
+            source = parse_source(value)
+            if source.kind == "hf":  # a cache folder is named after it: ORG/NAME[@REVISION], nothing else
+                HubRef.parse(source.ref)
+        except (ModelSourceError, HubFetchError) as exc:
             raise ValueError(str(exc)) from None
         return value
 

@@ -343,6 +343,7 @@ class Batcher:
             self._positions = torch.cat([self._positions, new_positions])
             self._tokens = torch.cat([self._tokens, new_tokens])
         self._row_owner += owners
+        self._trim_padding()
 
     # ---- decode ----------------------------------------------------------------------------
 
@@ -444,7 +445,12 @@ class Batcher:
         self._mask = self._mask.index_select(0, index)
         self._tokens = self._tokens.index_select(0, index)
         self._positions = self._positions.index_select(0, index)
-        # Columns that are padding in every row left hold nothing: trim them.
+        self._trim_padding()
+
+    def _trim_padding(self) -> None:
+        """Columns that are padding in every row hold nothing: trim them (after rows leave, and after a join
+        whose prefill kept only some of its rows), so the cache is as wide as its longest row and the room
+        kv_room keeps is measured from there."""
         valid = self._mask.sum(0) > 0
         first = int(valid.nonzero()[0]) if bool(valid.any()) else 0
         if first:
