@@ -116,3 +116,33 @@ def test_only_what_a_worker_loads_is_wanted():
     assert hub_cache.wanted(files) == ["1_Pooling/config.json", "config.json", "generation_config.json",
                                        "merges.txt", "model.safetensors", "tokenizer.json", "vocab.json"]
     assert "pytorch_model.bin" in hub_cache.wanted(["config.json", "pytorch_model.bin"])
+
+
+def test_ids_that_could_name_a_folder_outside_the_cache_are_refused():
+    for bad in ("a/b/c", "../x", "org/m@../../etc", "org/m@/abs", "org/.hidden"):
+        with pytest.raises(hub_cache.HubFetchError):
+            hub_cache.HubRef.parse(bad)
+    assert hub_cache.HubRef.parse("org/m@v1.0").revision == "v1.0"
+    from fma_requester.registry import ModelRegistry
+
+    with pytest.raises(Exception, match="not a hub model id"):
+        ModelRegistry.from_text("models:\n  - {name: x, source: 'hf:a/b/c'}\n")
+
+
+def test_a_killed_fetchs_leftovers_are_removed_and_a_malformed_marker_is_a_miss(hub, tmp_path):
+    _standin, url = hub
+    ref = hub_cache.HubRef.parse(REPO)
+    base = ref.folder(tmp_path)
+    (base / ".deadbeef.tmp-999999").mkdir(parents=True)  # a fetch killed outright left this
+    (base / ".deadbeef.tmp-999999" / "model.safetensors").write_bytes(b"x" * 1000)
+    got = hub_cache.fetch(ref, tmp_path, endpoint=url)
+    assert not list(base.glob(".*.tmp-*"))
+    (got.folder / hub_cache.COMPLETE).write_text('{"no": "files"}')
+    assert hub_cache.cached(ref, tmp_path) is None
+
+
+def test_a_second_layout_of_the_same_weights_is_not_fetched():
+    files = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "model.safetensors.index.json", "consolidated.safetensors", "params.json", "tokenizer.json"]
+    assert "consolidated.safetensors" not in hub_cache.wanted(files)
+    assert {"model-00001-of-00002.safetensors", "model.safetensors.index.json"} <= set(hub_cache.wanted(files))

@@ -64,7 +64,7 @@ class HubRef:
     @classmethod
     def parse(cls, ref: str) -> HubRef:
         repo, _, revision = ref.partition("@")
-        bad_repo = repo.count("/") > 1 or not _NAME.fullmatch(repo.replace("/", ""))
+        bad_repo = repo.count("/") > 1 or not all(_NAME.fullmatch(part) for part in repo.split("/"))
         bad_revision = bool(revision) and (".." in revision or revision.startswith("/") or "\\" in revision)
         if bad_repo or bad_revision or ".." in repo:
             raise HubFetchError(f"{ref!r} is not a hub model id (ORG/NAME or NAME, optionally @REVISION)")
