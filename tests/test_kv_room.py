@@ -141,3 +141,33 @@ def test_a_steady_batchs_decode_steps_write_the_cache_in_place(engine: Engine):
     assert len(steady) >= 30, where
     moves = sum(1 for a, b in itertools.pairwise(steady) if a != b)
     assert moves <= len(steady) // ROOM + 1, f"the cache was copied on {moves} of {len(steady)} steps"
+
+
+def test_a_row_that_ends_at_its_first_token_leaves_no_padding_behind_in_the_batch(engine: Engine):
+    """Prefilled together, a long prompt asking for one token and a short one asking for 20: the long one ends
+    in the prefill; the short one's cache must then be as wide as itself, not as the long prompt (padding kept
+    there would be copied and attended over on every step, and the room measured from the wrong width)."""
+    long_ids = engine.encode("The history of the Roman empire " * 20)
+    short_ids = engine.encode("Hi")
+    assert len(long_ids) > 60 and len(long_ids) + len(short_ids) < engine.batcher.prefill_chunk
+    widths: list[tuple[int, int]] = []
+    engine.batcher._on_step = lambda rows: widths.append((rows, int(engine.batcher._mask.shape[1])))
+    engine.batcher.prefill_chunk, chunk = 4096, engine.batcher.prefill_chunk
+    start = threading.Barrier(2)
+    done: list[int] = []
+
+    def one(ids: list[int], n: int) -> None:
+        start.wait()
+        done.append(sum(len(step) for step in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0.0,
+                                                                                  logit_bias={2: -100.0}))))
+
+    threads = [threading.Thread(target=one, args=(long_ids, 1)), threading.Thread(target=one, args=(short_ids, 20))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    engine.batcher._on_step = lambda rows: None
+    engine.batcher.prefill_chunk = chunk
+    assert sorted(done) == [1, 20]
+    alone = [w for rows, w in widths if rows == 1]
+    assert alone and alone[0] <= len(short_ids) + 2, f"the short row kept {alone[0]} columns: {widths[:3]}"
