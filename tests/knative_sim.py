@@ -296,10 +296,12 @@ class SimulatedKnative:
 
     def __init__(self, kube: FakeKube, workdir: Path, cache_dir: Path | None = None, default: str = "ready", *,
                  speed: float = 1.0, config: ClusterConfig | None = None, pod_start_s: float = 2.0,
-                 webhook: bool = True, tick_s: float = 0.02) -> None:
+                 webhook: bool = True, tick_s: float = 0.02, claims: dict[str, Path] | None = None) -> None:
         self.kube = kube
         self.workdir = workdir
         self.cache_dir = cache_dir
+        # PersistentVolumeClaim name -> the host folder behind it (a bound claim's volume), for process pods
+        self.claims = claims or {}
         self.default = default
         self.clock = SimClock(speed)
         self.config = config or ClusterConfig()
@@ -673,7 +675,11 @@ class SimulatedKnative:
             return
         mode, _, arg = pod.mode.partition(":")
         if mode == "process":
-            self._start_process(rev, pod, env)
+            mounts = self._claim_mounts(obj)
+            if isinstance(mounts, str):
+                pod.state, pod.reason, pod.message = "waiting", "ContainerCreating", mounts
+                return
+            self._start_process(rev, pod, env, mounts)
         elif mode == "upstream":
             pod.url = arg
         else:
@@ -690,8 +696,33 @@ class SimulatedKnative:
         pod.ever_started = True
         pod.probe_ok = pod.probe_failed = 0
 
-    def _start_process(self, rev: Revision, pod: Pod, container_env: dict[str, str]) -> None:
-        """The revision's pod as a local worker process with the container's environment."""
+    def _claim_mounts(self, obj: dict[str, Any] | None) -> dict[str, Path] | str:
+        """The container's claim mounts, mountPath -> host folder; a string says why the kubelet cannot mount
+        one (the claim has no volume here). The kubelet bind-mounts a bound claim's volume at the mountPath
+        (pkg/volume/util/operationexecutor ``MountVolume``), read-only where the mount or the claim says so."""
+        spec = (obj or {}).get("spec") or {}
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes") or []
+                  if "persistentVolumeClaim" in v}
+        container = (spec.get("containers") or [{}])[0]
+        out: dict[str, Path] = {}
+        for mount in container.get("volumeMounts") or []:
+            claim = claims.get(mount.get("name"))
+            if claim is None:
+                continue
+            if claim not in self.claims:
+                return f'persistentvolumeclaim "{claim}" not found'
+            out[mount["mountPath"]] = self.claims[claim]
+        return out
+
+    def _start_process(self, rev: Revision, pod: Pod, container_env: dict[str, str],
+                       mounts: dict[str, Path] | None = None) -> None:
+        """The revision's pod as a local worker process with the container's environment. A process has no
+        mount namespace: a path under a claim's mountPath in the environment is pointed at the claim's folder."""
+        container_env = dict(container_env)
+        for path, host in (mounts or {}).items():
+            for key, value in container_env.items():
+                if value == path or value.startswith(path.rstrip("/") + "/"):
+                    container_env[key] = str(host) + value[len(path.rstrip("/")):]
         env = {**os.environ, **container_env}
         pod.port = pod.port or free_port()
         env.update(PORT=str(pod.port), FMA_HOST="127.0.0.1", K_SERVICE=rev.service, K_REVISION=rev.name)

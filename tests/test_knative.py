@@ -858,3 +858,37 @@ def test_a_hub_model_is_fetched_into_the_claim_before_its_service_and_its_worker
         act.shutdown()
         sim.stop()
         hub.stop()
+
+
+def test_a_worker_pod_loads_a_hub_model_from_the_claim_offline_and_leaves_it_as_it_was(
+        kube: FakeKube, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """The pod as a real worker process (the simulator's kubelet mounts the claim at the template's path): it
+    loads the model the requester fetched into the claim, offline, and writes nothing there."""
+    from hub_standin import HubStandIn, Repo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    hub = HubStandIn({"acme/tiny": Repo.from_folder(tiny_model_dir)})
+    url = hub.start()
+    claim = tmp_path / "claim"
+    sim = SimulatedKnative(kube, tmp_path, default="process", speed=10, claims={"fma-models": claim},
+                           config=ClusterConfig(features={"kubernetes.podspec-persistent-volume-claim": "enabled"}))
+    template = tmp_path / "worker-template.yaml"
+    template.write_text("model_cache_claim: fma-models\nmodel_cache_path: /var/cache/fma-models\n")
+    reg = ModelRegistry.from_text(
+        f"models:\n  - {{name: tiny, source: 'hf:acme/tiny', knative: {{gpus: 0}}, env: {{HF_ENDPOINT: '{url}'}}}}\n")
+    kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS, "FMA_KUBE_RETRIES": "4",
+                                   "FMA_WORKER_TEMPLATE": str(template)})
+    act = KnativeActuator(reg, RequesterMetrics(), kn, api=api_for(kube), hub_cache_dir=claim,
+                          config=LifecycleConfig(restart_backoff_s=0.1))
+    try:
+        act.ensure_ready("tiny").done()
+        listing = sorted((str(p), p.stat().st_mtime_ns) for p in claim.rglob("*"))
+        logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+        assert f"loaded tiny from {claim}/hub/acme--tiny/" in logs, logs[-3000:]
+        assert act.release("tiny").state in ("cold", "stopping")
+        assert sorted((str(p), p.stat().st_mtime_ns) for p in claim.rglob("*")) == listing, "the pod wrote there"
+    finally:
+        act.shutdown()
+        sim.stop()
+        hub.stop()
