@@ -823,10 +823,11 @@ def test_a_hub_model_is_fetched_into_the_claim_before_its_service_and_its_worker
     (the stand-in hub, the real huggingface_hub client) before it creates the Service; the Service mounts the
     claim read-only where FMA_HUB_CACHE_DIR points; a second start after a release fetches nothing."""
     from hub_standin import HubStandIn, Repo
-    from huggingface_hub import constants
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    # The fetch runs in a child process (model_cache._fetching), which reads these from the environment; an
+    # earlier test may have left HF_HUB_OFFLINE=1 there (an in-process engine's runtime_env).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     hub = HubStandIn({"acme/tiny": Repo.from_folder(tiny_model_dir)})
     url = hub.start()
     sim = SimulatedKnative(kube, tmp_path, speed=SPEED, config=ClusterConfig(features={
