@@ -79,7 +79,8 @@ def test_the_requester_built_by_the_host_builder_serves_through_func_python(tmp_
     kube = FakeKube(role=load_role(*RBAC)).start()
     # The shipped worker template mounts the model cache claim: its flag on, as config-features.yaml asks.
     sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10,
-                           config=ClusterConfig(features={"kubernetes.podspec-persistent-volume-claim": "enabled"}))
+                           config=ClusterConfig(features={"kubernetes.podspec-persistent-volume-claim": "enabled"}),
+                           claims={"fma-models": tmp_path / "fma-models"})
     proc = None
     try:
         seed_requester(kube, "t")

@@ -156,7 +156,8 @@ def test_a_knative_worker_given_a_gpu_on_a_cpu_node_fails_the_start_with_its_rea
              "kubernetes.podspec-runtimeclassname": "enabled"}
     claim = {"kubernetes.podspec-persistent-volume-claim": "enabled"}  # the shipped template's model cache
     sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10,
-                           config=ClusterConfig(features={**(flags if binding == "shared" else {}), **claim}))
+                           config=ClusterConfig(features={**(flags if binding == "shared" else {}), **claim}),
+                           claims={"fma-models": tmp_path / "fma-models"})
     try:
         seed_requester(kube, "t")
         kubeconfig = tmp_path / "kubeconfig"

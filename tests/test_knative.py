@@ -630,7 +630,8 @@ def test_requester_in_knative_mode_climbs_the_whole_ladder_with_real_workers(kub
 
     # The shipped worker template mounts the model cache claim: its flag on, as config-features.yaml asks.
     sim = SimulatedKnative(kube, tmp_path, cache_dir=converted_model_dir.parents[2], default="process", speed=10,
-                           config=ClusterConfig(features={"kubernetes.podspec-persistent-volume-claim": "enabled"}))
+                           config=ClusterConfig(features={"kubernetes.podspec-persistent-volume-claim": "enabled"}),
+                           claims={"fma-models": tmp_path / "fma-models"})
     kubeconfig = tmp_path / "kubeconfig"
     write_kubeconfig(kubeconfig, kube.url, namespace=NS)
     models = tmp_path / "models.yaml"
