@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from fma_common import logs
+from fma_common import logs, procs
 from fma_common.errors import WorkerFailed
 from fma_common.fork_env import fork_blockers, is_reread
 from fma_requester.local import LocalActuator, LocalEffects
@@ -144,3 +145,25 @@ def test_a_hung_worker_whose_launcher_died_is_killed_and_its_exit_reported_only_
     finally:
         if hung.poll() is None:
             hung.kill()
+
+
+def test_a_workers_port_is_never_one_the_kernel_may_give_an_outgoing_connection_before_the_worker_binds_it():
+    """CI failed once on "Address already in use": a port from ``bind(0)`` lies in the ephemeral range, where
+    every outgoing connection draws its local port, and one drew the requester's probe port before it bound it."""
+    low, high = procs._ephemeral_range()
+    ports = {procs.free_port() for _ in range(200)}
+    assert not any(low <= port <= high for port in ports), sorted(p for p in ports if low <= p <= high)[:5]
+    assert len(ports) > 150, "picked at random, so two pickers rarely meet"
+    port = ports.pop()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))  # free, as gunicorn binds it
+        s.listen()
+        assert procs.free_port() != port, "a port in use is never handed out"
+
+
+def test_without_room_below_the_ephemeral_range_the_port_is_the_kernels_choice(monkeypatch):
+    monkeypatch.setattr(procs, "_ephemeral_range", lambda: (1024, 65535))
+    port = procs.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))

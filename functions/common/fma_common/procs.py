@@ -9,6 +9,7 @@ a log file, and readiness learned from ``GET /ready``.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,8 +30,39 @@ WORKER_CONFIG = "fma_worker.gunicorn_conf"
 WORKER_APP = "fma_worker.app:create_app()"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+# Below the kernel's ephemeral range: ports it never picks by itself, for an outgoing connection or a bind to 0.
+PORT_SPAN = 8192
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port that is free now and that the kernel will not hand to anyone else before our child binds it.
+
+    The child binds it a few hundred milliseconds later (a worker, a requester). A port from ``bind(0)`` lies in
+    the kernel's ephemeral range, where every outgoing connection (the requester's own to its workers) draws its
+    local port: one that draws ours in that window makes the child fail with "Address already in use" (seen in
+    CI). So the port comes from the ``PORT_SPAN`` ports just below that range, at random, and is checked free by
+    binding it; only two of our own pickers choosing the same port in the same window can still collide.
+    """
+    low, _ = _ephemeral_range()
+    first = max(1024, low - PORT_SPAN)
+    if first < low:
+        for _ in range(64):
+            port = random.randrange(first, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue  # a listener or a connection there: another
+                return port
+    with socket.socket() as s:  # a machine whose ephemeral range starts near 1024: the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]
 

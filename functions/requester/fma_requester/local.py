@@ -88,10 +88,10 @@ class LocalEffects(Effects):
             raise RuntimeError(f"cannot create the worker log folder {self.settings.worker_log_dir}: "
                                f"{exc.strerror or exc}") from None
         asked_at = time.time()
-        port = free_port(self.settings.worker_host)
+        self._fetch_hub_model(spec, handle)
+        port = free_port(self.settings.worker_host)  # after the fetch (minutes at worst): it is bound at once
         url = f"http://{self.settings.worker_host}:{port}"
         env = self.worker_environment(spec, port)
-        self._fetch_hub_model(spec, handle)
         env["FMA_SPAWNED_AT"] = repr(asked_at)  # the worker's start timeline counts from here
         with handle.lock:
             if handle.cancelled:
