@@ -231,6 +231,8 @@ class Batcher:
                         self._prefill(lm, group)
                     if self._row_owner:
                         self._decode(lm)
+                    if lm.between_steps is not None:
+                        lm.between_steps()
             except Exception:  # a bug in the scheduler itself: fail what runs, keep serving
                 log.exception("batch step failed")
                 self._fail_all(InternalError("generation failed; see the worker log"))

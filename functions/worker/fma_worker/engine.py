@@ -43,7 +43,7 @@ from fma_common import hub_cache
 from fma_common.errors import Conflict, InvalidRequest, WorkerFailed, WorkerNotReady, WorkerSleeping
 from fma_common.wire import SamplingParams
 
-from . import dtype_policy, prepared, runtime_env, timeline
+from . import dtype_policy, packed_linear, prepared, runtime_env, timeline
 from .batching import Batcher, BatchStream
 from .embedding import EmbeddingBatcher, Pooling, pool
 from .generation import LoadedModel
@@ -149,6 +149,7 @@ class Engine:
         self.created = int(time.time())
         metrics.set_state(self._state, STATES)
         self._lm: LoadedModel | None = None
+        self._packer: packed_linear.Packer | None = None  # bfloat16 on a CPU: oneDNN-packed copies of the weights
         self._last_skeleton_s = 0.0
         self._last_weights_s = 0.0
         self._skeleton: Any = None  # a level-2 sleeper's modules, parameters emptied
@@ -378,6 +379,11 @@ class Engine:
         # Only the last position's logits are needed; skips a [prompt x vocab] matmul.
         self._forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._model = model
+        if self.settings.pack_weights and packed_linear.supported(torch, self.device, self.dtype_name):
+            if self._packer is None or self._packer.model is not model:
+                self._packer = packed_linear.Packer(torch, model)  # packs between the batch's steps, not here
+            else:
+                self._packer.drop()  # a level-2 wake mapped new weights into the same modules
         self._last_weights_s = time.monotonic() - t - self._last_skeleton_s
         return _param_bytes(model)
 
@@ -532,6 +538,10 @@ class Engine:
         with self._cond:
             self._sleep_level = level
         torch = self._torch
+        if self._packer is not None:
+            # A sleeper holds one copy of its weights; the canary and the wake's check run on them, and the
+            # copies are made again after the wake.
+            self._packer.drop()
         try:
             self._record_reference()  # nothing runs now, and the weights have not moved yet
         except Exception:
@@ -541,6 +551,7 @@ class Engine:
         if level == 1:
             if self.device == "cpu":
                 self._print = self._fingerprint()
+                _trim_heap()  # the packed copies' memory back to the system
             if self.device.startswith("cuda"):
                 self._model.to("cpu")
                 for p in self._model.parameters():
@@ -652,7 +663,9 @@ class Engine:
             self._lm = LoadedModel(torch=self._torch, model=model,
                                    backend_tokenizer=self._tokenizer.backend_tokenizer, device=self.device,
                                    vocab_size=self.vocab_size, eos_ids=self._eos_ids, cache_kw=self._cache_kw,
-                                   forward_extra=self._forward_extra)
+                                   forward_extra=self._forward_extra,
+                                   between_steps=self._packer.pack_next if self._packer is not None
+                                   and self._packer.model is model else None)
         return self._lm
 
     def _stepped(self, rows: int) -> None:

@@ -18,6 +18,7 @@ everything generated so far; stop sequences are then cut by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,8 @@ class LoadedModel:
     eos_ids: set[int]
     cache_kw: str = "past_key_values"
     forward_extra: dict[str, Any] = field(default_factory=dict)
+    # Work the batch scheduler does after each step, on its own thread (packed_linear.Packer.pack_next).
+    between_steps: Callable[[], None] | None = None
 
 
 def sample(torch: Any, logits: Any, params: SamplingParams, gen: Any, counts: Any, bias: Any) -> Any:

@@ -1,0 +1,139 @@
+"""bfloat16 linear layers on a CPU through oneDNN-packed weights (packed_linear.py): the same numbers as the
+plain product, packed between the batch's steps, never used once stale, dropped at sleep and made again after."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fma_common.wire import SamplingParams
+from fma_worker import packed_linear
+from fma_worker.engine import Engine
+from fma_worker.metrics import WorkerMetrics
+from fma_worker.model_store import default_cache_dir, ensure_embedded_converted
+from fma_worker.settings import WorkerSettings
+
+pytestmark = pytest.mark.skipif(not packed_linear.supported(torch, "cpu", "bfloat16"),
+                                reason="this torch has no oneDNN linear ops")
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, logit_bias={2: -100.0})
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def test_a_fully_packed_model_gives_the_plain_models_logits_bit_for_bit_at_every_shape():
+    model = tiny_llama()
+    inputs = [torch.randint(0, 500, shape) for shape in ((1, 1), (1, 37), (8, 1), (16, 1), (3, 300))]
+    with torch.inference_mode():
+        plain = [model(input_ids=ids).logits for ids in inputs]
+        packer = packed_linear.Packer(torch, model)
+        assert packer.modules == 3 * 7 + 1 and not packer.done
+        steps = 0
+        while not packer.done:
+            packer.pack_next()
+            steps += 1
+        assert steps == 3 + 1, "one transformer layer per step, then the output head"
+        assert packer.packed_bytes == sum(m.weight.numel() * 2 for m in model.modules()
+                                          if isinstance(m, torch.nn.Linear))
+        packed = [model(input_ids=ids).logits for ids in inputs]
+    for a, b in zip(plain, packed, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_packed_copy_is_never_used_once_its_weight_was_replaced_and_drop_packs_again():
+    model = tiny_llama()
+    ids = torch.randint(0, 500, (2, 5))
+    with torch.inference_mode():
+        packer = packed_linear.Packer(torch, model)
+        while not packer.done:
+            packer.pack_next()
+        q = model.model.layers[0].self_attn.q_proj
+        q.weight = torch.nn.Parameter(torch.zeros_like(q.weight), requires_grad=False)  # what a level-2 wake does
+        got = model(input_ids=ids).logits
+        packer.drop()
+        assert not packer.done and packer.packed_bytes == 0
+        assert all("_fma_packed" not in m.__dict__ for m in model.modules())
+        want = model(input_ids=ids).logits  # all plain now
+        assert torch.equal(got, want), "the stale copy of q_proj was used"
+        while not packer.done:
+            packer.pack_next()
+        assert torch.equal(model(input_ids=ids).logits, want)
+
+
+def test_a_packed_copy_that_disagrees_with_the_plain_product_turns_packing_off(monkeypatch):
+    model = tiny_llama()
+    real = torch.ops.mkldnn._reorder_linear_weight
+
+    class Ops:
+        @staticmethod
+        def _reorder_linear_weight(weight, rows):
+            return real(weight * 2, rows)  # another oneDNN, another CPU: different numbers
+
+        _linear_pointwise = torch.ops.mkldnn._linear_pointwise
+
+    packer = packed_linear.Packer(torch, model)
+    monkeypatch.setattr(torch.ops, "mkldnn", Ops, raising=False)
+    packer.pack_next()
+    assert packer.disabled and packer.done and packer.packed_bytes == 0
+
+
+@pytest.fixture(scope="module")
+def bf16_folder() -> Path:
+    return ensure_embedded_converted("smollm2-135m-instruct", "bfloat16", default_cache_dir())
+
+
+def engine(folder: Path, pack: bool) -> Engine:
+    settings = WorkerSettings.from_env({"FMA_MODEL": "smollm2-135m-instruct", "FMA_LOG_LEVEL": "warning",
+                                        "FMA_MODEL_SOURCE": f"path:{folder}", "FMA_DTYPE": "bfloat16",
+                                        "FMA_PACK_WEIGHTS": str(pack).lower()})
+    eng = Engine(settings, WorkerMetrics("smollm2-135m-instruct"))
+    eng.load()
+    return eng
+
+
+def two_at_once(eng: Engine, prompts: list[str]) -> list[str]:
+    out: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        out[i] = "".join(d.text for step in eng.generate(eng.encode(prompts[i]), GREEDY) for d in step)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [out[i] for i in range(len(prompts))]
+
+
+def test_the_worker_packs_between_steps_answers_as_unpacked_and_sleeps_and_wakes_with_one_copy(bf16_folder: Path):
+    prompts = ["The capital of France is", "Write a haiku about the sea:"]
+    plain = engine(bf16_folder, pack=False)
+    try:
+        assert plain._packer is None
+        want = two_at_once(plain, prompts)
+    finally:
+        plain.close()
+    eng = engine(bf16_folder, pack=True)
+    try:
+        packer = eng._packer
+        assert packer is not None and packer.packed_bytes == 0, "nothing is packed at load (the cold start)"
+        assert two_at_once(eng, prompts) == want
+        assert packer.done and packer.packed_bytes > 200e6, "40 steps pack all 31 groups"
+        for level in (1, 2):
+            eng.sleep(level)
+            assert packer.packed_bytes == 0 and not packer.done, f"level {level}: the copies are dropped"
+            eng.wake()
+            assert eng._packer is packer
+            assert two_at_once(eng, prompts) == want, f"after a level-{level} wake"
+            assert packer.done and packer.packed_bytes > 200e6
+    finally:
+        eng.close()
