@@ -31,7 +31,6 @@ import gc
 import inspect
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -154,6 +153,7 @@ class Engine:
         self._last_weights_s = 0.0
         self._skeleton: Any = None  # a level-2 sleeper's modules, parameters emptied
         self._mapped = False
+        self._filled = False  # the launcher's skeleton came with the weights already mapped into it
         self._canary_ids: list[int] = []
         self._reference: Canary | None = None  # the canary's answer from known-good weights; every wake must match
         self._print: Any = None  # a CPU level-1 sleeper's weight fingerprint
@@ -306,6 +306,7 @@ class Engine:
             phases["import"] += time.monotonic() - t
         else:
             self._skeleton = parts.skeleton if self.device == "cpu" else None
+            self._filled = parts.filled and self._skeleton is not None
             if self._skeleton is not None:
                 phases["skeleton"] = 0.0  # built by the launcher before the fork
             log.info("using the config, tokenizer%s the launcher prepared (%.2f s before the fork)",
@@ -388,51 +389,33 @@ class Engine:
         return _param_bytes(model)
 
     def _map_weights(self, skeleton: Any = None) -> Any:
-        """On a CPU: the safetensors files mapped straight into the model's parameters.
+        """On a CPU: the safetensors files mapped straight into the model's parameters (prepared.map_into).
 
         No random initialisation (the skeleton's parameters are empty) and no copy: the tensors are the
-        file's pages (a private mapping, so the model may still write to them), already in the page
-        cache for the converted embedded model. Every page is touched here, so the time counted as the
-        weights phase is the time until all weights are in memory, not a lazy promise. None (and
-        ``from_pretrained``) for anything this does not cover: several dtypes to convert, keys left
-        unfilled, no safetensors.
+        file's pages, already in the page cache for the converted embedded model. A skeleton the launcher
+        filled before the fork (``self._filled``) is already mapped; only its pages are left to touch. Every
+        page is touched here, so the time counted as the weights phase is the time until all weights are in
+        memory, not a lazy promise. None (and ``from_pretrained``) for anything mapping does not cover.
         """
-        from safetensors.torch import load_file
         from transformers import AutoConfig
 
         torch = self._torch
         folder = Path(str(self._folder))
-        shards = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-        if not shards:
+        if not (folder.is_dir() and any(folder.glob("*.safetensors"))):
             return None
         dtype = getattr(torch, self.dtype_name)
         started = time.monotonic()
+        filled, self._filled = self._filled and skeleton is not None, False
         if skeleton is not None:
             model = skeleton
         else:
             model = prepared.empty_model(AutoConfig.from_pretrained(str(folder)), dtype, self.kind)
         started_mapping = time.monotonic()
-        state: dict[str, Any] = {}
-        for shard in shards:
-            state.update(load_file(str(shard)))
-        if any(v.dtype != dtype for v in state.values() if v.is_floating_point()):
-            return None
-        state = _as_named_by(model, state)
-        result = model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
-        if (folder / "generation_config.json").is_file():  # from_pretrained reads it; sampling defaults, EOS
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(str(folder))
-        left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-        ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
-        unexpected = [k for k in result.unexpected_keys if not any(p.search(k) for p in ignored)]
-        if unexpected or left:
-            log.info("mapping the weights left %s unfilled and %s unused; loading with from_pretrained instead",
-                     left[:3], unexpected[:3])
+        tensors = [p.detach() for p in model.parameters()] if filled else prepared.map_into(model, folder, dtype)
+        if tensors is None:
             return None
         self._last_skeleton_s = started_mapping - started  # building the empty modules: not weights
-        _fault_in(list(state.values()), max(1, torch.get_num_threads()))
+        _fault_in(tensors, max(1, torch.get_num_threads()))
         return model
 
     def device_memory_allocated(self) -> int | None:
@@ -780,14 +763,3 @@ def _sampling_defaults(model: Any, settings: WorkerSettings) -> tuple[float, flo
 
 def _param_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _as_named_by(model: Any, state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint saved from the base model (GPT-2's own on the hub: ``h.0.attn.c_attn.weight``, not
-    ``transformer.h.0...``) named as the model with its head names it, as ``from_pretrained`` does: by the
-    model's ``base_model_prefix``, for the keys that match only with it."""
-    prefix = getattr(model, "base_model_prefix", "")
-    if not prefix or any(k.startswith(prefix + ".") for k in state):
-        return state
-    names = set(model.state_dict())
-    return {(f"{prefix}.{k}" if k not in names and f"{prefix}.{k}" in names else k): v for k, v in state.items()}
