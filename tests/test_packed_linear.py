@@ -69,6 +69,22 @@ def test_a_packed_copy_is_never_used_once_its_weight_was_replaced_and_drop_packs
         assert torch.equal(model(input_ids=ids).logits, want)
 
 
+def test_a_packed_model_really_multiplies_by_its_packed_copies():
+    """Equal logits alone would also pass if the packed branch were never taken: a planted copy of twice the
+    weight, with the weight's own address and shape, must change the answer."""
+    model = tiny_llama()
+    ids = torch.randint(0, 500, (2, 5))
+    with torch.inference_mode():
+        packer = packed_linear.Packer(torch, model)
+        while not packer.done:
+            packer.pack_next()
+        packed = model(input_ids=ids).logits
+        down = model.model.layers[1].mlp.down_proj
+        _, ptr, shape = down._fma_packed
+        down._fma_packed = (torch.ops.mkldnn._reorder_linear_weight(down.weight * 2, 8), ptr, shape)
+        assert not torch.equal(model(input_ids=ids).logits, packed)
+
+
 def test_a_packed_copy_that_disagrees_with_the_plain_product_turns_packing_off(monkeypatch):
     model = tiny_llama()
     real = torch.ops.mkldnn._reorder_linear_weight
@@ -128,6 +144,7 @@ def test_the_worker_packs_between_steps_answers_as_unpacked_and_sleeps_and_wakes
         assert packer is not None and packer.packed_bytes == 0, "nothing is packed at load (the cold start)"
         assert two_at_once(eng, prompts) == want
         assert packer.done and packer.packed_bytes > 200e6, "40 steps pack all 31 groups"
+        assert two_at_once(eng, prompts) == want, "prefill and decode on the fully packed model"
         for level in (1, 2):
             eng.sleep(level)
             assert packer.packed_bytes == 0 and not packer.done, f"level {level}: the copies are dropped"
@@ -135,5 +152,28 @@ def test_the_worker_packs_between_steps_answers_as_unpacked_and_sleeps_and_wakes
             assert eng._packer is packer
             assert two_at_once(eng, prompts) == want, f"after a level-{level} wake"
             assert packer.done and packer.packed_bytes > 200e6
+    finally:
+        eng.close()
+
+
+def test_a_level_2_sleep_frees_a_bfloat16_model_that_was_not_mapped(converted_model_dir: Path):
+    """A float32 checkpoint served in bfloat16 is converted by from_pretrained, not mapped: level 2 drops the
+    model whole, and the packer (which holds its modules) must not keep it alive."""
+    import gc
+    import weakref
+
+    settings = WorkerSettings.from_env({"FMA_MODEL": "smollm2-135m-instruct", "FMA_LOG_LEVEL": "warning",
+                                        "FMA_MODEL_SOURCE": f"path:{converted_model_dir}", "FMA_DTYPE": "bfloat16"})
+    eng = Engine(settings, WorkerMetrics("smollm2-135m-instruct"))
+    try:
+        eng.load()
+        assert not eng._mapped and eng._packer is not None
+        gone = weakref.ref(eng._model)
+        two_at_once(eng, ["The capital of France is"])
+        eng.sleep(2)
+        gc.collect()
+        assert gone() is None, "the level-2 sleeper still holds its model"
+        eng.wake()
+        assert two_at_once(eng, ["The capital of France is"])[0]
     finally:
         eng.close()

@@ -66,6 +66,16 @@ def test_prepared_weights_of_a_changed_weight_file_are_not_used(model_copy: Path
     assert prepared.take(model_copy, "float32") is None
 
 
+def test_a_weight_file_replaced_by_a_copy_with_the_same_size_and_mtime_is_stale(model_copy: Path):
+    prepared.forget_all()
+    prepared.prepare(model_copy, "float32", with_skeleton=True)
+    shard = next(model_copy.glob("*.safetensors"))
+    shutil.copy2(shard, model_copy / "copy.tmp")  # cp -p, rsync -a: same bytes count, same mtime
+    os.replace(model_copy / "copy.tmp", shard)
+    prepared.drop_stale()
+    assert prepared.take(model_copy, "float32") is None, "the launcher dropped it: no child maps the old file"
+
+
 def test_what_the_launcher_prepares_is_decided_without_a_device(model_copy: Path, monkeypatch):
     import torch
 

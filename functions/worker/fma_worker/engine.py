@@ -341,6 +341,7 @@ class Engine:
         # The launcher may have built the config, tokenizer and empty model before forking us (prepared.py).
         t = time.monotonic()
         parts = prepared.take(self._folder, self.dtype_name) if isinstance(self._folder, Path) else None
+        prepared.forget_all()  # a forked child: the other models' prepared parts (and mapped files) are not ours
         config = parts.config if parts else hub_config or transformers.AutoConfig.from_pretrained(str(self._folder))
         if parts is None and self.device == "cpu" and isinstance(self._folder, Path):
             # Building it imports the modeling code.
@@ -428,7 +429,9 @@ class Engine:
         # Only the last position's logits are needed; skips a [prompt x vocab] matmul.
         self._forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._model = model
-        if self.settings.pack_weights and packed_linear.supported(torch, self.device, self.dtype_name):
+        # Generation only: the batch scheduler packs between its steps; an embedding model has no such steps.
+        if self.settings.pack_weights and self.kind != "embedding" and \
+                packed_linear.supported(torch, self.device, self.dtype_name):
             if self._packer is None or self._packer.model is not model:
                 self._packer = packed_linear.Packer(torch, model)  # packs between the batch's steps, not here
             else:
@@ -449,11 +452,11 @@ class Engine:
 
         torch = self._torch
         folder = Path(str(self._folder))
+        filled, self._filled = self._filled and skeleton is not None, False  # once: a level-2 wake maps again
         if not (folder.is_dir() and any(folder.glob("*.safetensors"))):
             return None
         dtype = getattr(torch, self.dtype_name)
         started = time.monotonic()
-        filled, self._filled = self._filled and skeleton is not None, False
         if skeleton is not None:
             model = skeleton
         else:
@@ -592,6 +595,8 @@ class Engine:
             # A mapped model keeps its modules (their parameters become empty): the wake maps the file into
             # them again instead of building the model anew. Anything else is dropped whole.
             self._skeleton = _emptied(self._model, torch) if self._mapped else None
+            if self._skeleton is None:
+                self._packer = None  # it holds the modules: the model would stay in memory through it
             self._model = None
             self._lm = None  # the batcher's view holds the model too
             gc.collect()

@@ -183,6 +183,9 @@ def _prepare(cmd: dict[str, Any]) -> None:
 
 def _spawn(cmd: dict[str, Any]) -> None:
     env, log_path, ident = dict(cmd["env"]), str(cmd["log"]), cmd["id"]
+    from fma_worker import prepared
+
+    prepared.drop_stale()  # a replaced model's mapped files are not handed to the child, nor kept here (stats)
     # Block SIGCHLD around fork so the child's pid is recorded before a fast exit could be reported.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     try:

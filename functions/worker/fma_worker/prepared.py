@@ -12,17 +12,23 @@ never a dependency.
 
 What makes this safe:
 
-* **Nothing here touches a device.** The empty model's parameters live on
-  the ``meta`` device and it is only built for a CPU worker (a CUDA worker
-  loads with ``from_pretrained(device_map=...)``), so CUDA is never
-  initialised in the launcher and its children may still use the GPU.
+* **Nothing here touches a device.** The model is only built for a CPU
+  worker (a CUDA worker loads with ``from_pretrained(device_map=...)``), its
+  parameters are the weight files' private mappings (``map_into``; mapping
+  reads no page) or, where mapping cannot load the checkpoint, empty on the
+  ``meta`` device; so CUDA is never initialised in the launcher and its
+  children may still use the GPU.
 * **Each child owns its copy.** After ``fork`` the child's table is
-  copy-on-write memory: filling the empty model with the child's weights
-  changes the child's pages only, and the launcher's stays empty for the next
-  fork.
-* **Stale parts are never used.** Each entry records the size and mtime of
-  the files it was built from; :func:`take` rebuilds nothing and returns
-  ``None`` when they changed (a folder converted again, a model replaced).
+  copy-on-write memory and its mappings private: a child touching or
+  emptying its parameters changes its own pages only. A child keeps the
+  entry it takes and forgets the others (:func:`forget_all`), so it does not
+  hold other models' files open for its lifetime.
+* **Stale parts are never used.** Each entry records the size, mtime and
+  inode of the files it was built from, the weight files included;
+  :func:`take` returns ``None`` when they changed (a folder converted again,
+  a model replaced, even by a copy keeping the old mtime), and the launcher
+  drops such entries before each fork (:func:`drop_stale`), so it does not
+  keep a replaced file's blocks alive either.
 * The tokenizer is built with ``TOKENIZERS_PARALLELISM=false``
   (``runtime_env``), so no Rust thread pool exists to be lost across ``fork``.
 """
@@ -51,8 +57,8 @@ class Parts:
     dtype: str
     config: Any
     tokenizer: Any
-    skeleton: Any | None  # modules with empty (meta) parameters, for a CPU worker; None otherwise
-    signature: tuple[tuple[str, int, int], ...]
+    skeleton: Any | None  # the modules, for a CPU worker (weights mapped if ``filled``, else meta); None otherwise
+    signature: tuple[tuple[str, int, int, int], ...]
     seconds: float
     filled: bool = False  # the skeleton's parameters are the weight files' mapped pages (map_into), untouched
 
@@ -60,7 +66,7 @@ class Parts:
 _table: dict[tuple[str, str], Parts] = {}
 
 
-def _signature(folder: Path, weights: bool = False) -> tuple[tuple[str, int, int], ...]:
+def _signature(folder: Path, weights: bool = False) -> tuple[tuple[str, int, int, int], ...]:
     out = []
     names = [*_WATCHED, *(sorted(p.name for p in folder.glob("*.safetensors")) if weights else ())]
     for name in names:
@@ -68,7 +74,7 @@ def _signature(folder: Path, weights: bool = False) -> tuple[tuple[str, int, int
             st = (folder / name).stat()
         except OSError:
             continue
-        out.append((name, st.st_size, st.st_mtime_ns))
+        out.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(out)
 
 
@@ -187,6 +193,14 @@ def take(folder: str | Path, dtype_name: str) -> Parts | None:
 
 def forget_all() -> None:
     _table.clear()
+
+
+def drop_stale() -> None:
+    """Forget entries whose files changed (the launcher, before a fork): a replaced weight file's blocks are
+    freed only once no process maps it."""
+    for key, parts in list(_table.items()):
+        if parts.signature != _signature(Path(parts.folder), weights=parts.skeleton is not None):
+            del _table[key]
 
 
 def target(env: Mapping[str, str]) -> tuple[Path, str, bool] | None:
