@@ -30,6 +30,13 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
+def packed(model: LlamaForCausalLM) -> packed_linear.Packer:
+    packer = packed_linear.Packer(torch, model)
+    while not packer.done:
+        packer.pack_next()
+    return packer
+
+
 def test_a_fully_packed_model_gives_the_plain_models_logits_bit_for_bit_at_every_shape():
     model = tiny_llama()
     inputs = [torch.randint(0, 500, shape) for shape in ((1, 1), (1, 37), (8, 1), (16, 1), (3, 300))]
@@ -53,9 +60,7 @@ def test_a_packed_copy_is_never_used_once_its_weight_was_replaced_and_drop_packs
     model = tiny_llama()
     ids = torch.randint(0, 500, (2, 5))
     with torch.inference_mode():
-        packer = packed_linear.Packer(torch, model)
-        while not packer.done:
-            packer.pack_next()
+        packer = packed(model)
         q = model.model.layers[0].self_attn.q_proj
         q.weight = torch.nn.Parameter(torch.zeros_like(q.weight), requires_grad=False)  # what a level-2 wake does
         got = model(input_ids=ids).logits
@@ -75,14 +80,12 @@ def test_a_packed_model_really_multiplies_by_its_packed_copies():
     model = tiny_llama()
     ids = torch.randint(0, 500, (2, 5))
     with torch.inference_mode():
-        packer = packed_linear.Packer(torch, model)
-        while not packer.done:
-            packer.pack_next()
-        packed = model(input_ids=ids).logits
+        packed(model)
+        before = model(input_ids=ids).logits
         down = model.model.layers[1].mlp.down_proj
         _, ptr, shape = down._fma_packed
         down._fma_packed = (torch.ops.mkldnn._reorder_linear_weight(down.weight * 2, 8), ptr, shape)
-        assert not torch.equal(model(input_ids=ids).logits, packed)
+        assert not torch.equal(model(input_ids=ids).logits, before)
 
 
 def test_a_packed_copy_that_disagrees_with_the_plain_product_turns_packing_off(monkeypatch):
