@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from knative_sim import SimulatedKnative
@@ -818,11 +820,12 @@ def test_an_eviction_of_a_model_that_may_run_several_pods_releases_it(kube: Fake
     assert sim.revisions_created["fma-worker-a"] == 1
 
 
-def test_a_hub_model_is_fetched_into_the_claim_before_its_service_and_its_workers_mount_it_read_only(
-        kube: FakeKube, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    """Issue 26: with the model cache claim in the worker template, the requester fetches a hub model into it once
-    (the stand-in hub, the real huggingface_hub client) before it creates the Service; the Service mounts the
-    claim read-only where FMA_HUB_CACHE_DIR points; a second start after a release fetches nothing."""
+@contextmanager
+def hub_model_on_a_claim(kube: FakeKube, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                         cache: Path, **sim_args: Any) -> Iterator[tuple[Any, KnativeActuator]]:
+    """A stand-in hub serving ``acme/tiny`` (the real huggingface_hub client talks to it), a simulated cluster with
+    the PVC flag on, a worker template naming the model cache claim, and an actuator whose model cache is
+    ``cache``: (the hub, the actuator) for model ``tiny`` (``hf:acme/tiny``)."""
     from hub_standin import HubStandIn, Repo
 
     # The fetch runs in a child process (model_cache._fetching), which reads these from the environment; an
@@ -831,17 +834,31 @@ def test_a_hub_model_is_fetched_into_the_claim_before_its_service_and_its_worker
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     hub = HubStandIn({"acme/tiny": Repo.from_folder(tiny_model_dir)})
     url = hub.start()
-    sim = SimulatedKnative(kube, tmp_path, speed=SPEED, config=ClusterConfig(features={
-        "kubernetes.podspec-persistent-volume-claim": "enabled"}))
+    sim = SimulatedKnative(kube, tmp_path, config=ClusterConfig(features={
+        "kubernetes.podspec-persistent-volume-claim": "enabled"}), **sim_args)
     template = tmp_path / "worker-template.yaml"
     template.write_text("model_cache_claim: fma-models\nmodel_cache_path: /var/cache/fma-models\n")
     reg = ModelRegistry.from_text(
-        f"models:\n  - {{name: tiny, source: 'hf:acme/tiny', env: {{HF_ENDPOINT: '{url}'}}}}\n")
+        f"models:\n  - {{name: tiny, source: 'hf:acme/tiny', knative: {{gpus: 0}}, env: {{HF_ENDPOINT: '{url}'}}}}\n")
     kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS, "FMA_KUBE_RETRIES": "4",
                                    "FMA_WORKER_TEMPLATE": str(template)})
-    act = KnativeActuator(reg, RequesterMetrics(), kn, api=api_for(kube), hub_cache_dir=tmp_path / "models",
+    act = KnativeActuator(reg, RequesterMetrics(), kn, api=api_for(kube), hub_cache_dir=cache,
                           config=LifecycleConfig(restart_backoff_s=0.1))
     try:
+        yield hub, act
+    finally:
+        act.shutdown()
+        sim.stop()
+        hub.stop()
+
+
+def test_a_hub_model_is_fetched_into_the_claim_before_its_service_and_its_workers_mount_it_read_only(
+        kube: FakeKube, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 26: with the model cache claim in the worker template, the requester fetches a hub model into it once
+    (the stand-in hub, the real huggingface_hub client) before it creates the Service; the Service mounts the
+    claim read-only where FMA_HUB_CACHE_DIR points; a second start after a release fetches nothing."""
+    with hub_model_on_a_claim(kube, tmp_path, tiny_model_dir, monkeypatch, tmp_path / "models",
+                              speed=SPEED) as (hub, act):
         act.ensure_ready("tiny").done()
         counts = hub.downloads("acme/tiny")
         assert counts and set(counts.values()) == {1}, counts
@@ -856,41 +873,18 @@ def test_a_hub_model_is_fetched_into_the_claim_before_its_service_and_its_worker
         asked = len(hub.requests)
         act.ensure_ready("tiny").done()
         assert len(hub.requests) == asked, "the second start reached the hub"
-    finally:
-        act.shutdown()
-        sim.stop()
-        hub.stop()
 
 
 def test_a_worker_pod_loads_a_hub_model_from_the_claim_offline_and_leaves_it_as_it_was(
         kube: FakeKube, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
     """The pod as a real worker process (the simulator's kubelet mounts the claim at the template's path): it
     loads the model the requester fetched into the claim, offline, and writes nothing there."""
-    from hub_standin import HubStandIn, Repo
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    hub = HubStandIn({"acme/tiny": Repo.from_folder(tiny_model_dir)})
-    url = hub.start()
     claim = tmp_path / "claim"
-    sim = SimulatedKnative(kube, tmp_path, default="process", speed=10, claims={"fma-models": claim},
-                           config=ClusterConfig(features={"kubernetes.podspec-persistent-volume-claim": "enabled"}))
-    template = tmp_path / "worker-template.yaml"
-    template.write_text("model_cache_claim: fma-models\nmodel_cache_path: /var/cache/fma-models\n")
-    reg = ModelRegistry.from_text(
-        f"models:\n  - {{name: tiny, source: 'hf:acme/tiny', knative: {{gpus: 0}}, env: {{HF_ENDPOINT: '{url}'}}}}\n")
-    kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS, "FMA_KUBE_RETRIES": "4",
-                                   "FMA_WORKER_TEMPLATE": str(template)})
-    act = KnativeActuator(reg, RequesterMetrics(), kn, api=api_for(kube), hub_cache_dir=claim,
-                          config=LifecycleConfig(restart_backoff_s=0.1))
-    try:
+    with hub_model_on_a_claim(kube, tmp_path, tiny_model_dir, monkeypatch, claim, default="process", speed=10,
+                              claims={"fma-models": claim}) as (_hub, act):
         act.ensure_ready("tiny").done()
         listing = sorted((str(p), p.stat().st_mtime_ns) for p in claim.rglob("*"))
         logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
         assert f"loaded tiny from {claim}/hub/acme--tiny/" in logs, logs[-3000:]
         assert act.release("tiny").state in ("cold", "stopping")
         assert sorted((str(p), p.stat().st_mtime_ns) for p in claim.rglob("*")) == listing, "the pod wrote there"
-    finally:
-        act.shutdown()
-        sim.stop()
-        hub.stop()

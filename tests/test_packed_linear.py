@@ -17,10 +17,15 @@ from fma_worker.metrics import WorkerMetrics
 from fma_worker.model_store import default_cache_dir, ensure_embedded_converted
 from fma_worker.settings import WorkerSettings
 
-pytestmark = pytest.mark.skipif(not packed_linear.supported(torch, "cpu", "bfloat16"),
-                                reason="this torch has no oneDNN linear ops")
-
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, logit_bias={2: -100.0})
+
+
+def test_the_pinned_torch_has_onednns_linear_ops_so_bfloat16_on_a_cpu_is_packed():
+    """The pinned CPU wheel (torch 2.13.0) ships them; a build without them would serve unpacked, slower."""
+    assert torch.backends.mkldnn.is_available(), "this torch build has no oneDNN"
+    assert packed_linear.supported(torch, "cpu", "bfloat16"), "torch.ops.mkldnn lacks the linear ops packing needs"
+    assert not packed_linear.supported(torch, "cpu", "float32") and not packed_linear.supported(torch, "cuda",
+                                                                                              "bfloat16")
 
 
 def tiny_llama() -> LlamaForCausalLM:

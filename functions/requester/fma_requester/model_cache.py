@@ -124,8 +124,8 @@ def _fetching(ref: hub_cache.HubRef, cache_dir: Path, env: dict[str, str], *, re
 
 def pull(spec: ModelSpec, cache_dir: Path) -> Iterator[bytes]:
     """Fetch ``spec``'s revision as the hub has it now; one JSON line per progress message, then a last line
-    with ``done`` (commit, files, bytes) or ``error``. The fetch runs on a native thread: a client that hangs up
-    does not stop it (the next pull or cold start finds it done)."""
+    with ``done`` (commit, files, bytes) or ``error``. The fetch runs in a child process (``_fetching``): a client
+    that hangs up does not stop it (the next pull or cold start finds it done)."""
     source = parse_source(spec.source)
     if source.kind != "hf":
         raise InvalidRequest(f"model {spec.name} comes from {source.kind}:, not the hub; only hf: models are "

@@ -6,9 +6,12 @@ same product over a weight reordered once into oneDNN's blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's ``freezing`` pass
 does for CPU inference) runs at memory speed: all 211 of the embedded model's
 linear weights, model-sized so none sits in cache, took 33-36 ms against 27-28 ms
-per decode step at 1-16 rows and 106 against 81 ms for a 256-token prefill,
-with bit-identical outputs (``tests/test_packed_linear.py``). In float32 the
-plain path is as fast or faster (MKL's own kernels), so only bfloat16 is packed.
+per decode step at 1-16 rows, with bit-identical outputs
+(``tests/test_packed_linear.py``); at 256 rows (a prefill chunk) one run gave
+81 against 106 ms and later runs, on a noisier machine, no clear difference.
+In float32, MKL's plain path was faster at one row (22 against 29 ms) and
+packing gained 6-25 % at 8-16 rows for a second copy of 540 MB: only bfloat16
+is packed.
 
 How, without slowing a cold start: reordering all weights costs 80-110 ms, more
 than half of a forked worker's cold start, so nothing is packed at load. The
@@ -56,7 +59,6 @@ class Packer:
 
     def __init__(self, torch: Any, model: Any) -> None:
         self._torch = torch
-        self._pending: list[list[Any]] = []  # groups of modules, one group per packing step
         self._packed: list[Any] = []
         self._checked = False
         self.disabled = False
@@ -69,10 +71,10 @@ class Packer:
                 module.forward = _forward(torch, module)
                 parent = name.rsplit(".", 1)[0] if "." in name else ""
                 # A decoder layer's attention and MLP together: "model.layers.3.self_attn.q_proj" -> "model.layers.3"
-                key = parent.rsplit(".", 1)[0] if parent.endswith(("self_attn", "mlp", "attn")) else parent
+                key = parent.rsplit(".", 1)[0] if parent.endswith(("attn", "mlp")) else parent
                 groups.setdefault(key, []).append(module)
-        self._groups = list(groups.values())
-        self._pending = list(self._groups)
+        self._groups = list(groups.values())  # one group per packing step
+        self._pending: list[list[Any]] = list(self._groups)
         self.model = model
         self.modules = sum(len(g) for g in self._groups)
 
