@@ -56,6 +56,9 @@ log = logging.getLogger("fma.worker.engine")
 STATES = ("loading", "ready", "sleeping", "failed")
 
 
+# How long after ready a forked worker lets go of the other models' weights it inherited (prepared.py): after
+# the first request, typically, so their teardown (a few ms holding the GIL) never delays its first token.
+RELEASE_SET_ASIDE_AFTER_S = 3.0
 _MADV_POPULATE_READ = 22  # Linux 5.14+; Python 3.11's mmap module does not name it
 
 
@@ -341,7 +344,7 @@ class Engine:
         # The launcher may have built the config, tokenizer and empty model before forking us (prepared.py).
         t = time.monotonic()
         parts = prepared.take(self._folder, self.dtype_name) if isinstance(self._folder, Path) else None
-        prepared.forget_all()  # a forked child: the other models' prepared parts (and mapped files) are not ours
+        prepared.set_aside_others()  # a forked child: the other models' parts are not ours (freed after the start)
         config = parts.config if parts else hub_config or transformers.AutoConfig.from_pretrained(str(self._folder))
         if parts is None and self.device == "cpu" and isinstance(self._folder, Path):
             # Building it imports the modeling code.
@@ -406,6 +409,11 @@ class Engine:
         timeline.mark("ready")
         with self._cond:
             self._set_state("ready")
+        if prepared.set_aside_weights():
+            # Off the start and its first request: the other models' mapped weights this forked child inherited.
+            release = threading.Timer(RELEASE_SET_ASIDE_AFTER_S, prepared.release_set_aside)
+            release.name, release.daemon = "fma-release-inherited", True
+            release.start()
         return report
 
     def _load_weights(self) -> int:
