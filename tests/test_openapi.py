@@ -75,3 +75,26 @@ def test_the_documents_are_open_with_auth_on(tiny_model_dir: Path):
                                                     "FMA_WORKER_TOKEN": "t"}), start_loading=False)
     assert worker.test_client().get("/openapi.json").status_code == 200
     assert worker.test_client().get("/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize("service", ["requester", "worker"])
+def test_the_document_is_built_on_first_use_not_at_start(service: str, tiny_model_dir: Path, monkeypatch):
+    """Building it (every route's pydantic schema) took 30 ms of each worker's cold start, on the thread that
+    binds the socket while the weights load on theirs."""
+    import fma_requester.app
+    import fma_worker.app
+
+    module = fma_worker.app if service == "worker" else fma_requester.app
+    calls = []
+    real = module.document
+    monkeypatch.setattr(module, "document", lambda *a: calls.append(a) or real(*a))
+    if service == "worker":
+        app = create_worker(WorkerSettings.from_env({"FMA_MODEL": "tiny", "FMA_MODEL_SOURCE": f"path:{tiny_model_dir}",
+                                                     "FMA_LOG_LEVEL": "warning"}), start_loading=False)
+    else:
+        registry = ModelRegistry.from_text("models:\n  - {name: m, source: 'embedded:smollm2-135m-instruct'}\n")
+        app = create_requester(RequesterSettings.from_env({"FMA_LOG_LEVEL": "warning"}), registry=registry,
+                               actuator=FakeActuator())
+    assert calls == [], "the document was built at start"
+    first = app.test_client().get("/openapi.json").get_json()
+    assert app.test_client().get("/openapi.json").get_json() == first and len(calls) == 1

@@ -118,10 +118,14 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
             body["error"] = engine.error
         return json_response(body, 503)
 
-    openapi_doc = document("fma worker", version(), p.__doc__ or "", p.routes())
+    openapi_doc: dict = {}
 
     @app.get(p.PATH_OPENAPI)
     def openapi() -> Response:
+        # Built on first use: the routes' pydantic schemas took 30 ms of every cold start here, on the main thread,
+        # holding the GIL while the weights load on theirs.
+        if not openapi_doc:
+            openapi_doc.update(document("fma worker", version(), p.__doc__ or "", p.routes()))
         return json_response(openapi_doc)
 
     @app.get(p.PATH_METRICS)
