@@ -228,3 +228,54 @@ def test_a_row_failing_mid_batch_leaves_the_others_as_generate_has_them(engine: 
                                      suppress_tokens=[2])[0, len(ids):].tolist()
         assert text == engine.decode(out), prompt[:30]
     wait_for(lambda: engine.batcher.rows == 0, 5, "the batch to empty")
+
+
+@pytest.mark.parametrize("budget", [8, 64])
+def test_a_burst_of_prompts_is_prefilled_up_to_the_budget_before_running_rows_decode_again(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch, budget: int):
+    """FMA_PREFILL_BUDGET: the default (one chunk) lets the running rows decode between each waiting prompt's
+    prefill; a larger budget prefills the whole burst first (a lower time to first token for its last prompt,
+    a longer gap for the running rows), and the answers are the same either way."""
+    batcher = engine.batcher
+    burst = ["The capital of France is", "Write a haiku about the sea", "def fibonacci(n):"]
+    assert all(5 <= len(engine.encode(p)) <= 8 for p in burst), "each prompt its own group (chunk 8), none chunked"
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    want = [run(engine, p, params) for p in burst]
+    events: list[str] = []
+    armed, holding = threading.Event(), threading.Event()
+    real_prefill, real_decode = batcher._prefill, batcher._decode
+
+    def prefill(lm, group):
+        events.append("prefill")
+        real_prefill(lm, group)
+
+    def decode(lm):
+        if armed.is_set():  # the running row's step: hold it until the whole burst waits
+            holding.set()
+            wait_for(lambda: len(batcher._pending) == len(burst), 30, "the burst never arrived")
+            armed.clear()
+            events.append("burst")
+        events.append("decode")
+        real_decode(lm)
+
+    monkeypatch.setattr(batcher, "_prefill", prefill)
+    monkeypatch.setattr(batcher, "_decode", decode)
+    monkeypatch.setattr(batcher, "prefill_budget", budget)
+    never_stops = SamplingParams(max_tokens=40, temperature=0.0, logit_bias={2: -100.0})
+    running = threading.Thread(target=run, args=(engine, "Tell me a story", never_stops))
+    armed.set()
+    running.start()
+    assert holding.wait(60), "the running request never reached its first decode step"
+    got: dict[int, list[str]] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, run(engine, burst[i], params)))
+               for i in range(len(burst))]
+    for t in threads:
+        t.start()
+    for t in [*threads, running]:
+        t.join(120)
+    after = events[events.index("burst") + 2:]  # what followed the held step
+    if budget >= sum(len(engine.encode(p)) for p in burst):
+        assert after[:len(burst) + 1] == ["prefill"] * len(burst) + ["decode"], after[:8]
+    else:
+        assert after[:2 * len(burst)] == ["prefill", "decode"] * len(burst), after[:8]
+    assert [got[i] for i in range(len(burst))] == want

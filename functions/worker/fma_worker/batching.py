@@ -131,10 +131,12 @@ class Batcher:
     """The scheduler thread and the running batch."""
 
     def __init__(self, model: Callable[[], LoadedModel | None], *, max_rows: int, prefill_chunk: int,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 prefill_budget: int = 0, on_step: Callable[[int], None] | None = None) -> None:
         self._model = model
         self.max_rows = max_rows
         self.prefill_chunk = prefill_chunk
+        # Prompt tokens prefilled per step, across waiting requests, before the running rows decode again.
+        self.prefill_budget = max(prefill_budget, prefill_chunk)
         self._on_step = on_step or (lambda rows: None)
         self._cond = threading.Condition()
         self._pending: deque[BatchRequest] = deque()
@@ -227,8 +229,16 @@ class Batcher:
                 torch = lm.torch
                 with torch.inference_mode():
                     self._drop_finished(lm)
-                    if group:
+                    spent = 0
+                    while group:
+                        spent += self._prefill_cost(group)
                         self._prefill(lm, group)
+                        if spent >= self.prefill_budget:
+                            break
+                        with self._cond:
+                            group = self._take_prefill_group()
+                            if group and spent + self._prefill_cost(group) > self.prefill_budget:
+                                break  # it waits for the next step, after the running rows decode
                     if self._row_owner:
                         self._decode(lm)
                     if lm.between_steps is not None:
@@ -255,6 +265,13 @@ class Batcher:
             group.append(req)
             tokens += size
         return group
+
+    def _prefill_cost(self, group: list[BatchRequest]) -> int:
+        """The tokens a prefill of ``group`` computes: the next chunk of a long prompt, else the padded group."""
+        head = group[0]
+        if len(group) == 1 and (head.prefilled or len(head.prompt_ids) > self.prefill_chunk):
+            return min(self.prefill_chunk, len(head.prompt_ids) - head.prefilled)
+        return len(group) * max(len(r.prompt_ids) for r in group)
 
     # ---- prefill -------------------------------------------------------------------------
 

@@ -211,6 +211,7 @@ class Engine:
         self.kind = settings.kind or "chat"
         # Every generation runs on this one scheduler: concurrent requests share forward passes.
         self.batcher = Batcher(self._loaded, max_rows=settings.max_batch, prefill_chunk=settings.prefill_chunk,
+                               prefill_budget=settings.prefill_budget,
                                on_step=self._stepped)
         # An embedding model's inputs, likewise (embedding.py); its pooling and limits are read at load.
         self.embedder = EmbeddingBatcher(self._embed_rows, max_rows=settings.max_batch,

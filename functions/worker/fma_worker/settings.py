@@ -76,6 +76,10 @@ class WorkerSettings(EnvSettings):
     prefill_chunk: int = setting("FMA_PREFILL_CHUNK", "256", "prompt tokens prefilled per step: a longer prompt is "
                                  "prefilled in chunks between decode steps, so running streams wait at most one "
                                  "chunk", ge=1)
+    prefill_budget: int = setting("FMA_PREFILL_BUDGET", "256", "prompt tokens prefilled per step across waiting "
+                                  "requests (at least one chunk) before running streams decode again: higher "
+                                  "lowers the time to first token of a burst, and lengthens running streams' "
+                                  "gap between tokens while it lasts", ge=1)
     max_queue: int = setting("FMA_MAX_QUEUE", "32", "requests that may wait for a generation slot; more get 429 "
                              "with `Retry-After`", ge=0, le=10_000)
     queue_timeout_s: Duration = setting("FMA_QUEUE_TIMEOUT", "60s", "how long a request may wait for a slot "
