@@ -279,3 +279,29 @@ def test_a_burst_of_prompts_is_prefilled_up_to_the_budget_before_running_rows_de
     else:
         assert after[:2 * len(burst)] == ["prefill", "decode"] * len(burst), after[:8]
     assert [got[i] for i in range(len(burst))] == want
+
+
+def test_a_long_prompt_whose_chunk_fails_leaves_the_queue_and_the_request_behind_it_is_served(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    """A failed chunk used to leave its request at the queue's head: retried at every step, forever, with every
+    request behind it waiting (first in, first out)."""
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    expected = run(engine, "Once upon a time", params)
+    model = engine._model
+    real = model.forward
+
+    def forward(*args, **kwargs):
+        if kwargs.get("attention_mask") is None and kwargs["input_ids"].shape[1] > 1:  # only a chunk's pass
+            raise RuntimeError("a chunk that cannot be computed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # ~60 tokens, chunk is 8
+    with pytest.raises(Exception, match="generation failed"):
+        run(engine, long_prompt, params)
+    behind: dict[str, list[str]] = {}
+    t = threading.Thread(target=lambda: behind.__setitem__("text", run(engine, "Once upon a time", params)))
+    t.start()
+    t.join(60)
+    assert behind.get("text") == expected, "the request behind the failed one was never served"
+    assert not engine.batcher._pending and engine.batcher.alive

@@ -156,8 +156,8 @@ def test_a_child_sets_the_other_models_parts_aside_and_lets_go_of_their_weights_
     released = threading.Event()
     real_release = prepared.release_set_aside
 
-    def release() -> None:
-        real_release()
+    def release(*args) -> None:
+        real_release(*args)
         released.set()
 
     monkeypatch.setattr(prepared, "release_set_aside", release)

@@ -233,8 +233,8 @@ class Batcher:
                     while group:
                         spent += self._prefill_cost(group)
                         self._prefill(lm, group)
-                        if spent >= self.prefill_budget:
-                            break
+                        if spent >= self.prefill_budget or self.prefill_budget <= self.prefill_chunk:
+                            break  # the default (one chunk): one prefill pass per step, as always
                         with self._cond:
                             group = self._take_prefill_group()
                             if group and spent + self._prefill_cost(group) > self.prefill_budget:
@@ -292,6 +292,9 @@ class Batcher:
                 mask = torch.ones((1, len(req.prompt_ids)), dtype=torch.long, device=lm.device)
             except Exception as exc:
                 self._fail_request(req, exc)
+                with self._cond:  # else it stays at the queue's head, retried forever, all behind it waiting
+                    self._pending.remove(req)
+                req.cache = None
                 return
             with self._cond:
                 self._pending.remove(req)

@@ -278,6 +278,7 @@ class Engine:
             with self._cond:
                 self._error = f"{type(exc).__name__}: {exc}"
                 self._set_state("failed")
+            prepared.release_set_aside()  # a failed worker may stay up: it must not keep other models' files mapped
             if self.settings.exit_on_load_failure:
                 self._exit_failed()
             # Otherwise the worker stays up to report why it is not ready (/ready), as the local requester reads it.
@@ -410,9 +411,10 @@ class Engine:
         timeline.mark("ready")
         with self._cond:
             self._set_state("ready")
-        if prepared.set_aside_weights():
+        inherited = prepared.set_aside_weights()
+        if inherited:
             # Off the start and its first request: the other models' mapped weights this forked child inherited.
-            release = threading.Timer(RELEASE_SET_ASIDE_AFTER_S, prepared.release_set_aside)
+            release = threading.Timer(RELEASE_SET_ASIDE_AFTER_S, prepared.release_set_aside, args=(inherited,))
             release.name, release.daemon = "fma-release-inherited", True
             release.start()
         return report

@@ -215,16 +215,18 @@ def set_aside_others() -> None:
     _table.clear()
 
 
-def set_aside_weights() -> bool:
-    """Some set-aside model still holds its mapped weights."""
-    return any(parts.skeleton is not None for parts in _set_aside)
+def set_aside_weights() -> list[Parts]:
+    """The set-aside models still holding mapped weight files (a skeleton that is not ``filled`` maps none)."""
+    return [parts for parts in _set_aside if parts.skeleton is not None and parts.filled]
 
 
-def release_set_aside() -> None:
-    """Let go of the set-aside models' mapped weights (their modules); their configs and tokenizers stay."""
-    for parts in _set_aside:
-        parts.skeleton = None
-        parts.filled = False
+def release_set_aside(parts_list: list[Parts] | None = None) -> None:
+    """Let go of the set-aside models' mapped weights (their modules); their configs and tokenizers stay.
+    ``parts_list``: only these (what was set aside when the release was scheduled)."""
+    for parts in _set_aside if parts_list is None else parts_list:
+        if parts.filled:
+            parts.skeleton = None
+            parts.filled = False
 
 
 def drop_stale() -> None:
