@@ -822,10 +822,12 @@ def test_an_eviction_of_a_model_that_may_run_several_pods_releases_it(kube: Fake
 
 @contextmanager
 def hub_model_on_a_claim(kube: FakeKube, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                         cache: Path, **sim_args: Any) -> Iterator[tuple[Any, KnativeActuator]]:
+                         cache: Path, gpus: int | None = None,
+                         **sim_args: Any) -> Iterator[tuple[Any, KnativeActuator]]:
     """A stand-in hub serving ``acme/tiny`` (the real huggingface_hub client talks to it), a simulated cluster with
     the PVC flag on, a worker template naming the model cache claim, and an actuator whose model cache is
-    ``cache``: (the hub, the actuator) for model ``tiny`` (``hf:acme/tiny``)."""
+    ``cache``: (the hub, the actuator) for model ``tiny`` (``hf:acme/tiny``; ``gpus`` for its Knative block, the
+    default if None)."""
     from hub_standin import HubStandIn, Repo
 
     # The fetch runs in a child process (model_cache._fetching), which reads these from the environment; an
@@ -838,8 +840,9 @@ def hub_model_on_a_claim(kube: FakeKube, tmp_path: Path, tiny_model_dir: Path, m
         "kubernetes.podspec-persistent-volume-claim": "enabled"}), **sim_args)
     template = tmp_path / "worker-template.yaml"
     template.write_text("model_cache_claim: fma-models\nmodel_cache_path: /var/cache/fma-models\n")
+    knative = "" if gpus is None else f"knative: {{gpus: {gpus}}}, "
     reg = ModelRegistry.from_text(
-        f"models:\n  - {{name: tiny, source: 'hf:acme/tiny', knative: {{gpus: 0}}, env: {{HF_ENDPOINT: '{url}'}}}}\n")
+        f"models:\n  - {{name: tiny, source: 'hf:acme/tiny', {knative}env: {{HF_ENDPOINT: '{url}'}}}}\n")
     kn = KnativeSettings.from_env({"FMA_NAMESPACE": NS, "FMA_KUBE_RETRIES": "4",
                                    "FMA_WORKER_TEMPLATE": str(template)})
     act = KnativeActuator(reg, RequesterMetrics(), kn, api=api_for(kube), hub_cache_dir=cache,
@@ -880,8 +883,8 @@ def test_a_worker_pod_loads_a_hub_model_from_the_claim_offline_and_leaves_it_as_
     """The pod as a real worker process (the simulator's kubelet mounts the claim at the template's path): it
     loads the model the requester fetched into the claim, offline, and writes nothing there."""
     claim = tmp_path / "claim"
-    with hub_model_on_a_claim(kube, tmp_path, tiny_model_dir, monkeypatch, claim, default="process", speed=10,
-                              claims={"fma-models": claim}) as (_hub, act):
+    with hub_model_on_a_claim(kube, tmp_path, tiny_model_dir, monkeypatch, claim, gpus=0, default="process",
+                              speed=10, claims={"fma-models": claim}) as (_hub, act):
         act.ensure_ready("tiny").done()
         listing = sorted((str(p), p.stat().st_mtime_ns) for p in claim.rglob("*"))
         logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))

@@ -81,13 +81,11 @@ def test_the_documents_are_open_with_auth_on(tiny_model_dir: Path):
 def test_the_document_is_built_on_first_use_not_at_start(service: str, tiny_model_dir: Path, monkeypatch):
     """Building it (every route's pydantic schema) took 30 ms of each worker's cold start, on the thread that
     binds the socket while the weights load on theirs."""
-    import fma_requester.app
-    import fma_worker.app
+    import fma_common.openapi
 
-    module = fma_worker.app if service == "worker" else fma_requester.app
     calls = []
-    real = module.document
-    monkeypatch.setattr(module, "document", lambda *a: calls.append(a) or real(*a))
+    real = fma_common.openapi.document
+    monkeypatch.setattr(fma_common.openapi, "document", lambda *a: calls.append(a) or real(*a))
     if service == "worker":
         app = create_worker(WorkerSettings.from_env({"FMA_MODEL": "tiny", "FMA_MODEL_SOURCE": f"path:{tiny_model_dir}",
                                                      "FMA_LOG_LEVEL": "warning"}), start_loading=False)

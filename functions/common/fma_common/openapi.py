@@ -9,6 +9,7 @@ drift from what is served.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -118,6 +119,19 @@ def document(title: str, version: str, description: str, routes: list[Route]) ->
             "paths": paths,
             "components": {"schemas": components,
                            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+def on_first_use(title: str, description: str, routes: Callable[[], list[Route]]) -> Callable[[], dict[str, Any]]:
+    """The service's document, built when first asked for and kept: it holds every route's pydantic schema,
+    30 ms of work a worker's cold start should not do (the requester's and the worker's ``/openapi.json``)."""
+    built: dict[str, Any] = {}
+
+    def get() -> dict[str, Any]:
+        if not built:  # two first requests at once build it twice, the same document: harmless
+            built.update(document(title, version(), description, routes()))
+        return built
+
+    return get
 
 
 def version() -> str:

@@ -38,7 +38,7 @@ from fma_common.http import (
     register_error_handlers,
 )
 from fma_common.logs import setup_logging
-from fma_common.openapi import document, version
+from fma_common.openapi import on_first_use
 from fma_common.settings import SettingsError, describe
 from fma_common.sources import default_cache_dir
 from fma_common.wire_embeddings import PATH_EMBEDDINGS
@@ -263,15 +263,11 @@ def create_app(settings: RequesterSettings | None = None, *, registry: ModelRegi
             return Response("no GPUs found\n", 500, mimetype="text/plain")
         return json_response({row[0]: int(float(row[1])) for row in rows})
 
-    openapi_doc: dict = {}
+    openapi_doc = on_first_use("fma requester", p.__doc__ or "", p.routes)
 
     @app.get(p.PATH_OPENAPI)
     def openapi() -> Response:
-        # Built on first use: the document holds every route's pydantic schema (fma_common.wire's request and
-        # answer models), work a requester that is never asked for it should not do at start.
-        if not openapi_doc:
-            openapi_doc.update(document("fma requester", version(), p.__doc__ or "", p.routes()))
-        return json_response(openapi_doc)
+        return json_response(openapi_doc())
 
     @app.get(p.PATH_METRICS)
     def metrics_text() -> Response:

@@ -29,7 +29,7 @@ from fma_common.http import (
     register_error_handlers,
 )
 from fma_common.logs import setup_logging
-from fma_common.openapi import document, version
+from fma_common.openapi import on_first_use
 from fma_common.settings import describe
 from fma_common.wire_embeddings import PATH_EMBEDDINGS, EmbeddingRequest
 
@@ -118,15 +118,13 @@ def create_app(settings: WorkerSettings | None = None, *, engine: Engine | None 
             body["error"] = engine.error
         return json_response(body, 503)
 
-    openapi_doc: dict = {}
+    # Built on first use: the routes' pydantic schemas took 30 ms of every cold start here, on the main thread,
+    # holding the GIL while the weights load on theirs.
+    openapi_doc = on_first_use("fma worker", p.__doc__ or "", p.routes)
 
     @app.get(p.PATH_OPENAPI)
     def openapi() -> Response:
-        # Built on first use: the routes' pydantic schemas took 30 ms of every cold start here, on the main thread,
-        # holding the GIL while the weights load on theirs.
-        if not openapi_doc:
-            openapi_doc.update(document("fma worker", version(), p.__doc__ or "", p.routes()))
-        return json_response(openapi_doc)
+        return json_response(openapi_doc())
 
     @app.get(p.PATH_METRICS)
     def metrics_text() -> Response:

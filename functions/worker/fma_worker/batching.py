@@ -266,18 +266,21 @@ class Batcher:
             tokens += size
         return group
 
+    def _chunked(self, group: list[BatchRequest]) -> bool:
+        """A long prompt alone, prefilled a chunk at a time (a prompt partly prefilled is always one)."""
+        return len(group) == 1 and len(group[0].prompt_ids) > self.prefill_chunk
+
     def _prefill_cost(self, group: list[BatchRequest]) -> int:
         """The tokens a prefill of ``group`` computes: the next chunk of a long prompt, else the padded group."""
-        head = group[0]
-        if len(group) == 1 and (head.prefilled or len(head.prompt_ids) > self.prefill_chunk):
-            return min(self.prefill_chunk, len(head.prompt_ids) - head.prefilled)
+        if self._chunked(group):
+            return min(self.prefill_chunk, len(group[0].prompt_ids) - group[0].prefilled)
         return len(group) * max(len(r.prompt_ids) for r in group)
 
     # ---- prefill -------------------------------------------------------------------------
 
     def _prefill(self, lm: LoadedModel, group: list[BatchRequest]) -> None:
         torch = lm.torch
-        if len(group) == 1 and len(group[0].prompt_ids) > self.prefill_chunk:
+        if self._chunked(group):
             req = group[0]
             start = req.prefilled
             chunk = req.prompt_ids[start:start + self.prefill_chunk]
@@ -292,9 +295,6 @@ class Batcher:
                 mask = torch.ones((1, len(req.prompt_ids)), dtype=torch.long, device=lm.device)
             except Exception as exc:
                 self._fail_request(req, exc)
-                with self._cond:  # else it stays at the queue's head, retried forever, all behind it waiting
-                    self._pending.remove(req)
-                req.cache = None
                 return
             with self._cond:
                 self._pending.remove(req)
@@ -315,8 +315,6 @@ class Batcher:
         except Exception as exc:
             if len(group) == 1:
                 self._fail_request(group[0], exc)
-                with self._cond:
-                    self._pending.remove(group[0])
                 return
             for req in group:  # find the one that fails: each alone, the others go on
                 self._prefill(lm, [req])
@@ -501,6 +499,10 @@ class Batcher:
             c.finished = c.finished or "error"
         if req in self._running:
             self._running.remove(req)
+        with self._cond:  # a prompt failing in its prefill: left waiting, it would be retried at every step
+            if req in self._pending:
+                self._pending.remove(req)
+        req.cache = None  # a chunked prefill's partial cache
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:
