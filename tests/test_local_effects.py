@@ -135,6 +135,12 @@ def test_a_hung_worker_whose_launcher_died_is_killed_and_its_exit_reported_only_
     hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
         os.kill(hung.pid, signal.SIGSTOP)  # it will not act on SIGTERM
+        # ... once it is stopped: a SIGTERM that finds SIGSTOP still pending (the child not yet scheduled, on a
+        # loaded machine) is delivered first, being the lower number, and the child dies of it.
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{hung.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+            assert time.monotonic() < deadline, "the child never stopped"
+            time.sleep(0.01)
         child = LaunchedProcess(hung.pid)
         child._orphaned()  # what the client does for each child when the launcher's stdout closes
         assert child.poll() is None, "not reported exited while it still runs"

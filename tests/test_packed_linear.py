@@ -1,5 +1,6 @@
-"""bfloat16 linear layers on a CPU through oneDNN-packed weights (packed_linear.py): the same numbers as the
-plain product, packed between the batch's steps, never used once stale, dropped at sleep and made again after."""
+"""Linear layers on a CPU through oneDNN-packed weights (packed_linear.py): the same numbers as the plain product
+(bfloat16 bit for bit, float32 to its rounding), packed between the batch's steps, never used once stale, dropped
+at sleep and made again after; packed where it helps (``wanted``)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,54 @@ from fma_worker.settings import WorkerSettings
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, logit_bias={2: -100.0})
 
 
-def test_the_pinned_torch_has_onednns_linear_ops_so_bfloat16_on_a_cpu_is_packed():
+BF16_PACKABLE = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
+# bfloat16 packing needs a CPU oneDNN packs it on (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); float32 packs anywhere.
+DTYPES = [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+              not BF16_PACKABLE, reason=f"oneDNN does not pack bfloat16 on this CPU ({CAPABILITY})")),
+          torch.float32]
+
+
+def test_the_pinned_torch_has_onednns_linear_ops_and_packs_where_this_cpu_gains():
     """The pinned CPU wheel (torch 2.13.0) ships them; a build without them would serve unpacked, slower."""
     assert torch.backends.mkldnn.is_available(), "this torch build has no oneDNN"
-    assert packed_linear.supported(torch, "cpu", "bfloat16"), "torch.ops.mkldnn lacks the linear ops packing needs"
-    assert not packed_linear.supported(torch, "cpu", "float32") and not packed_linear.supported(torch, "cuda",
-                                                                                              "bfloat16")
+    ops = torch.ops.mkldnn
+    assert hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+    assert packed_linear.supported(torch, "cpu", "bfloat16") == BF16_PACKABLE
+    assert packed_linear.supported(torch, "cpu", "float32") == (CAPABILITY != "AVX512")
+    assert packed_linear.supported(torch, "cpu", "float32", "true")
+    assert not packed_linear.supported(torch, "cpu", "float32", "false")
+    assert not packed_linear.supported(torch, "cuda", "bfloat16")
 
 
-def tiny_llama() -> LlamaForCausalLM:
+@pytest.mark.parametrize(("mode", "dtype", "capability", "bf16", "want"), [
+    ("auto", "bfloat16", "AVX512", True, True),
+    ("auto", "bfloat16", "AVX2", False, False),  # oneDNN refuses: nothing to gain from trying every load
+    ("true", "bfloat16", "AVX2", False, False),
+    ("auto", "float32", "AVX2", False, True),  # MKL's small-batch sgemm far from memory speed: measured +30 %
+    ("auto", "float32", "DEFAULT", False, True),
+    ("auto", "float32", "AVX512", True, False),  # measured: no gain, slower at one row
+    ("true", "float32", "AVX512", True, True),
+    ("false", "bfloat16", "AVX512", True, False),
+    ("auto", "float16", "AVX512", True, False),
+])
+def test_what_is_packed_by_setting_dtype_and_cpu(mode, dtype, capability, bf16, want):
+    assert packed_linear.wanted(mode, "cpu", dtype, capability, bf16) is want
+    assert packed_linear.wanted(mode, "cuda", dtype, capability, bf16) is False
+
+
+def tiny_llama(dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """bfloat16: bit for bit (both products are oneDNN's); float32: to its rounding (MKL's against oneDNN's)."""
+    if a.dtype == torch.bfloat16:
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def packed(model: LlamaForCausalLM) -> packed_linear.Packer:
@@ -42,8 +78,9 @@ def packed(model: LlamaForCausalLM) -> packed_linear.Packer:
     return packer
 
 
-def test_a_fully_packed_model_gives_the_plain_models_logits_bit_for_bit_at_every_shape():
-    model = tiny_llama()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_fully_packed_model_gives_the_plain_models_logits_at_every_shape(dtype):
+    model = tiny_llama(dtype)
     inputs = [torch.randint(0, 500, shape) for shape in ((1, 1), (1, 37), (8, 1), (16, 1), (3, 300))]
     with torch.inference_mode():
         plain = [model(input_ids=ids).logits for ids in inputs]
@@ -54,15 +91,16 @@ def test_a_fully_packed_model_gives_the_plain_models_logits_bit_for_bit_at_every
             packer.pack_next()
             steps += 1
         assert steps == 3 + 1, "one transformer layer per step, then the output head"
-        assert packer.packed_bytes == sum(m.weight.numel() * 2 for m in model.modules()
+        assert packer.packed_bytes == sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                                           if isinstance(m, torch.nn.Linear))
         packed = [model(input_ids=ids).logits for ids in inputs]
     for a, b in zip(plain, packed, strict=True):
-        assert torch.equal(a, b)
+        assert a.dtype == dtype and same(a, b)
 
 
-def test_a_packed_copy_is_never_used_once_its_weight_was_replaced_and_drop_packs_again():
-    model = tiny_llama()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_packed_copy_is_never_used_once_its_weight_was_replaced_and_drop_packs_again(dtype):
+    model = tiny_llama(dtype)
     ids = torch.randint(0, 500, (2, 5))
     with torch.inference_mode():
         packer = packed(model)
@@ -73,16 +111,17 @@ def test_a_packed_copy_is_never_used_once_its_weight_was_replaced_and_drop_packs
         assert not packer.done and packer.packed_bytes == 0
         assert all("_fma_packed" not in m.__dict__ for m in model.modules())
         want = model(input_ids=ids).logits  # all plain now
-        assert torch.equal(got, want), "the stale copy of q_proj was used"
+        assert same(got, want), "the stale copy of q_proj was used"
         while not packer.done:
             packer.pack_next()
-        assert torch.equal(model(input_ids=ids).logits, want)
+        assert same(model(input_ids=ids).logits, want)
 
 
-def test_a_packed_model_really_multiplies_by_its_packed_copies():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_packed_model_really_multiplies_by_its_packed_copies(dtype):
     """Equal logits alone would also pass if the packed branch were never taken: a planted copy of twice the
     weight, with the weight's own address and shape, must change the answer."""
-    model = tiny_llama()
+    model = tiny_llama(dtype)
     ids = torch.randint(0, 500, (2, 5))
     with torch.inference_mode():
         packed(model)
@@ -90,11 +129,12 @@ def test_a_packed_model_really_multiplies_by_its_packed_copies():
         down = model.model.layers[1].mlp.down_proj
         _, ptr, shape = down._fma_packed
         down._fma_packed = (torch.ops.mkldnn._reorder_linear_weight(down.weight * 2, 8), ptr, shape)
-        assert not torch.equal(model(input_ids=ids).logits, before)
+        assert not same(model(input_ids=ids).logits, before)
 
 
-def test_a_packed_copy_that_disagrees_with_the_plain_product_turns_packing_off(monkeypatch):
-    model = tiny_llama()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_packed_copy_that_disagrees_with_the_plain_product_turns_packing_off(monkeypatch, dtype):
+    model = tiny_llama(dtype)
     real = torch.ops.mkldnn._reorder_linear_weight
 
     class Ops:
@@ -115,9 +155,9 @@ def bf16_folder() -> Path:
     return ensure_embedded_converted("smollm2-135m-instruct", "bfloat16", default_cache_dir())
 
 
-def engine(folder: Path, pack: bool) -> Engine:
+def engine(folder: Path, pack: bool, dtype: str = "bfloat16") -> Engine:
     settings = WorkerSettings.from_env({"FMA_MODEL": "smollm2-135m-instruct", "FMA_LOG_LEVEL": "warning",
-                                        "FMA_MODEL_SOURCE": f"path:{folder}", "FMA_DTYPE": "bfloat16",
+                                        "FMA_MODEL_SOURCE": f"path:{folder}", "FMA_DTYPE": dtype,
                                         "FMA_PACK_WEIGHTS": str(pack).lower()})
     eng = Engine(settings, WorkerMetrics("smollm2-135m-instruct"))
     eng.load()
@@ -138,20 +178,26 @@ def two_at_once(eng: Engine, prompts: list[str]) -> list[str]:
     return [out[i] for i in range(len(prompts))]
 
 
-def test_the_worker_packs_between_steps_answers_as_unpacked_and_sleeps_and_wakes_with_one_copy(bf16_folder: Path):
+@pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=DTYPES[0].marks), "float32"])
+def test_the_worker_packs_between_steps_answers_as_unpacked_and_sleeps_and_wakes_with_one_copy(
+        bf16_folder: Path, converted_model_dir: Path, dtype: str):
+    """``true``, so float32 is packed on an AVX-512 CI machine too. float32 answers are compared as text: the
+    products differ in the last bits (MKL against oneDNN), which greedy decoding of these prompts never sees."""
+    folder = bf16_folder if dtype == "bfloat16" else converted_model_dir
+    weight_bytes = 200e6 if dtype == "bfloat16" else 400e6
     prompts = ["The capital of France is", "Write a haiku about the sea:"]
-    plain = engine(bf16_folder, pack=False)
+    plain = engine(folder, pack=False, dtype=dtype)
     try:
         assert plain._packer is None
         want = two_at_once(plain, prompts)
     finally:
         plain.close()
-    eng = engine(bf16_folder, pack=True)
+    eng = engine(folder, pack=True, dtype=dtype)
     try:
         packer = eng._packer
         assert packer is not None and packer.packed_bytes == 0, "nothing is packed at load (the cold start)"
         assert two_at_once(eng, prompts) == want
-        assert packer.done and packer.packed_bytes > 200e6, "40 steps pack all 31 groups"
+        assert packer.done and packer.packed_bytes > weight_bytes, "40 steps pack all 31 groups"
         assert two_at_once(eng, prompts) == want, "prefill and decode on the fully packed model"
         for level in (1, 2):
             eng.sleep(level)
@@ -159,7 +205,7 @@ def test_the_worker_packs_between_steps_answers_as_unpacked_and_sleeps_and_wakes
             eng.wake()
             assert eng._packer is packer
             assert two_at_once(eng, prompts) == want, f"after a level-{level} wake"
-            assert packer.done and packer.packed_bytes > 200e6
+            assert packer.done and packer.packed_bytes > weight_bytes
     finally:
         eng.close()
 
@@ -175,7 +221,7 @@ def test_a_level_2_sleep_frees_a_bfloat16_model_that_was_not_mapped(converted_mo
     eng = Engine(settings, WorkerMetrics("smollm2-135m-instruct"))
     try:
         eng.load()
-        assert not eng._mapped and eng._packer is not None
+        assert not eng._mapped and (eng._packer is not None) == BF16_PACKABLE
         gone = weakref.ref(eng._model)
         two_at_once(eng, ["The capital of France is"])
         eng.sleep(2)

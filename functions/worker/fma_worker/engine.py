@@ -199,7 +199,7 @@ class Engine:
         self.created = int(time.time())
         metrics.set_state(self._state, STATES)
         self._lm: LoadedModel | None = None
-        self._packer: packed_linear.Packer | None = None  # bfloat16 on a CPU: oneDNN-packed copies of the weights
+        self._packer: packed_linear.Packer | None = None  # on a CPU: oneDNN-packed copies of the weights
         self._last_skeleton_s = 0.0
         self._last_weights_s = 0.0
         self._skeleton: Any = None  # a level-2 sleeper's modules, parameters emptied
@@ -441,8 +441,8 @@ class Engine:
         self._forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._model = model
         # Generation only: the batch scheduler packs between its steps; an embedding model has no such steps.
-        if self.settings.pack_weights and self.kind != "embedding" and \
-                packed_linear.supported(torch, self.device, self.dtype_name):
+        if self.kind != "embedding" and \
+                packed_linear.supported(torch, self.device, self.dtype_name, self.settings.pack_weights):
             if self._packer is None or self._packer.model is not model:
                 self._packer = packed_linear.Packer(torch, model)  # packs between the batch's steps, not here
             else:

@@ -1,23 +1,32 @@
-"""bfloat16 linear layers on a CPU through weights laid out once for oneDNN.
+"""Linear layers on a CPU through weights laid out once for oneDNN.
 
-Why: on this project's CPUs (avx512_bf16 / AMX) ``torch.nn.functional.linear``
-over a plain bfloat16 weight streams the model's 269 MB at 10-16 GB/s, while the
-same product over a weight reordered once into oneDNN's blocked layout
+Why: torch's ``F.linear`` over a plain weight does not stream the weights at
+memory speed at decode sizes (1-16 rows) on either CPU this project has measured
+on; the same product over a weight reordered once into oneDNN's blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's ``freezing`` pass
-does for CPU inference) runs at memory speed: all 211 of the embedded model's
-linear weights, model-sized so none sits in cache, took 33-36 ms against 27-28 ms
-per decode step at 1-16 rows, with bit-identical outputs
-(``tests/test_packed_linear.py``); at 256 rows (a prefill chunk) one run gave
-81 against 106 ms and later runs, on a noisier machine, no clear difference.
-In float32, MKL's plain path was faster at one row (22 against 29 ms) and
-packing gained 6-25 % at 8-16 rows for a second copy of 540 MB: only bfloat16
-is packed.
+does for CPU inference) comes close:
 
-How, without slowing a cold start: reordering all weights costs 80-110 ms, more
-than half of a forked worker's cold start, so nothing is packed at load. The
-batch scheduler packs one transformer layer's weights (about 3 ms) after each
-of its steps (:meth:`Packer.pack_next`), so a loaded model serves its first
-token on the plain weights and is fully packed after a few dozen steps.
+* bfloat16 on an Intel Xeon with AVX-512 and AMX: all 211 of the embedded
+  model's linear weights, model-sized so none sits in cache, took 27-28 ms
+  against 33-36 ms per decode step at 1-16 rows, with bit-identical outputs.
+  oneDNN packs bfloat16 only where the CPU has AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+  (``torch.ops.mkldnn._is_mkldnn_bf16_supported``); elsewhere nothing is packed.
+* float32 on an AMD EPYC with AVX2 and no AVX-512, where the plain product is
+  MKL's ``sgemm``: at 2-16 rows it ran at a third to a half of memory speed (the
+  output head, 113 MB, at 8 rows: 31 ms plain, 11 ms packed). A whole decode step
+  at 8 rows took 158 against 212 ms, and the in-process mixed plan at 8 clients
+  gave +30 % tokens/s. On the Xeon, float32 packing gained nothing on the same
+  plan and lost at one row (22 against 29 ms). Vendor and capability both differ
+  between the two machines; ``auto`` follows the one torch reports, packing
+  float32 only where the CPU capability is below AVX-512 (:func:`wanted`), and
+  ``FMA_PACK_WEIGHTS=true`` packs it anywhere.
+
+How, without slowing a cold start: reordering all weights costs 80-110 ms in
+bfloat16 (0.5-0.7 s in float32 on the AVX2 machine), more than a forked
+worker's whole cold start, so nothing is packed at load. The batch scheduler
+packs one transformer layer's weights after each of its steps
+(:meth:`Packer.pack_next`), so a loaded model serves its first token on the
+plain weights and is fully packed after a few dozen steps.
 
 What keeps it safe:
 
@@ -29,9 +38,16 @@ What keeps it safe:
   holds one copy of its weights and a wake is verified on the plain ones,
   from which the copies are made again.
 * The first packed weight is checked against the plain product on a random
-  input, bit for bit; a mismatch (another oneDNN, another CPU) turns packing
-  off with a log line instead of serving numbers that would depend on how far
-  packing has got since the last load or wake.
+  input. In bfloat16 both are oneDNN's and must agree bit for bit, so the text
+  never depends on how far packing has got since the last load or wake. In
+  float32 the plain product is MKL's and the two differ in the last bits, as
+  MKL's own results differ with the number of rows in the batch (row 0 of a
+  3-row product is not row 0 alone): they must agree to float32 rounding
+  (:data:`_F32_TOLERANCE`). A greedy float32 answer may therefore differ
+  between the first steps after a load and later ones only where two tokens'
+  logits tie to the last bits, as it already may between a request alone and
+  the same request in a batch. A mismatch beyond that turns packing off with a
+  log line.
 """
 
 from __future__ import annotations
@@ -44,14 +60,34 @@ log = logging.getLogger("fma.worker.packed_linear")
 
 # The row count oneDNN is told to expect; any count works (1..prefill), this one is the batch's typical size.
 _ROWS_HINT = 8
+# float32: oneDNN's packed product against MKL's plain one, on a unit-scale probe (rtol, atol): a few ulps of
+# the sums, far below any difference a wrong layout would make (those are of the order of the values).
+_F32_TOLERANCE = (1e-4, 1e-5)
+_DTYPES = ("bfloat16", "float32")
 
 
-def supported(torch: Any, device: str, dtype: str) -> bool:
-    """Packing helps and is available: bfloat16 on a CPU whose torch has oneDNN's linear ops."""
-    if device != "cpu" or dtype != "bfloat16" or not torch.backends.mkldnn.is_available():
+def wanted(mode: str, device: str, dtype: str, capability: str, bf16_packable: bool) -> bool:
+    """Pack this model's linear weights? ``mode`` is ``FMA_PACK_WEIGHTS``; ``capability`` torch's CPU
+    capability (``AVX512``, ``AVX2``, ``DEFAULT``); ``bf16_packable`` whether oneDNN packs bfloat16 on this CPU.
+
+    ``auto``: bfloat16 wherever oneDNN packs it; float32 only below AVX-512, where MKL's plain small-batch
+    product is far from memory speed (on the AVX-512 machine measured, an Intel Xeon, float32 gained nothing)."""
+    if mode == "false" or device != "cpu" or dtype not in _DTYPES:
+        return False
+    if dtype == "bfloat16":
+        return bf16_packable
+    return mode == "true" or capability != "AVX512"
+
+
+def supported(torch: Any, device: str, dtype: str, mode: str = "auto") -> bool:
+    """Packing is wanted (:func:`wanted`) and this torch has oneDNN's linear ops."""
+    if device != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     ops = torch.ops.mkldnn
-    return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return False
+    bf16 = hasattr(ops, "_is_mkldnn_bf16_supported") and bool(ops._is_mkldnn_bf16_supported())
+    return wanted(mode, device, dtype, torch.backends.cpu.get_cpu_capability(), bf16)
 
 
 class Packer:
@@ -65,9 +101,10 @@ class Packer:
         self._bytes = 0
         self._seconds = 0.0
         linear = torch.nn.Linear
+        dtypes = (torch.bfloat16, torch.float32)
         groups: dict[str, list[Any]] = {}
         for name, module in model.named_modules():
-            if type(module) is linear and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
+            if type(module) is linear and module.weight.dtype in dtypes and module.weight.device.type == "cpu":
                 module.forward = _forward(torch, module)
                 parent = name.rsplit(".", 1)[0] if "." in name else ""
                 # A decoder layer's attention and MLP together: "model.layers.3.self_attn.q_proj" -> "model.layers.3"
@@ -111,11 +148,17 @@ class Packer:
     def _check(self, module: Any, packed: Any) -> bool:
         torch = self._torch
         self._checked = True
-        probe = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        dtype = module.weight.dtype
+        probe = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
         with torch.no_grad():
             got = torch.ops.mkldnn._linear_pointwise(probe, packed, module.bias, "none", [], "")
             want = torch.nn.functional.linear(probe, module.weight, module.bias)
-        if torch.equal(got, want):  # bit for bit: the text must not depend on how far packing has got
+        if dtype == torch.bfloat16:
+            agree = torch.equal(got, want)  # bit for bit: the text must not depend on how far packing has got
+        else:  # MKL against oneDNN: float32 rounding, as MKL against itself at another batch size
+            rtol, atol = _F32_TOLERANCE
+            agree = torch.allclose(got, want, rtol=rtol, atol=atol)
+        if agree:
             return True
         log.warning("oneDNN's packed linear disagrees with torch's plain one on this machine (largest difference "
                     "%.3g); serving with plain weights", float((got.float() - want.float()).abs().max()))
