@@ -426,6 +426,8 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated: worker (with the peers), mixed, hop, many")
     parser.add_argument("--mixed-dtypes", default="float32,bfloat16",
                         help="the mixed load runs once per dtype, ours and the peer both in it")
+    parser.add_argument("--mixed-unpacked", action="store_true",
+                        help="also our worker with FMA_PACK_WEIGHTS=false in the mixed load (before/after, one run)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     parser.add_argument("--chart-only", action="store_true", help="redraw the chart from --out and stop")
     args = parser.parse_args()
@@ -481,6 +483,10 @@ def main() -> int:
                     proc, url = start_worker(workdir, {"FMA_DTYPE": dtype})
                     procs.append(proc)
                     servers_mixed = [("fma worker", url, MODEL, True)]
+                    if args.mixed_unpacked:
+                        proc, url = start_worker(workdir, {"FMA_DTYPE": dtype, "FMA_PACK_WEIGHTS": "false"})
+                        procs.append(proc)
+                        servers_mixed.append(("fma worker, FMA_PACK_WEIGHTS=false", url, MODEL, True))
                     proc, url = start_peer(dtype_folder, workdir, True, dtype)
                     procs.append(proc)
                     servers_mixed.append(("transformers serve --continuous-batching", url, str(dtype_folder), False))
