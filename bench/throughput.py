@@ -521,6 +521,9 @@ def main() -> int:
             print(f"many models: {report['many_models']}", file=sys.stderr)
         elif "many_models" in previous:
             report["many_models"] = previous["many_models"]
+    for key, value in previous.items():  # earlier runs kept beside this one (another machine's mixed table)
+        if key.startswith("previous_"):
+            report.setdefault(key, value)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if "worker" in report:
