@@ -444,7 +444,7 @@ class Engine:
         if self.kind != "embedding" and \
                 packed_linear.supported(torch, self.device, self.dtype_name, self.settings.pack_weights):
             if self._packer is None or self._packer.model is not model:
-                self._packer = packed_linear.Packer(torch, model)  # packs between the batch's steps, not here
+                self._packer = packed_linear.Packer(torch, model, getattr(torch, self.dtype_name))  # between steps
             else:
                 self._packer.drop()  # a level-2 wake mapped new weights into the same modules
         self._last_weights_s = time.monotonic() - t - self._last_skeleton_s

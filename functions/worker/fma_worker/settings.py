@@ -99,8 +99,8 @@ class WorkerSettings(EnvSettings):
         "FMA_PACK_WEIGHTS", "auto", "on a CPU, give each linear layer a copy of its weight laid out once for "
         "oneDNN, made between the first decode steps after a load or wake (a second copy of the weights while "
         "awake, dropped at sleep): `auto` packs bfloat16 where oneDNN can (matrix products 20-30 % faster on an "
-        "Intel Xeon with AMX) and float32 on CPUs below AVX-512 (+30 % tokens/s on the mixed load at 8 clients on "
-        "an AVX2 AMD EPYC); `true` packs float32 on AVX-512 too; `false` never packs")
+        "Intel Xeon with AMX) and float32 on x86 CPUs with AVX2 and no AVX-512 (+36 % tokens/s on the benchmark's "
+        "mixed load at 8 clients on an AMD EPYC); `true` packs float32 on any CPU; `false` never packs")
     torch_threads: int | None = setting("FMA_TORCH_THREADS", None, "torch intra-op threads (one scheduler thread "
                                         "runs every forward pass)", shown="cores", ge=1)
     sleep_drain_timeout_s: Duration = setting("FMA_SLEEP_DRAIN_TIMEOUT", "30s", "how long `/sleep` waits for "
