@@ -161,8 +161,8 @@ class Packer:
         if dtype == torch.bfloat16:
             agree = torch.equal(got, want)  # bit for bit: the text must not depend on how far packing has got
         else:  # MKL against oneDNN: float32 rounding, as MKL against itself at another batch size
-            bias = module.bias.double() if module.bias is not None else None
-            exact = torch.nn.functional.linear(probe.double(), module.weight.double(), bias)
+            bias = module.bias.detach().double() if module.bias is not None else None
+            exact = torch.nn.functional.linear(probe.double(), module.weight.detach().double(), bias)
             plain_error = float((want.double() - exact).abs().max())
             floor = 1e-6 * float(exact.abs().max())  # where the plain product happens to be exact
             agree = float((got.double() - exact).abs().max()) <= _F32_SLACK * plain_error + floor
