@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, ValidationInfo, field_validator, model_validator
 
-from fma_common.settings import Duration, EnvSettings, Flag, Lower, context_env, setting
+from fma_common.settings import Duration, EnvSettings, Flag, Lower, _flag, _lower, context_env, setting
 from fma_common.sources import DEFAULT_MODEL, EMBEDDED_MODELS, ModelSourceError, default_cache_dir, parse_source
 
 LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"], Lower]
@@ -22,10 +22,10 @@ LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"], L
 
 def _auto_or_flag(value: object) -> object:
     """``auto``, or a boolean spelled as ``Flag`` accepts it, as ``true``/``false``."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    low = str(value).strip().lower()
-    return {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}.get(low, low)
+    try:
+        return "true" if _flag(value) else "false"
+    except ValueError:
+        return _lower(value)  # "auto", or a value the Literal refuses with its own message
 
 
 AutoFlag = Annotated[Literal["auto", "true", "false"], BeforeValidator(_auto_or_flag)]
