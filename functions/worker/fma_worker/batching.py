@@ -49,6 +49,7 @@ from fma_common.errors import ApiError, InternalError
 from fma_common.wire import SamplingParams
 
 from .generation import ChoiceDelta, LoadedModel, sample
+from .prefix_cache import Hit, PrefixStore, cache_from, full_attention_layers
 from .text import StopTextTracker
 
 log = logging.getLogger("fma.worker.batching")
@@ -79,7 +80,9 @@ class BatchRequest:
     counts: Any = None  # [n, vocab] token counts for presence/frequency penalties
     bias: Any = None
     prefilled: int = 0
-    cache: Any = None  # its own cache while prefilling in chunks
+    cache: Any = None  # its own cache while prefilling in chunks (or from a prefix hit)
+    hit: Hit | None = None  # a kept prompt it begins as, found when it reached the head of the queue
+    looked_up: bool = False
     last_logits: Any = None
     submitted: float = field(default_factory=time.monotonic)
 
@@ -131,13 +134,17 @@ class Batcher:
     """The scheduler thread and the running batch."""
 
     def __init__(self, model: Callable[[], LoadedModel | None], *, max_rows: int, prefill_chunk: int,
-                 prefill_budget: int = 0, on_step: Callable[[int], None] | None = None) -> None:
+                 prefill_budget: int = 0, on_step: Callable[[int], None] | None = None,
+                 prefix_tokens: int = 0, on_prefix_hit: Callable[[int], None] | None = None) -> None:
         self._model = model
         self.max_rows = max_rows
         self.prefill_chunk = prefill_chunk
         # Prompt tokens prefilled per step, across waiting requests, before the running rows decode again.
         self.prefill_budget = max(prefill_budget, prefill_chunk)
         self._on_step = on_step or (lambda rows: None)
+        # Recent prompts' keys and values: a prompt beginning as one of them is prefilled from where they part.
+        self.prefixes = PrefixStore(prefix_tokens)
+        self._on_prefix_hit = on_prefix_hit or (lambda tokens: None)
         self._cond = threading.Condition()
         self._pending: deque[BatchRequest] = deque()
         self._running: list[BatchRequest] = []
@@ -255,26 +262,55 @@ class Batcher:
         if not self._pending:
             return []
         head = self._pending[0]
-        if len(head.prompt_ids) - head.prefilled > self.prefill_chunk or head.prefilled:
+        self._look_up(head)
+        if len(head.prompt_ids) - head.prefilled > self.prefill_chunk or head.prefilled or head.hit is not None:
             return [head]
         group, tokens = [], 0
         for req in self._pending:
+            self._look_up(req)
             size = len(req.prompt_ids)
-            if req.prefilled or size > self.prefill_chunk or (group and tokens + size > self.prefill_chunk):
+            if req.prefilled or req.hit is not None or size > self.prefill_chunk \
+                    or (group and tokens + size > self.prefill_chunk):
                 break
             group.append(req)
             tokens += size
         return group
 
+    def _look_up(self, req: BatchRequest) -> None:
+        """Once per request, as it comes up for prefill: the kept prompt it begins as, if any."""
+        if not req.looked_up:
+            req.looked_up = True
+            req.hit = self.prefixes.match(req.prompt_ids)
+
     def _chunked(self, group: list[BatchRequest]) -> bool:
-        """A long prompt alone, prefilled a chunk at a time (a prompt partly prefilled is always one)."""
-        return len(group) == 1 and len(group[0].prompt_ids) > self.prefill_chunk
+        """A prompt alone on its own cache, prefilled from where it stands a chunk at a time: a long one, one partly
+        prefilled, and one that begins as a kept prompt (its cache starts as that prompt's)."""
+        if len(group) != 1:
+            return False
+        req = group[0]
+        return len(req.prompt_ids) > self.prefill_chunk or req.prefilled > 0 or req.hit is not None
 
     def _prefill_cost(self, group: list[BatchRequest]) -> int:
-        """The tokens a prefill of ``group`` computes: the next chunk of a long prompt, else the padded group."""
+        """The tokens a prefill of ``group`` computes: the next chunk of a prompt alone, else the padded group."""
         if self._chunked(group):
-            return min(self.prefill_chunk, len(group[0].prompt_ids) - group[0].prefilled)
+            req = group[0]
+            start = req.prefilled or (req.hit.length if req.hit is not None else 0)
+            return min(self.prefill_chunk, len(req.prompt_ids) - start)
         return len(group) * max(len(r.prompt_ids) for r in group)
+
+    def _remember(self, lm: LoadedModel, req: BatchRequest, cache: Any, row: int, columns: int) -> None:
+        """Keep ``req``'s prompt with its keys and values: row ``row`` of ``cache``, whose last ``len(prompt)`` of
+        ``columns`` columns are the prompt's. A row of a group is copied (a view would keep the whole group's
+        tensors alive); a prompt alone keeps the tensors themselves (the batch's cache takes copies of them)."""
+        if self.prefixes.budget <= 0 or len(req.prompt_ids) < self.prefixes.min_hit \
+                or not full_attention_layers(cache):
+            return
+        n = len(req.prompt_ids)
+        alone = cache.layers[0].keys.shape[0] == 1 and columns == n
+        layers = [(layer.keys, layer.values) if alone else
+                  (layer.keys[row:row + 1, :, columns - n:].clone(), layer.values[row:row + 1, :, columns - n:].clone())
+                  for layer in cache.layers]
+        self.prefixes.remember(lm.model, req.prompt_ids, layers)
 
     # ---- prefill -------------------------------------------------------------------------
 
@@ -282,9 +318,15 @@ class Batcher:
         torch = lm.torch
         if self._chunked(group):
             req = group[0]
-            start = req.prefilled
-            chunk = req.prompt_ids[start:start + self.prefill_chunk]
             try:
+                if req.hit is not None:  # its cache starts as the kept prompt's first columns
+                    if req.cache is None and self.prefixes.owned_by(lm.model):
+                        req.cache = cache_from(req.hit)
+                        req.prefilled = req.hit.length
+                        self._on_prefix_hit(req.hit.length)
+                    req.hit = None
+                start = req.prefilled
+                chunk = req.prompt_ids[start:start + self.prefill_chunk]
                 ids = torch.tensor([chunk], device=lm.device)
                 out = lm.model(input_ids=ids, use_cache=True, **lm.forward_extra, **{lm.cache_kw: req.cache})
                 req.cache = getattr(out, lm.cache_kw)
@@ -293,6 +335,7 @@ class Batcher:
                     return  # more chunks; running rows decode in between
                 logits = out.logits[:, -1, : lm.vocab_size].float()
                 mask = torch.ones((1, len(req.prompt_ids)), dtype=torch.long, device=lm.device)
+                self._remember(lm, req, req.cache, 0, len(req.prompt_ids))
             except Exception as exc:
                 self._fail_request(req, exc)
                 return
@@ -319,10 +362,13 @@ class Batcher:
             for req in group:  # find the one that fails: each alone, the others go on
                 self._prefill(lm, [req])
             return
+        cache = getattr(out, lm.cache_kw)
+        for i, req in enumerate(group):
+            self._remember(lm, req, cache, i, length)
         with self._cond:
             for req in group:
                 self._pending.remove(req)
-        self._join(lm, group, getattr(out, lm.cache_kw), out.logits[:, -1, : lm.vocab_size].float(), mask)
+        self._join(lm, group, cache, out.logits[:, -1, : lm.vocab_size].float(), mask)
 
     def _join(self, lm: LoadedModel, group: list[BatchRequest], cache: Any, logits: Any, mask: Any) -> None:
         """Sample each request's first tokens from its prefill, then add its live rows to the batch."""

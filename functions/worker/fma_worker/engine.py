@@ -212,7 +212,8 @@ class Engine:
         # Every generation runs on this one scheduler: concurrent requests share forward passes.
         self.batcher = Batcher(self._loaded, max_rows=settings.max_batch, prefill_chunk=settings.prefill_chunk,
                                prefill_budget=settings.prefill_budget,
-                               on_step=self._stepped)
+                               on_step=self._stepped, prefix_tokens=settings.prefix_cache_tokens,
+                               on_prefix_hit=self._prefix_hit)
         # An embedding model's inputs, likewise (embedding.py); its pooling and limits are read at load.
         self.embedder = EmbeddingBatcher(self._embed_rows, max_rows=settings.max_batch,
                                          max_tokens=settings.max_batch_tokens) if self.kind == "embedding" else None
@@ -583,6 +584,7 @@ class Engine:
         with self._cond:
             self._sleep_level = level
         torch = self._torch
+        self.batcher.prefixes.forget()  # kept prompts' keys and values: device memory a sleeper gives back
         if self._packer is not None:
             # A sleeper holds one copy of its weights; the canary and the wake's check run on them, and the
             # copies are made again after the wake.
@@ -717,6 +719,9 @@ class Engine:
 
     def _stepped(self, rows: int) -> None:
         self.metrics.batch_rows.labels(self.settings.model).observe(rows)
+
+    def _prefix_hit(self, tokens: int) -> None:
+        self.metrics.prefix_hit_tokens.labels(self.settings.model).inc(tokens)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> BatchStream:
         """The steps of one generation, run in the shared batch; closing the stream leaves the batch.

@@ -31,6 +31,9 @@ class WorkerMetrics:
         self.requests = Counter("fma_worker_requests", "Inference requests by endpoint and HTTP status",
                                 ["model", "endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("fma_worker_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.prefix_hit_tokens = Counter("fma_worker_prefix_cache_hit_tokens", "Prompt tokens whose keys and "
+                                         "values came from the prefix cache instead of a forward pass", ["model"],
+                                         registry=r)
         self.completion_tokens = Counter("fma_worker_completion_tokens", "Completion tokens generated",
                                          ["model"], registry=r)
         self.ttft = Histogram("fma_worker_time_to_first_token_seconds",

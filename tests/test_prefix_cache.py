@@ -1,0 +1,186 @@
+"""The prefix cache: kept prompts, what a new prompt takes from them, and the real model answering the same
+with a hit as without one."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fma_common.wire import SamplingParams
+from fma_worker.engine import Engine
+from fma_worker.metrics import WorkerMetrics
+from fma_worker.prefix_cache import PrefixStore, cache_from, shared_length, usable_hit
+from fma_worker.settings import WorkerSettings
+
+# ---- the store, on small tensors ------------------------------------------------------------------------------
+
+
+def kv(tokens: list[int], layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values whose every column holds its token id, so a slice can be checked by eye."""
+    col = torch.tensor(tokens, dtype=torch.float32)[None, None, :, None].expand(1, 2, len(tokens), 4)
+    return [(col.clone() + i, col.clone() - i) for i in range(layers)]
+
+
+OWNER = object()
+BASE = list(range(100, 140))  # 40 tokens: a "system prompt"
+
+
+def test_shared_length_and_the_hit_a_prompt_may_take():
+    assert shared_length([1, 2, 3], [1, 2, 4]) == 2
+    assert shared_length([1, 2], [1, 2, 3]) == 2
+    assert shared_length([], [1]) == 0
+    assert usable_hit(40, 60) == 40
+    assert usable_hit(60, 60) == 59, "the prompt's last token is always computed: its logits are the answer"
+    assert usable_hit(15, 60) == 0, "below the minimum a pass of its own costs more than it saves"
+
+
+def test_a_new_prompt_takes_the_longest_beginning_any_kept_prompt_shares_with_it():
+    store = PrefixStore(budget=1000)
+    store.remember(OWNER, [*BASE, 1, 2, 3], kv([*BASE, 1, 2, 3]))
+    store.remember(OWNER, BASE[:20] + [9] * 30, kv(BASE[:20] + [9] * 30))
+    hit = store.match([*BASE, 1, 2, 7, 7])
+    assert hit is not None and hit.length == 42
+    cache = cache_from(hit)
+    assert len(cache.layers) == 2
+    keys = cache.layers[1].keys
+    assert keys.shape == (1, 2, 42, 4) and keys[0, 0, :, 0].tolist() == [t + 1 for t in [*BASE, 1, 2]]
+    assert store.match([5] * 50) is None
+    assert store.match(BASE[:10] + [0] * 40) is None, "10 shared tokens are below the minimum"
+
+
+def test_entries_answer_only_for_the_model_object_that_computed_them():
+    store = PrefixStore(budget=1000)
+    store.remember(OWNER, [*BASE, 1], kv([*BASE, 1]))
+    assert store.owned_by(OWNER) and not store.owned_by(object())
+    other = object()
+    store.remember(other, [*BASE, 2], kv([*BASE, 2]))  # weights loaded again: the old entries go
+    assert store.entries == 1 and store.owned_by(other)
+
+
+def test_a_prompt_held_already_is_not_kept_twice_and_a_longer_one_replaces_its_beginning():
+    store = PrefixStore(budget=1000)
+    store.remember(OWNER, [*BASE, 1, 2], kv([*BASE, 1, 2]))
+    store.remember(OWNER, [*BASE, 1], kv([*BASE, 1]))  # a beginning of the first
+    assert (store.entries, store.tokens) == (1, 42)
+    store.remember(OWNER, [*BASE, 1, 2, 3, 4], kv([*BASE, 1, 2, 3, 4]))  # the next turn of a conversation
+    assert (store.entries, store.tokens) == (1, 44)
+
+
+def test_the_store_keeps_to_its_budget_least_recently_used_out_first():
+    store = PrefixStore(budget=100)
+    a, b, c = [*BASE, 1], [7] * 41, [8] * 41
+    store.remember(OWNER, a, kv(a))
+    store.remember(OWNER, b, kv(b))
+    assert store.match([*a, 5]) is not None  # a used again: b is now the least recently used
+    store.remember(OWNER, c, kv(c))
+    assert store.tokens <= 100
+    assert store.match([*b, 5]) is None and store.match([*a, 5]) is not None and store.match([*c, 5]) is not None
+
+
+def test_a_prompt_longer_than_the_budget_keeps_its_beginning_and_none_is_kept_at_zero():
+    store = PrefixStore(budget=30)
+    store.remember(OWNER, BASE, kv(BASE))
+    assert store.tokens == 30
+    hit = store.match([*BASE, 1])
+    assert hit is not None and hit.length == 30 and cache_from(hit).layers[0].keys.shape[2] == 30
+    off = PrefixStore(budget=0)
+    off.remember(OWNER, BASE, kv(BASE))
+    assert off.entries == 0 and off.match([*BASE, 1]) is None
+
+
+# ---- the real model -------------------------------------------------------------------------------------------
+
+SYSTEM = {"role": "system", "content": "You are a careful assistant for a travel company. Answer briefly, in "
+          "plain words, and say so when you do not know. " * 4}
+
+
+@pytest.fixture(scope="module")
+def engine(converted_model_dir: Path):
+    settings = WorkerSettings.from_env({"FMA_MODEL": "smollm2-135m-instruct", "FMA_LOG_LEVEL": "warning",
+                                        "FMA_MODEL_SOURCE": f"path:{converted_model_dir}"})
+    eng = Engine(settings, WorkerMetrics("smollm2-135m-instruct"))
+    eng.load()
+    yield eng
+    eng.close()
+
+
+def hit_tokens(engine: Engine) -> float:
+    return engine.metrics.registry.get_sample_value("fma_worker_prefix_cache_hit_tokens_total",
+                                                    {"model": "smollm2-135m-instruct"}) or 0.0
+
+
+def answer(engine: Engine, messages: list[dict], max_tokens: int = 16) -> str:
+    text = ""
+    for step in engine.generate(engine.render_chat(messages), SamplingParams(max_tokens=max_tokens, temperature=0.0)):
+        text += "".join(d.text for d in step)
+    return text
+
+
+def without_cache(engine: Engine, messages: list[dict]) -> str:
+    store = engine.batcher.prefixes
+    budget, store.budget = store.budget, 0
+    try:
+        return answer(engine, messages)
+    finally:
+        store.budget = budget
+
+
+def test_a_shared_system_prompt_is_computed_once_and_the_answers_match_those_without_the_cache(engine: Engine):
+    engine.batcher.prefixes.forget()
+    questions = ["What is the capital of France?", "Name three rivers in Germany.", "Is Rome far from Naples?"]
+    chats = [[SYSTEM, {"role": "user", "content": q}] for q in questions]
+    before = hit_tokens(engine)
+    with_hits = [answer(engine, chat) for chat in chats]
+    system_tokens = len(engine.render_chat([SYSTEM]))
+    taken = hit_tokens(engine) - before
+    assert taken >= 2 * (system_tokens - 4), "the second and third prompts began from the first one's columns"
+    assert with_hits == [without_cache(engine, chat) for chat in chats]
+
+
+def test_the_next_turn_of_a_conversation_takes_the_whole_previous_prompt(engine: Engine):
+    engine.batcher.prefixes.forget()
+    turn1 = [SYSTEM, {"role": "user", "content": "Suggest a city for a weekend trip."}]
+    reply = answer(engine, turn1)
+    turn2 = [*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "Why that one?"}]
+    before = hit_tokens(engine)
+    second = answer(engine, turn2)
+    assert hit_tokens(engine) - before >= len(engine.render_chat(turn1))
+    assert second == without_cache(engine, turn2)
+
+
+def test_a_hit_joins_a_running_batch_and_answers_as_alone(engine: Engine):
+    engine.batcher.prefixes.forget()
+    first = [SYSTEM, {"role": "user", "content": "Tell me about trains in Europe."}]
+    answer(engine, first, 4)  # kept now
+    later = [SYSTEM, {"role": "user", "content": "And buses?"}]
+    alone = without_cache(engine, later)
+    steps: list[int] = []
+    long_running = engine.generate(engine.encode("Once upon a time"),
+                                   SamplingParams(max_tokens=40, temperature=0.0))
+    it = iter(long_running)
+    next(it)  # running in the batch now
+    before = hit_tokens(engine)
+    result: list[str] = []
+    t = threading.Thread(target=lambda: result.append(answer(engine, later)))
+    t.start()
+    for step in it:
+        steps.append(len(step))
+    t.join(60)
+    assert hit_tokens(engine) > before
+    assert result == [alone]
+
+
+def test_sleep_gives_the_kept_prompts_back(engine: Engine):
+    answer(engine, [SYSTEM, {"role": "user", "content": "Hello"}], 2)
+    assert engine.batcher.prefixes.entries >= 1
+    engine.sleep(1)
+    try:
+        assert engine.batcher.prefixes.entries == 0
+    finally:
+        engine.wake()
+    before = hit_tokens(engine)
+    answer(engine, [SYSTEM, {"role": "user", "content": "Hello again"}], 2)
+    assert hit_tokens(engine) == before, "nothing kept from before the sleep is used"
