@@ -428,6 +428,8 @@ def main() -> int:
                         help="the mixed load runs once per dtype, ours and the peer both in it")
     parser.add_argument("--mixed-unpacked", action="store_true",
                         help="also our worker with FMA_PACK_WEIGHTS=false in the mixed load (before/after, one run)")
+    parser.add_argument("--mixed-no-prefix-cache", action="store_true",
+                        help="also our worker with FMA_PREFIX_CACHE_TOKENS=0 in the mixed load (before/after, one run)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     parser.add_argument("--chart-only", action="store_true", help="redraw the chart from --out and stop")
     args = parser.parse_args()
@@ -487,6 +489,10 @@ def main() -> int:
                         proc, url = start_worker(workdir, {"FMA_DTYPE": dtype, "FMA_PACK_WEIGHTS": "false"})
                         procs.append(proc)
                         servers_mixed.append(("fma worker, FMA_PACK_WEIGHTS=false", url, MODEL, True))
+                    if args.mixed_no_prefix_cache:
+                        proc, url = start_worker(workdir, {"FMA_DTYPE": dtype, "FMA_PREFIX_CACHE_TOKENS": "0"})
+                        procs.append(proc)
+                        servers_mixed.append(("fma worker, FMA_PREFIX_CACHE_TOKENS=0", url, MODEL, True))
                     proc, url = start_peer(dtype_folder, workdir, True, dtype)
                     procs.append(proc)
                     servers_mixed.append(("transformers serve --continuous-batching", url, str(dtype_folder), False))
