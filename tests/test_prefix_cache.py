@@ -184,3 +184,30 @@ def test_sleep_gives_the_kept_prompts_back(engine: Engine):
     before = hit_tokens(engine)
     answer(engine, [SYSTEM, {"role": "user", "content": "Hello again"}], 2)
     assert hit_tokens(engine) == before, "nothing kept from before the sleep is used"
+
+
+def test_prompts_prefilled_together_are_kept_with_their_own_columns(engine: Engine):
+    """A left-padded group: each row's prompt is its last len(prompt) columns; kept, they must equal the keys and
+    values of the prompt prefilled alone."""
+    engine.batcher.prefixes.forget()
+    prompts = [engine.render_chat([{"role": "user", "content": q}]) for q in
+               ("Hi", "Tell me about the rivers of Germany and France, please.", "What is the capital of Italy?")]
+    assert len({len(p) for p in prompts}) == 3 and sum(len(p) for p in prompts) <= engine.settings.prefill_chunk
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    with engine.batcher._cond:  # all three wait before the scheduler looks: one group, one pass
+        streams = [engine.generate(p, params) for p in prompts]
+    for s in streams:
+        list(s)
+    store = engine.batcher.prefixes
+    assert store.entries == 3
+    lm = engine._loaded()
+    for prompt in prompts:
+        hit = store.match([*prompt, 0])
+        assert hit is not None and hit.length == len(prompt)
+        with torch.inference_mode():
+            out = lm.model(input_ids=torch.tensor([prompt]), use_cache=True)
+        alone = getattr(out, lm.cache_kw).layers
+        for (keys, values), layer in zip(hit.entry.layers, alone, strict=True):
+            assert keys.shape == layer.keys.shape
+            assert torch.allclose(keys.float(), layer.keys.float(), atol=2e-2, rtol=1e-2)
+            assert torch.allclose(values.float(), layer.values.float(), atol=2e-2, rtol=1e-2)

@@ -267,10 +267,11 @@ class Batcher:
             return [head]
         group, tokens = [], 0
         for req in self._pending:
-            self._look_up(req)
             size = len(req.prompt_ids)
-            if req.prefilled or req.hit is not None or size > self.prefill_chunk \
-                    or (group and tokens + size > self.prefill_chunk):
+            if req.prefilled or size > self.prefill_chunk or (group and tokens + size > self.prefill_chunk):
+                break  # not looked up yet: the group ahead of it may keep the prompt it begins as
+            self._look_up(req)
+            if req.hit is not None:
                 break
             group.append(req)
             tokens += size
@@ -307,10 +308,14 @@ class Batcher:
             return
         n = len(req.prompt_ids)
         alone = cache.layers[0].keys.shape[0] == 1 and columns == n
-        layers = [(layer.keys, layer.values) if alone else
-                  (layer.keys[row:row + 1, :, columns - n:].clone(), layer.values[row:row + 1, :, columns - n:].clone())
-                  for layer in cache.layers]
-        self.prefixes.remember(lm.model, req.prompt_ids, layers)
+        try:
+            layers = [(layer.keys, layer.values) if alone else
+                      (layer.keys[row:row + 1, :, columns - n:].clone(),
+                       layer.values[row:row + 1, :, columns - n:].clone())
+                      for layer in cache.layers]
+            self.prefixes.remember(lm.model, req.prompt_ids, layers)
+        except Exception as exc:  # keeping is optional: a copy that fails (device memory) must not fail the batch
+            log.warning("prefix cache: prompt not kept (%s: %s)", type(exc).__name__, exc)
 
     # ---- prefill -------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ class PrefixStore:
         keep = min(len(prompt), self.budget)
         tokens = list(prompt[:keep])
         if keep < len(prompt):
-            layers = [(k[:, :, :keep], v[:, :, :keep]) for k, v in layers]
+            layers = [(k[:, :, :keep].clone(), v[:, :, :keep].clone()) for k, v in layers]  # a view keeps it all
         with self._lock:
             if owner is not self._owner:
                 self._entries, self._owner = [], owner
