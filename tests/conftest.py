@@ -82,6 +82,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
+@contextmanager
+def loaded_engine(folder: Path, **env: str) -> Iterator:
+    """The embedded model's engine, loaded in process from ``folder`` with these worker settings; closed after."""
+    from fma_worker.engine import Engine
+    from fma_worker.metrics import WorkerMetrics
+    from fma_worker.settings import WorkerSettings
+
+    settings = WorkerSettings.from_env({"FMA_MODEL": EMBEDDED, "FMA_LOG_LEVEL": "warning",
+                                        "FMA_MODEL_SOURCE": f"path:{folder}", **env})
+    engine = Engine(settings, WorkerMetrics(EMBEDDED))
+    try:
+        engine.load()
+        yield engine
+    finally:
+        engine.close()
+
+
 @pytest.fixture(scope="session")
 def converted_model_dir() -> Path:
     """The embedded model converted into the user's cache (what `make run` uses).

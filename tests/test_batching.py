@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import loaded_engine, wait_for
 from fma_common.wire import SamplingParams
 from fma_worker.engine import Engine
-from fma_worker.metrics import WorkerMetrics
-from fma_worker.settings import WorkerSettings
 from fma_worker.text import StopTextTracker
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
@@ -25,13 +23,8 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
 
 @pytest.fixture(scope="module")
 def engine(converted_model_dir: Path):
-    settings = WorkerSettings.from_env({"FMA_MODEL": "smollm2-135m-instruct", "FMA_LOG_LEVEL": "warning",
-                                        "FMA_MODEL_SOURCE": f"path:{converted_model_dir}",
-                                        "FMA_PREFILL_CHUNK": "8"})
-    eng = Engine(settings, WorkerMetrics("smollm2-135m-instruct"))
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(converted_model_dir, FMA_PREFILL_CHUNK="8") as eng:
+        yield eng
 
 
 def run(engine: Engine, prompt: str, params: SamplingParams, *, close_after: int | None = None) -> list[str]:

@@ -14,11 +14,10 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from conftest import loaded_engine
 from fma_common.wire import SamplingParams
 from fma_worker.engine import Engine
 from fma_worker.kv_room import ROOM, RoomyLayer, ensure_room
-from fma_worker.metrics import WorkerMetrics
-from fma_worker.settings import WorkerSettings
 
 
 def storage(t: torch.Tensor) -> int:
@@ -107,12 +106,8 @@ def test_a_sliding_window_layer_is_left_to_transformers():
 
 @pytest.fixture(scope="module")
 def engine(converted_model_dir: Path):
-    settings = WorkerSettings.from_env({"FMA_MODEL": "smollm2-135m-instruct", "FMA_LOG_LEVEL": "warning",
-                                        "FMA_MODEL_SOURCE": f"path:{converted_model_dir}"})
-    eng = Engine(settings, WorkerMetrics("smollm2-135m-instruct"))
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(converted_model_dir) as eng:
+        yield eng
 
 
 def test_a_steady_batchs_decode_steps_write_the_cache_in_place(engine: Engine):

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import loaded_engine
 from fma_common.wire import SamplingParams
 from fma_worker.engine import Engine
-from fma_worker.metrics import WorkerMetrics
 from fma_worker.prefix_cache import PrefixStore, cache_from, shared_length, usable_hit
-from fma_worker.settings import WorkerSettings
 
 # ---- the store, on small tensors ------------------------------------------------------------------------------
 
@@ -99,12 +98,8 @@ SYSTEM = {"role": "system", "content": "You are a careful assistant for a travel
 
 @pytest.fixture(scope="module")
 def engine(converted_model_dir: Path):
-    settings = WorkerSettings.from_env({"FMA_MODEL": "smollm2-135m-instruct", "FMA_LOG_LEVEL": "warning",
-                                        "FMA_MODEL_SOURCE": f"path:{converted_model_dir}"})
-    eng = Engine(settings, WorkerMetrics("smollm2-135m-instruct"))
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(converted_model_dir) as eng:
+        yield eng
 
 
 def hit_tokens(engine: Engine) -> float:
@@ -157,7 +152,6 @@ def test_a_hit_joins_a_running_batch_and_answers_as_alone(engine: Engine):
     answer(engine, first, 4)  # kept now
     later = [SYSTEM, {"role": "user", "content": "And buses?"}]
     alone = without_cache(engine, later)
-    steps: list[int] = []
     long_running = engine.generate(engine.encode("Once upon a time"),
                                    SamplingParams(max_tokens=40, temperature=0.0))
     it = iter(long_running)
@@ -166,8 +160,8 @@ def test_a_hit_joins_a_running_batch_and_answers_as_alone(engine: Engine):
     result: list[str] = []
     t = threading.Thread(target=lambda: result.append(answer(engine, later)))
     t.start()
-    for step in it:
-        steps.append(len(step))
+    for _ in it:  # the running request goes on while the hit is prefilled and joins
+        pass
     t.join(60)
     assert hit_tokens(engine) > before
     assert result == [alone]

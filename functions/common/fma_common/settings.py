@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo
 
@@ -82,6 +82,17 @@ Flag = Annotated[bool, BeforeValidator(_flag)]
 """``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
 Lower = BeforeValidator(_lower)
 """Put before a ``Literal`` of lowercase choices: ``INFO`` is ``info``."""
+
+
+def _auto_or_flag(value: Any) -> Any:
+    try:
+        return "true" if _flag(value) else "false"
+    except ValueError:
+        return _lower(value)  # "auto", or a value the Literal refuses with its own message
+
+
+AutoFlag = Annotated[Literal["auto", "true", "false"], BeforeValidator(_auto_or_flag)]
+"""``auto``, or a boolean spelled as :data:`Flag` takes it, given as ``true``/``false``."""
 
 
 def setting(env: str, default: Any, description: str, *, shown: str | None = None, keep_empty: bool = False,

@@ -325,7 +325,7 @@ class Batcher:
             req = group[0]
             try:
                 if req.hit is not None:  # its cache starts as the kept prompt's first columns
-                    if req.cache is None and self.prefixes.owned_by(lm.model):
+                    if self.prefixes.owned_by(lm.model):
                         req.cache = cache_from(req.hit)
                         req.prefilled = req.hit.length
                         self._on_prefix_hit(req.hit.length)

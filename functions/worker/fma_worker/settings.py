@@ -12,23 +12,12 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, ValidationInfo, field_validator, model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
-from fma_common.settings import Duration, EnvSettings, Flag, Lower, _flag, _lower, context_env, setting
+from fma_common.settings import AutoFlag, Duration, EnvSettings, Flag, Lower, context_env, setting
 from fma_common.sources import DEFAULT_MODEL, EMBEDDED_MODELS, ModelSourceError, default_cache_dir, parse_source
 
 LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"], Lower]
-
-
-def _auto_or_flag(value: object) -> object:
-    """``auto``, or a boolean spelled as ``Flag`` accepts it, as ``true``/``false``."""
-    try:
-        return "true" if _flag(value) else "false"
-    except ValueError:
-        return _lower(value)  # "auto", or a value the Literal refuses with its own message
-
-
-AutoFlag = Annotated[Literal["auto", "true", "false"], BeforeValidator(_auto_or_flag)]
 
 
 class WorkerSettings(EnvSettings):
