@@ -12,7 +12,7 @@ import torch
 from conftest import loaded_engine
 from fma_common.wire import SamplingParams
 from fma_worker.engine import Engine
-from fma_worker.prefix_cache import PrefixStore, cache_from, shared_length, usable_hit
+from fma_worker.prefix_cache import PrefixStore, cache_from, cache_from_rows, shared_length, usable_hit
 
 # ---- the store, on small tensors ------------------------------------------------------------------------------
 
@@ -205,3 +205,116 @@ def test_prompts_prefilled_together_are_kept_with_their_own_columns(engine: Engi
             assert keys.shape == layer.keys.shape
             assert torch.allclose(keys.float(), layer.keys.float(), atol=2e-2, rtol=1e-2)
             assert torch.allclose(values.float(), layer.values.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_a_group_start_cache_holds_each_hit_right_aligned_behind_zeros():
+    store = PrefixStore(1000)
+    store.remember(OWNER, BASE, kv(BASE))
+    store.remember(OWNER, [7] * 20, kv([7] * 20))
+    long_hit, short_hit = store.match([*BASE, 1]), store.match([*[7] * 20, 1])
+    cache, width = cache_from_rows(torch, [short_hit, None, long_hit])
+    assert width == 40
+    keys = cache.layers[0].keys
+    assert keys.shape == (3, 2, 40, 4)
+    assert keys[0, 0, :, 0].tolist() == [0.0] * 20 + [7.0] * 20
+    assert keys[1].abs().sum() == 0
+    assert keys[2, 0, :, 0].tolist() == [float(t) for t in BASE]
+    assert cache_from_rows(torch, [None, None]) == (None, 0)
+
+
+# ---- hits prefilled together -----------------------------------------------------------------------------------
+
+
+def mixed_hit_group(engine: Engine) -> list[list[int]]:
+    """Four prompts that, once one conversation turn is kept, begin as kept prompts for different lengths or not at
+    all: the longest hit, a shorter one, none, and the same shorter one. Rows with a shorter hit and a shorter rest
+    than the longest have a gap between the two."""
+    engine.batcher.prefixes.forget()
+    turn1 = [SYSTEM, {"role": "user", "content": "Suggest a city for a weekend trip."}]
+    reply = answer(engine, turn1, 8)  # kept now
+    chats = [[*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}],
+             [SYSTEM, {"role": "user", "content": "Name a river."}],
+             [{"role": "user", "content": "Say hello to my friend from Lisbon, who is visiting."}],
+             [SYSTEM, {"role": "user", "content": "Name a mountain in Spain, and how high it is."}]]
+    return [engine.render_chat(chat) for chat in chats]
+
+
+def prefill_together(engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch,
+                     params: SamplingParams) -> tuple[list[dict[int, str]], list[int]]:
+    """The prompts submitted while the scheduler waits, so it finds them all at once; each one's text per choice,
+    and the size of every group the scheduler prefilled."""
+    groups: list[int] = []
+    prefill = engine.batcher._prefill
+
+    def counted(lm, group):
+        groups.append(len(group))
+        return prefill(lm, group)
+
+    monkeypatch.setattr(engine.batcher, "_prefill", counted)
+    with engine.batcher._cond:
+        streams = [engine.generate(p, params) for p in prompts]
+    texts = []
+    for stream in streams:
+        text: dict[int, str] = {}
+        for step in stream:
+            for d in step:
+                text[d.index] = text.get(d.index, "") + d.text
+        texts.append(text)
+    monkeypatch.undo()
+    return texts, groups
+
+
+def test_prompts_beginning_as_kept_prompts_are_prefilled_together_and_answer_as_without_the_cache(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    prompts = mixed_hit_group(engine)
+    store = engine.batcher.prefixes
+    hits = [store.match(p) for p in prompts]
+    assert hits[0].length > hits[1].length > 0 and hits[2] is None and hits[3].length == hits[1].length
+    rests = [len(p) - (h.length if h else 0) for p, h in zip(prompts, hits, strict=True)]
+    assert sum(rests) <= engine.settings.prefill_chunk
+    before = hit_tokens(engine)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    texts, groups = prefill_together(engine, prompts, monkeypatch, params)
+    assert groups == [4], "one pass for all four, hits and the prompt without one"
+    assert hit_tokens(engine) - before == hits[0].length + hits[1].length + hits[3].length
+    budget, store.budget = store.budget, 0
+    try:
+        alone = ["".join(d.text for step in engine.generate(p, params) for d in step) for p in prompts]
+    finally:
+        store.budget = budget
+    assert [t[0] for t in texts] == alone
+
+
+def test_a_group_with_gaps_keeps_each_prompt_with_its_own_columns(engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    """After the pass each row's columns are closed up to the right; kept, every prompt's keys and values must
+    equal those of the prompt prefilled alone (they do not when a gap is left in, or closed in the wrong order)."""
+    prompts = mixed_hit_group(engine)
+    _texts, groups = prefill_together(engine, prompts, monkeypatch, SamplingParams(max_tokens=1, temperature=0.0))
+    assert groups == [4]
+    store = engine.batcher.prefixes
+    lm = engine._loaded()
+    for prompt in prompts:
+        hit = store.match([*prompt, 0])
+        assert hit is not None and hit.length == len(prompt)
+        with torch.inference_mode():
+            out = lm.model(input_ids=torch.tensor([prompt]), use_cache=True)
+        for (keys, values), layer in zip(hit.entry.layers, getattr(out, lm.cache_kw).layers, strict=True):
+            assert torch.allclose(keys[:, :, :len(prompt)].float(), layer.keys.float(), atol=2e-2, rtol=1e-2)
+            assert torch.allclose(values[:, :, :len(prompt)].float(), layer.values.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_n_seeded_choices_from_a_hit_sample_as_without_the_cache(engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    engine.batcher.prefixes.forget()
+    answer(engine, [SYSTEM, {"role": "user", "content": "Hello"}], 2)
+    prompt = engine.render_chat([SYSTEM, {"role": "user", "content": "Write a line about the sea."}])
+    params = SamplingParams(max_tokens=12, temperature=0.9, seed=11, n=2)
+    before = hit_tokens(engine)
+    with_hit, _ = prefill_together(engine, [prompt], monkeypatch, params)
+    assert hit_tokens(engine) > before
+    store = engine.batcher.prefixes
+    budget, store.budget = store.budget, 0
+    try:
+        without, _ = prefill_together(engine, [prompt], monkeypatch, params)
+    finally:
+        store.budget = budget
+    assert with_hit == without and len(with_hit[0]) == 2

@@ -49,7 +49,7 @@ from fma_common.errors import ApiError, InternalError
 from fma_common.wire import SamplingParams
 
 from .generation import ChoiceDelta, LoadedModel, sample
-from .prefix_cache import Hit, PrefixStore, cache_from, full_attention_layers
+from .prefix_cache import Hit, PrefixStore, cache_from, cache_from_rows, full_attention_layers
 from .text import StopTextTracker
 
 log = logging.getLogger("fma.worker.batching")
@@ -81,8 +81,7 @@ class BatchRequest:
     bias: Any = None
     prefilled: int = 0
     cache: Any = None  # its own cache while prefilling in chunks (or from a prefix hit)
-    hit: Hit | None = None  # a kept prompt it begins as, found when it reached the head of the queue
-    looked_up: bool = False
+    hit: Hit | None = None  # a kept prompt it begins as, looked up each time it comes up for prefill
     last_logits: Any = None
     submitted: float = field(default_factory=time.monotonic)
 
@@ -258,46 +257,48 @@ class Batcher:
             lm = group = None
 
     def _take_prefill_group(self) -> list[BatchRequest]:
-        """Pending requests to prefill now: FIFO, a long prompt alone (in chunks), short ones together."""
+        """Pending requests to prefill now, FIFO: a prompt with more than a chunk left to compute alone (in
+        chunks), else as many as fit one chunk together, each from its hit in the prefix store if it has one."""
         if not self._pending:
             return []
         head = self._pending[0]
-        self._look_up(head)
-        if len(head.prompt_ids) - head.prefilled > self.prefill_chunk or head.prefilled or head.hit is not None:
+        if head.prefilled:
             return [head]
         group, tokens = [], 0
         for req in self._pending:
-            size = len(req.prompt_ids)
-            if req.prefilled or size > self.prefill_chunk or (group and tokens + size > self.prefill_chunk):
-                break  # not looked up yet: the group ahead of it may keep the prompt it begins as
-            self._look_up(req)
-            if req.hit is not None:
+            if req.prefilled:
+                break
+            # Looked up each time: the group ahead of it may have kept the prompt it begins as since.
+            req.hit = self.prefixes.match(req.prompt_ids)
+            size = self._left(req)
+            if size > self.prefill_chunk:
+                if not group:
+                    return [req]
+                req.hit = None
+                break
+            if group and tokens + size > self.prefill_chunk:
+                req.hit = None
                 break
             group.append(req)
             tokens += size
         return group
 
-    def _look_up(self, req: BatchRequest) -> None:
-        """Once per request, as it comes up for prefill: the kept prompt it begins as, if any."""
-        if not req.looked_up:
-            req.looked_up = True
-            req.hit = self.prefixes.match(req.prompt_ids)
+    @staticmethod
+    def _left(req: BatchRequest) -> int:
+        """The prompt tokens a request still has to compute: after its chunks so far, or after its hit."""
+        start = req.prefilled or (req.hit.length if req.hit is not None else 0)
+        return len(req.prompt_ids) - start
 
     def _chunked(self, group: list[BatchRequest]) -> bool:
-        """A prompt alone on its own cache, prefilled from where it stands a chunk at a time: a long one, one partly
-        prefilled, and one that begins as a kept prompt (its cache starts as that prompt's)."""
-        if len(group) != 1:
-            return False
-        req = group[0]
-        return len(req.prompt_ids) > self.prefill_chunk or req.prefilled > 0 or req.hit is not None
+        """A prompt alone on its own cache, prefilled from where it stands a chunk at a time: one with more than a
+        chunk left to compute, or one partly prefilled."""
+        return len(group) == 1 and (group[0].prefilled > 0 or self._left(group[0]) > self.prefill_chunk)
 
     def _prefill_cost(self, group: list[BatchRequest]) -> int:
         """The tokens a prefill of ``group`` computes: the next chunk of a prompt alone, else the padded group."""
         if self._chunked(group):
-            req = group[0]
-            start = req.prefilled or (req.hit.length if req.hit is not None else 0)
-            return min(self.prefill_chunk, len(req.prompt_ids) - start)
-        return len(group) * max(len(r.prompt_ids) for r in group)
+            return min(self.prefill_chunk, self._left(group[0]))
+        return len(group) * max(self._left(r) for r in group)
 
     def _remember(self, lm: LoadedModel, req: BatchRequest, cache: Any, row: int, columns: int) -> None:
         """Keep ``req``'s prompt with its keys and values: row ``row`` of ``cache``, whose last ``len(prompt)`` of
@@ -348,18 +349,31 @@ class Batcher:
                 self._pending.remove(req)
             self._join(lm, [req], req.cache, logits, mask)
             return
-        # Short prompts together: one left-padded forward pass.
-        length = max(len(r.prompt_ids) for r in group)
+        # Short prompts (or short rests after their hits) together: one left-padded forward pass. A row that
+        # begins as a kept prompt starts from that prompt's columns, right-aligned in front of the rest:
+        #   cache  [pad | hit_i]  then  tokens  [pad | rest_i]
+        # so a row whose hit and rest are both shorter than the longest has a gap in the middle, masked out and
+        # closed after the pass (_close_gaps), before the rows join the batch.
+        hits = [r.hit for r in group]
+        if any(hits) and not self.prefixes.owned_by(lm.model):  # the store was forgotten (sleep) since
+            hits = [None] * len(group)
+        for req in group:
+            req.hit = None
+        past, width = cache_from_rows(torch, hits)
+        starts = [h.length if h is not None else 0 for h in hits]
+        length = max(len(r.prompt_ids) - start for r, start in zip(group, starts, strict=True))
         ids = torch.zeros((len(group), length), dtype=torch.long, device=lm.device)
-        mask = torch.zeros((len(group), length), dtype=torch.long, device=lm.device)
-        for i, req in enumerate(group):
-            k = len(req.prompt_ids)
-            ids[i, length - k:] = torch.tensor(req.prompt_ids, device=lm.device)
-            mask[i, length - k:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.zeros((len(group), width + length), dtype=torch.long, device=lm.device)
+        for i, (req, start) in enumerate(zip(group, starts, strict=True)):
+            k = len(req.prompt_ids) - start
+            ids[i, length - k:] = torch.tensor(req.prompt_ids[start:], device=lm.device)
+            mask[i, width - start:width] = 1
+            mask[i, width + length - k:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width:]
+        extra = {lm.cache_kw: past} if past is not None else {}
         try:
             out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           **lm.forward_extra)
+                           **lm.forward_extra, **extra)
         except Exception as exc:
             if len(group) == 1:
                 self._fail_request(group[0], exc)
@@ -368,8 +382,13 @@ class Batcher:
                 self._prefill(lm, [req])
             return
         cache = getattr(out, lm.cache_kw)
+        for start in starts:
+            if start:
+                self._on_prefix_hit(start)
+        if any(start and len(req.prompt_ids) - start < length for req, start in zip(group, starts, strict=True)):
+            mask = _close_gaps(torch, cache, mask)
         for i, req in enumerate(group):
-            self._remember(lm, req, cache, i, length)
+            self._remember(lm, req, cache, i, width + length)
         with self._cond:
             for req in group:
                 self._pending.remove(req)
@@ -588,6 +607,18 @@ def _trim_left(cache: Any, columns: int) -> None:
         else:
             layer.keys = layer.keys[:, :, columns:, :]
             layer.values = layer.values[:, :, columns:, :]
+
+
+def _close_gaps(torch: Any, cache: Any, mask: Any) -> Any:
+    """Move each row's real columns (mask 1) to the right end of the row, in order, and return the mask that
+    results: rows are then left-padded only, as the batch keeps them. Keys carry their position already (RoPE is
+    applied before they are cached), so moving a column does not change what it says."""
+    index = torch.sort(mask, dim=1, stable=True).indices  # the 0 columns in order, then the 1 columns in order
+    for layer in _layers(cache):
+        gather = index[:, None, :, None].expand_as(layer.keys)
+        layer.keys = layer.keys.gather(2, gather)
+        layer.values = layer.values.gather(2, gather)
+    return mask.gather(1, index)
 
 
 def _pad_left(torch: Any, tensor: Any, columns: int, dim: int) -> Any:

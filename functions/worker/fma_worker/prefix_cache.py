@@ -134,6 +134,38 @@ def cache_from(hit: Hit) -> Any:
     return DynamicCache(ddp_cache_data=[(k[:, :, :n], v[:, :, :n]) for k, v in hit.entry.layers])
 
 
+def cache_from_rows(torch: Any, hits: list[Hit | None]) -> tuple[Any, int]:
+    """The cache a group prefilled together starts from: row ``i`` holds ``hits[i]``'s columns (none for None),
+    right-aligned, zeros to their left; and its width, the longest hit (None and 0 without any). The caller masks
+    the zeros."""
+    from transformers.cache_utils import DynamicCache
+
+    lengths = [h.length if h is not None else 0 for h in hits]
+    width = max(lengths)
+    if width == 0:
+        return None, 0
+    if len(hits) == 1:
+        return cache_from(hits[0]), width
+    sample = next(h for h in hits if h is not None).entry.layers
+
+    def pad(like: Any, columns: int) -> Any:
+        return torch.zeros((1, like.shape[1], columns, like.shape[3]), dtype=like.dtype, device=like.device)
+
+    layers = []
+    for layer_index, (keys, values) in enumerate(sample):
+        rows_k, rows_v = [], []
+        for hit, n in zip(hits, lengths, strict=True):
+            if hit is None:
+                rows_k.append(pad(keys, width))
+                rows_v.append(pad(values, width))
+            else:
+                k, v = hit.entry.layers[layer_index]
+                rows_k.append(torch.cat([pad(keys, width - n), k[:, :, :n]], dim=2))
+                rows_v.append(torch.cat([pad(values, width - n), v[:, :, :n]], dim=2))
+        layers.append((torch.cat(rows_k), torch.cat(rows_v)))
+    return DynamicCache(ddp_cache_data=layers), width
+
+
 def full_attention_layers(cache: Any) -> bool:
     """Whether every layer of ``cache`` is a plain full-attention one (a sliding window drops columns, so its
     keys are not the prompt's from the start)."""
