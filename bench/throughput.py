@@ -13,7 +13,9 @@ Everything runs as real servers driven over HTTP, the way users drive them:
 * ``mixed``: our worker and ``transformers serve --continuous-batching`` side by
   side under a *mixed* load: prompt lengths and ``max_tokens`` drawn per request
   from a stated, seeded distribution (``mixed_plan``), the same sequence for
-  both, at 1, 8 and 16 clients.
+  both, at 1, 8 and 16 clients. Every prompt is new: each opens with its own
+  number, and each round draws its own sequence, so no server answers a round
+  from a prompt it kept the round before.
 * ``requester_hop``: the same streaming load sent directly to a worker and
   through the requester, interleaved in rounds, in one run.
 * ``many_models``: a requester with 12 copies of the embedded model and a
@@ -156,15 +158,23 @@ _WORDS = ("the dragon learned to paint the mountains at dawn with colours nobody
           "every evening the villagers climbed the hill to watch the sky change").split()
 
 
+def mixed_seed(clients: int, round_index: int) -> int:
+    """The plan of one level in one round: another sequence each round (a repeated one would be answered from
+    the prompts a prefix cache kept the round before)."""
+    return MIXED_SEED + clients + 1000 * round_index
+
+
 def mixed_plan(requests: int, seed: int = MIXED_SEED) -> list[tuple[list[dict], int]]:
     """``requests`` chats: (messages, max_tokens), prompt lengths and max_tokens drawn from the stated
-    distribution with a fixed seed, so every server gets the same sequence."""
+    distribution with a fixed seed, so every server gets the same sequence. Each prompt opens with its own
+    story number, so two prompts share only the chat template and the words before that number."""
     rng = random.Random(seed)
     plan = []
     for i in range(requests):
         words = rng.choices([w for w, _ in MIXED_WORDS], [p for _, p in MIXED_WORDS])[0]
         text = " ".join(_WORDS[(i + k) % len(_WORDS)] for k in range(words))
-        plan.append(([{"role": "user", "content": f"Continue this story: {text}"}],
+        story = rng.randrange(100_000, 1_000_000)
+        plan.append(([{"role": "user", "content": f"Continue story {story}: {text}"}],
                      rng.randint(*MIXED_NEW_TOKENS)))
     return plan
 
@@ -194,7 +204,7 @@ def bench_mixed(servers: list[tuple[str, str, str, bool]], count: Counter, per_c
     samples: dict[str, dict[str, list[dict]]] = {label: {} for label, *_ in servers}
     for r in range(rounds):
         for c in MIXED_LEVELS:
-            plan = mixed_plan(max(4, c * per_client), MIXED_SEED + c)
+            plan = mixed_plan(max(4, c * per_client), mixed_seed(c, r))
             for label, url, model, ours in servers:
                 res = load_mixed(url, model, c, plan, count, ours)
                 samples[label].setdefault(str(c), []).append(res)
@@ -509,7 +519,8 @@ def main() -> int:
                 "label": (f"mixed load: per request a prompt of "
                           f"{', '.join(f'{w} words ({p:.0%})' for w, p in MIXED_WORDS)}"
                           f" and max_tokens uniform in {MIXED_NEW_TOKENS[0]}..{MIXED_NEW_TOKENS[1]} (seed "
-                          f"{MIXED_SEED} + clients), greedy, streamed chat; the same sequence for both servers; ours "
+                          f"{MIXED_SEED} + clients + 1000 x round), each prompt opening with its own story number, "
+                          f"greedy, streamed chat; the same sequence for both servers; ours "
                           f"generates exactly max_tokens (EOS suppressed), the peer may stop earlier: tokens/s counts "
                           f"what each generated; per dtype, both servers computing in it (CPU, warm caches)"),
                 "levels": list(MIXED_LEVELS), "requests_per_client": args.per_client, "rounds": args.rounds,

@@ -378,7 +378,8 @@ class Batcher:
             if len(group) == 1:
                 self._fail_request(group[0], exc)
                 return
-            for req in group:  # find the one that fails: each alone, the others go on
+            for req, hit in zip(group, hits, strict=True):  # find the one that fails: each alone, the others go on
+                req.hit = hit
                 self._prefill(lm, [req])
             return
         cache = getattr(out, lm.cache_kw)
