@@ -301,3 +301,28 @@ def test_a_long_prompt_whose_chunk_fails_leaves_the_queue_and_the_request_behind
     t.join(60)
     assert behind.get("text") == expected, "the request behind the failed one was never served"
     assert not engine.batcher._pending and engine.batcher.alive
+
+
+def test_a_prefill_group_pays_for_its_longest_rest_so_a_prompt_that_would_double_it_is_passed_over():
+    """A left-padded pass computes rows x longest prompt: a short prompt grouped with a long one costs a long one.
+    The head of the queue always goes; each request behind it joins only if the padded pass stays within a
+    chunk, and one that does not is passed over (it is the head of a later step), not waited for."""
+    from fma_worker.batching import Batcher, BatchRequest
+
+    batcher = Batcher(lambda: None, max_rows=8, prefill_chunk=16)
+    try:
+        def req(tokens: int) -> BatchRequest:
+            return BatchRequest(list(range(1, tokens + 1)), SamplingParams(max_tokens=1), [])
+
+        a, b, c, d, long = req(4), req(12), req(3), req(5), req(20)
+        with batcher._cond:  # the scheduler never sees them: taken and put back while it waits for the lock
+            batcher._pending.extend([a, b, c, d])
+            assert batcher._take_prefill_group() == [a, c, d], "b (12) would make the pass 2 x 12 = 24 > 16"
+            batcher._pending.popleft()
+            assert batcher._take_prefill_group() == [b], "b's turn as the head; c and d (2 x 12) do not fit"
+            batcher._pending.clear()
+            batcher._pending.extend([long, a])
+            assert batcher._take_prefill_group() == [long], "more than a chunk: alone, in chunks"
+            batcher._pending.clear()
+    finally:
+        batcher.stop()

@@ -55,6 +55,7 @@ from .text import StopTextTracker
 log = logging.getLogger("fma.worker.batching")
 
 _END = object()
+_LOOK_AHEAD = 64  # waiting requests a step considers for its prefill group (each one is looked up in the store)
 
 
 @dataclass
@@ -257,30 +258,33 @@ class Batcher:
             lm = group = None
 
     def _take_prefill_group(self) -> list[BatchRequest]:
-        """Pending requests to prefill now, FIFO: a prompt with more than a chunk left to compute alone (in
-        chunks), else as many as fit one chunk together, each from its hit in the prefix store if it has one."""
+        """Pending requests to prefill now. The head of the queue always: alone in chunks when it has more than a
+        chunk left to compute, else with each request behind it, in order, that keeps the padded pass (rows x
+        longest rest) within a chunk. One that does not fit is passed over, not waited for: a group pays for its
+        longest rest in every row, so a short prompt behind a long one would double the pass or wait a whole
+        pass; it comes up again at the next step, and every request gets its turn as the head."""
         if not self._pending:
             return []
         head = self._pending[0]
         if head.prefilled:
             return [head]
-        group, tokens = [], 0
-        for req in self._pending:
-            if req.prefilled:
+        group: list[BatchRequest] = []
+        longest = 0
+        for looked, req in enumerate(self._pending):
+            if looked >= _LOOK_AHEAD:
                 break
+            if req.prefilled:
+                continue
             # Looked up each time: the group ahead of it may have kept the prompt it begins as since.
             req.hit = self.prefixes.match(req.prompt_ids)
             size = self._left(req)
-            if size > self.prefill_chunk:
-                if not group:
-                    return [req]
+            if not group and size > self.prefill_chunk:
+                return [req]
+            if group and (len(group) + 1) * max(longest, size) > self.prefill_chunk:
                 req.hit = None
-                break
-            if group and tokens + size > self.prefill_chunk:
-                req.hit = None
-                break
+                continue
             group.append(req)
-            tokens += size
+            longest = max(longest, size)
         return group
 
     @staticmethod
