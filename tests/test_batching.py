@@ -324,5 +324,30 @@ def test_a_prefill_group_pays_for_its_longest_rest_so_a_prompt_that_would_double
             batcher._pending.extend([long, a])
             assert batcher._take_prefill_group() == [long], "more than a chunk: alone, in chunks"
             batcher._pending.clear()
+            batcher.ragged = True  # one sequence, no padding: a pass costs the sum of its prompts
+            batcher._pending.extend([a, b, c, d])
+            assert batcher._take_prefill_group() == [a, b], "4 + 12 = 16; c (19) and d (21) do not fit"
+            batcher._pending.clear()
     finally:
         batcher.stop()
+
+
+def test_a_group_is_prefilled_as_one_sequence_only_where_our_mask_is_the_model_s_whole_mask():
+    """Our 4-D block mask replaces the one the model would build: right for full attention under sdpa or eager;
+    wrong for a sliding window or chunked layers (their own masks), and a flash-attention kernel takes no mask."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from fma_worker.generation import ragged_prefill_fits
+
+    def config(cls, attention: str = "sdpa", **kw):
+        c = cls(**kw)
+        c._attn_implementation = attention
+        return c
+
+    assert ragged_prefill_fits(config(LlamaConfig))
+    assert ragged_prefill_fits(config(LlamaConfig, "eager"))
+    assert not ragged_prefill_fits(config(LlamaConfig, "flash_attention_2"))
+    assert not ragged_prefill_fits(config(MistralConfig, sliding_window=4096))
+    assert ragged_prefill_fits(config(Qwen2Config, use_sliding_window=False))
+    assert not ragged_prefill_fits(config(Qwen2Config, use_sliding_window=True, sliding_window=4096,
+                                          max_window_layers=0))

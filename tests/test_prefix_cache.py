@@ -180,13 +180,13 @@ def test_sleep_gives_the_kept_prompts_back(engine: Engine):
     assert hit_tokens(engine) == before, "nothing kept from before the sleep is used"
 
 
-def test_prompts_prefilled_together_are_kept_with_their_own_columns(engine: Engine):
-    """A left-padded group: each row's prompt is its last len(prompt) columns; kept, they must equal the keys and
-    values of the prompt prefilled alone."""
+def test_prompts_prefilled_together_are_kept_with_their_own_columns(engine: Engine, prefill_path: str):
+    """A group, ragged or left-padded: each row's prompt is its last len(prompt) columns; kept, they must equal the
+    keys and values of the prompt prefilled alone."""
     engine.batcher.prefixes.forget()
     prompts = [engine.render_chat([{"role": "user", "content": q}]) for q in
                ("Hi", "Tell me about the rivers of Germany and France, please.", "What is the capital of Italy?")]
-    assert len({len(p) for p in prompts}) == 3 and sum(len(p) for p in prompts) <= engine.settings.prefill_chunk
+    assert len({len(p) for p in prompts}) == 3 and 3 * max(len(p) for p in prompts) <= engine.settings.prefill_chunk
     params = SamplingParams(max_tokens=2, temperature=0.0)
     with engine.batcher._cond:  # all three wait before the scheduler looks: one group, one pass
         streams = [engine.generate(p, params) for p in prompts]
@@ -250,22 +250,30 @@ def prefill_together(engine: Engine, prompts: list[list[int]], monkeypatch: pyte
         groups.append(len(group))
         return prefill(lm, group)
 
-    monkeypatch.setattr(engine.batcher, "_prefill", counted)
-    with engine.batcher._cond:
-        streams = [engine.generate(p, params) for p in prompts]
-    texts = []
-    for stream in streams:
-        text: dict[int, str] = {}
-        for step in stream:
-            for d in step:
-                text[d.index] = text.get(d.index, "") + d.text
-        texts.append(text)
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(engine.batcher, "_prefill", counted)
+        with engine.batcher._cond:
+            streams = [engine.generate(p, params) for p in prompts]
+        texts = []
+        for stream in streams:
+            text: dict[int, str] = {}
+            for step in stream:
+                for d in step:
+                    text[d.index] = text.get(d.index, "") + d.text
+            texts.append(text)
     return texts, groups
 
 
+@pytest.fixture(params=["ragged", "padded"])
+def prefill_path(request: pytest.FixtureRequest, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a group is prefilled: as one sequence under a block mask (what this model does), and as
+    left-padded rows (what a model with a sliding window or a flash-attention kernel does)."""
+    monkeypatch.setattr(engine._loaded(), "ragged_prefill", request.param == "ragged")
+    return request.param
+
+
 def test_prompts_beginning_as_kept_prompts_are_prefilled_together_and_answer_as_without_the_cache(
-        engine: Engine, monkeypatch: pytest.MonkeyPatch):
+        engine: Engine, monkeypatch: pytest.MonkeyPatch, prefill_path: str):
     prompts = mixed_hit_group(engine)
     store = engine.batcher.prefixes
     hits = [store.match(p) for p in prompts]
@@ -285,9 +293,11 @@ def test_prompts_beginning_as_kept_prompts_are_prefilled_together_and_answer_as_
     assert [t[0] for t in texts] == alone
 
 
-def test_a_group_with_gaps_keeps_each_prompt_with_its_own_columns(engine: Engine, monkeypatch: pytest.MonkeyPatch):
-    """After the pass each row's columns are closed up to the right; kept, every prompt's keys and values must
-    equal those of the prompt prefilled alone (they do not when a gap is left in, or closed in the wrong order)."""
+def test_a_group_mixing_hits_keeps_each_prompt_with_its_own_columns(engine: Engine, monkeypatch: pytest.MonkeyPatch,
+                                                                    prefill_path: str):
+    """After the pass each row's columns are gathered, right-aligned, in order: from the one sequence (ragged), or
+    closing the gap between a short hit and a short rest (padded). Kept, every prompt's keys and values must equal
+    those of the prompt prefilled alone (they do not when a gap is left in, or columns are taken out of order)."""
     prompts = mixed_hit_group(engine)
     _texts, groups = prefill_together(engine, prompts, monkeypatch, SamplingParams(max_tokens=1, temperature=0.0))
     assert groups == [4]

@@ -49,7 +49,7 @@ from fma_common.errors import ApiError, InternalError
 from fma_common.wire import SamplingParams
 
 from .generation import ChoiceDelta, LoadedModel, sample
-from .prefix_cache import Hit, PrefixStore, cache_from, cache_from_rows, full_attention_layers
+from .prefix_cache import Hit, PrefixStore, cache_from, cache_from_rows, cache_in_sequence, full_attention_layers
 from .text import StopTextTracker
 
 log = logging.getLogger("fma.worker.batching")
@@ -156,6 +156,7 @@ class Batcher:
         self._positions: Any = None  # [B], that token's position
         self._stopping = False
         self._busy = False  # in a step (it may hold the model); False only while waiting for work
+        self.ragged = False  # the loaded model prefills a group as one sequence (LoadedModel.ragged_prefill)
         self.peak_kv_slots = 0  # the most cache slots (rows x padded length) a step has held, per layer
         self._thread = threading.Thread(target=self._loop, name="fma-batcher", daemon=True)
         self._thread.start()
@@ -227,11 +228,13 @@ class Batcher:
                 for req in [r for r in self._pending if r.cancelled]:
                     self._pending.remove(req)
                     self._finish(req)
-                group = self._take_prefill_group()
             lm = self._model()
             if lm is None:  # asleep: nothing can run (sleep waits for requests to end, so this is a race lost)
                 self._fail_all(InternalError("the model went to sleep during generation"))
                 continue
+            self.ragged = lm.ragged_prefill
+            with self._cond:
+                group = self._take_prefill_group()
             try:
                 torch = lm.torch
                 with torch.inference_mode():
@@ -259,17 +262,16 @@ class Batcher:
 
     def _take_prefill_group(self) -> list[BatchRequest]:
         """Pending requests to prefill now. The head of the queue always: alone in chunks when it has more than a
-        chunk left to compute, else with each request behind it, in order, that keeps the padded pass (rows x
-        longest rest) within a chunk. One that does not fit is passed over, not waited for: a group pays for its
-        longest rest in every row, so a short prompt behind a long one would double the pass or wait a whole
-        pass; it comes up again at the next step, and every request gets its turn as the head."""
+        chunk left to compute, else with each request behind it, in order, that keeps the pass within a chunk
+        (_pass_cost). One that does not fit is passed over, not waited for: it comes up again at the next step,
+        and every request gets its turn as the head."""
         if not self._pending:
             return []
         head = self._pending[0]
         if head.prefilled:
             return [head]
         group: list[BatchRequest] = []
-        longest = 0
+        sizes: list[int] = []
         for looked, req in enumerate(self._pending):
             if looked >= _LOOK_AHEAD:
                 break
@@ -280,12 +282,18 @@ class Batcher:
             size = self._left(req)
             if not group and size > self.prefill_chunk:
                 return [req]
-            if group and (len(group) + 1) * max(longest, size) > self.prefill_chunk:
+            if group and self._pass_cost([*sizes, size]) > self.prefill_chunk:
                 req.hit = None
                 continue
             group.append(req)
-            longest = max(longest, size)
+            sizes.append(size)
         return group
+
+    def _pass_cost(self, sizes: list[int]) -> int:
+        """The tokens one prefill pass over prompts (or rests) of these sizes computes: their sum as one ragged
+        sequence; rows x the longest when left-padded, where a short prompt grouped with a long one costs a long
+        one (so a group is sized by that, and a prompt that would double it waits for a later pass)."""
+        return sum(sizes) if self.ragged else len(sizes) * max(sizes)
 
     @staticmethod
     def _left(req: BatchRequest) -> int:
@@ -302,7 +310,7 @@ class Batcher:
         """The tokens a prefill of ``group`` computes: the next chunk of a prompt alone, else the padded group."""
         if self._chunked(group):
             return min(self.prefill_chunk, self._left(group[0]))
-        return len(group) * max(self._left(r) for r in group)
+        return self._pass_cost([self._left(r) for r in group])
 
     def _remember(self, lm: LoadedModel, req: BatchRequest, cache: Any, row: int, columns: int) -> None:
         """Keep ``req``'s prompt with its keys and values: row ``row`` of ``cache``, whose last ``len(prompt)`` of
@@ -353,16 +361,89 @@ class Batcher:
                 self._pending.remove(req)
             self._join(lm, [req], req.cache, logits, mask)
             return
-        # Short prompts (or short rests after their hits) together: one left-padded forward pass. A row that
-        # begins as a kept prompt starts from that prompt's columns, right-aligned in front of the rest:
-        #   cache  [pad | hit_i]  then  tokens  [pad | rest_i]
-        # so a row whose hit and rest are both shorter than the longest has a gap in the middle, masked out and
-        # closed after the pass (_close_gaps), before the rows join the batch.
+        # Short prompts (or short rests after their hits) together, in one forward pass.
         hits = [r.hit for r in group]
         if any(hits) and not self.prefixes.owned_by(lm.model):  # the store was forgotten (sleep) since
             hits = [None] * len(group)
         for req in group:
             req.hit = None
+        try:
+            forward = self._forward_ragged if lm.ragged_prefill else self._forward_padded
+            cache, logits, mask = forward(lm, group, hits)
+        except Exception as exc:
+            if len(group) == 1:
+                self._fail_request(group[0], exc)
+                return
+            for req, hit in zip(group, hits, strict=True):  # find the one that fails: each alone, the others go on
+                req.hit = hit
+                self._prefill(lm, [req])
+            return
+        for hit in hits:
+            if hit is not None:
+                self._on_prefix_hit(hit.length)
+        for i, req in enumerate(group):
+            self._remember(lm, req, cache, i, int(mask.shape[1]))
+        with self._cond:
+            for req in group:
+                self._pending.remove(req)
+        self._join(lm, group, cache, logits, mask)
+
+    def _forward_ragged(self, lm: LoadedModel, group: list[BatchRequest], hits: list[Hit | None]) \
+            -> tuple[Any, Any, Any]:
+        """The group as one sequence, no padding: every row's hit columns, then every row's rest, under a 4-D
+        mask that lets a token see its own prompt's earlier tokens only. Returns the rows' cache, left-padded
+        to the longest prompt, their last logits and their 2-D mask."""
+        torch = lm.torch
+        starts = [h.length if h is not None else 0 for h in hits]
+        rests = [len(r.prompt_ids) - s for r, s in zip(group, starts, strict=True)]
+        past_width = sum(starts)
+        # Each column of the pass (the kept columns, then the new tokens): the row it belongs to, its position.
+        owner = [i for i, s in enumerate(starts) for _ in range(s)] + \
+                [i for i, r in enumerate(rests) for _ in range(r)]
+        position = [p for s in starts for p in range(s)] + \
+                   [s + j for s, r in zip(starts, rests, strict=True) for j in range(r)]
+        owner_t = torch.tensor(owner, device=lm.device)
+        position_t = torch.tensor(position, device=lm.device)
+        sees = (owner_t[past_width:, None] == owner_t[None, :]) & \
+               (position_t[None, :] <= position_t[past_width:, None])
+        dtype = lm.model.dtype
+        mask4 = torch.zeros(sees.shape, dtype=dtype, device=lm.device).masked_fill_(~sees, torch.finfo(dtype).min)
+        ids = torch.tensor([[t for r, s in zip(group, starts, strict=True) for t in r.prompt_ids[s:]]],
+                           device=lm.device)
+        last = torch.tensor(rests, device=lm.device).cumsum(0) - 1
+        extra = dict(lm.forward_extra)
+        if "logits_to_keep" in extra:
+            extra["logits_to_keep"] = last
+        if past_width:
+            extra[lm.cache_kw] = cache_in_sequence(torch, hits)
+        out = lm.model(input_ids=ids, attention_mask=mask4[None, None], position_ids=position_t[None, past_width:],
+                       use_cache=True, **extra)
+        logits = out.logits[0, :, : lm.vocab_size] if "logits_to_keep" in extra else \
+            out.logits[0, last, : lm.vocab_size]
+        # Row i: its kept columns and its new ones, right-aligned; the padding slots repeat a column of its own.
+        width = max(len(r.prompt_ids) for r in group)
+        index, mask = [], torch.zeros((len(group), width), dtype=torch.long, device=lm.device)
+        past_at, new_at = 0, past_width
+        for i, (s, r) in enumerate(zip(starts, rests, strict=True)):
+            columns = list(range(past_at, past_at + s)) + list(range(new_at, new_at + r))
+            index.append([columns[0]] * (width - len(columns)) + columns)
+            mask[i, width - len(columns):] = 1
+            past_at, new_at = past_at + s, new_at + r
+        index_t = torch.tensor(index, device=lm.device)
+        cache = getattr(out, lm.cache_kw)
+        for layer in _layers(cache):
+            layer.keys = layer.keys[0][:, index_t].transpose(0, 1).contiguous()
+            layer.values = layer.values[0][:, index_t].transpose(0, 1).contiguous()
+        return cache, logits.float(), mask
+
+    def _forward_padded(self, lm: LoadedModel, group: list[BatchRequest], hits: list[Hit | None]) \
+            -> tuple[Any, Any, Any]:
+        """The group as left-padded rows (a model whose attention makes its own masks: a sliding window, a
+        flash-attention kernel). A row that begins as a kept prompt starts from that prompt's columns,
+        right-aligned in front of the rest:  cache [pad | hit_i]  then  tokens [pad | rest_i],  so a row whose hit
+        and rest are both shorter than the longest has a gap in the middle, masked out and closed after the pass
+        (_close_gaps), before the rows join the batch."""
+        torch = lm.torch
         past, width = cache_from_rows(torch, hits)
         starts = [h.length if h is not None else 0 for h in hits]
         length = max(len(r.prompt_ids) - start for r, start in zip(group, starts, strict=True))
@@ -375,29 +456,12 @@ class Batcher:
             mask[i, width + length - k:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, width:]
         extra = {lm.cache_kw: past} if past is not None else {}
-        try:
-            out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           **lm.forward_extra, **extra)
-        except Exception as exc:
-            if len(group) == 1:
-                self._fail_request(group[0], exc)
-                return
-            for req, hit in zip(group, hits, strict=True):  # find the one that fails: each alone, the others go on
-                req.hit = hit
-                self._prefill(lm, [req])
-            return
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **lm.forward_extra, **extra)
         cache = getattr(out, lm.cache_kw)
-        for start in starts:
-            if start:
-                self._on_prefix_hit(start)
         if any(start and len(req.prompt_ids) - start < length for req, start in zip(group, starts, strict=True)):
             mask = _close_gaps(torch, cache, mask)
-        for i, req in enumerate(group):
-            self._remember(lm, req, cache, i, width + length)
-        with self._cond:
-            for req in group:
-                self._pending.remove(req)
-        self._join(lm, group, cache, out.logits[:, -1, : lm.vocab_size].float(), mask)
+        return cache, out.logits[:, -1, : lm.vocab_size].float(), mask
 
     def _join(self, lm: LoadedModel, group: list[BatchRequest], cache: Any, logits: Any, mask: Any) -> None:
         """Sample each request's first tokens from its prefill, then add its live rows to the batch."""

@@ -45,7 +45,7 @@ from fma_common.wire import SamplingParams
 from . import dtype_policy, packed_linear, prepared, runtime_env, timeline
 from .batching import Batcher, BatchStream
 from .embedding import EmbeddingBatcher, Pooling, pool
-from .generation import LoadedModel
+from .generation import LoadedModel, ragged_prefill_fits
 from .gpu_check import GpuUnavailable, gpu_problem, parse_device_list, visible_devices, write_termination_message
 from .metrics import WorkerMetrics
 from .model_store import ensure_embedded_converted, parse_source
@@ -713,6 +713,7 @@ class Engine:
                                    backend_tokenizer=self._tokenizer.backend_tokenizer, device=self.device,
                                    vocab_size=self.vocab_size, eos_ids=self._eos_ids, cache_kw=self._cache_kw,
                                    forward_extra=self._forward_extra,
+                                   ragged_prefill=ragged_prefill_fits(model.config),
                                    between_steps=self._packer.pack_next if self._packer is not None
                                    and self._packer.model is model else None)
         return self._lm

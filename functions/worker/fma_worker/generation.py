@@ -49,6 +49,22 @@ class LoadedModel:
     forward_extra: dict[str, Any] = field(default_factory=dict)
     # Work the batch scheduler does after each step, on its own thread (packed_linear.Packer.pack_next).
     between_steps: Callable[[], None] | None = None
+    # Prompts of a group prefilled as one sequence with a block mask (no padding): see ragged_prefill_fits.
+    ragged_prefill: bool = False
+
+
+def ragged_prefill_fits(config: Any) -> bool:
+    """Whether a model can prefill several prompts as one sequence under our own 4-D mask: every layer attends to
+    all earlier tokens (a sliding window or a chunked layer makes its own mask, which ours would replace), and
+    the attention is one that takes an additive mask (sdpa, eager; flash-attention kernels take none)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return False
+    if getattr(text, "attention_chunk_size", None):
+        return False
+    return all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ["full_attention"])
 
 
 def sample(torch: Any, logits: Any, params: SamplingParams, gen: Any, counts: Any, bias: Any) -> Any:

@@ -166,6 +166,19 @@ def cache_from_rows(torch: Any, hits: list[Hit | None]) -> tuple[Any, int]:
     return DynamicCache(ddp_cache_data=layers), width
 
 
+def cache_in_sequence(torch: Any, hits: list[Hit | None]) -> Any:
+    """The cache a group prefilled as one sequence starts from: the hits' columns one after another, in the
+    group's order (rows without a hit add none)."""
+    from transformers.cache_utils import DynamicCache
+
+    held = [h for h in hits if h is not None]
+    layers = []
+    for layer_index in range(len(held[0].entry.layers)):
+        layers.append(tuple(torch.cat([h.entry.layers[layer_index][kind][:, :, :h.length] for h in held], dim=2)
+                            for kind in (0, 1)))
+    return DynamicCache(ddp_cache_data=layers)
+
+
 def full_attention_layers(cache: Any) -> bool:
     """Whether every layer of ``cache`` is a plain full-attention one (a sliding window drops columns, so its
     keys are not the prompt's from the start)."""
