@@ -13,11 +13,12 @@ CPU a request alone ran at 2.7 tok/s with it against 30 with ``generate``.
 How the batch is kept: one ``DynamicCache`` for all rows, left-padded to a
 common length, with a 2-D attention mask and explicit position ids per row,
 which is how transformers itself runs a padded batch. A joining request is
-prefilled on its own cache (pending prompts that fit the chunk budget
-together, longer ones in chunks between decode steps, so running streams wait
-for at most one chunk), its ``n`` choices share that one prefill (the cache
-rows are repeated), and its rows are concatenated to the batch; leaving rows
-are selected out and all-padding columns trimmed from the left.
+prefilled on its own cache (waiting prompts that fit a chunk together, as one
+ragged sequence under a block mask where the model allows it, else as
+left-padded rows; longer ones in chunks between decode steps, so running
+streams wait for at most one chunk), its ``n`` choices share that one prefill
+(the cache rows are repeated), and its rows are concatenated to the batch;
+leaving rows are selected out and all-padding columns trimmed from the left.
 
 Each step's keys and values are written in place into room kept at the right
 of every layer's cache (``kv_room.py``), not appended with ``torch.cat``,
