@@ -333,9 +333,20 @@ def test_a_prefill_group_pays_for_its_longest_rest_so_a_prompt_that_would_double
 
 
 def test_a_group_is_prefilled_as_one_sequence_only_where_our_mask_is_the_model_s_whole_mask():
-    """Our 4-D block mask replaces the one the model would build: right for full attention under sdpa or eager;
-    wrong for a sliding window or chunked layers (their own masks), and a flash-attention kernel takes no mask."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """Our 4-D block mask replaces the one the model would build: right for full, rotary attention under sdpa or
+    eager in the families we checked; wrong for a sliding window or chunked layers (their own masks), ALiBi or
+    recurrent models, and a flash-attention kernel takes no mask."""
+    from transformers import (
+        BloomConfig,
+        FalconConfig,
+        Gemma2Config,
+        LlamaConfig,
+        MistralConfig,
+        MptConfig,
+        Phi3Config,
+        Qwen2Config,
+        RwkvConfig,
+    )
 
     from fma_worker.generation import ragged_prefill_fits
 
@@ -351,3 +362,11 @@ def test_a_group_is_prefilled_as_one_sequence_only_where_our_mask_is_the_model_s
     assert ragged_prefill_fits(config(Qwen2Config, use_sliding_window=False))
     assert not ragged_prefill_fits(config(Qwen2Config, use_sliding_window=True, sliding_window=4096,
                                           max_window_layers=0))
+    assert not ragged_prefill_fits(config(Phi3Config, sliding_window=2047))
+    assert not ragged_prefill_fits(config(Gemma2Config))
+    # ALiBi builds its bias from a 2-D mask (Bloom, Falcon) or the key's index (MPT); a recurrent model carries
+    # state through every token of the pass: not families we checked, so left-padded.
+    assert not ragged_prefill_fits(config(BloomConfig, "eager"))
+    assert not ragged_prefill_fits(config(FalconConfig, alibi=True))
+    assert not ragged_prefill_fits(config(MptConfig, "eager"))
+    assert not ragged_prefill_fits(config(RwkvConfig, "eager"))

@@ -226,17 +226,23 @@ def test_a_group_start_cache_holds_each_hit_right_aligned_behind_zeros():
 
 
 def mixed_hit_group(engine: Engine) -> list[list[int]]:
-    """Four prompts that, once one conversation turn is kept, begin as kept prompts for different lengths or not at
-    all: the longest hit, a shorter one, none, and the same shorter one. Rows with a shorter hit and a shorter rest
-    than the longest have a gap between the two."""
+    """Five prompts that, once a conversation turn and a question without our system prompt are kept, begin as
+    kept prompts for different lengths, from two entries, or not at all: the whole turn, a shorter hit in the
+    same entry, a hit in the other entry (the template's own system prompt), none (plain text), and the same
+    shorter hit again. Padded, rows with a shorter hit and a shorter rest than the longest have a gap; ragged,
+    rows share an entry's columns as far as each one's hit."""
     engine.batcher.prefixes.forget()
     turn1 = [SYSTEM, {"role": "user", "content": "Suggest a city for a weekend trip."}]
     reply = answer(engine, turn1, 8)  # kept now
+    answer(engine, [{"role": "user", "content": "Tell me a joke."}], 2)  # kept: the template's system prompt
     chats = [[*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}],
              [SYSTEM, {"role": "user", "content": "Name a river."}],
              [{"role": "user", "content": "Say hello to my friend from Lisbon, who is visiting."}],
+             None,
              [SYSTEM, {"role": "user", "content": "Name a mountain in Spain, and how high it is."}]]
-    return [engine.render_chat(chat) for chat in chats]
+    return [engine.render_chat(chat) if chat else engine.encode(
+        "Once upon a time, in a small village by the sea, there lived an old fisherman and his clever daughter.")
+            for chat in chats]
 
 
 def prefill_together(engine: Engine, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch,
@@ -277,14 +283,15 @@ def test_prompts_beginning_as_kept_prompts_are_prefilled_together_and_answer_as_
     prompts = mixed_hit_group(engine)
     store = engine.batcher.prefixes
     hits = [store.match(p) for p in prompts]
-    assert hits[0].length > hits[1].length > 0 and hits[2] is None and hits[3].length == hits[1].length
+    assert hits[0].length > hits[1].length > 0 and hits[4].length == hits[1].length and hits[3] is None
+    assert hits[2] is not None and hits[2].entry is not hits[0].entry and hits[1].entry is hits[0].entry
     rests = [len(p) - (h.length if h else 0) for p, h in zip(prompts, hits, strict=True)]
     assert len(rests) * max(rests) <= engine.settings.prefill_chunk, "one padded pass"
     before = hit_tokens(engine)
     params = SamplingParams(max_tokens=16, temperature=0.0)
     texts, groups = prefill_together(engine, prompts, monkeypatch, params)
-    assert groups == [4], "one pass for all four, hits and the prompt without one"
-    assert hit_tokens(engine) - before == hits[0].length + hits[1].length + hits[3].length
+    assert groups == [5], "one pass for all five, hits and the prompt without one"
+    assert hit_tokens(engine) - before == sum(h.length for h in hits if h is not None)
     budget, store.budget = store.budget, 0
     try:
         alone = ["".join(d.text for step in engine.generate(p, params) for d in step) for p in prompts]
@@ -300,7 +307,7 @@ def test_a_group_mixing_hits_keeps_each_prompt_with_its_own_columns(engine: Engi
     those of the prompt prefilled alone (they do not when a gap is left in, or columns are taken out of order)."""
     prompts = mixed_hit_group(engine)
     _texts, groups = prefill_together(engine, prompts, monkeypatch, SamplingParams(max_tokens=1, temperature=0.0))
-    assert groups == [4]
+    assert groups == [5]
     store = engine.batcher.prefixes
     lm = engine._loaded()
     for prompt in prompts:

@@ -249,6 +249,8 @@ class Batcher:
                         with self._cond:
                             group = self._take_prefill_group()
                             if group and spent + self._prefill_cost(group) > self.prefill_budget:
+                                for req in group:  # looked up again at the next step
+                                    req.hit = None
                                 break  # it waits for the next step, after the running rows decode
                     if self._row_owner:
                         self._decode(lm)
@@ -288,6 +290,8 @@ class Batcher:
                 continue
             group.append(req)
             sizes.append(size)
+            if self._pass_cost([*sizes, 1]) > self.prefill_chunk:
+                break  # full: nothing behind would fit
         return group
 
     def _pass_cost(self, sizes: list[int]) -> int:
@@ -308,7 +312,7 @@ class Batcher:
         return len(group) == 1 and (group[0].prefilled > 0 or self._left(group[0]) > self.prefill_chunk)
 
     def _prefill_cost(self, group: list[BatchRequest]) -> int:
-        """The tokens a prefill of ``group`` computes: the next chunk of a prompt alone, else the padded group."""
+        """The tokens a prefill of ``group`` computes: the next chunk of a prompt alone, else the group's pass."""
         if self._chunked(group):
             return min(self.prefill_chunk, self._left(group[0]))
         return self._pass_cost([self._left(r) for r in group])
@@ -369,7 +373,8 @@ class Batcher:
         for req in group:
             req.hit = None
         try:
-            forward = self._forward_ragged if lm.ragged_prefill else self._forward_padded
+            # One prompt alone keeps the plain causal call (no mask to build; sdpa's causal kernel).
+            forward = self._forward_ragged if lm.ragged_prefill and len(group) > 1 else self._forward_padded
             cache, logits, mask = forward(lm, group, hits)
         except Exception as exc:
             if len(group) == 1:
@@ -391,22 +396,42 @@ class Batcher:
 
     def _forward_ragged(self, lm: LoadedModel, group: list[BatchRequest], hits: list[Hit | None]) \
             -> tuple[Any, Any, Any]:
-        """The group as one sequence, no padding: every row's hit columns, then every row's rest, under a 4-D
-        mask that lets a token see its own prompt's earlier tokens only. Returns the rows' cache, left-padded
-        to the longest prompt, their last logits and their 2-D mask."""
+        """The group as one sequence, no padding: the kept columns its hits come from, then every row's rest,
+        under a 4-D mask that lets a token see its own prompt's earlier tokens only. Returns the rows' cache,
+        left-padded to the longest prompt, their last logits and their 2-D mask."""
         torch = lm.torch
         starts = [h.length if h is not None else 0 for h in hits]
         rests = [len(r.prompt_ids) - s for r, s in zip(group, starts, strict=True)]
-        past_width = sum(starts)
-        # Each column of the pass (the kept columns, then the new tokens): the row it belongs to, its position.
-        owner = [i for i, s in enumerate(starts) for _ in range(s)] + \
-                [i for i, r in enumerate(rests) for _ in range(r)]
-        position = [p for s in starts for p in range(s)] + \
-                   [s + j for s, r in zip(starts, rests, strict=True) for j in range(r)]
-        owner_t = torch.tensor(owner, device=lm.device)
-        position_t = torch.tensor(position, device=lm.device)
-        sees = (owner_t[past_width:, None] == owner_t[None, :]) & \
-               (position_t[None, :] <= position_t[past_width:, None])
+        # The kept columns the pass starts from: each entry the hits come from once, as far as its longest hit
+        # (rows sharing a system prompt share its columns: a copy per row would multiply both the memory and
+        # the keys every token of the pass is scored against).
+        spans: list[Hit] = []
+        row_span: list[int] = []  # each row's span, -1 for none
+        for hit in hits:
+            if hit is None:
+                row_span.append(-1)
+                continue
+            k = next((k for k, span in enumerate(spans) if span.entry is hit.entry), len(spans))
+            if k == len(spans):
+                spans.append(hit)
+            elif hit.length > spans[k].length:
+                spans[k] = hit
+            row_span.append(k)
+        span_at = [sum(span.length for span in spans[:k]) for k in range(len(spans))]
+        past_width = sum(span.length for span in spans)
+        past_span = torch.tensor([k for k, span in enumerate(spans) for _ in range(span.length)], device=lm.device,
+                                 dtype=torch.long)
+        past_position = torch.tensor([p for span in spans for p in range(span.length)], device=lm.device,
+                                     dtype=torch.long)
+        # The new tokens: the row each belongs to and its position.
+        row = torch.tensor([i for i, r in enumerate(rests) for _ in range(r)], device=lm.device)
+        position = torch.tensor([s + j for s, r in zip(starts, rests, strict=True) for j in range(r)],
+                                device=lm.device)
+        row_span_t = torch.tensor(row_span, device=lm.device)[row]
+        start_t = torch.tensor(starts, device=lm.device)[row]
+        sees_past = (row_span_t[:, None] == past_span[None, :]) & (past_position[None, :] < start_t[:, None])
+        sees_new = (row[:, None] == row[None, :]) & (position[None, :] <= position[:, None])
+        sees = torch.cat([sees_past, sees_new], dim=1)
         dtype = lm.model.dtype
         mask4 = torch.zeros(sees.shape, dtype=dtype, device=lm.device).masked_fill_(~sees, torch.finfo(dtype).min)
         ids = torch.tensor([[t for r, s in zip(group, starts, strict=True) for t in r.prompt_ids[s:]]],
@@ -416,20 +441,21 @@ class Batcher:
         if "logits_to_keep" in extra:
             extra["logits_to_keep"] = last
         if past_width:
-            extra[lm.cache_kw] = cache_in_sequence(torch, hits)
-        out = lm.model(input_ids=ids, attention_mask=mask4[None, None], position_ids=position_t[None, past_width:],
-                       use_cache=True, **extra)
+            extra[lm.cache_kw] = cache_in_sequence(torch, spans)
+        out = lm.model(input_ids=ids, attention_mask=mask4[None, None], position_ids=position[None], use_cache=True,
+                       **extra)
         logits = out.logits[0, :, : lm.vocab_size] if "logits_to_keep" in extra else \
             out.logits[0, last, : lm.vocab_size]
-        # Row i: its kept columns and its new ones, right-aligned; the padding slots repeat a column of its own.
+        # Row i: its hit's columns and its new ones, right-aligned; the padding slots repeat a column of its own.
         width = max(len(r.prompt_ids) for r in group)
         index, mask = [], torch.zeros((len(group), width), dtype=torch.long, device=lm.device)
-        past_at, new_at = 0, past_width
+        new_at = past_width
         for i, (s, r) in enumerate(zip(starts, rests, strict=True)):
-            columns = list(range(past_at, past_at + s)) + list(range(new_at, new_at + r))
+            past = list(range(span_at[row_span[i]], span_at[row_span[i]] + s)) if s else []
+            columns = past + list(range(new_at, new_at + r))
             index.append([columns[0]] * (width - len(columns)) + columns)
             mask[i, width - len(columns):] = 1
-            past_at, new_at = past_at + s, new_at + r
+            new_at += r
         index_t = torch.tensor(index, device=lm.device)
         cache = getattr(out, lm.cache_kw)
         for layer in _layers(cache):

@@ -53,11 +53,25 @@ class LoadedModel:
     ragged_prefill: bool = False
 
 
+# Families whose decoder layers are rotary-position, causal self-attention and nothing else, so a token's output
+# depends only on the keys it is let see and their positions (position_ids), not on where they sit in the pass.
+# Not here: ALiBi models (Bloom, MPT, Falcon with alibi: their bias is built from a 2-D mask or the key index),
+# recurrent and hybrid ones (RWKV, Mamba, Jamba...: state flows through every token of the pass), and any family
+# not checked. Those prefill a group as left-padded rows, which transformers masks itself.
+RAGGED_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "granite",
+    "olmo", "olmo2", "smollm3", "stablelm", "starcoder2",
+})
+
+
 def ragged_prefill_fits(config: Any) -> bool:
-    """Whether a model can prefill several prompts as one sequence under our own 4-D mask: every layer attends to
-    all earlier tokens (a sliding window or a chunked layer makes its own mask, which ours would replace), and
-    the attention is one that takes an additive mask (sdpa, eager; flash-attention kernels take none)."""
+    """Whether a model can prefill several prompts as one sequence under our own 4-D mask: a family we know
+    attends with rotary positions only (RAGGED_MODEL_TYPES), every layer attends to all earlier tokens (a
+    sliding window or a chunked layer makes its own mask, which ours would replace), and the attention is one
+    that takes an additive mask (sdpa, eager; flash-attention kernels take none)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "model_type", None) not in RAGGED_MODEL_TYPES:
+        return False
     if getattr(text, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
     if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):

@@ -166,15 +166,13 @@ def cache_from_rows(torch: Any, hits: list[Hit | None]) -> tuple[Any, int]:
     return DynamicCache(ddp_cache_data=layers), width
 
 
-def cache_in_sequence(torch: Any, hits: list[Hit | None]) -> Any:
-    """The cache a group prefilled as one sequence starts from: the hits' columns one after another, in the
-    group's order (rows without a hit add none)."""
+def cache_in_sequence(torch: Any, hits: list[Hit]) -> Any:
+    """The cache a group prefilled as one sequence starts from: each hit's columns, one hit after another."""
     from transformers.cache_utils import DynamicCache
 
-    held = [h for h in hits if h is not None]
     layers = []
-    for layer_index in range(len(held[0].entry.layers)):
-        layers.append(tuple(torch.cat([h.entry.layers[layer_index][kind][:, :, :h.length] for h in held], dim=2)
+    for layer_index in range(len(hits[0].entry.layers)):
+        layers.append(tuple(torch.cat([h.entry.layers[layer_index][kind][:, :, :h.length] for h in hits], dim=2)
                             for kind in (0, 1)))
     return DynamicCache(ddp_cache_data=layers)
 
