@@ -123,6 +123,22 @@ def without_cache(engine: Engine, messages: list[dict]) -> str:
         store.budget = budget
 
 
+def assert_kept_as_prefilled_alone(engine: Engine, prompts: list[list[int]]) -> None:
+    """Each prompt is kept whole (as itself or the beginning of a longer entry), and its keys and values equal
+    those of the prompt prefilled alone."""
+    store = engine.batcher.prefixes
+    lm = engine._loaded()
+    for prompt in prompts:
+        hit = store.match([*prompt, 0])
+        assert hit is not None and hit.length == len(prompt)
+        with torch.inference_mode():
+            out = lm.model(input_ids=torch.tensor([prompt]), use_cache=True)
+        for (keys, values), layer in zip(hit.entry.layers, getattr(out, lm.cache_kw).layers, strict=True):
+            assert keys[:, :, :len(prompt)].shape == layer.keys.shape
+            assert torch.allclose(keys[:, :, :len(prompt)].float(), layer.keys.float(), atol=2e-2, rtol=1e-2)
+            assert torch.allclose(values[:, :, :len(prompt)].float(), layer.values.float(), atol=2e-2, rtol=1e-2)
+
+
 def test_a_shared_system_prompt_is_computed_once_and_the_answers_match_those_without_the_cache(engine: Engine):
     engine.batcher.prefixes.forget()
     questions = ["What is the capital of France?", "Name three rivers in Germany.", "Is Rome far from Naples?"]
@@ -194,17 +210,7 @@ def test_prompts_prefilled_together_are_kept_with_their_own_columns(engine: Engi
         list(s)
     store = engine.batcher.prefixes
     assert store.entries == 3
-    lm = engine._loaded()
-    for prompt in prompts:
-        hit = store.match([*prompt, 0])
-        assert hit is not None and hit.length == len(prompt)
-        with torch.inference_mode():
-            out = lm.model(input_ids=torch.tensor([prompt]), use_cache=True)
-        alone = getattr(out, lm.cache_kw).layers
-        for (keys, values), layer in zip(hit.entry.layers, alone, strict=True):
-            assert keys.shape == layer.keys.shape
-            assert torch.allclose(keys.float(), layer.keys.float(), atol=2e-2, rtol=1e-2)
-            assert torch.allclose(values.float(), layer.values.float(), atol=2e-2, rtol=1e-2)
+    assert_kept_as_prefilled_alone(engine, prompts)
 
 
 def test_a_group_start_cache_holds_each_hit_right_aligned_behind_zeros():
@@ -308,16 +314,7 @@ def test_a_group_mixing_hits_keeps_each_prompt_with_its_own_columns(engine: Engi
     prompts = mixed_hit_group(engine)
     _texts, groups = prefill_together(engine, prompts, monkeypatch, SamplingParams(max_tokens=1, temperature=0.0))
     assert groups == [5]
-    store = engine.batcher.prefixes
-    lm = engine._loaded()
-    for prompt in prompts:
-        hit = store.match([*prompt, 0])
-        assert hit is not None and hit.length == len(prompt)
-        with torch.inference_mode():
-            out = lm.model(input_ids=torch.tensor([prompt]), use_cache=True)
-        for (keys, values), layer in zip(hit.entry.layers, getattr(out, lm.cache_kw).layers, strict=True):
-            assert torch.allclose(keys[:, :, :len(prompt)].float(), layer.keys.float(), atol=2e-2, rtol=1e-2)
-            assert torch.allclose(values[:, :, :len(prompt)].float(), layer.values.float(), atol=2e-2, rtol=1e-2)
+    assert_kept_as_prefilled_alone(engine, prompts)
 
 
 def test_n_seeded_choices_from_a_hit_sample_as_without_the_cache(engine: Engine, monkeypatch: pytest.MonkeyPatch):
